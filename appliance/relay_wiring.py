@@ -1,0 +1,84 @@
+"""Builds the relay's pieces (settings, peer policy, TLS context) from the configuration.
+
+Kept apart from the process model so a worker process and the tests build
+exactly the same relay from the same `AppConfig`.
+"""
+
+from __future__ import annotations
+
+import ssl
+from pathlib import Path
+
+from turn import stun
+from turn.core import RelaySettings
+from turn.node import Endpoint, NodeSettings
+from turn.policy import build_policy
+
+from .config import AppConfig, HostPort
+
+
+def _endpoint(hp: HostPort | None) -> Endpoint | None:
+    return None if hp is None else Endpoint(hp.host, hp.port)
+
+
+def relay_ips(config: AppConfig) -> dict[int, str]:
+    ips = {}
+    if config.turn.relay_ip:
+        ips[stun.FAMILY_IPV4] = config.turn.relay_ip
+    if config.turn.relay_ip6:
+        ips[stun.FAMILY_IPV6] = config.turn.relay_ip6
+    return ips
+
+
+def node_settings(config: AppConfig) -> NodeSettings:
+    t = config.turn
+    ips = relay_ips(config)
+    relay = RelaySettings(
+        realm=config.realm,
+        max_lifetime_s=t.max_lifetime_s,
+        user_quota=t.user_quota,
+        total_quota=t.total_quota,
+        max_permissions=t.max_permissions,
+        max_channels=t.max_channels,
+        software=t.software,
+        external_ip=config.external_ip,
+        external_ip6=config.external_ip6,
+        families=frozenset(ips),
+    )
+    return NodeSettings(
+        relay=relay,
+        udp=_endpoint(t.udp),
+        tcp=_endpoint(t.tcp),
+        tls=_endpoint(t.tls),
+        relay_ips=ips,
+        relay_ports=t.relay_ports,
+        nonce_lifetime_s=t.nonce_lifetime_s,
+        reuse_port=t.workers > 1,
+    )
+
+
+def own_endpoints(config: AppConfig) -> list[tuple[str, int]]:
+    """Every address:port the appliance listens on: never a relay target."""
+    t = config.turn
+    return [(hp.host, hp.port) for hp in (t.udp, t.tcp, t.tls) if hp is not None]
+
+
+def peer_policy(config: AppConfig):
+    t = config.turn
+    relay_addresses = [ip for ip in (t.relay_ip, t.relay_ip6, config.external_ip,
+                                     config.external_ip6) if ip]
+    return build_policy(
+        deny_specs=t.deny_peers,
+        allow_specs=t.allow_peers,
+        own_endpoints=own_endpoints(config),
+        relay_addresses=relay_addresses,
+        relay_ports=t.relay_ports,
+        own_addresses=relay_addresses,
+    )
+
+
+def tls_context(cert: Path, key: Path) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(str(cert), str(key))
+    return ctx

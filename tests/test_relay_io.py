@@ -1,0 +1,295 @@
+"""The relay's asyncio layer on loopback: UDP and TCP framing, the ChannelData
+fast paths in both directions, Data indications, IPv6 relaying, and expiry
+enforced on the hot path (the node runs on a settable clock, so permission and
+channel expiry are tested without sleeping)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import struct
+
+import pytest
+
+from turn import stun
+from turn.auth import rest_password
+from turn.core import RelaySettings
+from turn.node import Endpoint, NodeSettings, RelayNode
+
+SECRET = b"relay-io-secret"
+REALM = "io.test"
+T0 = 1_900_000_000.0
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = T0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class AllowAll:
+    def permits_ip(self, ip):
+        return True
+
+    def permits(self, ip, port):
+        return True
+
+
+def free_port(kind=socket.SOCK_DGRAM) -> int:
+    with socket.socket(socket.AF_INET, kind) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+async def node():
+    clock = Clock()
+    port = free_port()
+    settings = NodeSettings(
+        relay=RelaySettings(realm=REALM, families=frozenset({stun.FAMILY_IPV4, stun.FAMILY_IPV6})),
+        udp=Endpoint("127.0.0.1", port), tcp=Endpoint("127.0.0.1", port), tls=None,
+        relay_ips={stun.FAMILY_IPV4: "127.0.0.1", stun.FAMILY_IPV6: "::1"},
+        relay_ports=(52000, 52999), nonce_lifetime_s=600, reuse_port=False)
+    n = RelayNode(settings, (SECRET,), os.urandom(32), AllowAll(), clock=clock)
+    await n.start()
+    n.clock_ref = clock
+    n.port = port
+    yield n
+    await n.stop()
+
+
+class RawClient:
+    """A minimal TURN client over a datagram or stream socket, for I/O tests."""
+
+    def __init__(self, sock: socket.socket, stream: bool, user: str = "alice") -> None:
+        self.sock = sock
+        self.stream = stream
+        self.username = f"{int(T0) + 3600}:{user}"
+        self.key = stun.long_term_key(self.username, REALM, rest_password(SECRET, self.username))
+        self.nonce = b""
+        self._buf = b""
+
+    async def _recv_raw(self) -> bytes:
+        loop = asyncio.get_running_loop()
+        if not self.stream:
+            return await asyncio.wait_for(loop.sock_recv(self.sock, 70000), 2)
+        while True:
+            if len(self._buf) >= 4:
+                first = self._buf[0]
+                length = struct.unpack_from("!H", self._buf, 2)[0]
+                total = 20 + length if first < 0x40 else 4 + length + (-length & 3)
+                if len(self._buf) >= total:
+                    frame, self._buf = self._buf[:total], self._buf[total:]
+                    return frame
+            self._buf += await asyncio.wait_for(loop.sock_recv(self.sock, 70000), 2)
+
+    async def send(self, data: bytes) -> None:
+        await asyncio.get_running_loop().sock_sendall(self.sock, data)
+
+    async def request(self, method: int, attrs: list) -> stun.Message:
+        for _ in range(2):
+            tid = os.urandom(12)
+            b = stun.Builder(method, stun.REQUEST, tid)
+            for atype, value in attrs:
+                b.add(atype, value(tid) if callable(value) else value)
+            if self.nonce:
+                b.add(stun.USERNAME, self.username.encode())
+                b.add(stun.REALM, REALM.encode())
+                b.add(stun.NONCE, self.nonce)
+            await self.send(b.encode(self.key if self.nonce else None, fingerprint=True))
+            reply = stun.parse(await self._recv_raw())
+            if reply.cls == stun.ERROR:
+                code = stun.decode_error(reply.get(stun.ERROR_CODE))[0]
+                if code == 438 or (code == 401 and not self.nonce):
+                    self.nonce = reply.get(stun.NONCE)
+                    continue
+            return reply
+        return reply
+
+    async def allocate(self, family: int = stun.FAMILY_IPV4) -> tuple:
+        attrs = [(stun.REQUESTED_TRANSPORT, b"\x11\x00\x00\x00")]
+        if family == stun.FAMILY_IPV6:
+            attrs.append((stun.REQUESTED_ADDRESS_FAMILY, b"\x02\x00\x00\x00"))
+        reply = await self.request(stun.ALLOCATE, attrs)
+        assert reply.cls == stun.SUCCESS, stun.decode_error(reply.get(stun.ERROR_CODE))
+        return stun.xor_address(reply.get(stun.XOR_RELAYED_ADDRESS), reply.transaction_id)
+
+    async def channel_bind(self, number: int, peer) -> stun.Message:
+        return await self.request(stun.CHANNEL_BIND, [
+            (stun.CHANNEL_NUMBER, struct.pack("!HH", number, 0)),
+            (stun.XOR_PEER_ADDRESS, lambda tid: stun.encode_xor_address(peer, tid))])
+
+    async def create_permission(self, peer) -> stun.Message:
+        return await self.request(stun.CREATE_PERMISSION, [
+            (stun.XOR_PEER_ADDRESS, lambda tid: stun.encode_xor_address(peer, tid))])
+
+    async def recv(self) -> bytes:
+        return await self._recv_raw()
+
+
+async def open_client(node, transport: str) -> RawClient:
+    loop = asyncio.get_running_loop()
+    if transport == "udp":
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.setblocking(False)
+        await loop.sock_connect(sock, ("127.0.0.1", node.port))
+        return RawClient(sock, stream=False)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    await loop.sock_connect(sock, ("127.0.0.1", node.port))
+    return RawClient(sock, stream=True)
+
+
+def peer_socket(ip: str = "127.0.0.1") -> socket.socket:
+    sock = socket.socket(socket.AF_INET6 if ":" in ip else socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind((ip, 0))
+    sock.setblocking(False)
+    return sock
+
+
+async def peer_recv(sock: socket.socket) -> tuple[bytes, tuple]:
+    loop = asyncio.get_running_loop()
+    fut = loop.create_future()
+
+    def ready():
+        if not fut.done():
+            fut.set_result(sock.recvfrom(70000))
+
+    loop.add_reader(sock.fileno(), ready)
+    try:
+        return await asyncio.wait_for(fut, 2)
+    finally:
+        loop.remove_reader(sock.fileno())
+
+
+async def assert_nothing(sock: socket.socket) -> None:
+    with pytest.raises(asyncio.TimeoutError):
+        await asyncio.wait_for(peer_recv(sock), 0.2)
+
+
+@pytest.mark.parametrize("transport", ["udp", "tcp"])
+async def test_channel_data_both_ways(node, transport):
+    client = await open_client(node, transport)
+    relayed = await client.allocate()
+    peer = peer_socket()
+    peer_addr = peer.getsockname()
+    assert (await client.channel_bind(0x4001, peer_addr)).cls == stun.SUCCESS
+    payload = b"abcde"                          # odd length: padding on streams
+    pad = b"\x00" * 3 if transport == "tcp" else b""
+    await client.send(struct.pack("!HH", 0x4001, len(payload)) + payload + pad)
+    data, src = await peer_recv(peer)
+    assert data == payload and src[:2] == relayed
+    peer.sendto(b"reply!!", relayed)
+    frame = await client.recv()
+    assert frame[:4] == struct.pack("!HH", 0x4001, 7)
+    assert frame[4:11] == b"reply!!"
+    assert len(frame) == (12 if transport == "tcp" else 11)
+    client.sock.close()
+    peer.close()
+
+
+@pytest.mark.parametrize("transport", ["udp", "tcp"])
+async def test_send_and_data_indications(node, transport):
+    client = await open_client(node, transport)
+    relayed = await client.allocate()
+    peer = peer_socket()
+    peer_addr = peer.getsockname()
+    assert (await client.create_permission(peer_addr)).cls == stun.SUCCESS
+    tid = os.urandom(12)
+    send = stun.Builder(stun.SEND, stun.INDICATION, tid)
+    send.add(stun.XOR_PEER_ADDRESS, stun.encode_xor_address(peer_addr, tid))
+    send.add(stun.DATA_ATTR, b"via send")
+    await client.send(send.encode())
+    data, _ = await peer_recv(peer)
+    assert data == b"via send"
+    peer.sendto(b"via data", relayed)
+    msg = stun.parse(await client.recv())
+    assert (msg.method, msg.cls) == (stun.DATA, stun.INDICATION)
+    assert msg.get(stun.DATA_ATTR) == b"via data"
+    assert stun.xor_address(msg.get(stun.XOR_PEER_ADDRESS), msg.transaction_id) == peer_addr
+    client.sock.close()
+    peer.close()
+
+
+async def test_ipv6_relay(node):
+    client = await open_client(node, "udp")
+    relayed = await client.allocate(stun.FAMILY_IPV6)
+    assert relayed[0] == "::1"
+    peer = peer_socket("::1")
+    peer_addr = peer.getsockname()[:2]
+    assert (await client.channel_bind(0x4002, peer_addr)).cls == stun.SUCCESS
+    await client.send(struct.pack("!HH", 0x4002, 4) + b"six!")
+    data, _ = await peer_recv(peer)
+    assert data == b"six!"
+    peer.sendto(b"back", relayed)
+    assert (await client.recv())[4:8] == b"back"
+    client.sock.close()
+    peer.close()
+
+
+async def test_hot_path_enforces_permission_and_channel_expiry(node):
+    clock = node.clock_ref
+    client = await open_client(node, "udp")
+    relayed = await client.allocate()
+    peer = peer_socket()
+    peer_addr = peer.getsockname()
+    assert (await client.channel_bind(0x4003, peer_addr)).cls == stun.SUCCESS
+    frame = struct.pack("!HH", 0x4003, 4) + b"ping"
+    clock.now += 299                       # permission (300 s) still live
+    await client.send(frame)
+    assert (await peer_recv(peer))[0] == b"ping"
+    clock.now += 2                         # permission expired, channel (600 s) not
+    await client.send(frame)
+    await assert_nothing(peer)
+    peer.sendto(b"late", relayed)          # peer traffic without permission is dropped
+    with pytest.raises(asyncio.TimeoutError):
+        await asyncio.wait_for(client.recv(), 0.2)
+    assert (await client.create_permission(peer_addr)).cls == stun.SUCCESS
+    await client.send(frame)
+    assert (await peer_recv(peer))[0] == b"ping"
+    clock.now += 300                       # channel expired (601 s after bind)
+    assert (await client.create_permission(peer_addr)).cls == stun.SUCCESS
+    await client.send(frame)
+    await assert_nothing(peer)
+    client.sock.close()
+    peer.close()
+
+
+async def test_garbage_is_counted_and_harmless(node):
+    client = await open_client(node, "udp")
+    for junk in (b"", b"\x00", b"\xff" * 40, b"\x40\x00\xff\xff", os.urandom(100)):
+        client.sock.send(junk)
+    await asyncio.sleep(0.05)
+    relayed = await client.allocate()          # the listener still serves
+    assert relayed[0] == "127.0.0.1"
+    assert node.core.counters["malformed"] >= 2
+    client.sock.close()
+
+
+async def test_stream_loses_framing_closes_only_that_connection(node):
+    bad = await open_client(node, "tcp")
+    good = await open_client(node, "tcp")
+    await good.allocate()
+    await bad.send(b"\xff" * 8)
+    loop = asyncio.get_running_loop()
+    assert await asyncio.wait_for(loop.sock_recv(bad.sock, 10), 2) == b""   # closed
+    peer = peer_socket()
+    assert (await good.channel_bind(0x4004, peer.getsockname())).cls == stun.SUCCESS
+    bad.sock.close()
+    good.sock.close()
+    peer.close()
+
+
+async def test_tcp_close_ends_allocation(node):
+    client = await open_client(node, "tcp")
+    await client.allocate()
+    assert len(node.core.table) == 1
+    client.sock.close()
+    for _ in range(100):
+        if len(node.core.table) == 0:
+            break
+        await asyncio.sleep(0.01)
+    assert len(node.core.table) == 0

@@ -1,0 +1,151 @@
+"""Allocations, their permissions and channels, and the table that owns them.
+
+Lifetimes follow RFC 8656: permissions 300 s, channel bindings 600 s, and a
+channel number or peer whose binding expired stays unusable for another
+300 s (§12) so late packets cannot reach a new peer.  Times are floats on the
+caller's clock; nothing here reads a clock.
+
+The hot path (turn/udp.py, turn/tcp.py) reads `permissions`, `channels` and
+`channel_of_peer` directly, so their shapes are part of this module's
+contract: permissions map peer IP string -> expiry; channels map number ->
+(peer address, expiry); channel_of_peer maps peer address -> number.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections import Counter
+from typing import Hashable, Protocol
+
+from .stun import Address
+
+PERMISSION_LIFETIME_S = 300.0
+CHANNEL_LIFETIME_S = 600.0
+CHANNEL_COOLDOWN_S = 300.0
+DEFAULT_LIFETIME_S = 600
+CHANNEL_MIN = 0x4000
+CHANNEL_MAX = 0x4FFF
+
+
+class RelayPort(Protocol):
+    """A relay transport address the I/O layer opened for one allocation."""
+
+    address: Address          # the bound (ip, port)
+    allocation: "Allocation | None"
+
+    def sendto(self, data: bytes, addr: Address) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class RelayOpener(Protocol):
+    def open(self, family: int, even_port: bool, reserve_next: bool
+             ) -> tuple[RelayPort, RelayPort | None] | None:
+        """Bind a relay port (even if asked; with the next port held too if
+        `reserve_next`), or None when no port is free."""
+
+
+class Allocation:
+    __slots__ = (
+        "client_key", "client_addr", "transport", "username", "user_id", "family",
+        "relay", "relayed_address", "expires", "permissions", "channels",
+        "channel_of_peer", "txid", "response", "fingerprint", "closed",
+    )
+
+    def __init__(self, client_key: Hashable, client_addr: Address, transport: str,
+                 username: str, user_id: str, family: int, relay: RelayPort,
+                 relayed_address: Address, expires: float, fingerprint: bool) -> None:
+        self.client_key = client_key
+        self.client_addr = client_addr
+        self.transport = transport
+        self.username = username
+        self.user_id = user_id
+        self.family = family
+        self.relay = relay
+        self.relayed_address = relayed_address
+        self.expires = expires
+        self.permissions: dict[str, float] = {}
+        self.channels: dict[int, tuple[Address, float]] = {}
+        self.channel_of_peer: dict[Address, int] = {}
+        self.txid = b""
+        self.response = b""
+        self.fingerprint = fingerprint
+        self.closed = False
+
+    def live_permissions(self, now: float) -> int:
+        return sum(1 for exp in self.permissions.values() if exp > now)
+
+    def live_channels(self, now: float) -> int:
+        return sum(1 for _, exp in self.channels.values() if exp > now)
+
+    def permit(self, ip: str, now: float) -> None:
+        self.permissions[ip] = now + PERMISSION_LIFETIME_S
+
+    def bind_channel(self, number: int, peer: Address, now: float) -> None:
+        self.channels[number] = (peer, now + CHANNEL_LIFETIME_S)
+        self.channel_of_peer[peer] = number
+        self.permit(peer[0], now)
+
+    def sweep(self, now: float) -> None:
+        """Forget expired permissions and channels past their cool-down."""
+        for ip in [ip for ip, exp in self.permissions.items() if exp <= now]:
+            del self.permissions[ip]
+        for number in [n for n, (_, exp) in self.channels.items()
+                       if exp + CHANNEL_COOLDOWN_S <= now]:
+            peer = self.channels.pop(number)[0]
+            if self.channel_of_peer.get(peer) == number:
+                del self.channel_of_peer[peer]
+
+
+class AllocationTable:
+    """Allocations by client 5-tuple key, with per-user counts and expiry."""
+
+    def __init__(self) -> None:
+        self.by_client: dict[Hashable, Allocation] = {}
+        self.per_user: Counter[str] = Counter()
+        self._heap: list[tuple[float, int, Allocation]] = []
+        self._seq = itertools.count()
+
+    def __len__(self) -> int:
+        return len(self.by_client)
+
+    def get(self, client_key: Hashable) -> Allocation | None:
+        return self.by_client.get(client_key)
+
+    def add(self, alloc: Allocation) -> None:
+        self.by_client[alloc.client_key] = alloc
+        self.per_user[alloc.user_id] += 1
+        self.schedule(alloc)
+
+    def schedule(self, alloc: Allocation) -> None:
+        # Lazy deletion: stale heap entries are skipped when popped, so a
+        # refresh costs one push instead of a heap search.
+        heapq.heappush(self._heap, (alloc.expires, next(self._seq), alloc))
+
+    def remove(self, alloc: Allocation) -> None:
+        if alloc.closed:
+            return
+        alloc.closed = True
+        if self.by_client.get(alloc.client_key) is alloc:
+            del self.by_client[alloc.client_key]
+        self.per_user[alloc.user_id] -= 1
+        if self.per_user[alloc.user_id] <= 0:
+            del self.per_user[alloc.user_id]
+
+    def next_expiry(self) -> float | None:
+        while self._heap:
+            expires, _, alloc = self._heap[0]
+            if alloc.closed or expires != alloc.expires:
+                heapq.heappop(self._heap)
+                continue
+            return expires
+        return None
+
+    def pop_expired(self, now: float) -> list[Allocation]:
+        expired = []
+        while (when := self.next_expiry()) is not None and when <= now:
+            alloc = heapq.heappop(self._heap)[2]
+            self.remove(alloc)
+            expired.append(alloc)
+        return expired

@@ -1,0 +1,91 @@
+"""Long-term credentials from the TURN REST scheme, and stateless nonces.
+
+The signaling hands out `username = "<expiry unix time>:<userId>"` with
+`password = base64(HMAC-SHA1(secret, username))`; the STUN key is then
+`MD5(username:realm:password)` (RFC 8489 §9.2.2).  The relay never stores
+passwords: it recomputes them from the secret ring, trying every secret, so a
+secret rotation needs no coordination with clients.
+
+Nonces carry their issue time and an HMAC binding them to the client's IP, so
+any worker process holding the same nonce key can check a nonce that another
+worker issued, and none of them keeps per-client state.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+
+from .stun import Message, long_term_key
+
+NONCE_MAC_BYTES = 12
+
+
+def rest_password(secret: bytes, username: str) -> str:
+    """The TURN REST password for `username` under `secret`."""
+    return base64.b64encode(hmac.new(secret, username.encode(), hashlib.sha1).digest()).decode()
+
+
+def rest_username(user_id: str, now: float, ttl_s: int) -> str:
+    return f"{int(now) + int(ttl_s)}:{user_id}"
+
+
+def parse_rest_username(username: str) -> tuple[int, str] | None:
+    """Split "expiry:userId"; None if the username is not of that form."""
+    expiry, sep, user_id = username.partition(":")
+    if not sep or not user_id or not expiry.isdigit() or len(expiry) > 12:
+        return None
+    return int(expiry), user_id
+
+
+class NonceBook:
+    """Issues and checks stateless nonces: hex issue time + truncated HMAC."""
+
+    def __init__(self, key: bytes, lifetime_s: float) -> None:
+        self._key = key
+        self._lifetime_s = lifetime_s
+
+    def _mac(self, stamp: str, client_ip: str) -> str:
+        mac = hmac.new(self._key, f"{stamp}|{client_ip}".encode(), hashlib.sha256).digest()
+        return mac[:NONCE_MAC_BYTES].hex()
+
+    def issue(self, client_ip: str, now: float) -> str:
+        stamp = f"{int(now):010x}"
+        return stamp + self._mac(stamp, client_ip)
+
+    def is_fresh(self, nonce: str, client_ip: str, now: float) -> bool:
+        """True if this relay issued `nonce` to `client_ip` and it has not expired.
+
+        An unknown nonce (forged, or from before a restart) is treated like an
+        expired one: the client gets 438 and a fresh nonce, and retries.
+        """
+        if len(nonce) != 10 + 2 * NONCE_MAC_BYTES:
+            return False
+        stamp = nonce[:10]
+        try:
+            issued = int(stamp, 16)
+        except ValueError:
+            return False
+        if not hmac.compare_digest(nonce[10:], self._mac(stamp, client_ip)):
+            return False
+        return issued <= now + 5 and now - issued < self._lifetime_s
+
+
+class RestVerifier:
+    """Finds the long-term key that verifies a request, trying each secret."""
+
+    def __init__(self, realm: str, secrets: tuple[bytes, ...]) -> None:
+        self.realm = realm
+        self.secrets = secrets
+
+    def set_secrets(self, secrets: tuple[bytes, ...]) -> None:
+        self.secrets = secrets
+
+    def key_for(self, msg: Message, username: str) -> bytes | None:
+        """The key (current secret first) whose MESSAGE-INTEGRITY matches, else None."""
+        for secret in self.secrets:
+            key = long_term_key(username, self.realm, rest_password(secret, username))
+            if msg.verify_integrity(key):
+                return key
+        return None

@@ -1,0 +1,395 @@
+"""The relay's sans-I/O core: STUN/TURN requests in, responses out.
+
+`TurnCore.handle_stun(data, client_key, client_addr, transport, now)` takes
+one STUN message from a client and returns the bytes to send back to that
+client (or None).  Relay ports are opened through an injected `RelayOpener`,
+so this module never touches a socket or a clock; tests drive it with fake
+relays and a float `now`.
+
+Request processing follows RFC 8489 §6.3 and §9.2.4 (long-term credentials)
+and RFC 8656 §7-§12.  Handlers raise `Reject(code)`; one place turns that
+into an error response with the right attributes and integrity.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import struct
+from collections import Counter
+from dataclasses import dataclass
+from typing import Hashable
+
+from . import stun
+from .allocation import (CHANNEL_MAX, CHANNEL_MIN, DEFAULT_LIFETIME_S, Allocation,
+                         AllocationTable, RelayOpener, RelayPort)
+from .auth import NonceBook, RestVerifier, parse_rest_username
+from .stun import Address, BadAttribute, Builder, Message
+
+log = logging.getLogger("turn")
+
+UDP_TRANSPORT = 17
+RESERVATION_LIFETIME_S = 30.0
+SWEEP_INTERVAL_S = 30.0
+
+
+@dataclass(frozen=True)
+class RelaySettings:
+    realm: str
+    max_lifetime_s: int = 3600
+    user_quota: int = 10                 # 0 = unlimited
+    total_quota: int = 10000             # 0 = unlimited
+    max_permissions: int = 64
+    max_channels: int = 64
+    software: str | None = None
+    external_ip: str | None = None       # advertised instead of the bound IPv4
+    external_ip6: str | None = None      # advertised instead of the bound IPv6
+    families: frozenset[int] = frozenset({stun.FAMILY_IPV4})
+
+
+class Reject(Exception):
+    def __init__(self, code: int, key: bytes | None = None, with_nonce: bool = False,
+                 unknown: list[int] | None = None) -> None:
+        super().__init__(code)
+        self.code = code
+        self.key = key
+        self.with_nonce = with_nonce
+        self.unknown = unknown
+
+
+@dataclass
+class Credentials:
+    username: str
+    user_id: str
+    expiry: int
+    key: bytes
+
+
+class TurnCore:
+    def __init__(self, settings: RelaySettings, verifier: RestVerifier, nonces: NonceBook,
+                 policy, relays: RelayOpener) -> None:
+        self.settings = settings
+        self.verifier = verifier
+        self.nonces = nonces
+        self.policy = policy
+        self.relays = relays
+        self.table = AllocationTable()
+        self.counters: Counter[str] = Counter()
+        self._reservations: dict[bytes, tuple[RelayPort, float]] = {}
+        self._next_sweep = 0.0
+        self._random = random.Random()
+
+    # ------------------------------------------------------------ entry points
+
+    def handle_stun(self, data: bytes, client_key: Hashable, client_addr: Address,
+                    transport: str, now: float) -> bytes | None:
+        try:
+            msg = stun.parse(data)
+        except stun.StunParseError:
+            self.counters["malformed"] += 1
+            return None
+        if msg.cls == stun.REQUEST:
+            try:
+                return self._request(msg, client_key, client_addr, transport, now)
+            except Reject as rej:
+                self.counters[f"error_{rej.code}"] += 1
+                return self._error(msg, rej, client_addr, now)
+            except BadAttribute:
+                self.counters["error_400"] += 1
+                return self._error(msg, Reject(400), client_addr, now)
+        if msg.cls == stun.INDICATION and msg.method == stun.SEND:
+            self._send_indication(msg, client_key, now)
+        else:
+            self.counters["ignored"] += 1
+        return None
+
+    def data_indication(self, alloc: Allocation, peer: Address, data: bytes) -> bytes:
+        """A Data indication carrying `data` from `peer` (no channel bound)."""
+        txid = self._random.randbytes(12)
+        b = Builder(stun.DATA, stun.INDICATION, txid)
+        b.add(stun.XOR_PEER_ADDRESS, stun.encode_xor_address(peer, txid))
+        b.add(stun.DATA_ATTR, data)
+        return b.encode(fingerprint=alloc.fingerprint)
+
+    def client_gone(self, client_key: Hashable) -> None:
+        """The client's connection closed (TCP/TLS): its allocation ends."""
+        alloc = self.table.get(client_key)
+        if alloc is not None:
+            self._delete(alloc, "connection closed")
+
+    def get_timer(self) -> float | None:
+        times = [t for t in (self.table.next_expiry(), self._next_sweep or None) if t is not None]
+        times.extend(exp for _, exp in self._reservations.values())
+        return min(times) if times else None
+
+    def handle_timer(self, now: float) -> None:
+        for alloc in self.table.pop_expired(now):
+            self._close(alloc, "expired")
+        for token, (port, exp) in list(self._reservations.items()):
+            if exp <= now:
+                del self._reservations[token]
+                port.close()
+        if now >= self._next_sweep:
+            for alloc in self.table.by_client.values():
+                alloc.sweep(now)
+            self._next_sweep = now + SWEEP_INTERVAL_S if self.table.by_client else 0.0
+
+    def close_all(self, reason: str) -> None:
+        for alloc in list(self.table.by_client.values()):
+            self._delete(alloc, reason)
+        for port, _ in self._reservations.values():
+            port.close()
+        self._reservations.clear()
+
+    # ------------------------------------------------------------ requests
+
+    def _request(self, msg: Message, client_key, client_addr: Address, transport: str,
+                 now: float) -> bytes:
+        if msg.method == stun.BINDING:
+            self.counters["binding"] += 1
+            b = Builder(stun.BINDING, stun.SUCCESS, msg.transaction_id)
+            b.add(stun.XOR_MAPPED_ADDRESS, stun.encode_xor_address(client_addr, msg.transaction_id))
+            return self._finish(b, None, msg.has_fingerprint)
+        if msg.method not in self._handlers:
+            raise Reject(400)
+        creds = self._authenticate(msg, client_addr, now)
+        unknown = msg.unknown_required()
+        if unknown:
+            raise Reject(420, creds.key, unknown=unknown)
+        alloc = self.table.get(client_key)
+        if msg.method == stun.ALLOCATE:
+            if alloc is not None:
+                if alloc.txid == msg.transaction_id:
+                    return alloc.response     # a retransmission (RFC 8656 §7.2)
+                raise Reject(437, creds.key)
+            if creds.expiry < now:
+                self.counters["auth_expired"] += 1
+                log.info("allocate refused: expired username for user %s from %s",
+                         creds.user_id, client_addr[0])
+                raise Reject(401, with_nonce=True)
+            return self._allocate(msg, creds, client_key, client_addr, transport, now)
+        if alloc is None:
+            raise Reject(437, creds.key)
+        if alloc.username != creds.username:
+            raise Reject(441, creds.key)
+        return self._handlers[msg.method](self, msg, creds, alloc, now)
+
+    def _authenticate(self, msg: Message, client_addr: Address, now: float) -> Credentials:
+        if msg.integrity_offset < 0:
+            raise Reject(401, with_nonce=True)
+        raw_user = msg.get(stun.USERNAME)
+        raw_realm = msg.get(stun.REALM)
+        raw_nonce = msg.get(stun.NONCE)
+        if raw_user is None or raw_realm is None or raw_nonce is None:
+            raise Reject(400)
+        nonce = stun.text(raw_nonce)
+        if not self.nonces.is_fresh(nonce, client_addr[0], now):
+            raise Reject(438, with_nonce=True)
+        username = stun.text(raw_user, 513)
+        parsed = parse_rest_username(username)
+        key = None
+        if parsed is not None and stun.text(raw_realm) == self.verifier.realm:
+            key = self.verifier.key_for(msg, username)
+        if key is None:
+            self.counters["auth_bad_credentials"] += 1
+            log.info("auth failure from %s: credentials do not verify", client_addr[0])
+            raise Reject(401, with_nonce=True)
+        return Credentials(username, parsed[1], parsed[0], key)
+
+    def _lifetime(self, msg: Message) -> int:
+        raw = msg.get(stun.LIFETIME)
+        if raw is None:
+            return DEFAULT_LIFETIME_S
+        requested = stun.u32(raw)
+        if requested == 0:
+            return 0
+        return max(min(requested, self.settings.max_lifetime_s), DEFAULT_LIFETIME_S)
+
+    def _allocate(self, msg: Message, creds: Credentials, client_key, client_addr: Address,
+                  transport: str, now: float) -> bytes:
+        key = creds.key
+        raw_transport = msg.get(stun.REQUESTED_TRANSPORT)
+        if raw_transport is None or len(raw_transport) != 4:
+            raise Reject(400, key)
+        if raw_transport[0] != UDP_TRANSPORT:
+            raise Reject(442, key)
+        token = msg.get(stun.RESERVATION_TOKEN)
+        even_port = msg.get(stun.EVEN_PORT)
+        raw_family = msg.get(stun.REQUESTED_ADDRESS_FAMILY)
+        if token is not None and (even_port is not None or raw_family is not None):
+            raise Reject(400, key)
+        family = stun.FAMILY_IPV4
+        if raw_family is not None:
+            if len(raw_family) != 4:
+                raise Reject(400, key)
+            family = raw_family[0]
+        if even_port is not None and len(even_port) != 1:
+            raise Reject(400, key)
+        s = self.settings
+        if s.user_quota and self.table.per_user[creds.user_id] >= s.user_quota:
+            raise Reject(486, key)
+        if s.total_quota and len(self.table) >= s.total_quota:
+            raise Reject(508, key)
+        lifetime = self._lifetime(msg) or DEFAULT_LIFETIME_S
+        reserved = None
+        if token is not None:
+            held = self._reservations.pop(token, None)
+            if held is None:
+                raise Reject(508, key)
+            relay = held[0]
+            family = stun.address_family(relay.address[0])
+        else:
+            if family not in (stun.FAMILY_IPV4, stun.FAMILY_IPV6) or family not in s.families:
+                raise Reject(440, key)
+            opened = self.relays.open(family, even_port is not None,
+                                      even_port is not None and bool(even_port[0] & 0x80))
+            if opened is None:
+                self.counters["relay_ports_exhausted"] += 1
+                raise Reject(508, key)
+            relay, reserved = opened
+        advertised_ip = (s.external_ip if family == stun.FAMILY_IPV4 else s.external_ip6) \
+            or relay.address[0]
+        alloc = Allocation(client_key, client_addr, transport, creds.username, creds.user_id,
+                           family, relay, (advertised_ip, relay.address[1]), now + lifetime,
+                           msg.has_fingerprint)
+        relay.allocation = alloc
+        self.table.add(alloc)
+        tid = msg.transaction_id
+        b = Builder(stun.ALLOCATE, stun.SUCCESS, tid)
+        b.add(stun.XOR_RELAYED_ADDRESS, stun.encode_xor_address(alloc.relayed_address, tid))
+        b.add(stun.LIFETIME, struct.pack("!I", lifetime))
+        b.add(stun.XOR_MAPPED_ADDRESS, stun.encode_xor_address(client_addr, tid))
+        if reserved is not None:
+            new_token = self._random.randbytes(8)
+            self._reservations[new_token] = (reserved, now + RESERVATION_LIFETIME_S)
+            b.add(stun.RESERVATION_TOKEN, new_token)
+        alloc.txid = tid
+        alloc.response = self._finish(b, key, msg.has_fingerprint)
+        self.counters["allocations_created"] += 1
+        log.info("allocation %s for user %s from %s/%s, lifetime %ds", relay.address,
+                 creds.user_id, transport, client_addr[0], lifetime)
+        return alloc.response
+
+    def _refresh(self, msg: Message, creds: Credentials, alloc: Allocation, now: float) -> bytes:
+        raw_family = msg.get(stun.REQUESTED_ADDRESS_FAMILY)
+        if raw_family is not None and (len(raw_family) != 4 or raw_family[0] != alloc.family):
+            raise Reject(443, creds.key)
+        lifetime = self._lifetime(msg)
+        if lifetime == 0:
+            self._delete(alloc, "refreshed to 0")
+        else:
+            alloc.expires = now + lifetime
+            self.table.schedule(alloc)
+        b = Builder(stun.REFRESH, stun.SUCCESS, msg.transaction_id)
+        b.add(stun.LIFETIME, struct.pack("!I", lifetime))
+        return self._finish(b, creds.key, msg.has_fingerprint)
+
+    def _peer(self, value: bytes, msg: Message, alloc: Allocation, key: bytes) -> Address:
+        peer = stun.xor_address(value, msg.transaction_id)
+        if stun.address_family(peer[0]) != alloc.family:
+            raise Reject(443, key)
+        return peer
+
+    def _create_permission(self, msg: Message, creds: Credentials, alloc: Allocation,
+                           now: float) -> bytes:
+        values = msg.get_all(stun.XOR_PEER_ADDRESS)
+        if not values:
+            raise Reject(400, creds.key)
+        ips = []
+        for value in values:
+            ip = self._peer(value, msg, alloc, creds.key)[0]
+            if not self.policy.permits_ip(ip):
+                self.counters["peer_denied"] += 1
+                raise Reject(403, creds.key)
+            ips.append(ip)
+        new = {ip for ip in ips if alloc.permissions.get(ip, 0.0) <= now}
+        if new and alloc.live_permissions(now) + len(new) > self.settings.max_permissions:
+            raise Reject(508, creds.key)
+        for ip in ips:
+            alloc.permit(ip, now)
+        b = Builder(stun.CREATE_PERMISSION, stun.SUCCESS, msg.transaction_id)
+        return self._finish(b, creds.key, msg.has_fingerprint)
+
+    def _channel_bind(self, msg: Message, creds: Credentials, alloc: Allocation,
+                      now: float) -> bytes:
+        key = creds.key
+        raw_number = msg.get(stun.CHANNEL_NUMBER)
+        raw_peer = msg.get(stun.XOR_PEER_ADDRESS)
+        if raw_number is None or raw_peer is None or len(raw_number) != 4:
+            raise Reject(400, key)
+        number = struct.unpack_from("!H", raw_number)[0]
+        if not CHANNEL_MIN <= number <= CHANNEL_MAX:
+            raise Reject(400, key)
+        peer = self._peer(raw_peer, msg, alloc, key)
+        if not self.policy.permits(peer[0], peer[1]):
+            self.counters["peer_denied"] += 1
+            raise Reject(403, key)
+        bound = alloc.channels.get(number)
+        if bound is not None and bound[0] != peer:
+            raise Reject(400, key)
+        other = alloc.channel_of_peer.get(peer)
+        if other is not None and other != number:
+            raise Reject(400, key)
+        if bound is None and alloc.live_channels(now) >= self.settings.max_channels:
+            raise Reject(508, key)
+        if peer[0] not in alloc.permissions and \
+                alloc.live_permissions(now) >= self.settings.max_permissions:
+            raise Reject(508, key)
+        alloc.bind_channel(number, peer, now)
+        b = Builder(stun.CHANNEL_BIND, stun.SUCCESS, msg.transaction_id)
+        return self._finish(b, key, msg.has_fingerprint)
+
+    _handlers = {
+        stun.ALLOCATE: None,       # handled before the table lookup
+        stun.REFRESH: _refresh,
+        stun.CREATE_PERMISSION: _create_permission,
+        stun.CHANNEL_BIND: _channel_bind,
+    }
+
+    # ------------------------------------------------------------ indications
+
+    def _send_indication(self, msg: Message, client_key, now: float) -> None:
+        alloc = self.table.get(client_key)
+        raw_peer = msg.get(stun.XOR_PEER_ADDRESS)
+        data = msg.get(stun.DATA_ATTR)
+        if alloc is None or raw_peer is None or data is None:
+            self.counters["send_dropped"] += 1
+            return
+        try:
+            peer = stun.xor_address(raw_peer, msg.transaction_id)
+        except BadAttribute:
+            self.counters["send_dropped"] += 1
+            return
+        if alloc.permissions.get(peer[0], 0.0) <= now or \
+                stun.address_family(peer[0]) != alloc.family or \
+                not self.policy.permits(peer[0], peer[1]):
+            self.counters["send_dropped"] += 1
+            return
+        alloc.relay.sendto(data, peer)
+
+    # ------------------------------------------------------------ helpers
+
+    def _finish(self, b: Builder, key: bytes | None, fingerprint: bool) -> bytes:
+        if self.settings.software:
+            b.add(stun.SOFTWARE, self.settings.software.encode()[:763])
+        return b.encode(key, fingerprint)
+
+    def _error(self, msg: Message, rej: Reject, client_addr: Address, now: float) -> bytes:
+        b = Builder(msg.method, stun.ERROR, msg.transaction_id)
+        b.add(stun.ERROR_CODE, stun.encode_error(rej.code))
+        if rej.unknown:
+            b.add(stun.UNKNOWN_ATTRIBUTES, b"".join(struct.pack("!H", t) for t in rej.unknown[:32]))
+        if rej.with_nonce:
+            b.add(stun.REALM, self.verifier.realm.encode())
+            b.add(stun.NONCE, self.nonces.issue(client_addr[0], now).encode())
+        return self._finish(b, rej.key, msg.has_fingerprint)
+
+    def _delete(self, alloc: Allocation, reason: str) -> None:
+        self.table.remove(alloc)
+        self._close(alloc, reason)
+
+    def _close(self, alloc: Allocation, reason: str) -> None:
+        alloc.relay.allocation = None
+        alloc.relay.close()
+        self.counters["allocations_deleted"] += 1
+        log.info("allocation %s for user %s ended: %s", alloc.relay.address, alloc.user_id, reason)

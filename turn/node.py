@@ -1,0 +1,128 @@
+"""One relay worker: the core, its listeners and its timer, on one event loop.
+
+Every worker process runs one `RelayNode`.  Listeners are bound with
+SO_REUSEPORT so N workers share the ports and the kernel keeps each client
+5-tuple on one worker, which therefore owns that client's allocation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+import time
+from dataclasses import dataclass
+
+from .auth import NonceBook, RestVerifier
+from .core import RelaySettings, TurnCore
+from .tcp import StreamConnection
+from .udp import UdpListener, UdpRelayOpener, open_udp_listener
+
+log = logging.getLogger("turn")
+
+TIMER_MAX_WAIT_S = 1.0
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    host: str
+    port: int
+
+
+@dataclass(frozen=True)
+class NodeSettings:
+    """What one worker needs; built from the appliance configuration."""
+
+    relay: RelaySettings
+    udp: Endpoint | None
+    tcp: Endpoint | None
+    tls: Endpoint | None
+    relay_ips: dict          # family (stun.FAMILY_*) -> bind address
+    relay_ports: tuple[int, int]
+    nonce_lifetime_s: float
+    reuse_port: bool
+
+
+class RelayNode:
+    def __init__(self, settings: NodeSettings, secrets: tuple[bytes, ...], nonce_key: bytes,
+                 policy, tls_context: ssl.SSLContext | None = None, clock=time.time) -> None:
+        self.settings = settings
+        self.clock = clock
+        self.tls_context = tls_context
+        self.verifier = RestVerifier(settings.relay.realm, secrets)
+        self.nonces = NonceBook(nonce_key, settings.nonce_lifetime_s)
+        self.policy = policy
+        self.core: TurnCore | None = None
+        self.udp: UdpListener | None = None
+        self.servers: list[asyncio.AbstractServer] = []
+        self.connections: set[StreamConnection] = set()
+        self._timer_task: asyncio.Task | None = None
+        self._opener: UdpRelayOpener | None = None
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        s = self.settings
+        udp_sock = open_udp_listener(s.udp.host, s.udp.port, s.reuse_port) if s.udp else None
+        self._opener = UdpRelayOpener(loop, lambda: self.core, s.relay_ips, s.relay_ports,
+                                      udp_sock, self.clock)
+        self.core = TurnCore(s.relay, self.verifier, self.nonces, self.policy, self._opener)
+        try:
+            if udp_sock is not None:
+                self.udp = UdpListener(loop, self.core, udp_sock, self.clock)
+                self.udp.start()
+            if s.tcp:
+                self.servers.append(await self._serve_stream(s.tcp, "tcp", None))
+            if s.tls:
+                self.servers.append(await self._serve_stream(s.tls, "tls", self.tls_context))
+        except BaseException:
+            await self.stop()
+            raise
+        self._timer_task = loop.create_task(self._run_timer())
+
+    async def _serve_stream(self, ep: Endpoint, name: str, ctx) -> asyncio.AbstractServer:
+        loop = asyncio.get_running_loop()
+        return await loop.create_server(
+            lambda: StreamConnection(self.core, name, self.connections, self.clock),
+            ep.host, ep.port, ssl=ctx, reuse_port=self.settings.reuse_port,
+            reuse_address=True, ssl_handshake_timeout=10 if ctx else None)
+
+    async def _run_timer(self) -> None:
+        core = self.core
+        while True:
+            now = self.clock()
+            when = core.get_timer()
+            wait = TIMER_MAX_WAIT_S if when is None else min(max(when - now, 0.0), TIMER_MAX_WAIT_S)
+            await asyncio.sleep(wait)
+            core.handle_timer(self.clock())
+
+    def set_secrets(self, secrets: tuple[bytes, ...]) -> None:
+        self.verifier.set_secrets(secrets)
+
+    async def stop(self) -> None:
+        if self._timer_task is not None:
+            self._timer_task.cancel()
+            self._timer_task = None
+        for server in self.servers:
+            server.close()
+        for conn in list(self.connections):
+            conn.close()
+        if self.core is not None:
+            self.core.close_all("shutdown")
+        if self.udp is not None:
+            self.udp.close()
+            self.udp = None
+        for server in self.servers:
+            try:
+                await asyncio.wait_for(server.wait_closed(), 2)
+            except (asyncio.TimeoutError, Exception):
+                pass
+        self.servers.clear()
+
+    def stats(self) -> dict:
+        core = self.core
+        return {
+            "allocations": len(core.table) if core else 0,
+            **(dict(core.counters) if core else {}),
+            "udp_dropped": (self.udp.dropped if self.udp else 0)
+            + (self._opener.dropped if self._opener else 0),
+        }
