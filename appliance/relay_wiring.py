@@ -73,7 +73,6 @@ def peer_policy(config: AppConfig):
         own_endpoints=own_endpoints(config),
         relay_addresses=relay_addresses,
         relay_ports=t.relay_ports,
-        own_addresses=relay_addresses,
     )
 
 

@@ -64,7 +64,7 @@ async def node():
 class RawClient:
     """A minimal TURN client over a datagram or stream socket, for I/O tests."""
 
-    def __init__(self, sock: socket.socket, stream: bool, user: str = "alice") -> None:
+    def __init__(self, sock: socket.socket | None, stream: bool, user: str = "alice") -> None:
         self.sock = sock
         self.stream = stream
         self.username = f"{int(T0) + 3600}:{user}"
@@ -72,10 +72,13 @@ class RawClient:
         self.nonce = b""
         self._buf = b""
 
-    async def _recv_raw(self) -> bytes:
+    async def _recv_chunk(self) -> bytes:
         loop = asyncio.get_running_loop()
+        return await asyncio.wait_for(loop.sock_recv(self.sock, 70000), 2)
+
+    async def _recv_raw(self) -> bytes:
         if not self.stream:
-            return await asyncio.wait_for(loop.sock_recv(self.sock, 70000), 2)
+            return await self._recv_chunk()
         while True:
             if len(self._buf) >= 4:
                 first = self._buf[0]
@@ -84,7 +87,7 @@ class RawClient:
                 if len(self._buf) >= total:
                     frame, self._buf = self._buf[:total], self._buf[total:]
                     return frame
-            self._buf += await asyncio.wait_for(loop.sock_recv(self.sock, 70000), 2)
+            self._buf += await self._recv_chunk()
 
     async def send(self, data: bytes) -> None:
         await asyncio.get_running_loop().sock_sendall(self.sock, data)
@@ -293,3 +296,70 @@ async def test_tcp_close_ends_allocation(node):
             break
         await asyncio.sleep(0.01)
     assert len(node.core.table) == 0
+
+
+def make_cert(directory) -> tuple[str, str]:
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName(
+                [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+            .sign(key, hashes.SHA256()))
+    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return str(cert_path), str(key_path)
+
+
+async def test_tls_listener_relays_channel_data(tmp_path):
+    import ssl
+
+    cert, key = make_cert(tmp_path)
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_ctx.load_cert_chain(cert, key)
+    port = free_port(socket.SOCK_STREAM)
+    settings = NodeSettings(
+        relay=RelaySettings(realm=REALM), udp=None, tcp=None, tls=Endpoint("127.0.0.1", port),
+        relay_ips={stun.FAMILY_IPV4: "127.0.0.1"}, relay_ports=(53000, 53999),
+        nonce_lifetime_s=600, reuse_port=False)
+    node = RelayNode(settings, (SECRET,), os.urandom(32), AllowAll(), server_ctx, clock=Clock())
+    await node.start()
+    try:
+        client_ctx = ssl.create_default_context(cafile=cert)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=client_ctx)
+        raw = RawClient(None, stream=True)   # reads and writes go through the TLS stream
+
+        async def send(data):
+            writer.write(data)
+            await writer.drain()
+
+        async def recv_chunk():
+            return await asyncio.wait_for(reader.read(70000), 2)
+
+        raw.send = send
+        raw._recv_chunk = recv_chunk
+        relayed = await raw.allocate()
+        peer = peer_socket()
+        assert (await raw.channel_bind(0x4005, peer.getsockname())).cls == stun.SUCCESS
+        await send(struct.pack("!HH", 0x4005, 3) + b"tls\x00")
+        assert (await peer_recv(peer))[0] == b"tls"
+        peer.sendto(b"back", relayed)
+        assert (await raw.recv())[:8] == struct.pack("!HH", 0x4005, 4) + b"back"
+        writer.close()
+        peer.close()
+    finally:
+        await node.stop()

@@ -25,7 +25,11 @@ CHANNEL_LIFETIME_S = 600.0
 CHANNEL_COOLDOWN_S = 300.0
 DEFAULT_LIFETIME_S = 600
 CHANNEL_MIN = 0x4000
-CHANNEL_MAX = 0x4FFF
+# RFC 8656 narrowed channels to 0x4000-0x4FFF, but RFC 5766 clients still in
+# use (coturn's own turnutils_uclient among them) bind up to 0x7FFF, and coturn
+# accepts them.  Accepting the old range costs nothing: no other protocol is
+# multiplexed on the relay's client port.
+CHANNEL_MAX = 0x7FFF
 
 
 class RelayPort(Protocol):

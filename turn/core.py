@@ -47,11 +47,16 @@ class RelaySettings:
     families: frozenset[int] = frozenset({stun.FAMILY_IPV4})
 
 
+METHOD_NAMES = {stun.BINDING: "Binding", stun.ALLOCATE: "Allocate", stun.REFRESH: "Refresh",
+                stun.CREATE_PERMISSION: "CreatePermission", stun.CHANNEL_BIND: "ChannelBind"}
+
+
 class Reject(Exception):
     def __init__(self, code: int, key: bytes | None = None, with_nonce: bool = False,
-                 unknown: list[int] | None = None) -> None:
+                 unknown: list[int] | None = None, detail: str = "") -> None:
         super().__init__(code)
         self.code = code
+        self.detail = detail
         self.key = key
         self.with_nonce = with_nonce
         self.unknown = unknown
@@ -93,6 +98,9 @@ class TurnCore:
                 return self._request(msg, client_key, client_addr, transport, now)
             except Reject as rej:
                 self.counters[f"error_{rej.code}"] += 1
+                if log.isEnabledFor(logging.DEBUG):
+                    log.debug("%s from %s/%s: %d (%s)", METHOD_NAMES.get(msg.method, msg.method),
+                              transport, client_addr[0], rej.code, rej.detail or stun.REASONS.get(rej.code))
                 return self._error(msg, rej, client_addr, now)
             except BadAttribute:
                 self.counters["error_400"] += 1
@@ -146,6 +154,9 @@ class TurnCore:
     def _request(self, msg: Message, client_key, client_addr: Address, transport: str,
                  now: float) -> bytes:
         if msg.method == stun.BINDING:
+            unknown = msg.unknown_required()
+            if unknown:
+                raise Reject(420, unknown=unknown)
             self.counters["binding"] += 1
             b = Builder(stun.BINDING, stun.SUCCESS, msg.transaction_id)
             b.add(stun.XOR_MAPPED_ADDRESS, stun.encode_xor_address(client_addr, msg.transaction_id))
@@ -316,20 +327,20 @@ class TurnCore:
         raw_number = msg.get(stun.CHANNEL_NUMBER)
         raw_peer = msg.get(stun.XOR_PEER_ADDRESS)
         if raw_number is None or raw_peer is None or len(raw_number) != 4:
-            raise Reject(400, key)
+            raise Reject(400, key, detail="CHANNEL-NUMBER and XOR-PEER-ADDRESS required")
         number = struct.unpack_from("!H", raw_number)[0]
         if not CHANNEL_MIN <= number <= CHANNEL_MAX:
-            raise Reject(400, key)
+            raise Reject(400, key, detail=f"channel 0x{number:04x} out of range")
         peer = self._peer(raw_peer, msg, alloc, key)
         if not self.policy.permits(peer[0], peer[1]):
             self.counters["peer_denied"] += 1
             raise Reject(403, key)
         bound = alloc.channels.get(number)
         if bound is not None and bound[0] != peer:
-            raise Reject(400, key)
+            raise Reject(400, key, detail="channel bound to another peer")
         other = alloc.channel_of_peer.get(peer)
         if other is not None and other != number:
-            raise Reject(400, key)
+            raise Reject(400, key, detail="peer bound to another channel")
         if bound is None and alloc.live_channels(now) >= self.settings.max_channels:
             raise Reject(508, key)
         if peer[0] not in alloc.permissions and \

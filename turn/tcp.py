@@ -59,7 +59,7 @@ class StreamConnection(asyncio.Protocol):
                                               self.transport_name, now)
                 if reply is not None and self.transport is not None:
                     self.transport.write(reply)
-            elif first <= 0x4F:
+            elif first <= 0x7F:    # ChannelData, see allocation.CHANNEL_MAX
                 total = 4 + length + (-length & 3)
                 if n - pos < total:
                     break

@@ -87,7 +87,7 @@ class UdpListener:
             except OSError:
                 continue   # e.g. an ICMP error queued on the socket
             first = buf[0] if n else 0xFF
-            if 0x40 <= first <= 0x4F:
+            if 0x40 <= first <= 0x7F:    # see allocation.CHANNEL_MAX
                 # ChannelData (RFC 8656 §12.4): the relay's fast path.
                 alloc = allocations.get(addr)
                 length = (buf[2] << 8) | buf[3] if n >= 4 else MAX_DATAGRAM

@@ -1,0 +1,1 @@
+"""The appliance: configuration, secrets, process model and command line around the relay."""
