@@ -1,0 +1,163 @@
+"""Fixtures for interop tests: our appliance as a real process, and external programs.
+
+The appliance runs exactly as an operator runs it (`python -m appliance serve
+--config FILE`) on free loopback ports, with a secret ring and a certificate
+made for the session.  It is stopped by its PID with SIGTERM, and the test
+session checks it exits cleanly.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from appliance.devcert import ensure_dev_certificate
+from appliance.secret_ring import SecretRing, new_secret, save_ring
+
+REALM = "interop.test"
+STARTUP_TIMEOUT_S = 15.0
+
+
+def require_program(name: str, install: str = "apt-get install coturn") -> str:
+    """The program's path; skip (or fail under REQUIRE_INTEROP=1) if it is missing."""
+    path = shutil.which(name)
+    if path is None:
+        message = f"{name} not found: install it with `{install}`"
+        if os.environ.get("REQUIRE_INTEROP") == "1":
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
+
+
+def free_port_pair() -> int:
+    """A port number free for both UDP and TCP on 127.0.0.1 and ::1."""
+    for _ in range(50):
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
+            u.bind(("127.0.0.1", 0))
+            port = u.getsockname()[1]
+            try:
+                with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as t:
+                    t.bind(("127.0.0.1", port))
+                return port
+            except OSError:
+                continue
+    raise RuntimeError("no free port pair")
+
+
+def rest_credentials(secret: str, user: str, ttl_s: int = 3600, now: float | None = None):
+    username = f"{int(now if now is not None else time.time()) + ttl_s}:{user}"
+    password = base64.b64encode(hmac.new(secret.encode(), username.encode(), hashlib.sha1).digest()).decode()
+    return username, password
+
+
+@dataclass
+class RunningRelay:
+    proc: subprocess.Popen
+    host: str
+    port: int            # UDP and TCP
+    tls_port: int
+    secret: str
+    cert: Path
+    log_path: Path
+
+    def credentials(self, user: str = "alice", ttl_s: int = 3600, now: float | None = None):
+        return rest_credentials(self.secret, user, ttl_s, now)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def stun_binding_ok(host: str, port: int) -> bool:
+    from turn import stun
+    tid = os.urandom(12)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.settimeout(0.3)
+        try:
+            s.sendto(stun.Builder(stun.BINDING, stun.REQUEST, tid).encode(), (host, port))
+            return stun.parse(s.recv(2048)).transaction_id == tid
+        except (OSError, stun.StunParseError):
+            return False
+
+
+def start_appliance(directory: Path, extra_turn: dict | None = None, workers: int = 1) -> RunningRelay:
+    directory.mkdir(parents=True, exist_ok=True)
+    secret = new_secret(time.time())
+    save_ring(directory / "secrets.json", SecretRing((secret,)))
+    cert, key, _ = ensure_dev_certificate(directory / "certs")
+    port, tls_port = free_port_pair(), free_port_pair()
+    turn = {
+        "udp": f"127.0.0.1:{port}", "tcp": f"127.0.0.1:{port}", "tls": f"127.0.0.1:{tls_port}",
+        "tls_cert": str(cert), "tls_key": str(key),
+        "relay_ip": "127.0.0.1", "relay_ip6": "::1", "relay_ports": "40000-44999",
+        # Interop peers live on loopback: allowed explicitly, as an operator would.
+        "allow_peers": ["127.0.0.1", "::1"], "user_quota": 0, "workers": workers,
+    }
+    turn.update(extra_turn or {})
+    config = {"realm": REALM, "data_dir": str(directory / "data"), "turn": turn,
+              "credentials": {"secrets_file": str(directory / "secrets.json")}}
+    config_path = directory / "appliance.yaml"
+    config_path.write_text(json.dumps(config))          # JSON is YAML
+    log_path = directory / "appliance.log"
+    log_file = open(log_path, "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "appliance", "serve", "--config", str(config_path)],
+                            stdout=log_file, stderr=subprocess.STDOUT)
+    log_file.close()
+    relay = RunningRelay(proc, "127.0.0.1", port, tls_port, secret.value, cert, log_path)
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"appliance exited with {proc.returncode}:\n{relay.log()}")
+        if stun_binding_ok("127.0.0.1", port):
+            return relay
+        time.sleep(0.1)
+    stop_appliance(relay)
+    raise RuntimeError(f"appliance did not answer STUN in {STARTUP_TIMEOUT_S}s:\n{relay.log()}")
+
+
+def stop_appliance(relay: RunningRelay) -> int:
+    if relay.proc.poll() is None:
+        relay.proc.send_signal(signal.SIGTERM)
+        try:
+            relay.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            relay.proc.kill()
+            relay.proc.wait(5)
+    return relay.proc.returncode
+
+
+@pytest.fixture(scope="session")
+def relay(tmp_path_factory):
+    running = start_appliance(tmp_path_factory.mktemp("relay"))
+    yield running
+    code = stop_appliance(running)
+    assert code == 0, f"appliance exited with {code} on SIGTERM:\n{running.log()}"
+
+
+@pytest.fixture(scope="session")
+def turn_peer():
+    """coturn's turnutils_peer: a UDP echo peer on 127.0.0.1 and ::1."""
+    program = require_program("turnutils_peer")
+    port = free_port_pair()
+    proc = subprocess.Popen([program, "-L", "127.0.0.1", "-L", "::1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(0.3)
+    yield port
+    proc.terminate()
+    try:
+        proc.wait(5)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)
