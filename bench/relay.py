@@ -1,0 +1,367 @@
+"""Relay throughput and allocation rate: our appliance against coturn, same load, one run.
+
+    python bench/relay.py [--quick] [--seconds S] [--payload BYTES]
+
+For each server (coturn 4.x started here with use-auth-secret; ours with 1
+and with 2 workers) it sets up K allocations over UDP, binds a channel from
+each to coturn's turnutils_peer (a C echo peer on loopback), and offers a
+ladder of packet rates.  Each echoed packet crosses the relay twice (client ->
+peer as ChannelData, peer -> client as ChannelData), so relayed packets/s is
+twice the echo rate.  It prints, per server: the highest offered rate with
+zero loss, relayed packets/s there, the server's CPU seconds per million
+relayed packets, and Allocate+ChannelBind+delete handshakes per second; then
+the ratios ours/coturn.  Loopback only; every process it starts it stops.
+
+Not a test: it asserts nothing and is not run by CI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import selectors
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from turn import stun  # noqa: E402
+from turn.auth import rest_password  # noqa: E402
+
+REALM = "bench.local"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+# ------------------------------------------------------------------ servers
+
+@dataclass
+class Server:
+    name: str
+    proc: subprocess.Popen
+    port: int
+
+    def cpu_seconds(self) -> float:
+        return sum(_proc_cpu(pid) for pid in _tree(self.proc.pid))
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+
+def _tree(pid: int) -> list[int]:
+    pids, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        pids.append(p)
+        try:
+            for task in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{task}/children") as f:
+                    todo.extend(int(c) for c in f.read().split())
+        except OSError:
+            pass
+    return pids
+
+
+def _proc_cpu(pid: int) -> float:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / CLK_TCK
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_stun(port: int, proc: subprocess.Popen, timeout: float = 15) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        tid = os.urandom(12)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.settimeout(0.3)
+            try:
+                s.sendto(stun.Builder(stun.BINDING, stun.REQUEST, tid).encode(), ("127.0.0.1", port))
+                if stun.parse(s.recv(2048)).transaction_id == tid:
+                    return
+            except (OSError, stun.StunParseError):
+                pass
+        time.sleep(0.1)
+    raise RuntimeError("server did not answer STUN")
+
+
+def start_coturn(workdir: Path, secret: str) -> Server:
+    port = free_port()
+    cmd = [shutil.which("turnserver"), "-n", "--listening-ip", "127.0.0.1",
+           "--listening-port", str(port), "--relay-ip", "127.0.0.1",
+           "--min-port", "45000", "--max-port", "47999", "--use-auth-secret",
+           "--static-auth-secret", secret, "--realm", REALM, "--allow-loopback-peers",
+           "--no-cli", "--no-tls", "--no-dtls", "--no-tcp", "--total-quota", "0",
+           "--user-quota", "0", "--log-file", str(workdir / "coturn.log"), "--simple-log"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for_stun(port, proc)
+    return Server("coturn", proc, port)
+
+
+def start_ours(workdir: Path, secret: str, workers: int) -> Server:
+    port = free_port()
+    ring = {"version": 1, "secrets": [{"id": "k-bench", "value": secret,
+                                        "created": int(time.time()), "retired": None}]}
+    secrets = workdir / f"secrets-{workers}.json"
+    secrets.write_text(json.dumps(ring))
+    os.chmod(secrets, 0o600)
+    config = {"realm": REALM, "data_dir": str(workdir / "data"), "log_level": "warning",
+              "turn": {"udp": f"127.0.0.1:{port}", "tcp": None, "tls": None,
+                       "relay_ip": "127.0.0.1", "relay_ip6": None, "relay_ports": "48000-49999",
+                       "allow_peers": ["127.0.0.1"], "user_quota": 0, "total_quota": 0,
+                       "workers": workers},
+              "credentials": {"secrets_file": str(secrets)}}
+    path = workdir / f"appliance-{workers}.yaml"
+    path.write_text(json.dumps(config))
+    proc = subprocess.Popen([sys.executable, "-m", "appliance", "serve", "--config", str(path)],
+                            cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=open(workdir / f"appliance-{workers}.log", "wb"))
+    wait_for_stun(port, proc)
+    time.sleep(0.5 * workers)      # let the extra worker processes bind
+    return Server(f"ours x{workers}", proc, port)
+
+
+# ------------------------------------------------------------------ client side
+
+class Client:
+    """A blocking TURN client for set-up (the load itself is raw ChannelData)."""
+
+    def __init__(self, port: int, secret: str, user: str) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        self.sock.connect(("127.0.0.1", port))
+        self.sock.settimeout(2)
+        self.username = f"{int(time.time()) + 3600}:{user}"
+        self.key = stun.long_term_key(self.username, REALM, rest_password(secret.encode(), self.username))
+        self.nonce: bytes | None = None
+
+    def request(self, method: int, attrs) -> stun.Message:
+        for _ in range(3):
+            tid = os.urandom(12)
+            b = stun.Builder(method, stun.REQUEST, tid)
+            for atype, value in attrs:
+                b.add(atype, value(tid) if callable(value) else value)
+            if self.nonce:
+                b.add(stun.USERNAME, self.username.encode())
+                b.add(stun.REALM, REALM.encode())
+                b.add(stun.NONCE, self.nonce)
+            self.sock.send(b.encode(self.key if self.nonce else None, fingerprint=True))
+            while True:      # skip echoes still queued from a load run
+                try:
+                    reply = stun.parse(self.sock.recv(4096))
+                except stun.StunParseError:
+                    continue
+                if reply.transaction_id == tid:
+                    break
+            if reply.cls == stun.ERROR and stun.decode_error(reply.get(stun.ERROR_CODE))[0] in (401, 438):
+                self.nonce = reply.get(stun.NONCE)
+                continue
+            if reply.cls != stun.SUCCESS:
+                raise RuntimeError(f"{method}: {stun.decode_error(reply.get(stun.ERROR_CODE))}")
+            return reply
+        raise RuntimeError("authentication failed")
+
+    def allocate(self) -> None:
+        self.request(stun.ALLOCATE, [(stun.REQUESTED_TRANSPORT, b"\x11\x00\x00\x00")])
+
+    def bind(self, number: int, peer) -> None:
+        self.request(stun.CHANNEL_BIND, [(stun.CHANNEL_NUMBER, struct.pack("!HH", number, 0)),
+                                         (stun.XOR_PEER_ADDRESS,
+                                          lambda tid: stun.encode_xor_address(peer, tid))])
+
+    def delete(self) -> None:
+        self.request(stun.REFRESH, [(stun.LIFETIME, b"\x00\x00\x00\x00")])
+
+
+def _sender(socks, packet: bytes, rate: float, seconds: float, sent) -> None:
+    interval = 1.0 / rate
+    batch = max(1, int(rate / 2000))      # pace in ~0.5 ms batches
+    count = 0
+    start = time.perf_counter()
+    end = start + seconds
+    n = len(socks)
+    while True:
+        now = time.perf_counter()
+        if now >= end:
+            break
+        due = int((now - start) / interval)
+        while count < due:
+            for _ in range(batch):
+                try:
+                    socks[count % n].send(packet)
+                except BlockingIOError:
+                    pass
+                count += 1
+        time.sleep(interval * batch / 2)
+    sent.value = count
+
+
+def _receiver(socks, seconds: float, received) -> None:
+    sel = selectors.DefaultSelector()
+    for s in socks:
+        s.setblocking(False)
+        sel.register(s, selectors.EVENT_READ)
+    count = 0
+    end = time.monotonic() + seconds
+    buf = bytearray(2048)
+    while time.monotonic() < end:
+        for key, _ in sel.select(0.1):
+            sock = key.fileobj
+            while True:
+                try:
+                    sock.recv_into(buf)
+                except BlockingIOError:
+                    break
+                count += 1
+    received.value = count
+
+
+def measure_rate(clients, payload: int, rate: float, seconds: float):
+    ctx = multiprocessing.get_context("fork")
+    socks = [c.sock for c in clients]
+    packet = struct.pack("!HH", 0x4000, payload) + b"x" * payload
+    sent, received = ctx.Value("q", 0), ctx.Value("q", 0)
+    rx = ctx.Process(target=_receiver, args=(socks, seconds + 1.5, received))
+    rx.start()
+    time.sleep(0.2)
+    tx = ctx.Process(target=_sender, args=(socks, packet, rate, seconds, sent))
+    tx.start()
+    tx.join()
+    rx.join()
+    return sent.value, received.value
+
+
+def allocation_rate(port: int, secret: str, count: int) -> float:
+    peer = ("127.0.0.1", 9)
+    start = time.perf_counter()
+    for i in range(count):
+        c = Client(port, secret, f"alloc{i}")
+        c.allocate()
+        c.bind(0x4000, peer)
+        c.delete()
+        c.sock.close()
+    return count / (time.perf_counter() - start)
+
+
+@dataclass
+class Result:
+    name: str
+    best_rate: float = 0.0
+    relayed_pps: float = 0.0
+    cpu_per_million: float = 0.0
+    alloc_per_s: float = 0.0
+    ladder: list = None
+
+
+def run_server(server: Server, secret: str, peer_port: int, rates, seconds: float,
+               payload: int, clients_n: int, allocs: int) -> Result:
+    result = Result(server.name, ladder=[])
+    clients = []
+    try:
+        for i in range(clients_n):
+            c = Client(server.port, secret, f"bench{i}")
+            c.allocate()
+            c.bind(0x4000, ("127.0.0.1", peer_port))
+            clients.append(c)
+        for rate in rates:
+            cpu0 = server.cpu_seconds()
+            sent, received = measure_rate(clients, payload, rate, seconds)
+            cpu = server.cpu_seconds() - cpu0
+            loss = 1 - received / sent if sent else 1.0
+            relayed = 2 * received
+            result.ladder.append((rate, sent / seconds, received / seconds, loss, cpu))
+            print(f"  {server.name:10} offered {rate:8.0f}/s  sent {sent / seconds:8.0f}/s  "
+                  f"echoed {received / seconds:8.0f}/s  loss {loss * 100:6.2f}%  "
+                  f"cpu {cpu:5.2f}s", flush=True)
+            if loss <= 0.0:
+                result.best_rate = sent / seconds
+                result.relayed_pps = 2 * received / seconds
+                result.cpu_per_million = cpu / (relayed / 1e6) if relayed else 0.0
+            elif loss > 0.05:
+                break
+        time.sleep(0.5)
+        for c in clients:
+            c.sock.setblocking(True)
+            c.sock.settimeout(2)
+            c.delete()
+            c.sock.close()
+        result.alloc_per_s = allocation_rate(server.port, secret, allocs)
+    finally:
+        server.stop()
+    return result
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="short ladder, short runs")
+    parser.add_argument("--seconds", type=float, default=None)
+    parser.add_argument("--payload", type=int, default=160, help="bytes per packet (audio-sized)")
+    parser.add_argument("--clients", type=int, default=8)
+    args = parser.parse_args()
+    for program in ("turnserver", "turnutils_peer"):
+        if shutil.which(program) is None:
+            print(f"{program} not found: apt-get install coturn", file=sys.stderr)
+            return 2
+    seconds = args.seconds or (1.5 if args.quick else 3.0)
+    rates = [10000, 30000, 50000] if args.quick else \
+        [10000, 20000, 30000, 40000, 50000, 60000, 70000, 80000, 100000]
+    allocs = 100 if args.quick else 300
+    secret = os.urandom(16).hex()
+    workdir = Path(tempfile.mkdtemp(prefix="bench-relay-"))
+    peer_port = free_port()
+    peer = subprocess.Popen([shutil.which("turnutils_peer"), "-L", "127.0.0.1", "-p", str(peer_port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    results = []
+    try:
+        time.sleep(0.3)
+        print(f"payload {args.payload} B, {args.clients} allocations, {seconds:.1f} s per step, "
+              f"{os.cpu_count()} cores", flush=True)
+        for start in (lambda: start_coturn(workdir, secret),
+                      lambda: start_ours(workdir, secret, 1),
+                      lambda: start_ours(workdir, secret, 2)):
+            server = start()
+            results.append(run_server(server, secret, peer_port, rates, seconds, args.payload,
+                                      args.clients, allocs))
+    finally:
+        peer.terminate()
+        peer.wait(5)
+    coturn = results[0]
+    print()
+    print(f"{'server':10} {'loss-free offered/s':>20} {'relayed pkt/s':>14} "
+          f"{'CPU s / M pkts':>15} {'allocs/s':>9} {'ratio pkt/s':>12} {'ratio allocs':>13}")
+    for r in results:
+        ratio = r.relayed_pps / coturn.relayed_pps if coturn.relayed_pps else float("nan")
+        aratio = r.alloc_per_s / coturn.alloc_per_s if coturn.alloc_per_s else float("nan")
+        print(f"{r.name:10} {r.best_rate:20.0f} {r.relayed_pps:14.0f} {r.cpu_per_million:15.2f} "
+              f"{r.alloc_per_s:9.0f} {ratio:12.2f} {aratio:13.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
