@@ -76,7 +76,7 @@ def test_wrong_password_is_401():
 def test_username_not_in_rest_form_is_401():
     core, _ = make_core()
     client = CoreClient(core)
-    client.username = "alice"
+    client.creds.username = "alice"
     assert error_code(client.allocate()) == 401
 
 
@@ -93,7 +93,7 @@ def test_missing_username_realm_or_nonce_is_400():
     tid = bytes(12)
     b = stun.Builder(stun.ALLOCATE, stun.REQUEST, tid)
     b.add(stun.REQUESTED_TRANSPORT, b"\x11\0\0\0")
-    b.add(stun.USERNAME, client.username.encode())
+    b.add(stun.USERNAME, client.creds.username.encode())
     reply = stun.parse(client.raw(b.encode(client.key)))
     assert error_code(reply) == 400
 

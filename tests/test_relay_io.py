@@ -13,7 +13,7 @@ import struct
 import pytest
 
 from turn import stun
-from turn.auth import rest_password
+from turn.client import ClientCredentials
 from turn.core import RelaySettings
 from turn.node import Endpoint, NodeSettings, RelayNode
 
@@ -67,9 +67,7 @@ class RawClient:
     def __init__(self, sock: socket.socket | None, stream: bool, user: str = "alice") -> None:
         self.sock = sock
         self.stream = stream
-        self.username = f"{int(T0) + 3600}:{user}"
-        self.key = stun.long_term_key(self.username, REALM, rest_password(SECRET, self.username))
-        self.nonce = b""
+        self.creds = ClientCredentials.rest(SECRET, f"{int(T0) + 3600}:{user}", REALM)
         self._buf = b""
 
     async def _recv_chunk(self) -> bytes:
@@ -94,22 +92,10 @@ class RawClient:
 
     async def request(self, method: int, attrs: list) -> stun.Message:
         for _ in range(2):
-            tid = os.urandom(12)
-            b = stun.Builder(method, stun.REQUEST, tid)
-            for atype, value in attrs:
-                b.add(atype, value(tid) if callable(value) else value)
-            if self.nonce:
-                b.add(stun.USERNAME, self.username.encode())
-                b.add(stun.REALM, REALM.encode())
-                b.add(stun.NONCE, self.nonce)
-            await self.send(b.encode(self.key if self.nonce else None, fingerprint=True))
+            await self.send(self.creds.build(method, attrs))
             reply = stun.parse(await self._recv_raw())
-            if reply.cls == stun.ERROR:
-                code = stun.decode_error(reply.get(stun.ERROR_CODE))[0]
-                if code == 438 or (code == 401 and not self.nonce):
-                    self.nonce = reply.get(stun.NONCE)
-                    continue
-            return reply
+            if not self.creds.should_retry(reply):
+                return reply
         return reply
 
     async def allocate(self, family: int = stun.FAMILY_IPV4) -> tuple:

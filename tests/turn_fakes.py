@@ -3,11 +3,11 @@ that is just a float, and a client that does the 401 -> nonce -> retry dance."""
 
 from __future__ import annotations
 
-import os
 import struct
 
 from turn import stun
 from turn.auth import NonceBook, RestVerifier, rest_password
+from turn.client import ClientCredentials
 from turn.core import RelaySettings, TurnCore
 from turn.policy import build_policy
 
@@ -86,10 +86,9 @@ class CoreClient:
         self.addr = addr
         self.key_id = addr if transport == "udp" else ("conn", addr)
         self.transport = transport
-        self.username = f"{int(T0) + 3600 if expiry is None else expiry}:{user}"
-        self.password = password or rest_password(secret, self.username)
-        self.key = stun.long_term_key(self.username, REALM, self.password)
-        self.nonce: bytes | None = None
+        username = f"{int(T0) + 3600 if expiry is None else expiry}:{user}"
+        self.creds = ClientCredentials(username, REALM, stun.long_term_key(
+            username, REALM, password or rest_password(secret, username)))
         self.fingerprint = fingerprint
         self.now = T0
 
@@ -97,28 +96,29 @@ class CoreClient:
         return self.core.handle_stun(data, self.key_id, self.addr, self.transport, self.now)
 
     def build(self, method: int, attrs=(), tid: bytes | None = None, auth: bool = True) -> bytes:
-        tid = tid or os.urandom(12)
-        b = stun.Builder(method, stun.REQUEST, tid)
-        for atype, value in attrs:
-            b.add(atype, value(tid) if callable(value) else value)
-        key = None
-        if auth and self.nonce is not None:
-            b.add(stun.USERNAME, self.username.encode())
-            b.add(stun.REALM, REALM.encode())
-            b.add(stun.NONCE, self.nonce)
-            key = self.key
-        return b.encode(key, self.fingerprint)
+        if not auth:
+            return ClientCredentials("", REALM, b"").build(method, attrs, tid, self.fingerprint)
+        return self.creds.build(method, attrs, tid, self.fingerprint)
 
     def send(self, method: int, attrs=(), tid: bytes | None = None) -> stun.Message:
         """A request with credentials, fetching a nonce first when needed."""
         for _ in range(3):
             reply = stun.parse(self.raw(self.build(method, attrs, tid)))
-            if reply.cls == stun.ERROR and error_code(reply) in (401, 438) and \
-                    (self.nonce is None or error_code(reply) == 438):
-                self.nonce = reply.get(stun.NONCE)
-                continue
-            return reply
+            if not self.creds.should_retry(reply):
+                return reply
         return reply
+
+    @property
+    def key(self) -> bytes:
+        return self.creds.key
+
+    @property
+    def nonce(self) -> bytes | None:
+        return self.creds.nonce
+
+    @nonce.setter
+    def nonce(self, value: bytes | None) -> None:
+        self.creds.nonce = value
 
     def allocate(self, *extra) -> stun.Message:
         return self.send(stun.ALLOCATE, [(stun.REQUESTED_TRANSPORT, b"\x11\x00\x00\x00"), *extra])
