@@ -349,3 +349,47 @@ async def test_tls_listener_relays_channel_data(tmp_path):
         peer.close()
     finally:
         await node.stop()
+
+
+async def test_stream_without_allocation_is_closed_when_idle(node):
+    from turn.tcp import UNALLOCATED_IDLE_S, close_idle_unallocated
+
+    idle = await open_client(node, "tcp")
+    busy = await open_client(node, "tcp")
+    await busy.allocate()
+    for _ in range(100):
+        if len(node.connections) == 2:
+            break
+        await asyncio.sleep(0.01)
+    later = node.clock_ref.now + UNALLOCATED_IDLE_S + 1
+    assert close_idle_unallocated(node.connections, node.core, later) == 1
+    loop = asyncio.get_running_loop()
+    assert await asyncio.wait_for(loop.sock_recv(idle.sock, 10), 2) == b""
+    assert len(node.core.table) == 1
+    idle.sock.close()
+    busy.sock.close()
+
+
+async def test_dual_stack_listener_reports_ipv4_clients_as_ipv4():
+    port = free_port()
+    settings = NodeSettings(
+        relay=RelaySettings(realm=REALM), udp=Endpoint("::", port), tcp=None, tls=None,
+        relay_ips={stun.FAMILY_IPV4: "127.0.0.1"}, relay_ports=(54000, 54999),
+        nonce_lifetime_s=600, reuse_port=False)
+    n = RelayNode(settings, (SECRET,), os.urandom(32), AllowAll(), clock=Clock())
+    await n.start()
+    try:
+        loop = asyncio.get_running_loop()
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.setblocking(False)
+        await loop.sock_connect(sock, ("127.0.0.1", port))
+        tid = os.urandom(12)
+        sock.send(stun.Builder(stun.BINDING, stun.REQUEST, tid).encode())
+        reply = stun.parse(await asyncio.wait_for(loop.sock_recv(sock, 2048), 2))
+        mapped = stun.xor_address(reply.get(stun.XOR_MAPPED_ADDRESS), tid)
+        assert mapped == sock.getsockname()
+        client = RawClient(sock, stream=False)
+        assert (await client.allocate())[0] == "127.0.0.1"
+        sock.close()
+    finally:
+        await n.stop()

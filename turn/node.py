@@ -15,12 +15,13 @@ from dataclasses import dataclass
 
 from .auth import NonceBook, RestVerifier
 from .core import RelaySettings, TurnCore
-from .tcp import StreamConnection
+from .tcp import StreamConnection, close_idle_unallocated
 from .udp import UdpListener, UdpRelayOpener, open_udp_listener
 
 log = logging.getLogger("turn")
 
 TIMER_MAX_WAIT_S = 1.0
+IDLE_CHECK_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -88,12 +89,18 @@ class RelayNode:
 
     async def _run_timer(self) -> None:
         core = self.core
+        next_idle_check = self.clock() + IDLE_CHECK_S
         while True:
             now = self.clock()
             when = core.get_timer()
             wait = TIMER_MAX_WAIT_S if when is None else min(max(when - now, 0.0), TIMER_MAX_WAIT_S)
             await asyncio.sleep(wait)
-            core.handle_timer(self.clock())
+            now = self.clock()
+            core.handle_timer(now)
+            if now >= next_idle_check:
+                core.counters["idle_connections_closed"] += close_idle_unallocated(
+                    self.connections, core, now)
+                next_idle_check = now + IDLE_CHECK_S
 
     def set_secrets(self, secrets: tuple[bytes, ...]) -> None:
         self.verifier.set_secrets(secrets)

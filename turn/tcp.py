@@ -17,6 +17,9 @@ from .stun import plain_address
 
 STUN_HEADER = 20
 MAX_BUFFERED = 4 * 65536
+# A connection that has not allocated by then is closed: holding sockets open
+# without credentials must not be a way to exhaust the relay's descriptors.
+UNALLOCATED_IDLE_S = 60.0
 
 
 class StreamConnection(asyncio.Protocol):
@@ -28,6 +31,7 @@ class StreamConnection(asyncio.Protocol):
         self.clock = clock
         self.transport: asyncio.Transport | None = None
         self.peer = ("", 0)
+        self.opened_at = clock()
         self._buf = bytearray()
 
     # --------------------------------------------------------- asyncio
@@ -110,3 +114,12 @@ class StreamConnection(asyncio.Protocol):
     def close(self) -> None:
         if self.transport is not None:
             self.transport.close()
+
+
+def close_idle_unallocated(connections: set, core: TurnCore, now: float) -> int:
+    """Close connections that never allocated within UNALLOCATED_IDLE_S; returns how many."""
+    idle = [c for c in connections
+            if now - c.opened_at > UNALLOCATED_IDLE_S and core.table.get(c) is None]
+    for conn in idle:
+        conn.close()
+    return len(idle)
