@@ -1,5 +1,8 @@
+"""`python -m appliance`: the same as the `appliance` console script."""
+
 import sys
 
 from .cli import main
 
-sys.exit(main())
+if __name__ == "__main__":
+    sys.exit(main())

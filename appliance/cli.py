@@ -1,26 +1,29 @@
-"""The `appliance` command line."""
+"""The `appliance` command line.
+
+Exit codes: 0 success; 1 a runtime failure (nothing answered, a file could not
+be written); 2 a configuration, secret-ring or usage error, with the key's
+path or the file's name on stderr.  No command prints a secret value.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import socket
 import sys
 import time
 from pathlib import Path
 
-from turn import stun
-from turn.auth import rest_password, rest_username
+from turn.auth import make_credential
 
 from .config import AppConfig, ConfigError, load_config
-from .secret_ring import SecretRingError, ensure_ring, load_ring
+from .secret_ring import Secret, SecretRing, SecretRingError, ensure_ring, load_ring
 
-CONFIG_ENV = "APPLIANCE_CONFIG"
+CONFIG_ENV = "APPLIANCE_CONFIG"     # the container's mounted file, used when --config is absent
 
 
 def _config_path(arg: str | None) -> str | None:
-    """--config, else $APPLIANCE_CONFIG when that file exists (the container's volume)."""
+    """--config, else $APPLIANCE_CONFIG when that file exists, else None (the defaults)."""
     if arg:
         return arg
     env = os.environ.get(CONFIG_ENV)
@@ -31,61 +34,102 @@ def _load(arg: str | None) -> AppConfig:
     return load_config(_config_path(arg))
 
 
+def _duration(seconds: float) -> str:
+    """3725 -> "1h2m": the two largest units, which is what an operator reads."""
+    seconds = int(max(0, seconds))
+    parts = [(seconds // 86400, "d"), (seconds % 86400 // 3600, "h"),
+             (seconds % 3600 // 60, "m"), (seconds % 60, "s")]
+    shown = [f"{n}{unit}" for n, unit in parts if n][:2]
+    return "".join(shown) or "0s"
+
+
+# ------------------------------------------------------------------ commands
+
 def cmd_check_config(args) -> int:
     config = load_config(args.file)
     t = config.turn
+    relay = ", ".join(f"{ip} (advertised as {ext})" if ext else ip
+                      for ip, ext in ((t.relay_ip, config.external_ip),
+                                      (t.relay_ip6, config.external_ip6)) if ip)
+    tls_files = f"{t.tls_cert}, {t.tls_key}" if t.tls_cert else \
+        f"development certificate under {config.data_dir / 'certs'}"
     print(f"ok: {args.file}")
-    print(f"  turn: udp={t.udp} tcp={t.tcp} tls={t.tls} relay={t.relay_ip},{t.relay_ip6} "
-          f"ports={t.relay_ports[0]}-{t.relay_ports[1]} workers={t.workers}")
-    print(f"  realm={config.realm} data_dir={config.data_dir} secrets={config.secrets_path()}")
+    print(f"  listeners:   udp {t.udp or 'off'}, tcp {t.tcp or 'off'}, tls {t.tls or 'off'}")
+    if t.tls:
+        print(f"  tls files:   {tls_files}")
+    print(f"  relay:       {relay or 'off'}; ports {t.relay_ports[0]}-{t.relay_ports[1]}; "
+          f"{t.workers} worker(s)")
+    print(f"  realm:       {config.realm}")
+    print(f"  secrets:     {config.secrets_path()}")
     return 0
 
 
 def cmd_serve(args) -> int:
-    config = _load(args.config)
+    path = _config_path(args.config)
+    config = load_config(path)
+    print(f"configuration: {path or 'built-in defaults'}", file=sys.stderr)
     ring, created = ensure_ring(config.secrets_path(), time.time())
     print(f"secret ring: {config.secrets_path()} ({'created' if created else 'loaded'}, "
-          f"{len(ring.secrets)} secret(s))", file=sys.stderr)
+          f"current {ring.current().id})", file=sys.stderr)
     cert, key = config.turn.tls_cert, config.turn.tls_key
-    if config.turn.tls is not None and cert is None:
-        from .devcert import ensure_dev_certificate
-        cert, key, made = ensure_dev_certificate(config.data_dir / "certs")
-        print(f"development TLS certificate: {cert} ({'created' if made else 'reused'}); "
-              "set turn.tls_cert/tls_key for production", file=sys.stderr)
-    from .server import run
+    if config.turn.tls is not None:
+        if cert is None:
+            from .devcert import ensure_dev_certificate
+            cert, key, made = ensure_dev_certificate(config.data_dir / "certs")
+            print(f"TLS: development certificate {cert} ({'created' if made else 'reused'}); "
+                  "set turn.tls_cert/tls_key for production", file=sys.stderr)
+        else:
+            print(f"TLS: {cert}, {key}", file=sys.stderr)
+    from .server import run       # lazily: the other commands work without the relay's imports
     return run(config, cert, key)
 
 
 def cmd_credentials(args) -> int:
     config = _load(args.config)
+    if not config.secrets_path().exists():
+        raise SecretRingError(f"{config.secrets_path()} does not exist yet; "
+                              "`appliance serve` creates it on first start")
     ring = load_ring(config.secrets_path())
-    ttl = args.ttl or config.credentials.ttl_s
-    username = rest_username(args.user, time.time(), ttl)
-    print(json.dumps({"username": username,
-                      "credential": rest_password(ring.current().value.encode(), username),
-                      "ttl": ttl}))
+    ttl = args.ttl if args.ttl is not None else config.credentials.ttl_s
+    username, credential = make_credential(ring.current().value.encode(), args.user,
+                                           time.time(), ttl)
+    print(json.dumps({"username": username, "credential": credential, "ttl": ttl}))
     return 0
+
+
+def _secret_state(s: Secret, ring: SecretRing, now: float, grace_s: int) -> str:
+    if s is ring.current():
+        return "current"
+    if s.retired is None:
+        return "previous (accepted until retired)"
+    left = s.retired + grace_s - now
+    since = f"retired {_duration(now - s.retired)} ago"
+    return f"{since}, accepted {_duration(left)} more" if left > 0 else f"{since}, no longer accepted"
 
 
 def cmd_secret_list(args) -> int:
     config = _load(args.config)
     ring = load_ring(config.secrets_path())
-    current = ring.current()
     now = time.time()
+    print(f"{config.secrets_path()}:")
     for s in sorted(ring.secrets, key=lambda s: s.created, reverse=True):
-        state = "current" if s is current else ("retired" if s.retired else "previous")
-        print(f"{s.id}  {state:8}  age {int(now - s.created)}s")
+        print(f"  {s.id:12}  created {_duration(now - s.created):>6} ago  "
+              f"{_secret_state(s, ring, now, config.credentials.ttl_s)}")
     return 0
 
 
 def cmd_probe(args) -> int:
     """STUN Binding to the relay's own listener: the container health check."""
-    config = _load(args.config)
-    t = config.turn
+    import socket
+
+    from turn import stun
+
+    t = _load(args.config).turn
     target = t.udp or t.tcp
     if target is None:
         print("probe: no UDP or TCP listener configured", file=sys.stderr)
         return 1
+    # A wildcard listener is reached through loopback from inside the container.
     host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(target.host, target.host)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     tid = os.urandom(12)
@@ -107,33 +151,53 @@ def cmd_probe(args) -> int:
     return 0
 
 
+# ------------------------------------------------------------------ parser
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number of seconds, got {text!r}")
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    return value
+
+
+def _user_id(text: str) -> str:
+    if not text or not text.isprintable():
+        raise argparse.ArgumentTypeError("must be non-empty printable text")
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="appliance", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(prog="appliance", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    config_help = f"YAML configuration (default: ${CONFIG_ENV} if that file exists, else built-in)"
 
     p = sub.add_parser("serve", help="run the appliance")
-    p.add_argument("--config", help="YAML configuration (default: embedded defaults)")
+    p.add_argument("--config", metavar="FILE", help=config_help)
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("check-config", help="validate a configuration file")
-    p.add_argument("file")
+    p = sub.add_parser("check-config", help="validate a configuration file and summarise it")
+    p.add_argument("file", metavar="FILE")
     p.set_defaults(func=cmd_check_config)
 
-    p = sub.add_parser("credentials", help="print TURN REST credentials for a user")
-    p.add_argument("--user", required=True)
-    p.add_argument("--ttl", type=int, help="seconds (default credentials.ttl_s)")
-    p.add_argument("--config")
+    p = sub.add_parser("credentials", help="print TURN REST credentials for a user (JSON)")
+    p.add_argument("--user", required=True, type=_user_id, metavar="ID")
+    p.add_argument("--ttl", type=_positive_int, metavar="S",
+                   help="lifetime in seconds (default: credentials.ttl_s)")
+    p.add_argument("--config", metavar="FILE", help=config_help)
     p.set_defaults(func=cmd_credentials)
 
     p = sub.add_parser("secret", help="the shared-secret ring")
-    secret_sub = p.add_subparsers(dest="secret_command", required=True)
+    secret_sub = p.add_subparsers(dest="secret_command", required=True, metavar="ACTION")
     q = secret_sub.add_parser("list", help="ids, ages and states (never the secrets)")
-    q.add_argument("--config")
+    q.add_argument("--config", metavar="FILE", help=config_help)
     q.set_defaults(func=cmd_secret_list)
 
     p = sub.add_parser("probe", help="STUN Binding to the configured listener (health check)")
-    p.add_argument("--config")
-    p.add_argument("--timeout", type=float, default=2.0)
+    p.add_argument("--config", metavar="FILE", help=config_help)
+    p.add_argument("--timeout", type=float, default=2.0, metavar="S")
     p.set_defaults(func=cmd_probe)
     return parser
 
@@ -149,5 +213,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: secret ring: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"error: {exc.strerror or exc}{where}", file=sys.stderr)
         return 1

@@ -1,9 +1,16 @@
-"""Typed, strict configuration: YAML file + APPLIANCE__SECTION__KEY overrides.
+"""Typed, strict configuration: one YAML file plus APPLIANCE__SECTION__KEY overrides.
 
-Each section is a frozen dataclass; each field's type hint says how its YAML
-value is read and each field's `check` metadata says what makes it valid.
+Each section is a frozen dataclass.  A field's type hint says how its YAML
+value is read; its `opt(...)` metadata carries the documentation, the
+validator (`check`, or `item_check` for each element of a list) and an
+optional text parser.  Adding a section (http, auth, ...) means declaring a
+dataclass and a field of that type on `AppConfig`; the loader needs no change.
+
 Anything wrong stops the start with the key's dotted path and the reason, so
-an operator fixes the right line the first time.
+an operator fixes the right line the first time.  Omitting a key and writing
+its default are the same thing: relative paths, defaults included, resolve
+against the configuration file's directory (the working directory when there
+is no file; environment values always against the working directory).
 """
 
 from __future__ import annotations
@@ -15,14 +22,19 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import yaml
+
+from .config_checks import (at_least, attribute_text, between, ip_of, network,
+                            network_or_recommended, one_of, port_range)
 
 ENV_PREFIX = "APPLIANCE__"
 
 
 class ConfigError(Exception):
+    """A configuration problem: `key` is the dotted path (or env variable), `reason` says what is wrong."""
+
     def __init__(self, key: str, reason: str) -> None:
         super().__init__(f"{key}: {reason}")
         self.key = key
@@ -31,7 +43,7 @@ class ConfigError(Exception):
 
 @dataclass(frozen=True)
 class HostPort:
-    """A listener address: a literal IP (no hostnames: binding must not depend on DNS) and a port."""
+    """A listener address: a literal IP (binding must not depend on DNS) and a port."""
 
     host: str
     port: int
@@ -41,92 +53,39 @@ class HostPort:
 
     @classmethod
     def parse(cls, text: str) -> "HostPort":
+        """Read "1.2.3.4:3478" or "[2001:db8::1]:3478"; ValueError says what is wrong."""
         host, sep, port = text.rpartition(":")
         if not sep or not host:
             raise ValueError(f"expected host:port, got {text!r}")
-        if host.startswith("["):
-            if not host.endswith("]"):
-                raise ValueError(f"unbalanced brackets in {text!r}")
+        bracketed = host.startswith("[") and host.endswith("]")
+        if bracketed:
             host = host[1:-1]
+        elif "[" in host or "]" in host:
+            raise ValueError(f"expected host:port or [addr]:port, got {text!r}")
         elif ":" in host:
             raise ValueError(f"write an IPv6 listener as [addr]:port, got {text!r}")
         try:
-            ipaddress.ip_address(host)
+            addr = ipaddress.ip_address(host)
         except ValueError:
-            raise ValueError(f"{host!r} is not an IP address") from None
-        if not port.isdigit() or not 1 <= int(port) <= 65535:
+            raise ValueError(f"{host!r} is not an IP address (hostnames are not allowed)") from None
+        if bracketed and addr.version == 4:
+            raise ValueError(f"brackets are for IPv6 addresses only, got {text!r}")
+        if not (port.isascii() and port.isdigit()) or not 1 <= int(port) <= 65535:
             raise ValueError(f"port {port!r} is not in 1-65535")
         return cls(host, int(port))
 
 
-# ------------------------------------------------------------------ validators
-
-def at_least(low: int) -> Callable[[Any], str | None]:
-    return lambda v: None if v >= low else f"must be at least {low}, got {v}"
-
-
-def between(low: int, high: int) -> Callable[[Any], str | None]:
-    return lambda v: None if low <= v <= high else f"must be in {low}-{high}, got {v}"
-
-
-def ip_of(version: int, allow_unspecified: bool = True) -> Callable[[Any], str | None]:
-    def check(value: str) -> str | None:
-        try:
-            addr = ipaddress.ip_address(value)
-        except ValueError:
-            return f"{value!r} is not an IP address"
-        if addr.version != version:
-            return f"{value!r} is not an IPv{version} address"
-        if addr.is_unspecified and not allow_unspecified:
-            return f"{value!r} is unspecified; give a concrete address"
-        return None
-    return check
-
-
-def networks(values: tuple[str, ...], allow_recommended: bool = False) -> str | None:
-    for value in values:
-        if allow_recommended and value == "recommended":
-            continue
-        try:
-            ipaddress.ip_network(value, strict=False)
-        except ValueError:
-            return f"{value!r} is not an IP address or CIDR range"
-    return None
-
-
-def port_range(value: str) -> tuple[int, int]:
-    low, sep, high = str(value).partition("-")
-    if not sep or not low.strip().isdigit() or not high.strip().isdigit():
-        raise ValueError(f"expected \"low-high\", got {value!r}")
-    lo, hi = int(low), int(high)
-    for p in (lo, hi):
-        if not 1 <= p <= 65535:
-            raise ValueError(f"port {p} is out of range 1-65535")
-    if lo > hi:
-        raise ValueError(f"low port {lo} is above high port {hi}")
-    return lo, hi
-
-
-def one_of(*choices: str) -> Callable[[Any], str | None]:
-    return lambda v: None if v in choices else f"must be one of {', '.join(choices)}, got {v!r}"
-
-
-def realm_text(value: str) -> str | None:
-    if not value or any(c in value for c in '"\\') or not value.isprintable():
-        return "must be non-empty printable text without quotes or backslashes"
-    return None
-
-
-def opt(default, doc: str, check=None, parse=None):
-    """A field with its documentation, validator and (optional) text parser."""
-    return field(default=default, metadata={"doc": doc, "check": check, "parse": parse})
+def opt(default, doc: str, check=None, parse=None, item_check=None):
+    """A field with its documentation, validator and (optional) parser from YAML."""
+    return field(default=default, metadata={"doc": doc, "check": check, "parse": parse,
+                                            "item_check": item_check})
 
 
 # ------------------------------------------------------------------ schema
 
 @dataclass(frozen=True)
 class TurnConfig:
-    """The embedded STUN/TURN relay."""
+    """The embedded STUN/TURN relay: listeners, relay addresses, peer policy, limits."""
 
     udp: HostPort | None = opt(HostPort("127.0.0.1", 3478), "UDP listener; null disables")
     tcp: HostPort | None = opt(HostPort("127.0.0.1", 3478), "TCP listener; null disables")
@@ -136,16 +95,18 @@ class TurnConfig:
     relay_ip: str | None = opt("127.0.0.1", "IPv4 address relay sockets bind", ip_of(4))
     relay_ip6: str | None = opt("::1", "IPv6 address relay sockets bind", ip_of(6))
     relay_ports: tuple[int, int] = opt((49152, 65535), "relay port range", parse=port_range)
-    allow_peers: tuple[str, ...] = opt((), "peer ranges allowed despite deny_peers", networks)
+    allow_peers: tuple[str, ...] = opt((), "peer ranges allowed despite deny_peers",
+                                       item_check=network)
     deny_peers: tuple[str, ...] = opt(("recommended",), "peer ranges refused (403)",
-                                      lambda v: networks(v, allow_recommended=True))
+                                      item_check=network_or_recommended)
     user_quota: int = opt(10, "allocations per user id; 0 = unlimited", at_least(0))
     total_quota: int = opt(10000, "allocations per relay process; 0 = unlimited", at_least(0))
     max_lifetime_s: int = opt(3600, "longest allocation lifetime", at_least(600))
     max_permissions: int = opt(64, "permissions per allocation", at_least(1))
     max_channels: int = opt(64, "channel bindings per allocation", at_least(1))
     nonce_lifetime_s: int = opt(600, "how long a nonce stays fresh", at_least(30))
-    software: str | None = opt(None, "SOFTWARE attribute text; null sends none")
+    software: str | None = opt(None, "SOFTWARE attribute text; null sends none",
+                               attribute_text(allow_quotes=True))
     workers: int = opt(1, "relay processes sharing the ports", between(1, 64))
 
 
@@ -161,7 +122,7 @@ class CredentialsConfig:
 class AppConfig:
     """The whole appliance."""
 
-    realm: str = opt("appliance.local", "STUN realm", realm_text)
+    realm: str = opt("appliance.local", "STUN realm", attribute_text(allow_quotes=False))
     data_dir: Path = opt(Path("data"), "generated secrets and certificates")
     external_ip: str | None = opt(None, "public IPv4 advertised for relays", ip_of(4, False))
     external_ip6: str | None = opt(None, "public IPv6 advertised for relays", ip_of(6, False))
@@ -170,70 +131,112 @@ class AppConfig:
     credentials: CredentialsConfig = field(default_factory=CredentialsConfig)
 
     def secrets_path(self) -> Path:
+        """Where the secret ring lives: credentials.secrets_file or data_dir/secrets.json."""
         return self.credentials.secrets_file or self.data_dir / "secrets.json"
 
 
-# ------------------------------------------------------------------ loading
+# ------------------------------------------------------------------ reading values
 
-def _hints(cls) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
+TEXT_TYPES = (str, Path, HostPort)     # read from the environment as raw text when YAML disagrees
 
 
-def _convert(hint, value, key: str, base: Path, parse):
+def _is_section(hint) -> bool:
+    """A nested mapping of options (HostPort is a dataclass too, but written as one string)."""
+    return dataclasses.is_dataclass(hint) and hint not in TEXT_TYPES
+
+
+@dataclass(frozen=True)
+class _EnvValue:
+    """An override as written in the environment, read once its field's type is known."""
+
+    var: str
+    raw: str
+
+
+def _optional_of(hint):
+    """T for `T | None`, else the hint itself."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return next(a for a in typing.get_args(hint) if a is not type(None))
+    return hint
+
+
+def _read_env(value: _EnvValue, hint, key: str):
+    """YAML reading of an override, except that text fields keep the raw text when YAML
+    makes something else of it ("::" is a mapping, "1:30" a number, "[::1]:3478" an error)."""
+    text_field = _optional_of(hint) in TEXT_TYPES
+    try:
+        parsed = yaml.safe_load(value.raw)
+    except yaml.YAMLError as exc:
+        if text_field:
+            return value.raw
+        problem = str(exc).splitlines()[0]
+        raise ConfigError(key, f"not a YAML value ({problem}); quote IPv6 items, e.g. ['::1']") \
+            from None
+    if text_field and parsed is not None and not isinstance(parsed, str):
+        return value.raw
+    return parsed
+
+
+def _convert(hint, value, key: str, base: Path, meta: Mapping[str, Any]):
     """Read one YAML value as `hint`; ConfigError names `key` on failure."""
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
+    if isinstance(value, _EnvValue):
+        value, base = _read_env(value, hint, key), Path.cwd()
+    if value is None:
+        if _optional_of(hint) is not hint:
             return None
-        hint = next(a for a in args if a is not type(None))
-        if value is None:
-            raise ConfigError(key, "may not be null")
-        return _convert(hint, value, key, base, parse)
-    if parse is not None:
+        if _is_section(hint):
+            return _build(hint, {}, key, base)    # "turn:" with every line commented out
+        raise ConfigError(key, "may not be null")
+    hint = _optional_of(hint)
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if meta.get("parse") is not None:
         try:
-            return parse(value)
+            return meta["parse"](value)
         except ValueError as exc:
             raise ConfigError(key, str(exc)) from None
+    if _is_section(hint):
+        return _build(hint, value, key, base)
+    if origin is tuple:
+        if not isinstance(value, list):
+            raise ConfigError(key, f"expected a list, got {value!r}")
+        return tuple(_convert(args[0], v, f"{key}[{i}]", base, {}) for i, v in enumerate(value))
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(key, f"expected an integer, got {value!r}")
+        return value
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(key, f"expected true or false, got {value!r}")
+        return value
+    if hint in TEXT_TYPES and not isinstance(value, str):
+        # YAML reads unquoted 1:30 as a number and :: as a mapping: say how to fix it.
+        raise ConfigError(key, f"expected text, got {value!r}; quote the value")
+    if hint is str:
+        return value
     if hint is HostPort:
-        if not isinstance(value, str):
-            raise ConfigError(key, f"expected host:port, got {value!r}")
         try:
             return HostPort.parse(value)
         except ValueError as exc:
             raise ConfigError(key, str(exc)) from None
     if hint is Path:
-        if not isinstance(value, str) or not value:
-            raise ConfigError(key, f"expected a path, got {value!r}")
+        if not value:
+            raise ConfigError(key, "expected a path, got an empty string")
         path = Path(value).expanduser()
         return path if path.is_absolute() else base / path
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(key, f"expected true or false, got {value!r}")
-        return value
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(key, f"expected an integer, got {value!r}")
-        return value
-    if hint is str:
-        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-            raise ConfigError(key, f"expected text, got {value!r}")
-        return str(value)
-    if origin is tuple:
-        if not isinstance(value, list):
-            raise ConfigError(key, f"expected a list, got {value!r}")
-        return tuple(_convert(args[0], v, f"{key}[{i}]", base, None) for i, v in enumerate(value))
-    if dataclasses.is_dataclass(hint):
-        return _build(hint, value, key, base)
-    raise ConfigError(key, f"unsupported type {hint!r}")   # a schema bug, not user input
+    raise TypeError(f"{key}: unsupported type {hint!r} in the schema")
+
+
+def _check(check, value, key: str) -> None:
+    problem = check(value) if check is not None else None
+    if problem:
+        raise ConfigError(key, problem)
 
 
 def _build(cls, data, prefix: str, base: Path):
-    if data is None:
-        data = {}
+    """Build section `cls` from a mapping, filling defaults and running validators."""
     if not isinstance(data, dict):
         raise ConfigError(prefix or "(top level)", f"expected a mapping, got {data!r}")
-    hints = _hints(cls)
+    hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for name in data:
         if name not in fields:
@@ -242,103 +245,155 @@ def _build(cls, data, prefix: str, base: Path):
     for name, f in fields.items():
         key = f"{prefix}.{name}" if prefix else name
         if name in data:
-            value = _convert(hints[name], data[name], key, base, f.metadata.get("parse"))
-        elif dataclasses.is_dataclass(hints[name]):
+            value = _convert(hints[name], data[name], key, base, f.metadata)
+        elif _is_section(hints[name]):
             value = _build(hints[name], {}, key, base)
+        elif isinstance(f.default, Path) and not f.default.is_absolute():
+            value = base / f.default      # omitting a path means the same as writing its default
         else:
             continue
-        check = f.metadata.get("check")
-        if check is not None and value is not None:
-            problem = check(value)
-            if problem:
-                raise ConfigError(key, problem)
+        if value is not None:
+            _check(f.metadata.get("check"), value, key)
+            for i, item in enumerate(value if f.metadata.get("item_check") else ()):
+                _check(f.metadata["item_check"], item, f"{key}[{i}]")
         values[name] = value
     return cls(**values)
 
 
-def _apply_env(data: dict, environ: Mapping[str, str]) -> None:
+# ------------------------------------------------------------------ sources
+
+def _apply_env(data: dict, environ: Mapping[str, str]) -> dict[str, str]:
+    """Put APPLIANCE__* overrides into `data`; return {dotted key: variable} for error messages."""
+    origins = {}
     for var, raw in sorted(environ.items()):
         if not var.upper().startswith(ENV_PREFIX):
             continue
         path = [p.lower() for p in var[len(ENV_PREFIX):].split("__")]
         if not all(path):
-            raise ConfigError(var, "malformed override name")
+            raise ConfigError(var, "malformed override name; use APPLIANCE__SECTION__KEY")
         cls, node = AppConfig, data
         for i, part in enumerate(path):
-            names = {f.name: f for f in dataclasses.fields(cls)}
+            dotted = ".".join(path[:i + 1])
+            names = {f.name for f in dataclasses.fields(cls)}
             if part not in names:
-                raise ConfigError(var, f"unknown key {'.'.join(path[:i + 1])}")
-            hint = _hints(cls)[part]
+                raise ConfigError(var, f"unknown key {dotted}")
             if i == len(path) - 1:
-                try:
-                    node[part] = yaml.safe_load(raw) if raw != "" else None
-                except yaml.YAMLError as exc:
-                    raise ConfigError(var, f"unreadable value: {exc}") from None
-            else:
-                if not dataclasses.is_dataclass(hint):
-                    raise ConfigError(var, f"{'.'.join(path[:i + 1])} is not a section")
-                child = node.get(part)
-                if not isinstance(child, dict):
-                    child = node[part] = {}
-                cls, node = hint, child
+                node[part] = _EnvValue(var, raw)
+                origins[dotted] = var
+                break
+            hint = typing.get_type_hints(cls)[part]
+            if not _is_section(hint):
+                raise ConfigError(var, f"{dotted} is not a section")
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            elif isinstance(child, _EnvValue):
+                raise ConfigError(var, f"conflicts with {child.var}, which sets all of {dotted}")
+            elif not isinstance(child, dict):
+                raise ConfigError(dotted, f"expected a mapping, got {child!r}")
+            cls, node = hint, child
+    return origins
+
+
+def _reject_duplicate_keys(node: yaml.Node | None, prefix: str = "") -> None:
+    """yaml.safe_load keeps the last of two equal keys; a strict loader refuses them."""
+    if isinstance(node, yaml.MappingNode):
+        seen: dict[Any, int] = {}
+        for key_node, value_node in node.value:
+            name = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
+            dotted = f"{prefix}.{name}" if prefix else str(name)
+            line = key_node.start_mark.line + 1
+            if name is not None and name in seen:
+                raise ConfigError(dotted, f"duplicate key (lines {seen[name]} and {line})")
+            seen[name] = line
+            _reject_duplicate_keys(value_node, dotted)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _reject_duplicate_keys(item, f"{prefix}[{i}]")
+
+
+def _read_file(file: Path) -> Any:
+    try:
+        text = file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        raise ConfigError("(file)", f"cannot read {file}: {reason}") from None
+    try:
+        _reject_duplicate_keys(yaml.compose(text, Loader=yaml.SafeLoader))
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError("(file)", f"{file} is not valid YAML: {exc}") from None
 
 
 def _cross_checks(config: AppConfig) -> None:
+    """Rules that involve more than one key."""
     t = config.turn
     if (t.tls_cert is None) != (t.tls_key is None):
         raise ConfigError("turn.tls_key" if t.tls_key is None else "turn.tls_cert",
-                          "tls_cert and tls_key go together")
+                          "tls_cert and tls_key go together: give both or neither")
     for name in ("tls_cert", "tls_key"):
         path = getattr(t, name)
-        if path is not None and t.tls is not None and not os.access(path, os.R_OK):
-            raise ConfigError(f"turn.{name}", f"{path} does not exist or is not readable")
-    listeners = [t.udp, t.tcp, t.tls]
-    if any(listeners) and not (t.relay_ip or t.relay_ip6):
-        raise ConfigError("turn.relay_ip", "a relay listener is enabled but no relay address is set")
-    for key, ip, external in (("turn.relay_ip", t.relay_ip, config.external_ip),
-                              ("turn.relay_ip6", t.relay_ip6, config.external_ip6)):
+        if path is None:
+            continue
+        if not path.exists():
+            raise ConfigError(f"turn.{name}", f"{path} does not exist")
+        if not path.is_file() or not os.access(path, os.R_OK):
+            raise ConfigError(f"turn.{name}", f"{path} is not a readable file")
+    if any((t.udp, t.tcp, t.tls)) and not (t.relay_ip or t.relay_ip6):
+        raise ConfigError("turn.relay_ip", "a TURN listener is enabled but neither relay_ip "
+                                           "nor relay_ip6 is set")
+    for family, ip, external in (("", t.relay_ip, config.external_ip),
+                                 ("6", t.relay_ip6, config.external_ip6)):
         if ip and ipaddress.ip_address(ip).is_unspecified and not external:
-            raise ConfigError(key, f"{ip} binds every interface, so set "
-                              f"{'external_ip' if '.' in ip else 'external_ip6'} to the address "
-                              "clients reach")
+            raise ConfigError(f"turn.relay_ip{family}",
+                              f"{ip} binds every interface, so set external_ip{family} to the "
+                              "address clients reach")
+        if external and not ip:
+            raise ConfigError(f"external_ip{family}",
+                              f"is set but turn.relay_ip{family} is null (no relaying to advertise)")
     if t.tcp and t.tls and (t.tcp.host, t.tcp.port) == (t.tls.host, t.tls.port):
         raise ConfigError("turn.tls", f"same address as turn.tcp ({t.tcp})")
 
 
 def load_config(path: str | os.PathLike | None = None,
                 environ: Mapping[str, str] | None = None) -> AppConfig:
-    """Load and validate; raise ConfigError naming the offending key."""
+    """Load `path` (or the defaults) with APPLIANCE__* overrides from `environ` (os.environ).
+
+    Raises ConfigError naming the offending key; when an environment variable
+    set that key, the reason says so.
+    """
     environ = os.environ if environ is None else environ
     data: Any = {}
     base = Path.cwd()
     if path is not None:
         file = Path(path)
-        try:
-            text = file.read_text()
-        except OSError as exc:
-            raise ConfigError("(file)", f"cannot read {file}: {exc.strerror}") from None
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            raise ConfigError("(file)", f"{file} is not valid YAML: {exc}") from None
+        data = _read_file(file)
         data = {} if data is None else data
         if not isinstance(data, dict):
-            raise ConfigError("(top level)", "the file must hold a mapping of keys")
+            raise ConfigError("(top level)", f"{file} must hold a mapping of keys, "
+                                             f"not {type(data).__name__}")
         base = file.resolve().parent
-    _apply_env(data, environ)
-    config = _build(AppConfig, data, "", base)
-    _cross_checks(config)
+    origins = _apply_env(data, environ)
+    try:
+        config = _build(AppConfig, data, "", base)
+        _cross_checks(config)
+    except ConfigError as exc:
+        var = next((v for k, v in origins.items()
+                    if exc.key == k or exc.key.startswith((k + ".", k + "["))), None)
+        if var is None:
+            raise
+        raise ConfigError(exc.key, f"{exc.reason} (set by {var})") from None
     return config
 
 
 def describe(cls=AppConfig, prefix: str = "") -> list[tuple[str, Any, str]]:
-    """(dotted key, default, doc) for every option: the source of `config/appliance.yaml`'s comments."""
+    """(dotted key, default, doc) for every option, in declaration order."""
     rows = []
+    hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         key = f"{prefix}.{f.name}" if prefix else f.name
-        hint = _hints(cls)[f.name]
-        if dataclasses.is_dataclass(hint):
-            rows.extend(describe(hint, key))
+        if _is_section(hints[f.name]):
+            rows.extend(describe(hints[f.name], key))
         else:
             rows.append((key, f.default, f.metadata.get("doc", "")))
     return rows

@@ -1,12 +1,15 @@
 """The TURN REST shared-secret ring, kept in one JSON file.
 
-The current secret signs new credentials; retired secrets stay accepted for
-a grace period so credentials already handed out keep working across a
-rotation.  The file is written atomically (temp file, fsync, rename) with mode
-0600, so a reader in any process sees either the old ring or the new one.
+The current secret signs new credentials; retired secrets stay accepted for a
+grace period so credentials already handed out keep working across a
+rotation.  The file is written atomically (temp file in the same directory,
+fsync, rename) with mode 0600, so a reader in any process sees either the
+old ring or the new one, never half of one.
 
     {"version": 1, "secrets": [{"id": "k-1a2b3c4d", "value": "...",
                                 "created": 1732480000, "retired": null}]}
+
+Secret values never appear in reprs, errors or logs: only ids do.
 """
 
 from __future__ import annotations
@@ -19,105 +22,189 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 FORMAT_VERSION = 1
+MIN_VALUE_CHARS = 16     # token_urlsafe(32) gives 43; anything this short was typed by hand
 
 
 class SecretRingError(Exception):
-    """The ring file is missing, unreadable or malformed (the message names it)."""
+    """The ring file is unreadable or malformed, or the ring has no current secret."""
 
 
 @dataclass(frozen=True)
 class Secret:
+    """One shared secret.  The HMAC key is `value.encode()`; `value` is kept out of repr."""
+
     id: str
-    value: str = field(repr=False)      # never in logs or reprs
+    value: str = field(repr=False)
     created: int
     retired: int | None = None
 
 
 @dataclass(frozen=True)
 class SecretRing:
+    """Every secret the relay may verify with, in file order."""
+
     secrets: tuple[Secret, ...]
 
     def current(self) -> Secret:
+        """The newest non-retired secret: the one new credentials are signed with."""
         live = [s for s in self.secrets if s.retired is None]
         if not live:
-            raise SecretRingError("the ring has no current secret")
+            raise SecretRingError("the ring has no current (non-retired) secret")
         return max(live, key=lambda s: s.created)
 
     def accepted(self, now: float, grace_s: float) -> tuple[bytes, ...]:
-        """Keys to verify with: the current secret first, then retired ones in grace, newest first."""
+        """HMAC keys to verify with: the current secret first, then the others, newest first.
+
+        A retired secret stays while `retired + grace_s > now` (grace is the
+        credential lifetime, so nothing it signed is still valid after that).
+        A non-retired secret older than the current one is not withdrawn yet and
+        stays accepted.
+        """
         current = self.current()
-        retired = sorted((s for s in self.secrets
-                          if s is not current and (s.retired is None or s.retired + grace_s > now)),
-                         key=lambda s: s.created, reverse=True)
-        return tuple(s.value.encode() for s in (current, *retired))
+        others = sorted((s for s in self.secrets if s is not current
+                         and (s.retired is None or s.retired + grace_s > now)),
+                        key=lambda s: s.created, reverse=True)
+        return tuple(s.value.encode() for s in (current, *others))
 
 
 def new_secret(now: float) -> Secret:
+    """A fresh random secret created at `now`."""
     return Secret(id=f"k-{_random.token_hex(4)}", value=_random.token_urlsafe(32), created=int(now))
 
 
-def _parse(path: Path, text: str) -> SecretRing:
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _parse_secret(path: Path, i: int, item) -> Secret:
+    where = f"{path}: secrets[{i}]"
+    if not isinstance(item, dict) or not {"id", "value", "created"} <= item.keys():
+        raise SecretRingError(f"{where} needs id, value and created")
+    unknown = item.keys() - {"id", "value", "created", "retired"}
+    if unknown:
+        raise SecretRingError(f"{where} has unknown fields {sorted(unknown)}")
+    sid, value, created, retired = item["id"], item["value"], item["created"], item.get("retired")
+    if not isinstance(sid, str) or not sid:
+        raise SecretRingError(f"{where}: id must be non-empty text")
+    if not isinstance(value, str) or len(value) < MIN_VALUE_CHARS:
+        raise SecretRingError(f"{where} ({sid}): value is malformed "
+                              f"(text of at least {MIN_VALUE_CHARS} characters)")
+    if not _is_int(created) or not (retired is None or _is_int(retired)):
+        raise SecretRingError(f"{where} ({sid}): created and retired are malformed "
+                              "(unix seconds; retired may be null)")
+    return Secret(sid, value, created, retired)
+
+
+def _parse(path: Path, raw: bytes) -> SecretRing:
     try:
-        doc = json.loads(text)
+        doc = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise SecretRingError(f"{path}: not valid JSON (not UTF-8 text)") from None
     except json.JSONDecodeError as exc:
         raise SecretRingError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
     if not isinstance(doc, dict) or doc.get("version") != FORMAT_VERSION:
-        raise SecretRingError(f"{path}: expected {{\"version\": {FORMAT_VERSION}, \"secrets\": [...]}}")
+        found = doc.get("version") if isinstance(doc, dict) else type(doc).__name__
+        raise SecretRingError(f'{path}: expected {{"version": {FORMAT_VERSION}, "secrets": [...]}}, '
+                              f"found version {found!r}")
     items = doc.get("secrets")
     if not isinstance(items, list) or not items:
-        raise SecretRingError(f"{path}: \"secrets\" must be a non-empty list")
-    ring = []
-    for i, item in enumerate(items):
-        try:
-            sid, value, created, retired = item["id"], item["value"], item["created"], item.get("retired")
-        except (KeyError, TypeError):
-            raise SecretRingError(f"{path}: secrets[{i}] needs id, value and created") from None
-        if not (isinstance(sid, str) and isinstance(value, str) and len(value) >= 16
-                and isinstance(created, int) and (retired is None or isinstance(retired, int))):
-            raise SecretRingError(f"{path}: secrets[{i}] is malformed (value must be at least 16 characters)")
-        ring.append(Secret(sid, value, created, retired))
+        raise SecretRingError(f'{path}: "secrets" must be a non-empty list')
+    ring = tuple(_parse_secret(path, i, item) for i, item in enumerate(items))
+    ids = [s.id for s in ring]
+    duplicate = next((sid for sid in ids if ids.count(sid) > 1), None)
+    if duplicate:
+        raise SecretRingError(f"{path}: secret id {duplicate!r} appears twice")
     if all(s.retired is not None for s in ring):
         raise SecretRingError(f"{path}: every secret is retired; the ring has no current secret")
-    return SecretRing(tuple(ring))
+    return SecretRing(ring)
 
 
 def load_ring(path: str | os.PathLike) -> SecretRing:
+    """Read and validate the ring; SecretRingError names the file and the reason."""
     path = Path(path)
     try:
-        text = path.read_text()
+        raw = path.read_bytes()
     except OSError as exc:
         raise SecretRingError(f"{path}: cannot read ({exc.strerror})") from None
-    return _parse(path, text)
+    return _parse(path, raw)
 
 
-def save_ring(path: str | os.PathLike, ring: SecretRing) -> None:
-    path = Path(path)
+def _write_private(path: Path, ring: SecretRing, replace: bool) -> bool:
+    """Write `ring` to `path` atomically with mode 0600.
+
+    replace=False creates the file only if it does not exist yet (os.link
+    fails rather than overwrite), so two processes starting together agree on
+    one ring.  Returns False when the file already existed.
+    """
+    ring.current()    # refuse to write a file that load_ring would refuse
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     doc = {"version": FORMAT_VERSION,
            "secrets": [{"id": s.id, "value": s.value, "created": s.created, "retired": s.retired}
                        for s in ring.secrets]}
-    fd, tmp = tempfile.mkstemp(prefix=".secrets-", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=".secrets-", suffix=".tmp", dir=path.parent)  # mode 0600
     try:
-        with os.fdopen(fd, "w") as f:
-            os.fchmod(f.fileno(), 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(doc, f, indent=2)
             f.write("\n")
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
+        if replace:
+            os.replace(tmp, path)
+            written = True
+        else:
+            written = _link_if_absent(tmp, path)
+    finally:
         try:
-            os.unlink(tmp)
-        except OSError:
+            os.unlink(tmp)       # still there after os.link or a failure, gone after os.replace
+        except FileNotFoundError:
             pass
-        raise
+    if written:
+        _fsync_directory(path.parent)
+    return written
+
+
+def _link_if_absent(tmp: str, path: Path) -> bool:
+    try:
+        os.link(tmp, path)
+        return True
+    except FileExistsError:
+        return False
+    except OSError:
+        # No hard links on this filesystem (some network mounts): check, then rename.
+        if path.exists():
+            return False
+        os.replace(tmp, path)
+        return True
+
+
+def _fsync_directory(directory: Path) -> None:
+    # The rename is durable only once the directory entry is on disk.
+    try:
+        dfd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(dfd)
+    except OSError:
+        pass      # some filesystems refuse fsync on directories; the rename is still atomic
+    finally:
+        os.close(dfd)
+
+
+def save_ring(path: str | os.PathLike, ring: SecretRing) -> None:
+    """Replace the ring file atomically (0600; parent directory created 0700)."""
+    _write_private(Path(path), ring, replace=True)
 
 
 def ensure_ring(path: str | os.PathLike, now: float) -> tuple[SecretRing, bool]:
-    """Load the ring, or create a one-secret ring if the file does not exist."""
+    """Load the ring, or create a fresh one-secret ring if the file does not exist.
+
+    Returns (ring, created).  A file that exists but is broken is an error,
+    never silently replaced: that would lock out every credential handed out.
+    """
     path = Path(path)
-    if path.exists():
-        return load_ring(path), False
-    ring = SecretRing((new_secret(now),))
-    save_ring(path, ring)
-    return ring, True
+    if not path.exists():
+        ring = SecretRing((new_secret(now),))
+        if _write_private(path, ring, replace=False):
+            return ring, True
+    return load_ring(path), False

@@ -1,5 +1,5 @@
-"""The command line: check-config, credentials (verified by recomputing the HMAC),
-secret list (never the secret), probe against a live relay, devcert reuse."""
+"""The command line: check-config exit codes and summary, serve's configuration errors,
+credentials (verified by recomputing the HMAC), secret list (never the secret), probe."""
 
 from __future__ import annotations
 
@@ -7,11 +7,26 @@ import base64
 import hashlib
 import hmac
 import json
+import subprocess
+import sys
 import time
+from pathlib import Path
+
+import pytest
 
 from appliance.cli import main
-from appliance.devcert import ensure_dev_certificate
-from appliance.secret_ring import load_ring
+from appliance.secret_ring import Secret, SecretRing, ensure_ring, load_ring, save_ring
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def clean_environment(monkeypatch):
+    """The commands read APPLIANCE_CONFIG and APPLIANCE__* overrides: none leak in from outside."""
+    import os
+    for var in list(os.environ):
+        if var.upper().startswith("APPLIANCE_"):
+            monkeypatch.delenv(var)
 
 
 def write_config(tmp_path, extra: str = "") -> str:
@@ -20,61 +35,169 @@ def write_config(tmp_path, extra: str = "") -> str:
     return str(path)
 
 
-def test_check_config_ok_and_error(tmp_path, capsys):
-    good = write_config(tmp_path)
+def rest_credential(secret: str, username: str) -> str:
+    digest = hmac.new(secret.encode(), username.encode(), hashlib.sha1).digest()
+    return base64.b64encode(digest).decode()
+
+
+# ------------------------------------------------------------------ check-config
+
+def test_check_config_ok_prints_a_summary(tmp_path, capsys):
+    good = write_config(tmp_path, "external_ip: 203.0.113.7\n"
+                                  "turn: {udp: '0.0.0.0:3478', tls: null, relay_ip: 0.0.0.0, "
+                                  "relay_ports: 40000-40100}\n")
     assert main(["check-config", good]) == 0
-    assert "ok:" in capsys.readouterr().out
+    out, err = capsys.readouterr()
+    assert out.splitlines()[0] == f"ok: {good}" and err == ""
+    assert "udp 0.0.0.0:3478, tcp 127.0.0.1:3478, tls off" in out
+    assert "0.0.0.0 (advertised as 203.0.113.7), ::1" in out
+    assert "ports 40000-40100" in out
+    assert str(tmp_path / "data" / "secrets.json") in out
+
+
+def test_check_config_error_exits_2_with_the_key_path(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text("turn: {relay_ports: '9-1'}")
     assert main(["check-config", str(bad)]) == 2
-    assert "error: turn.relay_ports:" in capsys.readouterr().err
+    out, err = capsys.readouterr()
+    assert out == "" and err == "error: turn.relay_ports: low port 9 is above high port 1\n"
 
 
-def test_serve_with_a_bad_config_exits_2(tmp_path, capsys):
+def test_check_config_of_a_missing_file(tmp_path, capsys):
+    assert main(["check-config", str(tmp_path / "nope.yaml")]) == 2
+    assert capsys.readouterr().err.startswith("error: (file): cannot read")
+
+
+def test_check_config_sees_environment_overrides(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("APPLIANCE__TURN__WORKERS", "100")
+    assert main(["check-config", write_config(tmp_path)]) == 2
+    assert capsys.readouterr().err == \
+        "error: turn.workers: must be in 1-64, got 100 (set by APPLIANCE__TURN__WORKERS)\n"
+
+
+def test_shipped_configuration_checks_ok(capsys):
+    assert main(["check-config", str(ROOT / "config" / "appliance.yaml")]) == 0
+    assert "udp 127.0.0.1:3478, tcp 127.0.0.1:3478, tls 127.0.0.1:5349" in capsys.readouterr().out
+
+
+def test_python_dash_m_runs_the_same_command_line(tmp_path):
     bad = tmp_path / "bad.yaml"
-    bad.write_text("turn: {udp: nowhere}")
-    assert main(["serve", "--config", str(bad)]) == 2
-    assert "turn.udp" in capsys.readouterr().err
+    bad.write_text("turn: {udpp: 1}")
+    done = subprocess.run([sys.executable, "-m", "appliance", "check-config", str(bad)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=60,
+                          env={"PATH": "/usr/bin:/bin"})
+    assert (done.returncode, done.stderr) == (2, "error: turn.udpp: unknown key\n")
 
+
+# ------------------------------------------------------------------ serve
+
+def test_serve_with_a_bad_config_exits_2_before_touching_anything(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(f"data_dir: {tmp_path / 'data'}\nturn: {{udp: nowhere:3478}}")
+    assert main(["serve", "--config", str(bad)]) == 2
+    assert capsys.readouterr().err == \
+        "error: turn.udp: 'nowhere' is not an IP address (hostnames are not allowed)\n"
+    assert not (tmp_path / "data").exists()       # no secret ring, no certificate
+
+
+def test_serve_reads_appliance_config_from_the_environment(tmp_path, capsys, monkeypatch):
+    bad = tmp_path / "mounted.yaml"
+    bad.write_text("log_level: chatty")
+    monkeypatch.setenv("APPLIANCE_CONFIG", str(bad))
+    assert main(["serve"]) == 2
+    assert capsys.readouterr().err.startswith("error: log_level: must be one of")
+
+
+# ------------------------------------------------------------------ credentials
 
 def test_credentials_follow_the_rest_scheme(tmp_path, capsys):
     config = write_config(tmp_path)
-    from appliance.secret_ring import ensure_ring
     ensure_ring(tmp_path / "data" / "secrets.json", time.time())
+    before = int(time.time())
     assert main(["credentials", "--user", "alice", "--ttl", "120", "--config", config]) == 0
+    after = int(time.time())
     answer = json.loads(capsys.readouterr().out)
-    expiry, user = answer["username"].split(":")
-    assert user == "alice" and abs(int(expiry) - (time.time() + 120)) < 5
-    secret = load_ring(tmp_path / "data" / "secrets.json").current().value.encode()
-    expected = base64.b64encode(hmac.new(secret, answer["username"].encode(), hashlib.sha1).digest())
-    assert answer["credential"] == expected.decode()
+    assert set(answer) == {"username", "credential", "ttl"} and answer["ttl"] == 120
+    expiry, user = answer["username"].split(":", 1)
+    assert user == "alice" and before + 120 <= int(expiry) <= after + 120
+    secret = load_ring(tmp_path / "data" / "secrets.json").current().value
+    assert answer["credential"] == rest_credential(secret, answer["username"])
 
 
-def test_secret_list_never_prints_the_secret(tmp_path, capsys):
-    config = write_config(tmp_path)
-    from appliance.secret_ring import ensure_ring
-    ring, _ = ensure_ring(tmp_path / "data" / "secrets.json", time.time())
-    assert main(["secret", "list", "--config", config]) == 0
+def test_credentials_use_the_current_secret_and_the_configured_ttl(tmp_path, capsys):
+    config = write_config(tmp_path, "credentials: {ttl_s: 600}\n")
+    now = int(time.time())
+    current = Secret("k-new", "n" * 43, now, None)
+    save_ring(tmp_path / "data" / "secrets.json",
+              SecretRing((Secret("k-old", "o" * 43, now - 100, now - 50), current)))
+    assert main(["credentials", "--user", "bob:phone", "--config", config]) == 0
     out = capsys.readouterr().out
-    assert ring.current().id in out and "current" in out
-    assert ring.current().value not in out
+    answer = json.loads(out)
+    assert answer["ttl"] == 600 and answer["username"].endswith(":bob:phone")
+    assert answer["credential"] == rest_credential(current.value, answer["username"])
+    assert "n" * 43 not in out
 
 
-def test_missing_secret_ring_is_a_clear_error(tmp_path, capsys):
+def test_credentials_without_a_ring_say_how_to_get_one(tmp_path, capsys):
     config = write_config(tmp_path)
     assert main(["credentials", "--user", "a", "--config", config]) == 2
-    assert "secret ring" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.startswith("error: secret ring: ") and "does not exist yet" in err
+    assert "appliance serve" in err
+    assert not (tmp_path / "data").exists()        # a read command creates nothing
 
+
+def test_credentials_with_a_corrupt_ring_name_the_file(tmp_path, capsys):
+    config = write_config(tmp_path)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "secrets.json").write_text("{")
+    assert main(["credentials", "--user", "a", "--config", config]) == 2
+    assert f"{tmp_path / 'data' / 'secrets.json'}: not valid JSON" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args", [["--user", "a", "--ttl", "0"], ["--user", "a", "--ttl", "x"],
+                                  ["--user", ""], []])
+def test_credentials_argument_errors_exit_2(args, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["credentials", *args])
+    assert info.value.code == 2
+
+
+# ------------------------------------------------------------------ secret list
+
+def test_secret_list_shows_ids_ages_and_states_never_values(tmp_path, capsys, monkeypatch):
+    config = write_config(tmp_path, "credentials: {ttl_s: 3600}\n")
+    now = int(time.time())
+    monkeypatch.setattr(time, "time", lambda: float(now))      # ages computed at a known instant
+    ring = SecretRing((Secret("k-current", "c" * 43, now - 7200, None),
+                       Secret("k-grace", "g" * 43, now - 90000, now - 600),
+                       Secret("k-gone", "x" * 43, now - 200000, now - 86400)))
+    save_ring(tmp_path / "data" / "secrets.json", ring)
+    assert main(["secret", "list", "--config", config]) == 0
+    out = capsys.readouterr().out
+    lines = {line.split()[0]: line for line in out.splitlines()[1:]}
+    assert "created     2h ago" in lines["k-current"] and "current" in lines["k-current"]
+    assert "retired 10m ago, accepted 50m more" in lines["k-grace"]
+    assert "retired 1d ago, no longer accepted" in lines["k-gone"]
+    assert list(lines) == ["k-current", "k-grace", "k-gone"]            # newest first
+    for secret in ring.secrets:
+        assert secret.value not in out
+
+
+def test_secret_list_without_a_ring(tmp_path, capsys):
+    assert main(["secret", "list", "--config", write_config(tmp_path)]) == 2
+    assert "cannot read" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ probe
 
 def test_probe_fails_cleanly_when_nothing_listens(tmp_path, capsys):
     config = write_config(tmp_path, "turn: {udp: '127.0.0.1:9', tcp: null}\n")
     assert main(["probe", "--config", config, "--timeout", "0.3"]) == 1
-    assert "no STUN answer" in capsys.readouterr().err
+    assert "probe: no STUN answer from 127.0.0.1:9" in capsys.readouterr().err
 
 
-def test_dev_certificate_is_created_once_and_private(tmp_path):
-    import stat
-    cert, key, created = ensure_dev_certificate(tmp_path / "certs")
-    assert created and cert.exists()
-    assert stat.S_IMODE(key.stat().st_mode) == 0o600
-    assert ensure_dev_certificate(tmp_path / "certs")[2] is False
+def test_probe_without_a_listener(tmp_path, capsys):
+    config = write_config(tmp_path, "turn: {udp: null, tcp: null}\n")
+    assert main(["probe", "--config", config]) == 1
+    assert "no UDP or TCP listener" in capsys.readouterr().err

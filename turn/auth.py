@@ -23,12 +23,23 @@ NONCE_MAC_BYTES = 12
 
 
 def rest_password(secret: bytes, username: str) -> str:
-    """The TURN REST password for `username` under `secret`."""
+    """The TURN REST password (the credential) for `username` under `secret`."""
     return base64.b64encode(hmac.new(secret, username.encode(), hashlib.sha1).digest()).decode()
 
 
-def rest_username(user_id: str, now: float, ttl_s: int) -> str:
-    return f"{int(now) + int(ttl_s)}:{user_id}"
+def make_credential(secret: bytes, user_id: str, now: float, ttl_s: int) -> tuple[str, str]:
+    """(username, credential) for `user_id`, valid until `now + ttl_s` (whole seconds).
+
+    What the signaling and `appliance credentials` hand out, and exactly what
+    this relay (or a coturn with `use-auth-secret`) verifies.  `user_id` may
+    contain ':'; the expiry is everything before the first one.
+    """
+    if not user_id:
+        raise ValueError("user_id must be non-empty")
+    if ttl_s <= 0:
+        raise ValueError(f"ttl_s must be positive, got {ttl_s}")
+    username = f"{int(now) + int(ttl_s)}:{user_id}"
+    return username, rest_password(secret, username)
 
 
 def parse_rest_username(username: str) -> tuple[int, str] | None:

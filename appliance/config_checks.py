@@ -1,0 +1,90 @@
+"""Validators and parsers for configuration values.
+
+A validator takes a converted value and returns None, or the reason it is
+wrong (the loader prefixes the key's path).  A parser takes the raw YAML value
+and returns the typed one, or raises ValueError with the reason.  Kept apart
+from the schema so every section (turn, credentials, and the ones to come)
+draws on the same small set.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Any, Callable
+
+MAX_ATTRIBUTE_TEXT = 127    # REALM and SOFTWARE must be fewer than 128 characters (RFC 8489 §14)
+
+
+def at_least(low: int) -> Callable[[int], str | None]:
+    return lambda v: None if v >= low else f"must be at least {low}, got {v}"
+
+
+def between(low: int, high: int) -> Callable[[int], str | None]:
+    return lambda v: None if low <= v <= high else f"must be in {low}-{high}, got {v}"
+
+
+def one_of(*choices: str) -> Callable[[str], str | None]:
+    return lambda v: None if v in choices else f"must be one of {', '.join(choices)}, got {v!r}"
+
+
+def ip_of(version: int, allow_unspecified: bool = True) -> Callable[[str], str | None]:
+    def check(value: str) -> str | None:
+        try:
+            addr = ipaddress.ip_address(value)
+        except ValueError:
+            return f"{value!r} is not an IP address"
+        if addr.version != version:
+            return f"{value!r} is not an IPv{version} address"
+        if addr.is_unspecified and not allow_unspecified:
+            return f"{value!r} is unspecified; give the concrete address clients reach"
+        return None
+    return check
+
+
+def network(value: str) -> str | None:
+    try:
+        ipaddress.ip_network(value, strict=False)
+    except ValueError:
+        return f"{value!r} is not an IP address or CIDR range"
+    return None
+
+
+def network_or_recommended(value: str) -> str | None:
+    # "recommended" is expanded by turn/policy.py; only the word is checked here.
+    return None if value == "recommended" else network(value)
+
+
+def attribute_text(allow_quotes: bool) -> Callable[[str], str | None]:
+    """Text sent in a STUN attribute: non-empty, printable, short enough for RFC 8489.
+
+    REALM is a quoted-string (RFC 8489 §14.9), so quotes and backslashes in it
+    would be read differently by different clients: refused there.
+    """
+    def check(value: str) -> str | None:
+        if not value:
+            return "must be non-empty"
+        if not value.isprintable():
+            return "must not contain control characters"
+        if not allow_quotes and any(c in value for c in '"\\'):
+            return "must not contain quotes or backslashes"
+        if len(value) > MAX_ATTRIBUTE_TEXT:
+            return f"must be at most {MAX_ATTRIBUTE_TEXT} characters, got {len(value)}"
+        return None
+    return check
+
+
+def port_range(value: Any) -> tuple[int, int]:
+    """Parse "low-high"; ValueError says which end is wrong."""
+    if not isinstance(value, str):
+        raise ValueError(f'expected "low-high", got {value!r}')
+    low, sep, high = value.partition("-")
+    low, high = low.strip(), high.strip()
+    if not sep or not all(p.isascii() and p.isdigit() for p in (low, high)):
+        raise ValueError(f'expected "low-high", got {value!r}')
+    lo, hi = int(low), int(high)
+    for name, port in (("low", lo), ("high", hi)):
+        if not 1 <= port <= 65535:
+            raise ValueError(f"{name} port {port} is out of range 1-65535")
+    if lo > hi:
+        raise ValueError(f"low port {lo} is above high port {hi}")
+    return lo, hi
