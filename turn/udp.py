@@ -27,6 +27,9 @@ from .core import TurnCore
 MAX_DATAGRAM = 65535
 READ_BATCH = 64
 LISTENER_BUFFER_BYTES = 4 * 1024 * 1024
+# Enough to ride out a scheduling hiccup at media rates; the kernel only
+# commits memory for datagrams actually queued (and caps it by udp_mem).
+RELAY_BUFFER_BYTES = 512 * 1024
 PORT_TRIES = 64
 
 
@@ -231,6 +234,7 @@ class UdpRelayOpener:
                 return None
             raise
         sock.setblocking(False)
+        _set_buffers(sock, RELAY_BUFFER_BYTES)
         self.in_use.add(port)
         return sock
 
