@@ -120,6 +120,7 @@ async def _serve_relay(config: AppConfig, tls_cert: Path | None, tls_key: Path |
     if on_stop:
         on_stop()
     await node.stop()
+    log.info("relay stopped")
     return 0
 
 
