@@ -1,0 +1,1 @@
+"""The signaling service: STOMP over WebSocket/SockJS, the broker, presence and calls."""

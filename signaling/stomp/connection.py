@@ -1,0 +1,285 @@
+"""The server side of one STOMP connection, sans-I/O (the h11 style).
+
+    conn = StompServerConnection(limits, now=now)
+    for event in conn.receive_data(data, now): ...   # the application reacts
+    conn.accept(now) / conn.reject(message) / conn.send_message(...)
+    for chunk in conn.data_to_send(): transport.write(chunk)   # one frame per chunk
+    conn.handle_timer(now) at conn.get_timer()
+
+The application decides who may connect (ConnectRequested -> accept or
+reject); this class owns the protocol: version and heart-beat negotiation,
+subscriptions, receipts, limits, and ERROR-then-close on any violation.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from .frames import Frame, FrameError, encode
+from .parser import HEARTBEAT, FrameParser, ParserLimits
+
+SUPPORTED_VERSIONS = ("1.2", "1.1", "1.0")
+HEARTBEAT_GRACE = 2.0       # a peer may be this many intervals late before it is declared gone
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_frame_bytes: int = 65536
+    max_headers: int = 64
+    max_header_line_bytes: int = 8192
+    max_subscriptions: int = 100
+    heartbeat_ms: tuple[int, int] = (10000, 10000)   # (we send every, we want every)
+
+
+# ---------------------------------------------------------------- events
+
+@dataclass
+class ConnectRequested:
+    frame: Frame
+    version: str
+
+
+@dataclass
+class Subscribed:
+    id: str
+    destination: str
+    frame: Frame
+
+
+@dataclass
+class Unsubscribed:
+    id: str
+    destination: str
+
+
+@dataclass
+class MessageSent:
+    destination: str
+    frame: Frame
+
+
+@dataclass
+class DisconnectRequested:
+    receipt: str | None
+
+
+@dataclass
+class ProtocolError:
+    """The connection broke the protocol: an ERROR frame is queued and the connection is closed."""
+    message: str
+
+
+class State(enum.Enum):
+    AWAITING_CONNECT = "awaiting CONNECT"
+    CONNECTING = "CONNECT received, awaiting the application's decision"
+    CONNECTED = "connected"
+    CLOSED = "closed"
+
+
+def negotiate_heartbeat(client: str | None, ours: tuple[int, int]) -> tuple[int, int]:
+    """(ms between our heart-beats, ms we expect between the client's); 0 = none."""
+    cx, cy = 0, 0
+    if client:
+        parts = client.split(",")
+        if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+            raise FrameError(f"bad heart-beat header {client[:30]!r}")
+        cx, cy = (int(p) for p in parts)
+    sx, sy = ours
+    send = max(sx, cy) if sx and cy else 0
+    expect = max(cx, sy) if cx and sy else 0
+    return send, expect
+
+
+def negotiate_version(accept: str | None) -> str | None:
+    offered = {"1.0"} if not accept else {v.strip() for v in accept.split(",")}
+    return next((v for v in SUPPORTED_VERSIONS if v in offered), None)
+
+
+class StompServerConnection:
+    def __init__(self, limits: Limits = Limits(), server: str = "appliance", now: float = 0.0) -> None:
+        self.limits = limits
+        self.server = server
+        self.state = State.AWAITING_CONNECT
+        self.version = "1.2"
+        self.subscriptions: dict[str, str] = {}          # id -> destination
+        self.send_interval = 0.0                          # seconds; 0 = no heart-beats
+        self.expect_interval = 0.0
+        self._parser = FrameParser(ParserLimits(limits.max_frame_bytes, limits.max_headers,
+                                                limits.max_header_line_bytes))
+        self._out: list[bytes] = []
+        self._last_received = now
+        self._last_sent = now
+        self._pending_heartbeat: str | None = None
+
+    @property
+    def closed(self) -> bool:
+        return self.state is State.CLOSED
+
+    # ------------------------------------------------------------ input
+
+    def receive_data(self, data: bytes | str, now: float) -> list:
+        if self.closed:
+            return []
+        if isinstance(data, str):
+            data = data.encode("utf-8")
+        self._last_received = now
+        try:
+            items = self._parser.feed(data)
+        except FrameError as exc:
+            return [self._fail(str(exc))]
+        events: list = []
+        for item in items:
+            if item is HEARTBEAT:
+                continue
+            try:
+                events.extend(self._on_frame(item))
+            except FrameError as exc:
+                events.append(self._fail(str(exc)))
+            if self.closed:
+                break
+        return events
+
+    def _on_frame(self, frame: Frame) -> list:
+        command = frame.command
+        if self.state is State.AWAITING_CONNECT:
+            if command not in ("CONNECT", "STOMP"):
+                raise FrameError(f"{command} before CONNECT")
+            version = negotiate_version(frame.get("accept-version"))
+            if version is None:
+                raise FrameError("Supported protocol versions are " + ",".join(reversed(SUPPORTED_VERSIONS)))
+            self.version = version
+            self._parser.version = version
+            self._pending_heartbeat = frame.get("heart-beat")
+            negotiate_heartbeat(self._pending_heartbeat, self.limits.heartbeat_ms)   # validate now
+            self.state = State.CONNECTING
+            return [ConnectRequested(frame, version)]
+        if self.state is State.CONNECTING:
+            raise FrameError(f"{command} before CONNECTED")
+        if command in ("CONNECT", "STOMP"):
+            raise FrameError("already connected")
+        events: list = []
+        if command == "SEND":
+            destination = self._required(frame, "destination")
+            events.append(MessageSent(destination, frame))
+        elif command == "SUBSCRIBE":
+            destination = self._required(frame, "destination")
+            sub_id = frame.get("id") if self.version != "1.0" else frame.get("id", destination)
+            if sub_id is None:
+                raise FrameError("SUBSCRIBE without id")
+            if sub_id in self.subscriptions:
+                raise FrameError(f"subscription id {sub_id[:40]!r} already in use")
+            if len(self.subscriptions) >= self.limits.max_subscriptions:
+                raise FrameError(f"more than {self.limits.max_subscriptions} subscriptions")
+            self.subscriptions[sub_id] = destination
+            events.append(Subscribed(sub_id, destination, frame))
+        elif command == "UNSUBSCRIBE":
+            sub_id = frame.get("id") or (frame.get("destination") if self.version == "1.0" else None)
+            if sub_id is None:
+                raise FrameError("UNSUBSCRIBE without id")
+            destination = self.subscriptions.pop(sub_id, None)
+            if destination is None and self.version == "1.0":
+                ids = [i for i, d in self.subscriptions.items() if d == sub_id]
+                destination = sub_id if ids else None
+                for i in ids:
+                    del self.subscriptions[i]
+            if destination is not None:
+                events.append(Unsubscribed(sub_id, destination))
+        elif command == "DISCONNECT":
+            receipt = frame.get("receipt")
+            if receipt is not None:
+                self._queue(Frame("RECEIPT", {"receipt-id": receipt}))
+            self.state = State.CLOSED
+            return [DisconnectRequested(receipt)]
+        # ACK, NACK, BEGIN, COMMIT, ABORT: subscriptions are auto-acknowledged and
+        # there is nothing to transact, so they only earn their receipt.
+        receipt = frame.get("receipt")
+        if receipt is not None:
+            self._queue(Frame("RECEIPT", {"receipt-id": receipt}))
+        return events
+
+    @staticmethod
+    def _required(frame: Frame, header: str) -> str:
+        value = frame.get(header)
+        if not value:
+            raise FrameError(f"{frame.command} without {header}")
+        return value
+
+    # ------------------------------------------------------------ decisions and output
+
+    def accept(self, now: float, session: str | None = None, user_name: str | None = None) -> None:
+        """Answer the pending CONNECT with CONNECTED (version, heart-beat, server)."""
+        if self.state is not State.CONNECTING:
+            raise RuntimeError(f"accept() in state {self.state.value}")
+        send_ms, expect_ms = negotiate_heartbeat(self._pending_heartbeat, self.limits.heartbeat_ms)
+        self.send_interval, self.expect_interval = send_ms / 1000, expect_ms / 1000
+        headers = {"version": self.version, "heart-beat": f"{send_ms},{expect_ms}",
+                   "server": self.server}
+        if session:
+            headers["session"] = session
+        if user_name:
+            headers["user-name"] = user_name
+        self.state = State.CONNECTED
+        self._last_received = now
+        self._queue(Frame("CONNECTED", headers), now)
+
+    def reject(self, message: str) -> None:
+        """Refuse the pending CONNECT (or end the connection): ERROR, then closed."""
+        self._error(message)
+
+    def send_message(self, destination: str, subscription: str, body: bytes,
+                     headers: dict[str, str] | None = None, message_id: str = "",
+                     now: float | None = None) -> None:
+        if self.state is not State.CONNECTED:
+            return
+        h = {"destination": destination, "subscription": subscription,
+             "message-id": message_id or destination, "content-type": "application/json;charset=UTF-8"}
+        if headers:
+            h.update(headers)
+        self._queue(Frame("MESSAGE", h, body), now)
+
+    def data_to_send(self) -> list[bytes]:
+        out, self._out = self._out, []
+        return out
+
+    # ------------------------------------------------------------ time
+
+    def get_timer(self) -> float | None:
+        if self.state is not State.CONNECTED:
+            return None
+        times = []
+        if self.send_interval:
+            times.append(self._last_sent + self.send_interval)
+        if self.expect_interval:
+            times.append(self._last_received + self.expect_interval * HEARTBEAT_GRACE)
+        return min(times) if times else None
+
+    def handle_timer(self, now: float) -> list:
+        """Queue a heart-beat EOL when due; fail the connection if the client went silent."""
+        if self.state is not State.CONNECTED:
+            return []
+        if self.expect_interval and now >= self._last_received + self.expect_interval * HEARTBEAT_GRACE:
+            self.state = State.CLOSED          # a silent peer gets no ERROR: nobody would read it
+            return [ProtocolError("heart-beat timeout")]
+        if self.send_interval and now >= self._last_sent + self.send_interval:
+            self._out.append(b"\n")
+            self._last_sent = now
+        return []
+
+    # ------------------------------------------------------------ helpers
+
+    def _queue(self, frame: Frame, now: float | None = None) -> None:
+        self._out.append(encode(frame, self.version))
+        if now is not None:
+            self._last_sent = now
+
+    def _error(self, message: str) -> None:
+        if self.closed:
+            return
+        # The message header is one line; the body says it again for clients that show bodies.
+        self._queue(Frame("ERROR", {"message": message[:200]}, message.encode()))
+        self.state = State.CLOSED
+
+    def _fail(self, message: str) -> ProtocolError:
+        self._error(message)
+        return ProtocolError(message)

@@ -1,0 +1,120 @@
+"""Incremental STOMP frame parser.
+
+Takes bytes as they arrive -- several frames in one WebSocket message, one
+frame over several (stomp-websocket 2.3 splits at 16 KiB), heart-beat EOLs
+between frames, LF or CRLF line ends, bodies delimited by content-length
+(which may contain NUL bytes) or by the first NUL -- and returns whole
+frames.  Every limit is checked before the bytes are kept, so a client can
+hold at most one frame's worth of memory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .frames import CLIENT_COMMANDS, Frame, FrameError, unescape
+
+HEARTBEAT = object()     # returned once for a run of EOLs between frames
+
+
+@dataclass(frozen=True)
+class ParserLimits:
+    max_frame_bytes: int = 65536
+    max_headers: int = 64
+    max_header_line_bytes: int = 8192
+
+
+class FrameParser:
+    def __init__(self, limits: ParserLimits = ParserLimits()) -> None:
+        self.limits = limits
+        self.version = "1.2"          # how header values are unescaped; set on CONNECT
+        self._buf = bytearray()
+
+    def feed(self, data: bytes) -> list:
+        """Frames (and HEARTBEAT markers) completed by `data`; FrameError on a violation."""
+        self._buf += data
+        out: list = []
+        while True:
+            item = self._next()
+            if item is None:
+                return out
+            out.append(item)
+
+    def _next(self):
+        buf = self._buf
+        start = 0
+        n = len(buf)
+        while start < n and buf[start] in (0x0A, 0x0D):
+            if buf[start] == 0x0D and (start + 1 >= n or buf[start + 1] != 0x0A):
+                if start + 1 >= n:
+                    break                    # a lone CR may be the start of CRLF
+                raise FrameError("stray carriage return between frames")
+            start += 1
+        if start:
+            del buf[:start]
+            return HEARTBEAT
+        if not buf:
+            return None
+        head_end, body_start = self._find_header_end(buf)
+        if head_end < 0:
+            if len(buf) > self.limits.max_frame_bytes:
+                raise FrameError(f"frame larger than {self.limits.max_frame_bytes} bytes")
+            return None
+        frame = self._parse_head(bytes(buf[:head_end]))
+        length = frame.headers.get("content-length")
+        if length is not None:
+            if not length.isdigit() or len(length) > 9:
+                raise FrameError(f"bad content-length {length[:20]!r}")
+            end = body_start + int(length)
+            if end + 1 > self.limits.max_frame_bytes:
+                raise FrameError(f"frame larger than {self.limits.max_frame_bytes} bytes")
+            if len(buf) < end + 1:
+                return None
+            if buf[end] != 0:
+                raise FrameError("frame body is not followed by NUL")
+        else:
+            end = buf.find(b"\x00", body_start)
+            if end < 0:
+                if len(buf) > self.limits.max_frame_bytes:
+                    raise FrameError(f"frame larger than {self.limits.max_frame_bytes} bytes")
+                return None
+            if end + 1 > self.limits.max_frame_bytes:
+                raise FrameError(f"frame larger than {self.limits.max_frame_bytes} bytes")
+        frame.body = bytes(buf[body_start:end])
+        del buf[:end + 1]
+        return frame
+
+    @staticmethod
+    def _find_header_end(buf: bytearray) -> tuple[int, int]:
+        """(end of the header block, start of the body), or (-1, -1) if incomplete."""
+        best = (-1, -1)
+        for marker in (b"\n\n", b"\n\r\n"):
+            i = buf.find(marker)
+            if i >= 0 and (best[0] < 0 or i < best[0]):
+                best = (i, i + len(marker))
+        return best
+
+    def _parse_head(self, head: bytes) -> Frame:
+        try:
+            text = head.decode("utf-8")
+        except UnicodeDecodeError:
+            raise FrameError("frame headers are not UTF-8") from None
+        lines = text.split("\n")
+        command = lines[0].rstrip("\r")
+        if command not in CLIENT_COMMANDS:
+            raise FrameError(f"unknown command {command[:32]!r}")
+        if len(lines) - 1 > self.limits.max_headers:
+            raise FrameError(f"more than {self.limits.max_headers} headers")
+        # CONNECT headers are never escaped (STOMP 1.2, "Value Encoding").
+        version = "1.0" if command in ("CONNECT", "STOMP") else self.version
+        headers: dict[str, str] = {}
+        for line in lines[1:]:
+            if len(line) > self.limits.max_header_line_bytes:
+                raise FrameError(f"header line longer than {self.limits.max_header_line_bytes} bytes")
+            line = line[:-1] if line.endswith("\r") else line
+            name, sep, value = line.partition(":")
+            if not sep:
+                raise FrameError(f"header line without ':' {line[:40]!r}")
+            name, value = unescape(name, version), unescape(value, version)
+            headers.setdefault(name, value)      # the first occurrence wins
+        return Frame(command, headers)
