@@ -31,6 +31,6 @@ VOLUME ["/etc/appliance", "/var/lib/appliance"]
 EXPOSE 3478/udp 3478/tcp 5349/tcp 8443/tcp
 
 HEALTHCHECK --interval=30s --timeout=5s --start-period=10s --retries=3 \
-  CMD ["appliance", "probe"]
+  CMD ["appliance", "healthcheck"]
 
 CMD ["appliance", "serve"]

@@ -118,7 +118,7 @@ def cmd_secret_list(args) -> int:
     return 0
 
 
-def cmd_probe(args) -> int:
+def cmd_healthcheck(args) -> int:
     """STUN Binding to the relay's own listener: the container health check."""
     import socket
 
@@ -127,7 +127,7 @@ def cmd_probe(args) -> int:
     t = _load(args.config).turn
     target = t.udp or t.tcp
     if target is None:
-        print("probe: no UDP or TCP listener configured", file=sys.stderr)
+        print("healthcheck: no UDP or TCP listener configured", file=sys.stderr)
         return 1
     # A wildcard listener is reached through loopback from inside the container.
     host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(target.host, target.host)
@@ -142,10 +142,10 @@ def cmd_probe(args) -> int:
             sock.sendall(request)
             reply = stun.parse(sock.recv(2048))
     except (OSError, stun.StunParseError) as exc:
-        print(f"probe: no STUN answer from {target}: {exc}", file=sys.stderr)
+        print(f"healthcheck: no STUN answer from {target}: {exc}", file=sys.stderr)
         return 1
     if reply.transaction_id != tid or reply.cls != stun.SUCCESS:
-        print(f"probe: unexpected answer from {target}", file=sys.stderr)
+        print(f"healthcheck: unexpected answer from {target}", file=sys.stderr)
         return 1
     print(f"ok: {target} answers STUN")
     return 0
@@ -195,10 +195,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--config", metavar="FILE", help=config_help)
     q.set_defaults(func=cmd_secret_list)
 
-    p = sub.add_parser("probe", help="STUN Binding to the configured listener (health check)")
+    p = sub.add_parser("healthcheck", help="STUN Binding to the configured listener (health check)")
     p.add_argument("--config", metavar="FILE", help=config_help)
     p.add_argument("--timeout", type=float, default=2.0, metavar="S")
-    p.set_defaults(func=cmd_probe)
+    p.set_defaults(func=cmd_healthcheck)
     return parser
 
 

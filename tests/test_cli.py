@@ -1,5 +1,5 @@
 """The command line: check-config exit codes and summary, serve's configuration errors,
-credentials (verified by recomputing the HMAC), secret list (never the secret), probe."""
+credentials (verified by recomputing the HMAC), secret list (never the secret), healthcheck."""
 
 from __future__ import annotations
 
@@ -189,15 +189,15 @@ def test_secret_list_without_a_ring(tmp_path, capsys):
     assert "cannot read" in capsys.readouterr().err
 
 
-# ------------------------------------------------------------------ probe
+# ------------------------------------------------------------------ healthcheck
 
-def test_probe_fails_cleanly_when_nothing_listens(tmp_path, capsys):
+def test_healthcheck_fails_cleanly_when_nothing_listens(tmp_path, capsys):
     config = write_config(tmp_path, "turn: {udp: '127.0.0.1:9', tcp: null}\n")
-    assert main(["probe", "--config", config, "--timeout", "0.3"]) == 1
-    assert "probe: no STUN answer from 127.0.0.1:9" in capsys.readouterr().err
+    assert main(["healthcheck", "--config", config, "--timeout", "0.3"]) == 1
+    assert "healthcheck: no STUN answer from 127.0.0.1:9" in capsys.readouterr().err
 
 
-def test_probe_without_a_listener(tmp_path, capsys):
+def test_healthcheck_without_a_listener(tmp_path, capsys):
     config = write_config(tmp_path, "turn: {udp: null, tcp: null}\n")
-    assert main(["probe", "--config", config]) == 1
+    assert main(["healthcheck", "--config", config]) == 1
     assert "no UDP or TCP listener" in capsys.readouterr().err
