@@ -423,3 +423,14 @@ def test_close_all_closes_every_port():
     core.close_all("shutdown")
     assert len(core.table) == 0 and all(p.closed for p in opener.opened)
 
+
+
+def test_deleted_allocations_are_not_kept_alive_by_the_expiry_heap():
+    core, _ = make_core(user_quota=0)
+    for i in range(500):
+        client = CoreClient(core, addr=("198.51.100.1", 1000 + i))
+        client.allocate()
+        client.send(stun.REFRESH, [lifetime_attr(700)])
+        client.send(stun.REFRESH, [lifetime_attr(0)])
+    assert len(core.table) == 0
+    assert len(core.table._heap) <= 64

@@ -124,8 +124,16 @@ class AllocationTable:
 
     def schedule(self, alloc: Allocation) -> None:
         # Lazy deletion: stale heap entries are skipped when popped, so a
-        # refresh costs one push instead of a heap search.
+        # refresh costs one push instead of a heap search.  Stale entries
+        # would keep deleted allocations alive until their old expiry, so the
+        # heap is rebuilt once they outnumber the live ones.
         heapq.heappush(self._heap, (alloc.expires, next(self._seq), alloc))
+        if len(self._heap) > 2 * len(self.by_client) + 64:
+            self._compact()
+
+    def _compact(self) -> None:
+        self._heap = [(a.expires, next(self._seq), a) for a in self.by_client.values()]
+        heapq.heapify(self._heap)
 
     def remove(self, alloc: Allocation) -> None:
         if alloc.closed:
@@ -136,6 +144,8 @@ class AllocationTable:
         self.per_user[alloc.user_id] -= 1
         if self.per_user[alloc.user_id] <= 0:
             del self.per_user[alloc.user_id]
+        if len(self._heap) > 2 * len(self.by_client) + 64:
+            self._compact()
 
     def next_expiry(self) -> float | None:
         while self._heap:
