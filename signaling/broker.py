@@ -1,0 +1,66 @@
+"""Where sessions are found: by user, for user destinations and presence.
+
+`Broker` is the interface the services use; `MemoryBroker` serves one node.
+A Redis implementation (several nodes sharing a user base) plugs in behind
+the same methods: it would publish `to_user` on a per-user channel and keep
+the online count in Redis.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Protocol
+
+from .session import Session
+
+
+class Broker(Protocol):
+    def register(self, session: Session) -> bool:
+        """Add a connected session; True if it is its user's first (the user came online)."""
+
+    def unregister(self, session: Session) -> bool:
+        """Remove a session; True if it was its user's last (the user went offline)."""
+
+    def sessions_of(self, user_id: str) -> list[Session]: ...
+
+    def is_online(self, user_id: str) -> bool: ...
+
+    def to_user(self, user_id: str, destination: str, body: bytes,
+                sessions: Iterable[Session] | None = None) -> int:
+        """Deliver to the user's sessions (or the given ones of them); how many took it."""
+
+
+class MemoryBroker:
+    def __init__(self) -> None:
+        self._by_user: dict[str, dict[str, Session]] = {}
+
+    def register(self, session: Session) -> bool:
+        sessions = self._by_user.setdefault(session.user_id, {})
+        first = not sessions
+        sessions[session.id] = session
+        return first
+
+    def unregister(self, session: Session) -> bool:
+        sessions = self._by_user.get(session.user_id)
+        if not sessions or sessions.pop(session.id, None) is None:
+            return False
+        if sessions:
+            return False
+        del self._by_user[session.user_id]
+        return True
+
+    def sessions_of(self, user_id: str) -> list[Session]:
+        return list(self._by_user.get(user_id, {}).values())
+
+    def is_online(self, user_id: str) -> bool:
+        return user_id in self._by_user
+
+    def to_user(self, user_id: str, destination: str, body: bytes,
+                sessions: Iterable[Session] | None = None) -> int:
+        targets = self.sessions_of(user_id) if sessions is None else sessions
+        return sum(1 for s in targets if not s.closed and s.deliver(destination, body))
+
+    def session_count(self) -> int:
+        return sum(len(s) for s in self._by_user.values())
+
+    def user_count(self) -> int:
+        return len(self._by_user)
