@@ -71,17 +71,40 @@ def cmd_serve(args) -> int:
     ring, created = ensure_ring(config.secrets_path(), time.time())
     print(f"secret ring: {config.secrets_path()} ({'created' if created else 'loaded'}, "
           f"current {ring.current().id})", file=sys.stderr)
-    cert, key = config.turn.tls_cert, config.turn.tls_key
-    if config.turn.tls is not None:
-        if cert is None:
-            from .devcert import ensure_dev_certificate
-            cert, key, made = ensure_dev_certificate(config.data_dir / "certs")
-            print(f"TLS: development certificate {cert} ({'created' if made else 'reused'}); "
-                  "set turn.tls_cert/tls_key for production", file=sys.stderr)
-        else:
-            print(f"TLS: {cert}, {key}", file=sys.stderr)
+    cert, key = _tls_files(config, "turn", config.turn.tls is not None)
+    http_cert, http_key = _tls_files(config, "http", config.http.listen is not None and config.http.tls)
     from .server import run       # lazily: the other commands work without the relay's imports
-    return run(config, cert, key)
+    return run(config, cert, key, http_cert, http_key)
+
+
+def _tls_files(config: AppConfig, section: str, needed: bool):
+    """The section's certificate and key, or the development certificate if it names none."""
+    if not needed:
+        return None, None
+    cert, key = getattr(config, section).tls_cert, getattr(config, section).tls_key
+    if cert is None:
+        from .devcert import ensure_dev_certificate
+        cert, key, made = ensure_dev_certificate(config.data_dir / "certs")
+        print(f"{section} TLS: development certificate {cert} ({'created' if made else 'reused'}); "
+              f"set {section}.tls_cert/tls_key for production", file=sys.stderr)
+    else:
+        print(f"{section} TLS: {cert}, {key}", file=sys.stderr)
+    return cert, key
+
+
+def cmd_token(args) -> int:
+    """A development JWT for a user, signed with the HS256 key the signaling checks."""
+    from signaling.auth import mint_jwt
+
+    from .signaling_wiring import jwt_signing_key
+
+    config = _load(args.config)
+    if config.auth.mode != "jwt" or config.auth.jwt_public_key is not None:
+        print("error: tokens can be minted only in auth.mode jwt with an HS256 key "
+              "(auth.jwt_key or the development key)", file=sys.stderr)
+        return 2
+    print(mint_jwt(jwt_signing_key(config), args.user, time.time(), args.ttl))
+    return 0
 
 
 def cmd_credentials(args) -> int:
@@ -194,6 +217,12 @@ def build_parser() -> argparse.ArgumentParser:
     q = secret_sub.add_parser("list", help="ids, ages and states (never the secrets)")
     q.add_argument("--config", metavar="FILE", help=config_help)
     q.set_defaults(func=cmd_secret_list)
+
+    p = sub.add_parser("token", help="mint a development JWT for a user")
+    p.add_argument("--user", required=True)
+    p.add_argument("--ttl", type=int, default=86400, help="seconds (default 86400)")
+    p.add_argument("--config")
+    p.set_defaults(func=cmd_token)
 
     p = sub.add_parser("healthcheck", help="STUN Binding to the configured listener (health check)")
     p.add_argument("--config", metavar="FILE", help=config_help)

@@ -26,8 +26,8 @@ from typing import Any, Mapping
 
 import yaml
 
-from .config_checks import (at_least, attribute_text, between, ip_of, network,
-                            network_or_recommended, one_of, port_range)
+from .config_checks import (at_least, attribute_text, between, heartbeat_pair, ip_of, network,
+                            network_or_recommended, one_of, port_range, token_map, url_prefix)
 
 ENV_PREFIX = "APPLIANCE__"
 
@@ -119,6 +119,38 @@ class CredentialsConfig:
 
 
 @dataclass(frozen=True)
+class HttpConfig:
+    """The signaling service's HTTP/WebSocket listener."""
+
+    listen: HostPort | None = opt(HostPort("127.0.0.1", 8443), "HTTP listener; null disables signaling")
+    tls: bool = opt(True, "serve HTTPS (false: plain HTTP behind a TLS-terminating proxy)")
+    tls_cert: Path | None = opt(None, "PEM certificate chain; null: the development certificate")
+    tls_key: Path | None = opt(None, "PEM private key for tls_cert")
+    prefix: str = opt("/imserver", "path prefix of every URL", url_prefix)
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    """How the `ide` token of a client is checked."""
+
+    mode: str = opt("jwt", "jwt | static", one_of("jwt", "static"))
+    jwt_key: str | None = opt(None, "HS256 key; null: a development key under data_dir")
+    jwt_public_key: Path | None = opt(None, "PEM public key for RS256/ES256 tokens (instead of jwt_key)")
+    tokens: tuple[tuple[str, str], ...] = opt((), "static mode: token -> userId", parse=token_map)
+
+
+@dataclass(frozen=True)
+class StompConfig:
+    """Limits and timing of STOMP sessions."""
+
+    max_frame_bytes: int = opt(65536, "largest frame a client may send", between(1024, 16 * 1024 * 1024))
+    heartbeat_ms: tuple[int, int] = opt((10000, 10000), "heart-beats we send, and want, in ms",
+                                        parse=heartbeat_pair)
+    max_subscriptions: int = opt(100, "subscriptions per session", at_least(1))
+    max_outbox: int = opt(1024, "frames queued for a client that is not reading", at_least(16))
+
+
+@dataclass(frozen=True)
 class AppConfig:
     """The whole appliance."""
 
@@ -129,6 +161,9 @@ class AppConfig:
     log_level: str = opt("info", "log level", one_of("debug", "info", "warning", "error"))
     turn: TurnConfig = field(default_factory=TurnConfig)
     credentials: CredentialsConfig = field(default_factory=CredentialsConfig)
+    http: HttpConfig = field(default_factory=HttpConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    stomp: StompConfig = field(default_factory=StompConfig)
 
     def secrets_path(self) -> Path:
         """Where the secret ring lives: credentials.secrets_file or data_dir/secrets.json."""
@@ -353,6 +388,24 @@ def _cross_checks(config: AppConfig) -> None:
                               f"is set but turn.relay_ip{family} is null (no relaying to advertise)")
     if t.tcp and t.tls and (t.tcp.host, t.tcp.port) == (t.tls.host, t.tls.port):
         raise ConfigError("turn.tls", f"same address as turn.tcp ({t.tcp})")
+    h = config.http
+    if (h.tls_cert is None) != (h.tls_key is None):
+        raise ConfigError("http.tls_key" if h.tls_key is None else "http.tls_cert",
+                          "tls_cert and tls_key go together: give both or neither")
+    for name in ("tls_cert", "tls_key"):
+        path = getattr(h, name)
+        if path is not None and not (path.is_file() and os.access(path, os.R_OK)):
+            raise ConfigError(f"http.{name}", f"{path} does not exist or is not a readable file")
+    a = config.auth
+    if a.jwt_public_key is not None and not (a.jwt_public_key.is_file() and os.access(a.jwt_public_key, os.R_OK)):
+        raise ConfigError("auth.jwt_public_key", f"{a.jwt_public_key} does not exist or is not readable")
+    if a.mode == "static" and not a.tokens:
+        raise ConfigError("auth.tokens", "static mode needs at least one token: userId entry")
+    if a.mode == "jwt" and a.jwt_key is not None and a.jwt_public_key is not None:
+        raise ConfigError("auth.jwt_public_key", "give jwt_key (HS256) or jwt_public_key, not both")
+    if a.jwt_key is not None and len(a.jwt_key) < 32:
+        raise ConfigError("auth.jwt_key", "must be at least 32 characters (HS256 keys shorter "
+                                          "than the hash are guessable)")
 
 
 def load_config(path: str | os.PathLike | None = None,

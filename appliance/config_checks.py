@@ -88,3 +88,30 @@ def port_range(value: Any) -> tuple[int, int]:
     if lo > hi:
         raise ValueError(f"low port {lo} is above high port {hi}")
     return lo, hi
+
+
+def token_map(value: Any) -> tuple[tuple[str, str], ...]:
+    """Parse a YAML mapping of token -> user id into sorted pairs (hashable, immutable)."""
+    if not isinstance(value, dict):
+        raise ValueError(f"expected a mapping of token: userId, got {value!r}")
+    pairs = []
+    for token, user in value.items():
+        if not isinstance(token, str) or not token or not isinstance(user, str) or not user:
+            raise ValueError("tokens and user ids must be non-empty text")
+        pairs.append((token, user))
+    return tuple(sorted(pairs))
+
+
+def url_prefix(value: str) -> str | None:
+    if not value.startswith("/") or value.endswith("/") or "//" in value or not value.isprintable():
+        return f"must start with '/' and not end with one, got {value!r}"
+    return None
+
+
+def heartbeat_pair(value: Any) -> tuple[int, int]:
+    """Parse "send,receive" milliseconds, e.g. "10000,10000"; "0,0" disables heart-beats."""
+    text = str(value)
+    parts = [p.strip() for p in text.split(",")]
+    if len(parts) != 2 or not all(p.isdigit() for p in parts):
+        raise ValueError(f'expected "send_ms,receive_ms", got {value!r}')
+    return int(parts[0]), int(parts[1])

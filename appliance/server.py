@@ -175,23 +175,46 @@ class Workers:
                 proc.join(1)
 
 
-async def _main(config: AppConfig, tls_cert, tls_key) -> int:
+async def _start_signaling(config: AppConfig, cert, key, stopped: asyncio.Event):
+    """Hypercorn serving the signaling app on this loop, until `stopped` is set."""
+    from hypercorn.asyncio import serve
+
+    from .signaling_wiring import hypercorn_config, signaling_app
+
+    app = signaling_app(config)
+    task = asyncio.get_running_loop().create_task(
+        serve(app, hypercorn_config(config, cert, key), shutdown_trigger=stopped.wait))
+    log.info("signaling ready: %s://%s%s/ws", "https" if config.http.tls else "http",
+             config.http.listen, config.http.prefix)
+    return task
+
+
+async def _main(config: AppConfig, tls_cert, tls_key, http_cert=None, http_key=None) -> int:
     nonce_key = os.urandom(32)
     workers = Workers(config.turn.workers - 1, (config, tls_cert, tls_key, nonce_key))
     workers.start()
     watch = asyncio.get_running_loop().create_task(workers.watch())
+    stopped = asyncio.Event()
+    signaling = None
+    if config.http.listen is not None:
+        signaling = await _start_signaling(config, http_cert or tls_cert, http_key or tls_key, stopped)
 
     def on_stop() -> None:
+        stopped.set()
         watch.cancel()
         workers.stop()
 
     log.info("starting %d relay process(es)", config.turn.workers)
-    return await _serve_relay(config, tls_cert, tls_key, nonce_key, on_stop=on_stop,
+    code = await _serve_relay(config, tls_cert, tls_key, nonce_key, on_stop=on_stop,
                               on_reload=lambda: workers.signal_all(signal.SIGHUP))
+    if signaling is not None:
+        await asyncio.wait_for(signaling, 10)
+    return code
 
 
-def run(config: AppConfig, tls_cert: Path | None, tls_key: Path | None) -> int:
+def run(config: AppConfig, tls_cert: Path | None, tls_key: Path | None,
+        http_cert: Path | None = None, http_key: Path | None = None) -> int:
     configure_logging(config.log_level)
     loop_kind = install_uvloop()
     log.info("event loop: %s", loop_kind)
-    return asyncio.run(_main(config, tls_cert, tls_key))
+    return asyncio.run(_main(config, tls_cert, tls_key, http_cert, http_key))

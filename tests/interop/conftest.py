@@ -72,6 +72,7 @@ class RunningRelay:
     secret: str
     cert: Path
     log_path: Path
+    http_port: int
 
     def credentials(self, user: str = "alice", ttl_s: int = 3600, now: float | None = None):
         return rest_credentials(self.secret, user, ttl_s, now)
@@ -92,12 +93,23 @@ def stun_binding_ok(host: str, port: int) -> bool:
             return False
 
 
+TOKENS = {"tok-alice": "alice", "tok-bob": "bob", "tok-carol": "carol"}
+
+
+def tcp_open(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.3):
+            return True
+    except OSError:
+        return False
+
+
 def start_appliance(directory: Path, extra_turn: dict | None = None, workers: int = 1) -> RunningRelay:
     directory.mkdir(parents=True, exist_ok=True)
     secret = new_secret(time.time())
     save_ring(directory / "secrets.json", SecretRing((secret,)))
     cert, key, _ = ensure_dev_certificate(directory / "certs")
-    port, tls_port = free_port_pair(), free_port_pair()
+    port, tls_port, http_port = free_port_pair(), free_port_pair(), free_port_pair()
     turn = {
         "udp": f"127.0.0.1:{port}", "tcp": f"127.0.0.1:{port}", "tls": f"127.0.0.1:{tls_port}",
         "tls_cert": str(cert), "tls_key": str(key),
@@ -107,7 +119,9 @@ def start_appliance(directory: Path, extra_turn: dict | None = None, workers: in
     }
     turn.update(extra_turn or {})
     config = {"realm": REALM, "data_dir": str(directory / "data"), "turn": turn,
-              "credentials": {"secrets_file": str(directory / "secrets.json")}}
+              "credentials": {"secrets_file": str(directory / "secrets.json")},
+              "http": {"listen": f"127.0.0.1:{http_port}", "tls": False},
+              "auth": {"mode": "static", "tokens": TOKENS}}
     config_path = directory / "appliance.yaml"
     config_path.write_text(json.dumps(config))          # JSON is YAML
     log_path = directory / "appliance.log"
@@ -115,12 +129,12 @@ def start_appliance(directory: Path, extra_turn: dict | None = None, workers: in
     proc = subprocess.Popen([sys.executable, "-m", "appliance", "serve", "--config", str(config_path)],
                             stdout=log_file, stderr=subprocess.STDOUT)
     log_file.close()
-    relay = RunningRelay(proc, "127.0.0.1", port, tls_port, secret.value, cert, log_path)
+    relay = RunningRelay(proc, "127.0.0.1", port, tls_port, secret.value, cert, log_path, http_port)
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"appliance exited with {proc.returncode}:\n{relay.log()}")
-        if stun_binding_ok("127.0.0.1", port):
+        if stun_binding_ok("127.0.0.1", port) and tcp_open("127.0.0.1", http_port):
             return relay
         time.sleep(0.1)
     stop_appliance(relay)

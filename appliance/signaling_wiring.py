@@ -1,0 +1,73 @@
+"""Builds the signaling service (token verifier, STOMP limits, Quart app, Hypercorn
+settings) from the configuration."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+
+from signaling.app import create_app
+from signaling.auth import JwtVerifier, StaticVerifier, TokenVerifier
+from signaling.stomp import Limits
+
+from .config import AppConfig
+
+DEV_JWT_KEY_FILE = "jwt.key"
+
+
+def dev_jwt_key(data_dir: Path) -> str:
+    """The development HS256 key under data_dir, created (0600) on first use."""
+    path = Path(data_dir) / DEV_JWT_KEY_FILE
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        pass
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    key = secrets.token_urlsafe(48)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:           # another process made it first: use theirs
+        return path.read_text().strip()
+    with os.fdopen(fd, "w") as f:
+        f.write(key + "\n")
+    return key
+
+
+def jwt_signing_key(config: AppConfig) -> str:
+    """The HS256 key tokens are checked (and `appliance token` signs) with."""
+    return config.auth.jwt_key or dev_jwt_key(config.data_dir)
+
+
+def token_verifier(config: AppConfig) -> TokenVerifier:
+    auth = config.auth
+    if auth.mode == "static":
+        return StaticVerifier(dict(auth.tokens))
+    if auth.jwt_public_key is not None:
+        return JwtVerifier.public_key(auth.jwt_public_key.read_bytes())
+    return JwtVerifier.hs256(jwt_signing_key(config))
+
+
+def stomp_limits(config: AppConfig) -> Limits:
+    s = config.stomp
+    return Limits(max_frame_bytes=s.max_frame_bytes, max_subscriptions=s.max_subscriptions,
+                  heartbeat_ms=s.heartbeat_ms)
+
+
+def signaling_app(config: AppConfig):
+    return create_app(config.http.prefix, token_verifier(config), stomp_limits(config),
+                      config.stomp.max_outbox)
+
+
+def hypercorn_config(config: AppConfig, cert: Path | None, key: Path | None):
+    from hypercorn.config import Config
+
+    h = config.http
+    hc = Config()
+    hc.bind = [str(h.listen)]
+    hc.accesslog = None
+    hc.errorlog = None            # our logging, not hypercorn's
+    hc.graceful_timeout = 5
+    if h.tls:
+        hc.certfile, hc.keyfile = str(cert), str(key)
+    return hc

@@ -1,0 +1,23 @@
+"""The Quart application of the signaling service."""
+
+from __future__ import annotations
+
+from quart import Quart, websocket
+
+from .auth import TokenVerifier
+from .broker import MemoryBroker
+from .service import SignalingService
+from .stomp import Limits
+from .ws import serve_websocket
+
+
+def create_app(prefix: str, verifier: TokenVerifier, limits: Limits, max_outbox: int) -> Quart:
+    app = Quart("signaling")
+    service = SignalingService(MemoryBroker(), verifier)
+    app.extensions["signaling"] = service
+
+    @app.websocket(f"{prefix}/ws")
+    async def stomp_websocket():
+        await serve_websocket(websocket._get_current_object(), service, limits, max_outbox)
+
+    return app
