@@ -6,6 +6,7 @@ from quart import Quart, websocket
 
 from .auth import TokenVerifier
 from .broker import MemoryBroker
+from .http_api import install_envelope_errors
 from .service import SignalingService
 from .stomp import Limits
 from .ws import serve_websocket
@@ -15,6 +16,7 @@ def create_app(prefix: str, verifier: TokenVerifier, limits: Limits, max_outbox:
     app = Quart("signaling")
     service = SignalingService(MemoryBroker(), verifier)
     app.extensions["signaling"] = service
+    install_envelope_errors(app)
 
     @app.websocket(f"{prefix}/ws")
     async def stomp_websocket():

@@ -1,0 +1,61 @@
+"""The HTTP API's envelope (API.md §2): every response is {"code", "msg", "data"}.
+
+`code` below 1000 equals the HTTP status; business errors (above 1000) go
+out with status 200.  Errors are enveloped too -- unknown paths 404, bad
+JSON 400, a missing or invalid `ide` token 401 -- and an unexpected failure is
+a 500 whose body says nothing about the code (the stack goes to the log).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from quart import Quart, Response, jsonify, request
+from werkzeug.exceptions import HTTPException
+
+from .auth import TokenVerifier
+
+log = logging.getLogger("signaling.http")
+
+MESSAGES = {200: "ok", 400: "bad request", 401: "unauthorized", 403: "forbidden",
+            404: "not found", 405: "method not allowed", 413: "request too large",
+            500: "internal error"}
+
+
+class ApiError(Exception):
+    def __init__(self, code: int, msg: str | None = None) -> None:
+        super().__init__(code)
+        self.code = code
+        self.msg = msg or MESSAGES.get(code, "error")
+
+
+def envelope(code: int = 200, msg: str | None = None, data=None) -> Response:
+    response = jsonify({"code": code, "msg": msg or MESSAGES.get(code, "error"), "data": data})
+    response.status_code = code if code < 1000 else 200
+    return response
+
+
+async def authenticated_user(verifier: TokenVerifier) -> str:
+    """The user the request's `ide` token belongs to, or ApiError 401."""
+    token = request.headers.get("ide")
+    if not token:
+        raise ApiError(401, "unauthorized: no ide token")
+    user = await verifier.verify(token)
+    if user is None:
+        raise ApiError(401)
+    return user
+
+
+def install_envelope_errors(app: Quart) -> None:
+    @app.errorhandler(ApiError)
+    async def api_error(err: ApiError):
+        return envelope(err.code, err.msg)
+
+    @app.errorhandler(HTTPException)
+    async def http_error(err: HTTPException):
+        return envelope(err.code or 500, MESSAGES.get(err.code or 500, err.name.lower()))
+
+    @app.errorhandler(Exception)
+    async def unexpected(err: Exception):
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return envelope(500)
