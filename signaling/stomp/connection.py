@@ -238,6 +238,10 @@ class StompServerConnection:
             h.update(headers)
         self._queue(Frame("MESSAGE", h, body), now)
 
+    @property
+    def has_output(self) -> bool:
+        return bool(self._out)
+
     def data_to_send(self) -> list[bytes]:
         out, self._out = self._out, []
         return out
