@@ -8,6 +8,7 @@ from .auth import TokenVerifier
 from .broker import MemoryBroker
 from .http_api import install_envelope_errors
 from .service import SignalingService
+from .sockjs.server import SockJSServer
 from .stomp import Limits
 from .ws import serve_websocket
 
@@ -22,4 +23,5 @@ def create_app(prefix: str, verifier: TokenVerifier, limits: Limits, max_outbox:
     async def stomp_websocket():
         await serve_websocket(websocket._get_current_object(), service, limits, max_outbox)
 
+    SockJSServer(service, limits, max_outbox).install(app, f"{prefix}/ws")
     return app

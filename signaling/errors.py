@@ -19,7 +19,8 @@ class SignalingError(Exception):
         self.message = message
 
     def body(self) -> bytes:
-        return json.dumps({"code": self.code, "message": self.message}, ensure_ascii=False).encode()
+        return json.dumps({"code": self.code, "message": self.message}, ensure_ascii=False,
+                          separators=(",", ":")).encode()
 
 
 def bad_request(message: str) -> SignalingError:

@@ -22,7 +22,7 @@ MAX_USER_ID_LENGTH = 128
 
 def status_body(entries: list[tuple[str, bool]]) -> bytes:
     return json.dumps([{"userId": u, "status": "ONLINE" if on else "OFFLINE"} for u, on in entries],
-                      ensure_ascii=False).encode()
+                      ensure_ascii=False, separators=(",", ":")).encode()
 
 
 class Presence:

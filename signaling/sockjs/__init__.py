@@ -1,0 +1,1 @@
+"""SockJS: the fallback transports sockjs-client uses when WebSockets are blocked."""

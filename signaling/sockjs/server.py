@@ -1,0 +1,309 @@
+"""SockJS on Quart: /info, and the websocket, xhr_streaming, xhr + xhr_send and
+eventsource transports at `{base}/{server}/{session}/{transport}`.
+
+Each SockJS session carries one StompEndpoint.  Outbound STOMP frames become
+SockJS messages (a STOMP heart-beat is the message "\\n" inside a["\\n"]: SockJS
+`h` frames never reach stomp.js); inbound SockJS messages are fed to the
+endpoint.  A task per session serves the STOMP timer and ends the session
+when no receiver has come back within the disconnect delay.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+
+from quart import Quart, Response, make_response, request, websocket
+
+from ..endpoint import StompEndpoint
+from ..service import SignalingService
+from ..stomp import Limits
+from .protocol import (ANOTHER_CONNECTION, HEARTBEAT_FRAME, HEARTBEAT_S, STREAMING_LIMIT_BYTES,
+                       PayloadError, SockJSSession, State, close_frame, decode_payload, message_frame)
+
+log = logging.getLogger("signaling.sockjs")
+
+JS = "application/javascript; charset=UTF-8"
+SESSION_TICK_S = 1.0
+MAX_SESSIONS = 20000
+
+
+class Carrier:
+    """A SockJS session together with the STOMP client it carries."""
+
+    def __init__(self, session: SockJSSession, endpoint_factory) -> None:
+        self.sockjs = session
+        self.ready = asyncio.Event()          # a frame is waiting for a receiver
+        self.endpoint: StompEndpoint = endpoint_factory(self._on_output)
+        self.task: asyncio.Task | None = None
+
+    def _on_output(self) -> None:
+        for chunk in self.endpoint.take_output():
+            self.sockjs.send(chunk.decode("utf-8"))
+        if self.endpoint.closed:
+            self.sockjs.close()
+        self.ready.set()
+
+    def next_frame(self) -> str | None:
+        """What a receiver should write now: queued messages first, then a close frame."""
+        frame = self.sockjs.drain()
+        if frame is None and self.sockjs.state is State.CLOSED:
+            return close_frame(*self.sockjs.close_reason)
+        return frame
+
+
+class SockJSServer:
+    def __init__(self, service: SignalingService, limits: Limits, max_outbox: int) -> None:
+        self.service = service
+        self.limits = limits
+        self.max_outbox = max_outbox
+        self.carriers: dict[str, Carrier] = {}
+
+    # ------------------------------------------------------------ sessions
+
+    def _carrier(self, session_id: str, create: bool) -> Carrier | None:
+        carrier = self.carriers.get(session_id)
+        if carrier is not None or not create or len(self.carriers) >= MAX_SESSIONS:
+            return carrier
+        now = time.monotonic()
+        user = request.args.get("userId") if request else None
+        carrier = Carrier(SockJSSession(session_id, now),
+                          lambda wake: StompEndpoint(self.service, self.limits, self.max_outbox,
+                                                     user, now, wake))
+        self.carriers[session_id] = carrier
+        carrier.task = asyncio.get_running_loop().create_task(self._watch(carrier))
+        return carrier
+
+    async def _watch(self, carrier: Carrier) -> None:
+        """The STOMP timer, and the end of a session nobody receives any more."""
+        try:
+            while True:
+                await asyncio.sleep(SESSION_TICK_S)
+                now = time.monotonic()
+                timer = carrier.endpoint.next_timer()
+                if timer is not None and timer <= asyncio.get_running_loop().time():
+                    carrier.endpoint.tick(asyncio.get_running_loop().time())
+                if carrier.sockjs.expired(now):
+                    break
+        finally:
+            carrier.sockjs.close()
+            carrier.endpoint.finish()
+            self.carriers.pop(carrier.sockjs.id, None)
+
+    async def _feed(self, carrier: Carrier, messages: list[str]) -> None:
+        loop_now = asyncio.get_running_loop().time()
+        for message in messages:
+            await carrier.endpoint.feed(message, loop_now)
+
+    # ------------------------------------------------------------ routes
+
+    def install(self, app: Quart, base: str) -> None:
+        session_url = base + "/<server_id>/<session_id>"
+
+        @app.route(base, methods=["GET"])
+        @app.route(base + "/", methods=["GET"])
+        async def greeting():
+            return Response("Welcome to SockJS!\n", content_type="text/plain; charset=UTF-8")
+
+        @app.route(base + "/info", methods=["GET", "OPTIONS"])
+        async def info():
+            if request.method == "OPTIONS":
+                return self._options("OPTIONS, GET")
+            response = await make_response({"websocket": True, "origins": ["*:*"],
+                                            "cookie_needed": False,
+                                            "entropy": random.getrandbits(32)})
+            return self._cors(self._no_cache(response))
+
+        @app.route(session_url + "/xhr", methods=["POST", "OPTIONS"])
+        async def xhr(server_id: str, session_id: str):
+            if request.method == "OPTIONS":
+                return self._options("OPTIONS, POST")
+            self._check_ids(server_id, session_id)
+            return await self._poll(session_id)
+
+        @app.route(session_url + "/xhr_send", methods=["POST", "OPTIONS"])
+        async def xhr_send(server_id: str, session_id: str):
+            if request.method == "OPTIONS":
+                return self._options("OPTIONS, POST")
+            self._check_ids(server_id, session_id)
+            return await self._receive_send(session_id)
+
+        @app.route(session_url + "/xhr_streaming", methods=["POST", "OPTIONS"])
+        async def xhr_streaming(server_id: str, session_id: str):
+            if request.method == "OPTIONS":
+                return self._options("OPTIONS, POST")
+            self._check_ids(server_id, session_id)
+            return self._stream(session_id, "h" * 2048 + "\n", lambda f: f + "\n", JS)
+
+        @app.route(session_url + "/eventsource", methods=["GET"])
+        async def eventsource(server_id: str, session_id: str):
+            self._check_ids(server_id, session_id)
+            return self._stream(session_id, "\r\n", lambda f: f"data: {f}\r\n\r\n",
+                                "text/event-stream; charset=UTF-8")
+
+        @app.websocket(session_url + "/websocket")
+        async def sockjs_websocket(server_id: str, session_id: str):
+            self._check_ids(server_id, session_id)
+            await self._websocket(session_id)
+
+    # ------------------------------------------------------------ transports
+
+    async def _poll(self, session_id: str) -> Response:
+        carrier = self._carrier(session_id, create=True)
+        if carrier is None:
+            return self._js(close_frame(*ANOTHER_CONNECTION) + "\n")
+        first = carrier.sockjs.first_frame()
+        if first is not None:
+            return self._js(first + "\n")
+        if not carrier.sockjs.attach(time.monotonic()):
+            return self._js(close_frame(*ANOTHER_CONNECTION) + "\n")
+        try:
+            frame = carrier.next_frame()
+            if frame is None:
+                carrier.ready.clear()
+                try:
+                    await asyncio.wait_for(carrier.ready.wait(), HEARTBEAT_S)
+                except asyncio.TimeoutError:
+                    pass
+                frame = carrier.next_frame() or HEARTBEAT_FRAME
+            return self._js(frame + "\n")
+        finally:
+            carrier.sockjs.detach(time.monotonic())
+
+    async def _receive_send(self, session_id: str) -> Response:
+        carrier = self.carriers.get(session_id)
+        if carrier is None:
+            return Response("", status=404)
+        try:
+            messages = decode_payload((await request.get_data()).decode("utf-8", "replace"))
+        except PayloadError as exc:
+            return self._cors(Response(str(exc), status=500, content_type="text/plain; charset=UTF-8"))
+        await self._feed(carrier, messages)
+        return self._cors(Response("", status=204, content_type="text/plain; charset=UTF-8"))
+
+    def _stream(self, session_id: str, prelude: str, wrap, content_type: str) -> Response:
+        carrier = self._carrier(session_id, create=True)
+
+        async def body():
+            yield prelude.encode()
+            if carrier is None:
+                yield wrap(close_frame(*ANOTHER_CONNECTION)).encode()
+                return
+            first = carrier.sockjs.first_frame()
+            if first is not None:
+                yield wrap(first).encode()
+                if carrier.sockjs.state is State.CLOSED:
+                    return
+            if not carrier.sockjs.attach(time.monotonic()):
+                yield wrap(close_frame(*ANOTHER_CONNECTION)).encode()
+                return
+            sent = 0
+            try:
+                while sent < STREAMING_LIMIT_BYTES:
+                    frame = carrier.next_frame()
+                    if frame is None:
+                        carrier.ready.clear()
+                        try:
+                            await asyncio.wait_for(carrier.ready.wait(), HEARTBEAT_S)
+                        except asyncio.TimeoutError:
+                            frame = HEARTBEAT_FRAME
+                        else:
+                            continue
+                    data = wrap(frame).encode()
+                    sent += len(data)
+                    yield data
+                    if frame.startswith("c["):
+                        return
+            finally:
+                carrier.sockjs.detach(time.monotonic())
+
+        response = Response(body(), content_type=content_type)
+        response.timeout = None
+        return self._cors(self._no_cache(response))
+
+    async def _websocket(self, session_id: str) -> None:
+        # A SockJS websocket is its own session: no other transport may join it.
+        await websocket.accept()
+        loop = asyncio.get_running_loop()
+        ready = asyncio.Event()
+        session = SockJSSession(session_id, time.monotonic())
+        endpoint = StompEndpoint(self.service, self.limits, self.max_outbox,
+                                 websocket.args.get("userId"), loop.time(), ready.set)
+        await websocket.send(session.first_frame())
+
+        async def write() -> None:
+            while True:
+                await ready.wait()
+                ready.clear()
+                chunks = [c.decode("utf-8") for c in endpoint.take_output()]
+                if chunks:
+                    await websocket.send(message_frame(chunks))
+                if endpoint.closed:
+                    await websocket.send(close_frame(*session.close_reason))
+                    return
+
+        writer = loop.create_task(write())
+        try:
+            while not endpoint.closed:
+                timer = endpoint.next_timer()
+                timeout = HEARTBEAT_S if timer is None else min(HEARTBEAT_S, max(0.0, timer - loop.time()))
+                try:
+                    data = await asyncio.wait_for(websocket.receive(), timeout)
+                except asyncio.TimeoutError:
+                    endpoint.tick(loop.time())
+                    if not ready.is_set():
+                        await websocket.send(HEARTBEAT_FRAME)
+                    continue
+                text = data if isinstance(data, str) else data.decode("utf-8", "replace")
+                if not text:
+                    continue
+                try:
+                    messages = decode_payload(text)
+                except PayloadError:
+                    break            # the protocol says: broken JSON closes the connection
+                for message in messages:
+                    await endpoint.feed(message, loop.time())
+            ready.set()
+            await asyncio.wait_for(writer, 5)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("sockjs websocket failed")
+        finally:
+            if not writer.done():
+                writer.cancel()
+            endpoint.finish()
+
+    # ------------------------------------------------------------ HTTP details
+
+    @staticmethod
+    def _check_ids(server_id: str, session_id: str) -> None:
+        from werkzeug.exceptions import NotFound
+        if not server_id or not session_id or "." in server_id or "." in session_id:
+            raise NotFound()
+
+    @staticmethod
+    def _no_cache(response: Response) -> Response:
+        response.headers["Cache-Control"] = "no-store, no-cache, no-transform, must-revalidate, max-age=0"
+        return response
+
+    @staticmethod
+    def _cors(response: Response) -> Response:
+        origin = request.headers.get("Origin")
+        response.headers["Access-Control-Allow-Origin"] = origin if origin and origin != "null" else "*"
+        response.headers["Access-Control-Allow-Credentials"] = "true"
+        if request.headers.get("Access-Control-Request-Headers"):
+            response.headers["Access-Control-Allow-Headers"] = request.headers["Access-Control-Request-Headers"]
+        return response
+
+    def _options(self, methods: str) -> Response:
+        response = Response("", status=204)
+        response.headers["Access-Control-Allow-Methods"] = methods
+        response.headers["Access-Control-Max-Age"] = "31536000"
+        response.headers["Cache-Control"] = "public, max-age=31536000"
+        return self._cors(response)
+
+    def _js(self, text: str) -> Response:
+        return self._cors(self._no_cache(Response(text, content_type=JS)))
