@@ -1,0 +1,48 @@
+"""The JavaScript clients the existing web apps use, under Node, against our signaling:
+@stomp/stompjs v7 over a native WebSocket and over sockjs-client, and the legacy
+stompjs 2.3 (`Stomp.over(new SockJS(url))`), each SockJS transport on its own
+(websocket, xhr-streaming, xhr-polling).  tests/js/client.js runs the session and
+checks every answer; this test runs it and reads its verdict."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+JS_DIR = Path(__file__).resolve().parent.parent / "js"
+
+MODES = ["stompjs-ws",
+         "stompjs-sockjs-websocket", "stompjs-sockjs-xhr-streaming", "stompjs-sockjs-xhr-polling",
+         "legacy-sockjs-websocket", "legacy-sockjs-xhr-streaming", "legacy-sockjs-xhr-polling"]
+
+
+def node_with_clients() -> str:
+    node = shutil.which("node")
+    problem = None
+    if node is None:
+        problem = "node not found: apt-get install nodejs npm"
+    elif not (JS_DIR / "node_modules" / "@stomp" / "stompjs").is_dir():
+        problem = "JS clients not installed: npm ci --prefix tests/js"
+    if problem:
+        if os.environ.get("REQUIRE_INTEROP") == "1":
+            pytest.fail(problem)
+        pytest.skip(problem)
+    return node
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_js_client_session(relay, mode):
+    node = node_with_clients()
+    done = subprocess.run([node, str(JS_DIR / "client.js"), mode, f"http://127.0.0.1:{relay.http_port}",
+                           "/imserver"], capture_output=True, text=True, timeout=90)
+    steps = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    assert done.returncode == 0 and steps and steps[-1]["step"] == "ok", \
+        f"{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    names = [s["step"] for s in steps]
+    assert names == ["connected", "status answer", "online push", "offline push", "error code",
+                     "still served", "ok"]
