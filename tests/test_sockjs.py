@@ -1,0 +1,143 @@
+"""The SockJS server protocol at the HTTP level (the sockjs-protocol suite's classes for
+our transports: Protocol, InfoTest, SessionURLs, XhrPolling, XhrStreaming, EventSource,
+HandlingClose, JSONEncoding), plus STOMP carried over it."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from signaling.app import create_app
+from signaling.auth import StaticVerifier
+from signaling.sockjs.protocol import (DISCONNECT_DELAY_S, PayloadError, SockJSSession, close_frame,
+                                       decode_payload, message_frame, quote)
+from signaling.stomp import Limits
+
+BASE = "/imserver/ws"
+CONNECT = "CONNECT\naccept-version:1.2\nide:tok-a\n\n\x00"
+
+
+@pytest.fixture
+def client():
+    app = create_app("/imserver", StaticVerifier({"tok-a": "alice"}), Limits(heartbeat_ms=(0, 0)), 64)
+    return app.test_client()
+
+
+async def text(response) -> str:
+    return await response.get_data(as_text=True)
+
+
+async def test_greeting(client):
+    for path in (BASE, BASE + "/"):
+        response = await client.get(path)
+        assert response.status_code == 200 and await text(response) == "Welcome to SockJS!\n"
+        assert response.content_type.startswith("text/plain")
+
+
+async def test_info(client):
+    response = await client.get(BASE + "/info?userId=alice", headers={"Origin": "https://app.example"})
+    body = await response.get_json()
+    assert body["websocket"] is True and body["cookie_needed"] is False
+    assert body["origins"] == ["*:*"] and isinstance(body["entropy"], int)
+    assert "no-cache" in response.headers["Cache-Control"]
+    assert response.headers["Access-Control-Allow-Origin"] == "https://app.example"
+    assert response.headers["Access-Control-Allow-Credentials"] == "true"
+    assert (await (await client.get(BASE + "/info")).get_json())["entropy"] != body["entropy"]
+
+
+async def test_info_options(client):
+    response = await client.options(BASE + "/info", headers={"Origin": "https://a.example"})
+    assert response.status_code == 204
+    assert "GET" in response.headers["Access-Control-Allow-Methods"]
+    assert int(response.headers["Access-Control-Max-Age"]) > 1000
+
+
+@pytest.mark.parametrize("path", ["/a.b/c/xhr", "/a/c.d/xhr", "//c/xhr"])
+async def test_session_urls_reject_dots_and_empty_parts(client, path):
+    assert (await client.post(BASE + path)).status_code == 404
+
+
+async def test_xhr_polling_session(client):
+    url = BASE + "/000/s1/"
+    assert await text(await client.post(url + "xhr?userId=alice")) == "o\n"
+    response = await client.post(url + "xhr_send", data=json.dumps([CONNECT]))
+    assert response.status_code == 204
+    frame = await text(await client.post(url + "xhr"))
+    assert frame.startswith("a[") and frame.endswith("]\n")
+    (stomp_frame,) = json.loads(frame[1:])
+    assert stomp_frame.startswith("CONNECTED\nversion:1.2\n")
+
+
+async def test_xhr_send_errors(client):
+    url = BASE + "/000/s2/"
+    await client.post(url + "xhr")
+    assert (await client.post(BASE + "/000/unknown/xhr_send", data="[]")).status_code == 404
+    response = await client.post(url + "xhr_send", data="")
+    assert response.status_code == 500 and await text(response) == "Payload expected."
+    response = await client.post(url + "xhr_send", data="[\"a\"")
+    assert response.status_code == 500 and await text(response) == "Broken JSON encoding."
+
+
+async def test_closed_session_answers_go_away(client):
+    url = BASE + "/000/s3/"
+    await client.post(url + "xhr?userId=alice")
+    await client.post(url + "xhr_send", data=json.dumps(["SEND\ndestination:/app/x\n\n\x00"]))
+    frame = await text(await client.post(url + "xhr"))
+    (error,) = json.loads(frame[1:])
+    assert error.startswith("ERROR\n")                 # SEND before CONNECT
+    assert await text(await client.post(url + "xhr")) == 'c[3000,"Go away!"]\n'
+
+
+async def test_xhr_streaming_prelude_open_and_frames(client):
+    url = BASE + "/000/s4/"
+    async with client.request(url + "xhr_streaming?userId=alice", method="POST") as connection:
+        await connection.send_complete()
+        data = b""
+        while b"o\n" not in data:
+            data += await connection.receive()
+        assert data.startswith(b"h" * 2048 + b"\n")
+        await client.post(url + "xhr_send", data=json.dumps([CONNECT]))
+        while b"a[" not in data:
+            data += await connection.receive()
+        assert b"CONNECTED" in data
+        await connection.disconnect()
+
+
+async def test_eventsource(client):
+    url = BASE + "/000/s5/"
+    async with client.request(url + "eventsource?userId=alice", method="GET") as connection:
+        await connection.send_complete()
+        data = b""
+        while b"data: o\r\n\r\n" not in data:
+            data += await connection.receive()
+        assert data.startswith(b"\r\n")
+        await connection.disconnect()
+
+
+def test_json_encoding_escapes_what_browsers_mangle_and_keeps_chinese():
+    assert quote("你好") == '"你好"'
+    assert quote("\u2028\u0000\ufeff") == '"\\u2028\\u0000\\ufeff"'
+    assert json.loads(message_frame(["a\u2028b", "中"])[1:]) == ["a\u2028b", "中"]
+    assert close_frame(3000, "Go away!") == 'c[3000,"Go away!"]'
+
+
+@pytest.mark.parametrize("payload, messages", [('["a","b"]', ["a", "b"]), ('"x"', ["x"]), ("[]", [])])
+def test_payloads(payload, messages):
+    assert decode_payload(payload) == messages
+
+
+@pytest.mark.parametrize("payload", ["", "[1]", "{", "{}"])
+def test_bad_payloads(payload):
+    with pytest.raises(PayloadError):
+        decode_payload(payload)
+
+
+def test_session_expires_without_a_receiver():
+    session = SockJSSession("s", now=0.0)
+    assert session.first_frame() == "o" and session.first_frame() is None
+    assert session.attach(1.0) and not session.attach(1.5)      # a second receiver is refused
+    assert not session.expired(100.0)                            # attached: never expires
+    session.detach(2.0)
+    assert not session.expired(2.0 + DISCONNECT_DELAY_S)
+    assert session.expired(2.1 + DISCONNECT_DELAY_S)
