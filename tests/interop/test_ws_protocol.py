@@ -1,0 +1,84 @@
+"""The native WebSocket endpoint with a plain WebSocket client (websocket-client): subprotocol
+echo, frames split over messages the way stomp-websocket 2.3 splits them, and the
+protocol violations that end one connection (ERROR, then close) without touching another."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import websocket
+
+CONNECT = "CONNECT\naccept-version:1.1,1.2\nide:{token}\nheart-beat:0,0\n\n\x00"
+
+
+def open_ws(relay, user="alice", subprotocols=("v10.stomp", "v11.stomp", "v12.stomp")):
+    return websocket.create_connection(f"ws://127.0.0.1:{relay.http_port}/imserver/ws?userId={user}",
+                                       subprotocols=list(subprotocols), timeout=5)
+
+
+def connect(relay, user="alice", token="tok-alice"):
+    ws = open_ws(relay, user)
+    ws.send(CONNECT.format(token=token))
+    assert ws.recv().startswith("CONNECTED\n")
+    return ws
+
+
+def frame_of(text: str) -> tuple[str, dict, str]:
+    head, _, body = text.partition("\n\n")
+    lines = head.split("\n")
+    return lines[0], dict(line.split(":", 1) for line in lines[1:]), body.rstrip("\x00")
+
+
+def assert_error_then_close(ws, fragment: str) -> None:
+    command, headers, _ = frame_of(ws.recv())
+    assert command == "ERROR" and fragment in headers["message"], headers
+    with pytest.raises((websocket.WebSocketConnectionClosedException, ConnectionError)):
+        for _ in range(3):
+            if ws.recv() in ("", None):
+                raise websocket.WebSocketConnectionClosedException()
+
+
+@pytest.mark.parametrize("offered, chosen", [(["v10.stomp", "v12.stomp"], "v12.stomp"),
+                                             (["v11.stomp", "v10.stomp"], "v11.stomp"),
+                                             (["v10.stomp"], "v10.stomp")])
+def test_subprotocol_echo_prefers_the_newest(relay, offered, chosen):
+    ws = open_ws(relay, subprotocols=offered)
+    assert ws.getsubprotocol() == chosen
+    ws.close()
+
+
+def test_frames_split_into_16k_messages_are_reassembled(relay):
+    ws = connect(relay)
+    ws.send("SUBSCRIBE\nid:s\ndestination:/topic/user/status\n\n\x00")
+    ids = [f"user-{i:05d}-{'x' * 60}" for i in range(200)]          # ~17 KiB of JSON
+    body = json.dumps(ids)
+    frame = f"SEND\ndestination:/app/user/status\ncontent-length:{len(body)}\n\n{body}\x00"
+    for i in range(0, len(frame), 16384):
+        ws.send(frame[i:i + 16384])
+    command, headers, payload = frame_of(ws.recv())
+    assert command == "MESSAGE" and len(json.loads(payload)) == 200
+    assert int(headers["content-length"]) == len(payload.encode())
+    ws.close()
+
+
+@pytest.mark.parametrize("data, fragment", [
+    ("SEND\ndestination:/app/x\n\n\x00", "before CONNECT"),
+    ("\x01\x02garbage\n\n\x00", "unknown command"),
+    ("CONNECT\naccept-version:9.9\n\n\x00", "Supported protocol versions"),
+])
+def test_protocol_violations_get_error_then_close(relay, data, fragment):
+    bystander = connect(relay, "bob", "tok-bob")
+    ws = open_ws(relay)
+    ws.send(data)
+    assert_error_then_close(ws, fragment)
+    bystander.send("SUBSCRIBE\nid:s\ndestination:/topic/user/status\n\n\x00"
+                   "SEND\ndestination:/app/user/status\n\n[\"bob\"]\x00")
+    assert json.loads(frame_of(bystander.recv())[2]) == [{"userId": "bob", "status": "ONLINE"}]
+    bystander.close()
+
+
+def test_oversized_frame_is_error_then_close(relay):
+    ws = connect(relay)
+    ws.send("SEND\ndestination:/app/user/status\n\n" + "x" * 70000)
+    assert_error_then_close(ws, "larger than 65536")
