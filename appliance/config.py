@@ -27,7 +27,7 @@ from typing import Any, Mapping
 import yaml
 
 from .config_checks import (at_least, attribute_text, between, heartbeat_pair, ip_of, network,
-                            network_or_recommended, one_of, port_range, token_map, url_prefix)
+                            network_or_recommended, one_of, port_range, token_map, url_prefix, http_url)
 
 ENV_PREFIX = "APPLIANCE__"
 
@@ -133,10 +133,12 @@ class HttpConfig:
 class AuthConfig:
     """How the `ide` token of a client is checked."""
 
-    mode: str = opt("jwt", "jwt | static", one_of("jwt", "static"))
+    mode: str = opt("jwt", "jwt | static | http", one_of("jwt", "static", "http"))
     jwt_key: str | None = opt(None, "HS256 key; null: a development key under data_dir")
     jwt_public_key: Path | None = opt(None, "PEM public key for RS256/ES256 tokens (instead of jwt_key)")
     tokens: tuple[tuple[str, str], ...] = opt((), "static mode: token -> userId", parse=token_map)
+    introspect_url: str | None = opt(None, "http mode: where tokens are POSTed", http_url)
+    cache_s: int = opt(60, "http mode: how long an answer is reused", at_least(0))
 
 
 @dataclass(frozen=True)
@@ -399,6 +401,8 @@ def _cross_checks(config: AppConfig) -> None:
     a = config.auth
     if a.jwt_public_key is not None and not (a.jwt_public_key.is_file() and os.access(a.jwt_public_key, os.R_OK)):
         raise ConfigError("auth.jwt_public_key", f"{a.jwt_public_key} does not exist or is not readable")
+    if a.mode == "http" and not a.introspect_url:
+        raise ConfigError("auth.introspect_url", "http mode needs the introspection URL")
     if a.mode == "static" and not a.tokens:
         raise ConfigError("auth.tokens", "static mode needs at least one token: userId entry")
     if a.mode == "jwt" and a.jwt_key is not None and a.jwt_public_key is not None:

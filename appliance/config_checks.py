@@ -115,3 +115,9 @@ def heartbeat_pair(value: Any) -> tuple[int, int]:
     if len(parts) != 2 or not all(p.isdigit() for p in parts):
         raise ValueError(f'expected "send_ms,receive_ms", got {value!r}')
     return int(parts[0]), int(parts[1])
+
+
+def http_url(value: str) -> str | None:
+    if not (value.startswith("http://") or value.startswith("https://")) or " " in value:
+        return f"must be an http:// or https:// URL, got {value!r}"
+    return None

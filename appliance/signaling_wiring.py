@@ -8,7 +8,7 @@ import secrets
 from pathlib import Path
 
 from signaling.app import create_app
-from signaling.auth import JwtVerifier, StaticVerifier, TokenVerifier
+from signaling.auth import HttpVerifier, JwtVerifier, StaticVerifier, TokenVerifier
 from signaling.stomp import Limits
 
 from .config import AppConfig
@@ -43,6 +43,8 @@ def token_verifier(config: AppConfig) -> TokenVerifier:
     auth = config.auth
     if auth.mode == "static":
         return StaticVerifier(dict(auth.tokens))
+    if auth.mode == "http":
+        return HttpVerifier(auth.introspect_url, auth.cache_s)
     if auth.jwt_public_key is not None:
         return JwtVerifier.public_key(auth.jwt_public_key.read_bytes())
     return JwtVerifier.hs256(jwt_signing_key(config))

@@ -8,13 +8,18 @@ network call.  Tokens never reach a log: failures are logged by reason only.
 from __future__ import annotations
 
 import logging
-from typing import Mapping, Protocol
+import time
+from collections import OrderedDict
+from typing import Callable, Mapping, Protocol
 
+import httpx
 import jwt
 
 log = logging.getLogger("signaling.auth")
 
 JWT_LEEWAY_S = 5
+INTROSPECT_TIMEOUT_S = 3.0
+INTROSPECT_CACHE_ENTRIES = 10000
 
 
 class TokenVerifier(Protocol):
@@ -64,3 +69,53 @@ def mint_jwt(secret: str, user_id: str, now: float, ttl_s: int) -> str:
     """A development HS256 token for `user_id` (`appliance token`)."""
     return jwt.encode({"sub": user_id, "iat": int(now), "exp": int(now) + ttl_s}, secret,
                       algorithm="HS256")
+
+
+class HttpVerifier:
+    """Asks the customer's IM backend: POST {"token": ...} to `url`.
+
+    The backend answers 200 with {"userId": "..."} (or the API envelope
+    {"code": 200, "data": {"userId": "..."}}) for a valid token and anything
+    else for an invalid one.  Answers, valid and invalid, are cached for
+    `cache_s` in a bounded LRU, so a reconnect storm does not become an
+    introspection storm.  A backend that cannot be reached refuses the token
+    (and says so in the log) rather than letting anyone in.
+    """
+
+    def __init__(self, url: str, cache_s: float, clock: Callable[[], float] = time.monotonic,
+                 client: httpx.AsyncClient | None = None) -> None:
+        self.url = url
+        self.cache_s = cache_s
+        self.clock = clock
+        self._client = client or httpx.AsyncClient(timeout=INTROSPECT_TIMEOUT_S)
+        self._cache: OrderedDict[str, tuple[float, str | None]] = OrderedDict()
+
+    async def verify(self, token: str) -> str | None:
+        now = self.clock()
+        hit = self._cache.get(token)
+        if hit is not None and hit[0] > now:
+            self._cache.move_to_end(token)
+            return hit[1]
+        user = await self._ask(token)
+        self._cache[token] = (now + self.cache_s, user)
+        self._cache.move_to_end(token)
+        while len(self._cache) > INTROSPECT_CACHE_ENTRIES:
+            self._cache.popitem(last=False)
+        return user
+
+    async def _ask(self, token: str) -> str | None:
+        try:
+            response = await self._client.post(self.url, json={"token": token})
+        except httpx.HTTPError as exc:
+            log.warning("token introspection failed: %s", type(exc).__name__)
+            return None
+        if response.status_code != 200:
+            return None
+        try:
+            answer = response.json()
+        except ValueError:
+            return None
+        if isinstance(answer, dict) and isinstance(answer.get("data"), dict):
+            answer = answer["data"]
+        user = answer.get("userId") if isinstance(answer, dict) else None
+        return user if isinstance(user, str) and user else None

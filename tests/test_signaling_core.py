@@ -192,3 +192,35 @@ async def test_jwt_public_key(tmp_path):
     assert await JwtVerifier.public_key(pem).verify(token) == "bob"
     no_exp = jwt.encode({"sub": "bob"}, key, algorithm="ES256")
     assert await JwtVerifier.public_key(pem).verify(no_exp) is None
+
+
+async def test_http_introspection_verifier_asks_caches_and_fails_closed():
+    import httpx
+
+    from signaling.auth import HttpVerifier
+
+    calls = []
+
+    def backend(request: httpx.Request) -> httpx.Response:
+        token = json.loads(request.content)["token"]
+        calls.append(token)
+        if token == "good":
+            return httpx.Response(200, json={"userId": "alice"})
+        if token == "enveloped":
+            return httpx.Response(200, json={"code": 200, "msg": "ok", "data": {"userId": "bob"}})
+        if token == "down":
+            raise httpx.ConnectError("backend down")
+        return httpx.Response(401, json={"code": 401})
+
+    clock = [0.0]
+    verifier = HttpVerifier("http://im.test/introspect", cache_s=60, clock=lambda: clock[0],
+                            client=httpx.AsyncClient(transport=httpx.MockTransport(backend)))
+    assert await verifier.verify("good") == "alice"
+    assert await verifier.verify("good") == "alice"
+    assert calls == ["good"]                            # the second answer came from the cache
+    assert await verifier.verify("enveloped") == "bob"
+    assert await verifier.verify("bad") is None
+    assert await verifier.verify("down") is None        # unreachable backend: refused
+    clock[0] = 61
+    assert await verifier.verify("good") == "alice"
+    assert calls.count("good") == 2
