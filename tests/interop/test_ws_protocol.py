@@ -82,3 +82,13 @@ def test_oversized_frame_is_error_then_close(relay):
     ws = connect(relay)
     ws.send("SEND\ndestination:/app/user/status\n\n" + "x" * 70000)
     assert_error_then_close(ws, "larger than 65536")
+
+
+async def test_permessage_deflate_is_declined(relay):
+    import websockets
+
+    async with websockets.connect(f"ws://127.0.0.1:{relay.http_port}/imserver/ws?userId=alice",
+                                  subprotocols=["v12.stomp"], compression="deflate") as ws:
+        assert "Sec-WebSocket-Extensions" not in ws.response.headers
+        await ws.send(CONNECT.format(token="tok-alice"))
+        assert (await ws.recv()).startswith("CONNECTED\n")
