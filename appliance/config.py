@@ -362,20 +362,27 @@ def _read_file(file: Path) -> Any:
         raise ConfigError("(file)", f"{file} is not valid YAML: {exc}") from None
 
 
+def _check_readable(key: str, path: Path | None) -> None:
+    if path is None:
+        return
+    if not path.exists():
+        raise ConfigError(key, f"{path} does not exist")
+    if not path.is_file() or not os.access(path, os.R_OK):
+        raise ConfigError(key, f"{path} is not a readable file")
+
+
+def _check_tls_files(section: str, cert: Path | None, key: Path | None) -> None:
+    if (cert is None) != (key is None):
+        raise ConfigError(f"{section}.tls_key" if key is None else f"{section}.tls_cert",
+                          "tls_cert and tls_key go together: give both or neither")
+    _check_readable(f"{section}.tls_cert", cert)
+    _check_readable(f"{section}.tls_key", key)
+
+
 def _cross_checks(config: AppConfig) -> None:
     """Rules that involve more than one key."""
     t = config.turn
-    if (t.tls_cert is None) != (t.tls_key is None):
-        raise ConfigError("turn.tls_key" if t.tls_key is None else "turn.tls_cert",
-                          "tls_cert and tls_key go together: give both or neither")
-    for name in ("tls_cert", "tls_key"):
-        path = getattr(t, name)
-        if path is None:
-            continue
-        if not path.exists():
-            raise ConfigError(f"turn.{name}", f"{path} does not exist")
-        if not path.is_file() or not os.access(path, os.R_OK):
-            raise ConfigError(f"turn.{name}", f"{path} is not a readable file")
+    _check_tls_files("turn", t.tls_cert, t.tls_key)
     if any((t.udp, t.tcp, t.tls)) and not (t.relay_ip or t.relay_ip6):
         raise ConfigError("turn.relay_ip", "a TURN listener is enabled but neither relay_ip "
                                            "nor relay_ip6 is set")
@@ -390,17 +397,9 @@ def _cross_checks(config: AppConfig) -> None:
                               f"is set but turn.relay_ip{family} is null (no relaying to advertise)")
     if t.tcp and t.tls and (t.tcp.host, t.tcp.port) == (t.tls.host, t.tls.port):
         raise ConfigError("turn.tls", f"same address as turn.tcp ({t.tcp})")
-    h = config.http
-    if (h.tls_cert is None) != (h.tls_key is None):
-        raise ConfigError("http.tls_key" if h.tls_key is None else "http.tls_cert",
-                          "tls_cert and tls_key go together: give both or neither")
-    for name in ("tls_cert", "tls_key"):
-        path = getattr(h, name)
-        if path is not None and not (path.is_file() and os.access(path, os.R_OK)):
-            raise ConfigError(f"http.{name}", f"{path} does not exist or is not a readable file")
+    _check_tls_files("http", config.http.tls_cert, config.http.tls_key)
     a = config.auth
-    if a.jwt_public_key is not None and not (a.jwt_public_key.is_file() and os.access(a.jwt_public_key, os.R_OK)):
-        raise ConfigError("auth.jwt_public_key", f"{a.jwt_public_key} does not exist or is not readable")
+    _check_readable("auth.jwt_public_key", a.jwt_public_key)
     if a.mode == "http" and not a.introspect_url:
         raise ConfigError("auth.introspect_url", "http mode needs the introspection URL")
     if a.mode == "static" and not a.tokens:

@@ -46,6 +46,18 @@ class Carrier:
             self.sockjs.close()
         self.ready.set()
 
+    async def wait_frame(self, timeout: float) -> str:
+        """The next frame for a receiver; a heart-beat if nothing came within `timeout`."""
+        frame = self.next_frame()
+        while frame is None:
+            self.ready.clear()
+            try:
+                await asyncio.wait_for(self.ready.wait(), timeout)
+            except asyncio.TimeoutError:
+                return HEARTBEAT_FRAME
+            frame = self.next_frame()
+        return frame
+
     def next_frame(self) -> str | None:
         """What a receiver should write now: queued messages first, then a close frame."""
         frame = self.sockjs.drain()
@@ -116,26 +128,13 @@ class SockJSServer:
                                             "entropy": random.getrandbits(32)})
             return self._cors(self._no_cache(response))
 
-        @app.route(session_url + "/xhr", methods=["POST", "OPTIONS"])
-        async def xhr(server_id: str, session_id: str):
-            if request.method == "OPTIONS":
-                return self._options("OPTIONS, POST")
-            self._check_ids(server_id, session_id)
-            return await self._poll(session_id)
-
-        @app.route(session_url + "/xhr_send", methods=["POST", "OPTIONS"])
-        async def xhr_send(server_id: str, session_id: str):
-            if request.method == "OPTIONS":
-                return self._options("OPTIONS, POST")
-            self._check_ids(server_id, session_id)
-            return await self._receive_send(session_id)
-
-        @app.route(session_url + "/xhr_streaming", methods=["POST", "OPTIONS"])
-        async def xhr_streaming(server_id: str, session_id: str):
-            if request.method == "OPTIONS":
-                return self._options("OPTIONS, POST")
-            self._check_ids(server_id, session_id)
+        async def xhr_streaming(session_id: str) -> Response:
             return self._stream(session_id, "h" * 2048 + "\n", lambda f: f + "\n", JS)
+
+        for transport, serve in (("xhr", self._poll), ("xhr_send", self._receive_send),
+                                 ("xhr_streaming", xhr_streaming)):
+            app.add_url_rule(session_url + "/" + transport, f"sockjs_{transport}",
+                             self._xhr_route(serve), methods=["POST", "OPTIONS"])
 
         @app.route(session_url + "/eventsource", methods=["GET"])
         async def eventsource(server_id: str, session_id: str):
@@ -147,6 +146,15 @@ class SockJSServer:
         async def sockjs_websocket(server_id: str, session_id: str):
             self._check_ids(server_id, session_id)
             await self._websocket(session_id)
+
+    def _xhr_route(self, serve):
+        """An XHR transport's view: CORS preflight, session URL check, then `serve`."""
+        async def view(server_id: str, session_id: str):
+            if request.method == "OPTIONS":
+                return self._options("OPTIONS, POST")
+            self._check_ids(server_id, session_id)
+            return await serve(session_id)
+        return view
 
     # ------------------------------------------------------------ transports
 
@@ -160,15 +168,7 @@ class SockJSServer:
         if not carrier.sockjs.attach(time.monotonic()):
             return self._js(close_frame(*ANOTHER_CONNECTION) + "\n")
         try:
-            frame = carrier.next_frame()
-            if frame is None:
-                carrier.ready.clear()
-                try:
-                    await asyncio.wait_for(carrier.ready.wait(), HEARTBEAT_S)
-                except asyncio.TimeoutError:
-                    pass
-                frame = carrier.next_frame() or HEARTBEAT_FRAME
-            return self._js(frame + "\n")
+            return self._js(await carrier.wait_frame(HEARTBEAT_S) + "\n")
         finally:
             carrier.sockjs.detach(time.monotonic())
 
@@ -202,15 +202,7 @@ class SockJSServer:
             sent = 0
             try:
                 while sent < STREAMING_LIMIT_BYTES:
-                    frame = carrier.next_frame()
-                    if frame is None:
-                        carrier.ready.clear()
-                        try:
-                            await asyncio.wait_for(carrier.ready.wait(), HEARTBEAT_S)
-                        except asyncio.TimeoutError:
-                            frame = HEARTBEAT_FRAME
-                        else:
-                            continue
+                    frame = await carrier.wait_frame(HEARTBEAT_S)
                     data = wrap(frame).encode()
                     sent += len(data)
                     yield data
