@@ -141,3 +141,21 @@ def test_session_expires_without_a_receiver():
     session.detach(2.0)
     assert not session.expired(2.0 + DISCONNECT_DELAY_S)
     assert session.expired(2.1 + DISCONNECT_DELAY_S)
+
+
+async def test_stomp_heartbeats_travel_as_an_eol_message_inside_an_a_frame():
+    # SockJS `h` frames never reach stomp.js, so a STOMP heart-beat must be the
+    # message "\n" in an a-frame; driven on the endpoint's own clock, no sleeping.
+    from signaling.broker import MemoryBroker
+    from signaling.endpoint import StompEndpoint
+    from signaling.service import SignalingService
+    from signaling.sockjs.server import Carrier
+
+    service = SignalingService(MemoryBroker(), StaticVerifier({"tok-a": "alice"}))
+    carrier = Carrier(SockJSSession("s", 0.0), lambda wake: StompEndpoint(
+        service, Limits(heartbeat_ms=(1000, 0)), 64, "alice", 0.0, wake))
+    await carrier.endpoint.feed("CONNECT\naccept-version:1.2\nide:tok-a\nheart-beat:0,1000\n\n\x00", 0.0)
+    assert carrier.next_frame().startswith('a["CONNECTED')
+    assert carrier.endpoint.next_timer() == 1.0
+    carrier.endpoint.tick(1.0)
+    assert carrier.next_frame() == 'a["\\n"]'
