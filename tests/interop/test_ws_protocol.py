@@ -5,6 +5,8 @@ protocol violations that end one connection (ERROR, then close) without touching
 from __future__ import annotations
 
 import json
+import socket
+import time
 
 import pytest
 import websocket
@@ -92,3 +94,32 @@ async def test_permessage_deflate_is_declined(relay):
         assert "Sec-WebSocket-Extensions" not in ws.response.headers
         await ws.send(CONNECT.format(token="tok-alice"))
         assert (await ws.recv()).startswith("CONNECTED\n")
+
+
+def test_a_client_that_stops_reading_is_cut_off_and_nobody_else_notices(tmp_path):
+    from .conftest import start_appliance, stop_appliance
+
+    relay = start_appliance(tmp_path / "slow", stomp={"max_outbox": 16})
+    try:
+        bystander = connect(relay, "bob", "tok-bob")
+        bystander.send("SUBSCRIBE\nid:s\ndestination:/topic/user/status\n\n\x00")
+        slow = connect(relay)
+        slow.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        slow.send("SUBSCRIBE\nid:s\ndestination:/topic/user/status\n\n\x00")
+        body = json.dumps([f"someone-with-a-long-user-id-{i:04d}" for i in range(200)])
+        query = f"SEND\ndestination:/app/user/status\ncontent-length:{len(body)}\n\n{body}\x00"
+        for _ in range(600):                   # ~5 MB of answers it never reads
+            try:
+                slow.send(query)
+            except (websocket.WebSocketException, OSError):
+                break                          # the server already hung up
+        for _ in range(100):
+            if "stopped reading" in relay.log():
+                break
+            time.sleep(0.05)
+        assert "stopped reading" in relay.log()
+        bystander.send("SEND\ndestination:/app/user/status\n\n[\"alice\"]\x00")
+        assert json.loads(frame_of(bystander.recv())[2]) == [{"userId": "alice", "status": "OFFLINE"}]
+        bystander.close()
+    finally:
+        assert stop_appliance(relay) == 0
