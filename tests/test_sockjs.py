@@ -159,3 +159,40 @@ async def test_stomp_heartbeats_travel_as_an_eol_message_inside_an_a_frame():
     assert carrier.endpoint.next_timer() == 1.0
     carrier.endpoint.tick(1.0)
     assert carrier.next_frame() == 'a["\\n"]'
+
+
+async def test_second_receiver_gets_another_connection_still_open(client):
+    import asyncio
+
+    url = BASE + "/000/s6/"
+    assert await text(await client.post(url + "xhr?userId=alice")) == "o\n"
+    first = asyncio.ensure_future(client.post(url + "xhr"))      # a long poll, held open
+    await asyncio.sleep(0.05)
+    second = await client.post(url + "xhr")
+    assert await text(second) == 'c[2010,"Another connection still open"]\n'
+    await client.post(url + "xhr_send", data=json.dumps([CONNECT]))
+    assert (await text(await first)).startswith('a["CONNECTED')
+
+
+async def test_streaming_response_ends_after_128_kib(client):
+    url = BASE + "/000/s7/"
+    async with client.request(url + "xhr_streaming?userId=alice", method="POST") as connection:
+        await connection.send_complete()
+        await client.post(url + "xhr_send", data=json.dumps([CONNECT]))
+        await client.post(url + "xhr_send", data=json.dumps(
+            ["SUBSCRIBE\nid:s\ndestination:/topic/user/status\n\n\x00"]))
+        ids = [f"user-{i:04d}-{'x' * 40}" for i in range(200)]
+        query = "SEND\ndestination:/app/user/status\ncontent-length:%d\n\n%s\x00"
+        body = json.dumps(ids)
+        for _ in range(20):                     # 20 answers of ~9 KiB: past the 128 KiB limit
+            await client.post(url + "xhr_send", data=json.dumps([query % (len(body), body)]))
+        received = b""
+        while True:
+            chunk = await connection.receive()
+            if not chunk:
+                break
+            received += chunk
+        assert 128 * 1024 <= len(received) < 128 * 1024 + 20000
+    # The session survives the closed stream: the next poll carries on.
+    frame = await text(await client.post(url + "xhr"))
+    assert frame.startswith('a["MESSAGE')

@@ -254,7 +254,7 @@ class SockJSServer:
                 try:
                     messages = decode_payload(text)
                 except PayloadError:
-                    break            # the protocol says: broken JSON closes the connection
+                    return           # the protocol says: broken JSON closes the connection
                 for message in messages:
                     await endpoint.feed(message, loop.time())
             ready.set()

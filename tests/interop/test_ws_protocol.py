@@ -123,3 +123,34 @@ def test_a_client_that_stops_reading_is_cut_off_and_nobody_else_notices(tmp_path
         bystander.close()
     finally:
         assert stop_appliance(relay) == 0
+
+
+def sockjs_ws(relay, session: str):
+    return websocket.create_connection(
+        f"ws://127.0.0.1:{relay.http_port}/imserver/ws/000/{session}/websocket?userId=alice", timeout=5)
+
+
+def test_sockjs_websocket_framing(relay):
+    ws = sockjs_ws(relay, "raw1")
+    assert ws.recv() == "o"
+    ws.send(json.dumps([CONNECT.format(token="tok-alice")]))
+    frame = ws.recv()
+    assert frame.startswith("a[") and json.loads(frame[1:])[0].startswith("CONNECTED\n")
+    ws.send(json.dumps("SUBSCRIBE\nid:s\ndestination:/topic/user/status\n\n\x00"))   # a bare string
+    ws.send(json.dumps(["SEND\ndestination:/app/user/status\n\n[\"张三\"]\x00"]))
+    (message,) = json.loads(ws.recv()[1:])
+    assert message.endswith('[{"userId":"张三","status":"OFFLINE"}]\x00')
+    ws.send(json.dumps(["DISCONNECT\nreceipt:r\n\n\x00"]))
+    assert json.loads(ws.recv()[1:])[0].startswith("RECEIPT\nreceipt-id:r\n")
+    assert ws.recv() == 'c[3000,"Go away!"]'
+    ws.close()
+
+
+def test_sockjs_websocket_broken_json_closes(relay):
+    ws = sockjs_ws(relay, "raw2")
+    assert ws.recv() == "o"
+    ws.send("[not json")
+    with pytest.raises((websocket.WebSocketConnectionClosedException, ConnectionError)):
+        for _ in range(3):
+            if ws.recv() in ("", None):
+                raise websocket.WebSocketConnectionClosedException()
