@@ -58,9 +58,3 @@ class MemoryBroker:
                 sessions: Iterable[Session] | None = None) -> int:
         targets = self.sessions_of(user_id) if sessions is None else sessions
         return sum(1 for s in targets if not s.closed and s.deliver(destination, body))
-
-    def session_count(self) -> int:
-        return sum(len(s) for s in self._by_user.values())
-
-    def user_count(self) -> int:
-        return len(self._by_user)

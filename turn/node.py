@@ -58,15 +58,14 @@ class RelayNode:
         self.servers: list[asyncio.AbstractServer] = []
         self.connections: set[StreamConnection] = set()
         self._timer_task: asyncio.Task | None = None
-        self._opener: UdpRelayOpener | None = None
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         s = self.settings
         udp_sock = open_udp_listener(s.udp.host, s.udp.port, s.reuse_port) if s.udp else None
-        self._opener = UdpRelayOpener(loop, lambda: self.core, s.relay_ips, s.relay_ports,
-                                      udp_sock, self.clock)
-        self.core = TurnCore(s.relay, self.verifier, self.nonces, self.policy, self._opener)
+        opener = UdpRelayOpener(loop, lambda: self.core, s.relay_ips, s.relay_ports,
+                                udp_sock, self.clock)
+        self.core = TurnCore(s.relay, self.verifier, self.nonces, self.policy, opener)
         try:
             if udp_sock is not None:
                 self.udp = UdpListener(loop, self.core, udp_sock, self.clock)
@@ -124,12 +123,3 @@ class RelayNode:
             except (asyncio.TimeoutError, Exception):
                 pass
         self.servers.clear()
-
-    def stats(self) -> dict:
-        core = self.core
-        return {
-            "allocations": len(core.table) if core else 0,
-            **(dict(core.counters) if core else {}),
-            "udp_dropped": (self.udp.dropped if self.udp else 0)
-            + (self._opener.dropped if self._opener else 0),
-        }
