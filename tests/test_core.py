@@ -3,7 +3,6 @@ every request type, every error code, every lifetime (RFC 8489, RFC 8656)."""
 
 from __future__ import annotations
 
-import struct
 
 import pytest
 

@@ -146,7 +146,7 @@ def test_user_destinations_reach_every_session_of_the_user_that_subscribed():
 def test_a_client_that_stops_reading_is_cut_off_with_bounded_memory():
     svc = make_service()
     slow = open_session(svc, "bob", "b1", subscribe=("/user/queue/x",), max_outbox=10)
-    for i in range(10):
+    for _ in range(10):
         svc.broker.to_user("bob", "/user/queue/x", b"{}")
     assert len(slow.outbox) == 10 and not slow.closed
     svc.broker.to_user("bob", "/user/queue/x", b"{}")
