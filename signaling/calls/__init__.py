@@ -1,0 +1,1 @@
+"""Calls (API.md §5): the state table, and the registry that applies it."""

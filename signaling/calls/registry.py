@@ -1,0 +1,275 @@
+"""Live calls, sans-I/O: requests, answers, hang-ups, RTC signaling, timers.
+
+Every method takes the acting user and session and `now`, validates, runs the
+call's transition (machine.py) and returns the Notices to deliver -- who gets
+which destination with which body.  The transport layer only delivers them.
+Answers to lookups the service needs ("is this user busy", "which calls is
+this session in") are dictionary reads.
+
+Routing (API.md §5, ours): before the answer the callee rings on every
+session; after it, messages for the callee go only to the accepting session
+and messages for the caller to the calling session (all caller sessions when
+the call was placed over HTTP).  A bound session that drops starts a grace
+period; a new session of the same user that sends any call message for that
+call takes its place; otherwise the other party gets a hangup.  When the
+callee's last session drops while the call still rings, nobody can answer:
+the caller gets call/timeout, as if the ring had run out.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+from collections import Counter, OrderedDict
+from dataclasses import dataclass, field
+
+from ..errors import SignalingError, bad_request
+from .machine import CallEvent, CallState, Outcome, Role, transition
+
+log = logging.getLogger("signaling.calls")
+
+MAX_CALL_ID = 100
+REMEMBERED_CALL_IDS = 100_000
+CALL_TYPES = ("VIDEO", "AUDIO")
+RESPONSE_TYPES = ("ACCEPT", "REJECT")
+SIGNAL_TYPES = ("OFFER", "ANSWER", "ICE_CANDIDATE")
+
+BUSY, OFFLINE, CALL_ID_USED, CALLER_BUSY = 1001, 1002, 1005, 1006
+
+
+@dataclass(frozen=True)
+class Notice:
+    user: str
+    destination: str
+    body: dict
+    sessions: frozenset[str] | None = None      # None: every session of the user
+    except_sessions: frozenset[str] = frozenset()
+
+
+@dataclass
+class Call:
+    id: str
+    type: str
+    caller: str
+    callee: str
+    request: dict
+    ring_deadline: float
+    caller_sessions: frozenset[str] | None       # None: placed over HTTP, all caller sessions
+    callee_session: str | None = None
+    state: CallState = CallState.RINGING
+    grace: dict[Role, float] = field(default_factory=dict)
+
+    def role_of(self, user: str) -> Role | None:
+        return Role.CALLER if user == self.caller else Role.CALLEE if user == self.callee else None
+
+    def other(self, role: Role) -> str:
+        return self.callee if role is Role.CALLER else self.caller
+
+    def sessions_of(self, role: Role) -> frozenset[str] | None:
+        """Where messages for `role` go now (None: every session of that user)."""
+        if role is Role.CALLER:
+            return self.caller_sessions
+        return frozenset({self.callee_session}) if self.callee_session else None
+
+
+def _text(body: dict, name: str, limit: int = 100) -> str:
+    value = body.get(name)
+    if not isinstance(value, str) or not value.strip():
+        raise bad_request(f"{name} is required")
+    if len(value) > limit:
+        raise bad_request(f"{name} must be at most {limit} characters")
+    return value
+
+
+def _object(body) -> dict:
+    if not isinstance(body, dict):
+        raise bad_request("body must be a JSON object")
+    return body
+
+
+class CallRegistry:
+    def __init__(self, ring_timeout_s: float = 30.0, grace_s: float = 10.0) -> None:
+        self.ring_timeout_s = ring_timeout_s
+        self.grace_s = grace_s
+        self.calls: dict[str, Call] = {}
+        self.live_call_of: dict[str, str] = {}            # user -> live call id
+        self.outcomes: Counter[Outcome] = Counter()
+        self._used_ids: OrderedDict[str, None] = OrderedDict()
+        self._timers: list[tuple[float, int, str]] = []
+        self._seq = itertools.count()
+
+    # ------------------------------------------------------------ requests
+
+    def request(self, caller: str, session: str | None, body, now: float, online) -> list[Notice]:
+        body = _object(body)
+        call_id = _text(body, "callId", MAX_CALL_ID)
+        callee = _text(body, "callee", 128)
+        for name in ("callerUserName", "calleeUserName"):
+            _text(body, name, 128)
+        call_type = body.get("type", "VIDEO")
+        if call_type not in CALL_TYPES:
+            raise bad_request("type must be VIDEO or AUDIO")
+        if callee == caller:
+            raise bad_request("a user cannot call themselves")
+        if call_id in self.calls or call_id in self._used_ids:
+            raise SignalingError(CALL_ID_USED, "callId already used")
+        if caller in self.live_call_of:
+            raise SignalingError(CALLER_BUSY, "caller already in a call")
+        if callee in self.live_call_of:
+            raise SignalingError(BUSY, "callee busy")
+        if not online(callee):
+            raise SignalingError(OFFLINE, "callee offline")
+        request = {**body, "type": call_type, "caller": caller}
+        call = Call(call_id, call_type, caller, callee, request, now + self.ring_timeout_s,
+                    frozenset({session}) if session else None)
+        self.calls[call_id] = call
+        self.live_call_of[caller] = self.live_call_of[callee] = call_id
+        self._remember(call_id)
+        self._arm(call.ring_deadline, call_id)
+        log.info("call %s: %s -> %s, new -> ringing", call_id, caller, callee)
+        return [Notice(callee, "/user/queue/call/request", request)]
+
+    def respond(self, user: str, session: str | None, body, now: float) -> list[Notice]:
+        body = _object(body)
+        answer = body.get("type")
+        if answer not in RESPONSE_TYPES:
+            raise bad_request("type must be ACCEPT or REJECT")
+        call, role = self._party(user, _text(body, "callId", MAX_CALL_ID))
+        event = CallEvent.ACCEPT if answer == "ACCEPT" else CallEvent.REJECT
+        self._step(call, event, role, now)
+        if event is CallEvent.ACCEPT:
+            call.callee_session = session
+        message = {"callId": call.id, "type": answer}
+        answered_on = frozenset({session}) if session else frozenset()
+        return [Notice(call.caller, "/user/queue/call/response", message, call.caller_sessions),
+                Notice(call.callee, "/user/queue/call/down", message, None, answered_on)]
+
+    def hangup(self, user: str, session: str | None, body, now: float) -> list[Notice]:
+        body = _object(body)
+        call, role = self._party(user, _text(body, "callId", MAX_CALL_ID))
+        self._rebind(call, role, session)
+        self._step(call, CallEvent.HANGUP, role, now)
+        other = Role.CALLEE if role is Role.CALLER else Role.CALLER
+        return [Notice(call.other(role), "/user/queue/call/hangup", {"callId": call.id},
+                       call.sessions_of(other))]
+
+    def hangup_all(self, user: str, now: float) -> list[Notice]:
+        """HTTP hangup with an empty body: every call the user is in."""
+        call_id = self.live_call_of.get(user)
+        return [] if call_id is None else self.hangup(user, None, {"callId": call_id}, now)
+
+    def signal(self, user: str, session: str | None, body, now: float, max_bytes: int) -> list[Notice]:
+        body = _object(body)
+        kind = body.get("type")
+        if kind not in SIGNAL_TYPES:
+            raise bad_request("type must be OFFER, ANSWER or ICE_CANDIDATE")
+        payload = body.get("payload")
+        if kind == "ICE_CANDIDATE":
+            if not isinstance(payload, dict) or not isinstance(payload.get("candidate"), str):
+                raise bad_request("payload must be {candidate, sdpMid, sdpMLineIndex}")
+        elif not isinstance(payload, str) or not payload:
+            raise bad_request("payload must be an SDP string")
+        if len(str(payload)) > max_bytes:
+            raise bad_request(f"payload larger than {max_bytes} bytes")
+        call, role = self._party(user, _text(body, "callId", MAX_CALL_ID))
+        self._rebind(call, role, session)
+        self._step(call, CallEvent.SIGNAL, role, now)
+        other = Role.CALLEE if role is Role.CALLER else Role.CALLER
+        return [Notice(call.other(role), "/user/queue/rtc/signaling", {**body, "from": user},
+                       call.sessions_of(other))]
+
+    # ------------------------------------------------------------ sessions and time
+
+    def session_lost(self, user: str, session: str, last_of_user: bool, now: float) -> list[Notice]:
+        call_id = self.live_call_of.get(user)
+        call = self.calls.get(call_id) if call_id else None
+        if call is None:
+            return []
+        role = call.role_of(user)
+        if role is Role.CALLEE and call.state is CallState.RINGING:
+            if not last_of_user:
+                return []               # another device still rings
+            self._step(call, CallEvent.RING_TIMEOUT, Role.SERVER, now, Outcome.DROPPED)
+            return [Notice(call.caller, "/user/queue/call/timeout", {"callId": call.id},
+                           call.caller_sessions)]
+        bound = call.sessions_of(role)
+        if bound is not None and session in bound and role not in call.grace:
+            call.grace[role] = now + self.grace_s
+            self._arm(call.grace[role], call.id)
+        return []
+
+    def get_timer(self) -> float | None:
+        return self._timers[0][0] if self._timers else None
+
+    def handle_timer(self, now: float) -> list[Notice]:
+        notices: list[Notice] = []
+        while self._timers and self._timers[0][0] <= now:
+            _, _, call_id = heapq.heappop(self._timers)
+            call = self.calls.get(call_id)
+            if call is None:
+                continue
+            if call.state is CallState.RINGING and call.ring_deadline <= now:
+                self._step(call, CallEvent.RING_TIMEOUT, Role.SERVER, now)
+                timeout = {"callId": call.id}
+                notices += [Notice(call.callee, "/user/queue/call/timeout", timeout),
+                            Notice(call.caller, "/user/queue/call/timeout", timeout, call.caller_sessions)]
+                continue
+            for role, deadline in list(call.grace.items()):
+                if deadline <= now and call.state is not CallState.ENDED:
+                    self._step(call, CallEvent.GRACE_EXPIRED, role, now)
+                    other = Role.CALLEE if role is Role.CALLER else Role.CALLER
+                    notices.append(Notice(call.other(role), "/user/queue/call/hangup",
+                                          {"callId": call.id}, call.sessions_of(other)))
+        return notices
+
+    # ------------------------------------------------------------ helpers
+
+    def _party(self, user: str, call_id: str) -> tuple[Call, Role]:
+        call = self.calls.get(call_id)
+        if call is None:
+            raise SignalingError(1003, "call not found or already ended")
+        role = call.role_of(user)
+        if role is None:
+            raise SignalingError(1004, "not a participant of this call")
+        return call, role
+
+    def _rebind(self, call: Call, role: Role, session: str | None) -> None:
+        """A party's message from another session of theirs takes the dropped one's place."""
+        if role in call.grace and session is not None:
+            del call.grace[role]
+            if role is Role.CALLER and call.caller_sessions is not None:
+                call.caller_sessions = frozenset({session})
+            elif role is Role.CALLEE and call.callee_session is not None:
+                call.callee_session = session
+
+    def _step(self, call: Call, event: CallEvent, role: Role, now: float,
+              outcome_override: Outcome | None = None) -> None:
+        result = transition(call.state, event, role)
+        if isinstance(result, int):
+            raise SignalingError(result, "call not found or already ended" if result == 1003
+                                 else f"{event.value} is not allowed while the call is {call.state.value}")
+        new_state, outcome = result
+        outcome = outcome_override or outcome
+        if new_state is not call.state:
+            log.info("call %s: %s -> %s, %s -> %s (%s by %s)", call.id, call.caller, call.callee,
+                     call.state.value, new_state.value, event.value, role.value)
+        call.state = new_state
+        if outcome is not None:
+            self.outcomes[outcome] += 1
+        if new_state is CallState.ENDED:
+            self._end(call)
+
+    def _end(self, call: Call) -> None:
+        del self.calls[call.id]
+        for user in (call.caller, call.callee):
+            if self.live_call_of.get(user) == call.id:
+                del self.live_call_of[user]
+
+    def _remember(self, call_id: str) -> None:
+        self._used_ids[call_id] = None
+        while len(self._used_ids) > REMEMBERED_CALL_IDS:
+            self._used_ids.popitem(last=False)
+
+    def _arm(self, when: float, call_id: str) -> None:
+        heapq.heappush(self._timers, (when, next(self._seq), call_id))
