@@ -153,6 +153,14 @@ class StompConfig:
 
 
 @dataclass(frozen=True)
+class CallsConfig:
+    """Call timing (API.md §5)."""
+
+    ring_timeout_s: int = opt(30, "seconds a call rings before call/timeout", between(1, 600))
+    grace_s: int = opt(10, "seconds a dropped party may take to come back", between(0, 600))
+
+
+@dataclass(frozen=True)
 class AppConfig:
     """The whole appliance."""
 
@@ -166,6 +174,7 @@ class AppConfig:
     http: HttpConfig = field(default_factory=HttpConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
     stomp: StompConfig = field(default_factory=StompConfig)
+    calls: CallsConfig = field(default_factory=CallsConfig)
 
     def secrets_path(self) -> Path:
         """Where the secret ring lives: credentials.secrets_file or data_dir/secrets.json."""

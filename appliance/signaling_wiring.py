@@ -58,7 +58,7 @@ def stomp_limits(config: AppConfig) -> Limits:
 
 def signaling_app(config: AppConfig):
     return create_app(config.http.prefix, token_verifier(config), stomp_limits(config),
-                      config.stomp.max_outbox)
+                      config.stomp.max_outbox, config.calls.ring_timeout_s, config.calls.grace_s)
 
 
 def decline_websocket_compression() -> None:

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from quart import Quart, websocket
 
 from .auth import TokenVerifier
 from .broker import MemoryBroker
+from .calls.registry import CallRegistry
+from .calls.service import CallService
 from .http_api import install_envelope_errors
 from .service import SignalingService
 from .sockjs.server import SockJSServer
@@ -13,11 +17,27 @@ from .stomp import Limits
 from .ws import serve_websocket
 
 
-def create_app(prefix: str, verifier: TokenVerifier, limits: Limits, max_outbox: int) -> Quart:
+def create_app(prefix: str, verifier: TokenVerifier, limits: Limits, max_outbox: int,
+               ring_timeout_s: float = 30.0, grace_s: float = 10.0) -> Quart:
     app = Quart("signaling")
-    service = SignalingService(MemoryBroker(), verifier)
+    broker = MemoryBroker()
+    service = SignalingService(broker, verifier)
     app.extensions["signaling"] = service
     install_envelope_errors(app)
+    calls = CallService(broker, CallRegistry(ring_timeout_s, grace_s), limits.max_frame_bytes)
+    calls.install(service)
+    calls.install_http(app, prefix, verifier)
+    app.extensions["calls"] = calls
+    timers: list[asyncio.Task] = []
+
+    @app.before_serving
+    async def start_call_timers():
+        timers.append(asyncio.get_running_loop().create_task(calls.run_timers()))
+
+    @app.after_serving
+    async def stop_call_timers():
+        for task in timers:
+            task.cancel()
 
     @app.websocket(f"{prefix}/ws")
     async def stomp_websocket():

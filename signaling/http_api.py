@@ -14,6 +14,7 @@ from quart import Quart, Response, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from .auth import TokenVerifier
+from .errors import SignalingError
 
 log = logging.getLogger("signaling.http")
 
@@ -50,6 +51,10 @@ def install_envelope_errors(app: Quart) -> None:
     @app.errorhandler(ApiError)
     async def api_error(err: ApiError):
         return envelope(err.code, err.msg)
+
+    @app.errorhandler(SignalingError)
+    async def signaling_error(err: SignalingError):
+        return envelope(err.code, err.message)
 
     @app.errorhandler(HTTPException)
     async def http_error(err: HTTPException):

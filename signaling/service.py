@@ -32,6 +32,7 @@ class SignalingService:
         self.presence = Presence(broker)
         self.routes: dict[str, Handler] = {"/app/user/status": lambda svc, s, p: svc.presence.query(s, p)}
         self.counters: Counter[str] = Counter()
+        self.close_hooks: list[Callable[[Session, bool], None]] = []
 
     def route(self, destination: str, handler: Handler) -> None:
         self.routes[destination] = handler
@@ -74,6 +75,8 @@ class SignalingService:
             log.warning("session %s of user %s disconnected: it stopped reading", session.id,
                         session.user_id)
         log.info("session %s of user %s closed", session.id, session.user_id)
+        for hook in self.close_hooks:
+            hook(session, last)
         if last:
             self.presence.changed(session.user_id, False)
 

@@ -105,7 +105,8 @@ def tcp_open(host: str, port: int) -> bool:
 
 
 def start_appliance(directory: Path, extra_turn: dict | None = None, workers: int = 1,
-                    auth: dict | None = None, stomp: dict | None = None) -> RunningRelay:
+                    auth: dict | None = None, stomp: dict | None = None,
+                    calls: dict | None = None) -> RunningRelay:
     directory.mkdir(parents=True, exist_ok=True)
     secret = new_secret(time.time())
     save_ring(directory / "secrets.json", SecretRing((secret,)))
@@ -122,7 +123,8 @@ def start_appliance(directory: Path, extra_turn: dict | None = None, workers: in
     config = {"realm": REALM, "data_dir": str(directory / "data"), "turn": turn,
               "credentials": {"secrets_file": str(directory / "secrets.json")},
               "http": {"listen": f"127.0.0.1:{http_port}", "tls": False},
-              "auth": auth or {"mode": "static", "tokens": TOKENS}, "stomp": stomp or {}}
+              "auth": auth or {"mode": "static", "tokens": TOKENS}, "stomp": stomp or {},
+              "calls": calls or {"ring_timeout_s": 3, "grace_s": 1}}
     config_path = directory / "appliance.yaml"
     config_path.write_text(json.dumps(config))          # JSON is YAML
     log_path = directory / "appliance.log"
