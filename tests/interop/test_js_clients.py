@@ -46,3 +46,13 @@ def test_js_client_session(relay, mode):
     names = [s["step"] for s in steps]
     assert names == ["connected", "status answer", "online push", "offline push", "error code",
                      "still served", "ok"]
+
+
+def test_js_call_between_devices(relay):
+    node = node_with_clients()
+    done = subprocess.run([node, str(JS_DIR / "calls.js"), f"http://127.0.0.1:{relay.http_port}", "/imserver"],
+                          capture_output=True, text=True, timeout=60)
+    steps = [json.loads(line)["step"] for line in done.stdout.splitlines() if line.startswith("{")]
+    assert done.returncode == 0 and steps[-1:] == ["ok"], f"{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    assert steps == ["phone rings", "laptop rings", "caller told", "laptop stops ringing",
+                     "offer to phone", "answer to caller", "hangup to phone", "ok"]
