@@ -212,3 +212,13 @@ def test_random_sequences_keep_the_invariants(actions):
         assert len(reg.live_call_of) == 2 * len(reg.calls)
     for call_id, counts in ended_notices.items():
         assert all(n == 1 for n in counts.values()), (call_id, counts)
+
+
+def test_callee_hanging_up_while_ringing_stops_its_other_devices():
+    reg = CallRegistry()
+    reg.request("alice", "a1", request(), 0.0, online)
+    to_caller, down = reg.hangup("bob", "b-phone", {"callId": "c1"}, 1.0)
+    assert to_caller == Notice("alice", "/user/queue/call/hangup", {"callId": "c1"}, frozenset({"a1"}))
+    assert down == Notice("bob", "/user/queue/call/down", {"callId": "c1", "type": "REJECT"}, None,
+                          frozenset({"b-phone"}))
+    assert reg.outcomes[Outcome.REJECTED] == 1

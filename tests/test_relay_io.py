@@ -17,6 +17,8 @@ from turn.client import ClientCredentials
 from turn.core import RelaySettings
 from turn.node import Endpoint, NodeSettings, RelayNode
 
+from .netports import free_port_pair
+
 SECRET = b"relay-io-secret"
 REALM = "io.test"
 T0 = 1_900_000_000.0
@@ -38,16 +40,11 @@ class AllowAll:
         return True
 
 
-def free_port(kind=socket.SOCK_DGRAM) -> int:
-    with socket.socket(socket.AF_INET, kind) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture
 async def node():
     clock = Clock()
-    port = free_port()
+    port = free_port_pair()
     settings = NodeSettings(
         relay=RelaySettings(realm=REALM, families=frozenset({stun.FAMILY_IPV4, stun.FAMILY_IPV6})),
         udp=Endpoint("127.0.0.1", port), tcp=Endpoint("127.0.0.1", port), tls=None,
@@ -317,7 +314,7 @@ async def test_tls_listener_relays_channel_data(tmp_path):
     cert, key = make_cert(tmp_path)
     server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     server_ctx.load_cert_chain(cert, key)
-    port = free_port(socket.SOCK_STREAM)
+    port = free_port_pair()
     settings = NodeSettings(
         relay=RelaySettings(realm=REALM), udp=None, tcp=None, tls=Endpoint("127.0.0.1", port),
         relay_ips={stun.FAMILY_IPV4: "127.0.0.1"}, relay_ports=(53000, 53999),
@@ -371,7 +368,7 @@ async def test_stream_without_allocation_is_closed_when_idle(node):
 
 
 async def test_dual_stack_listener_reports_ipv4_clients_as_ipv4():
-    port = free_port()
+    port = free_port_pair()
     settings = NodeSettings(
         relay=RelaySettings(realm=REALM), udp=Endpoint("::", port), tcp=None, tls=None,
         relay_ips={stun.FAMILY_IPV4: "127.0.0.1"}, relay_ports=(54000, 54999),

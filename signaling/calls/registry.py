@@ -149,10 +149,17 @@ class CallRegistry:
         body = _object(body)
         call, role = self._party(user, _text(body, "callId", MAX_CALL_ID))
         self._rebind(call, role, session)
+        was_ringing = call.state is CallState.RINGING
         self._step(call, CallEvent.HANGUP, role, now)
         other = Role.CALLEE if role is Role.CALLER else Role.CALLER
-        return [Notice(call.other(role), "/user/queue/call/hangup", {"callId": call.id},
-                       call.sessions_of(other))]
+        notices = [Notice(call.other(role), "/user/queue/call/hangup", {"callId": call.id},
+                          call.sessions_of(other))]
+        if was_ringing and role is Role.CALLEE:
+            # Declined from one device: the callee's other devices stop ringing.
+            notices.append(Notice(call.callee, "/user/queue/call/down",
+                                  {"callId": call.id, "type": "REJECT"}, None,
+                                  frozenset({session}) if session else frozenset()))
+        return notices
 
     def hangup_all(self, user: str, now: float) -> list[Notice]:
         """HTTP hangup with an empty body: every call the user is in."""

@@ -27,6 +27,8 @@ import pytest
 from appliance.devcert import ensure_dev_certificate
 from appliance.secret_ring import SecretRing, new_secret, save_ring
 
+from ..netports import distinct_port_pairs, free_port_pair
+
 REALM = "interop.test"
 STARTUP_TIMEOUT_S = 15.0
 
@@ -40,21 +42,6 @@ def require_program(name: str, install: str = "apt-get install coturn") -> str:
             pytest.fail(message)
         pytest.skip(message)
     return path
-
-
-def free_port_pair() -> int:
-    """A port number free for both UDP and TCP on 127.0.0.1 and ::1."""
-    for _ in range(50):
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
-            u.bind(("127.0.0.1", 0))
-            port = u.getsockname()[1]
-            try:
-                with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as t:
-                    t.bind(("127.0.0.1", port))
-                return port
-            except OSError:
-                continue
-    raise RuntimeError("no free port pair")
 
 
 def rest_credentials(secret: str, user: str, ttl_s: int = 3600, now: float | None = None):
@@ -111,7 +98,7 @@ def start_appliance(directory: Path, extra_turn: dict | None = None, workers: in
     secret = new_secret(time.time())
     save_ring(directory / "secrets.json", SecretRing((secret,)))
     cert, key, _ = ensure_dev_certificate(directory / "certs")
-    port, tls_port, http_port = free_port_pair(), free_port_pair(), free_port_pair()
+    port, tls_port, http_port = distinct_port_pairs(3)
     turn = {
         "udp": f"127.0.0.1:{port}", "tcp": f"127.0.0.1:{port}", "tls": f"127.0.0.1:{tls_port}",
         "tls_cert": str(cert), "tls_key": str(key),
