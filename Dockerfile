@@ -12,6 +12,7 @@ WORKDIR /opt/appliance
 COPY pyproject.toml README.md ./
 COPY appliance ./appliance
 COPY turn ./turn
+COPY signaling ./signaling
 COPY config ./config
 RUN pip install --no-cache-dir .
 
@@ -20,6 +21,7 @@ ENV APPLIANCE_CONFIG=/etc/appliance/appliance.yaml \
     APPLIANCE__TURN__UDP=0.0.0.0:3478 \
     APPLIANCE__TURN__TCP=0.0.0.0:3478 \
     APPLIANCE__TURN__TLS=0.0.0.0:5349 \
+    APPLIANCE__HTTP__LISTEN=0.0.0.0:8443 \
     APPLIANCE__TURN__RELAY_IP=0.0.0.0 \
     APPLIANCE__TURN__RELAY_IP6=null
 # Relay sockets bind every interface, so the address clients must use is not
