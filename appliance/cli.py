@@ -2,7 +2,8 @@
 
 Exit codes: 0 success; 1 a runtime failure (nothing answered, a file could not
 be written); 2 a configuration, secret-ring or usage error, with the key's
-path or the file's name on stderr.  No command prints a secret value.
+path or the file's name on stderr.  No command prints a secret value except
+`secret list --show` and `coturn-config`, whose output is meant for a file.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from pathlib import Path
 from turn.auth import make_credential
 
 from .config import AppConfig, ConfigError, load_config
-from .secret_ring import Secret, SecretRing, SecretRingError, ensure_ring, load_ring
+from .secret_ring import (Secret, SecretRing, SecretRingError, ensure_ring, load_ring, prune_ring,
+                          rotate_ring)
 
 CONFIG_ENV = "APPLIANCE_CONFIG"     # the container's mounted file, used when --config is absent
 
@@ -73,8 +75,8 @@ def cmd_serve(args) -> int:
           f"current {ring.current().id})", file=sys.stderr)
     cert, key = _tls_files(config, "turn", config.turn.tls is not None)
     http_cert, http_key = _tls_files(config, "http", config.http.listen is not None and config.http.tls)
-    from .server import run       # lazily: the other commands work without the relay's imports
-    return run(config, cert, key, http_cert, http_key)
+    from .server import TlsFiles, run    # lazily: the other commands need none of the servers
+    return run(config, TlsFiles(cert, key, http_cert, http_key))
 
 
 def _tls_files(config: AppConfig, section: str, needed: bool):
@@ -107,37 +109,86 @@ def cmd_token(args) -> int:
     return 0
 
 
-def cmd_credentials(args) -> int:
-    config = _load(args.config)
+def _existing_ring(config: AppConfig) -> SecretRing:
     if not config.secrets_path().exists():
         raise SecretRingError(f"{config.secrets_path()} does not exist yet; "
                               "`appliance serve` creates it on first start")
-    ring = load_ring(config.secrets_path())
-    ttl = args.ttl if args.ttl is not None else config.credentials.ttl_s
-    username, credential = make_credential(ring.current().value.encode(), args.user,
-                                           time.time(), ttl)
-    print(json.dumps({"username": username, "credential": credential, "ttl": ttl}))
+    return load_ring(config.secrets_path())
+
+
+def cmd_credentials(args) -> int:
+    """What the signaling would hand this user now: the REST pair and the iceServers."""
+    from .ice_servers import CredentialIssuer
+
+    config = _load(args.config)
+    ring = _existing_ring(config)
+    issuer = CredentialIssuer.from_config(config, lambda: ring)
+    if args.ttl is not None:
+        issuer.ttl_s = args.ttl
+    answer = issuer.issue(args.user)
+    turn = next((e for e in answer["iceServers"] if e["username"] is not None), None)
+    pair = {"username": turn["username"], "credential": turn["credential"]} if turn else {}
+    print(json.dumps({**pair, **answer}, indent=2 if args.pretty else None))
     return 0
 
 
-def _secret_state(s: Secret, ring: SecretRing, now: float, grace_s: int) -> str:
+def _secret_state(s: Secret, ring: SecretRing, now: float, grace_s: int,
+                  signing: Secret) -> str:
     if s is ring.current():
-        return "current"
+        return "current" + ("" if s is signing else ", activating (not signing yet)")
+    suffix = ", signing until the current one activates" if s is signing else ""
     if s.retired is None:
-        return "previous (accepted until retired)"
+        return "previous (accepted until retired)" + suffix
     left = s.retired + grace_s - now
     since = f"retired {_duration(now - s.retired)} ago"
-    return f"{since}, accepted {_duration(left)} more" if left > 0 else f"{since}, no longer accepted"
+    return (f"{since}, accepted {_duration(left)} more" if left > 0
+            else f"{since}, no longer accepted (prune removes it)") + suffix
+
+
+def _print_ring(config: AppConfig, ring: SecretRing, show: bool = False) -> None:
+    now = time.time()
+    c = config.credentials
+    signing = ring.signing(now, c.grace_s(), c.activation_s)
+    print(f"{config.secrets_path()}:")
+    for s in sorted(ring.secrets, key=lambda s: s.created, reverse=True):
+        value = f"  {s.value}" if show else ""
+        print(f"  {s.id:12}  created {_duration(now - s.created):>6} ago  "
+              f"{_secret_state(s, ring, now, c.grace_s(), signing)}{value}")
 
 
 def cmd_secret_list(args) -> int:
     config = _load(args.config)
-    ring = load_ring(config.secrets_path())
-    now = time.time()
-    print(f"{config.secrets_path()}:")
-    for s in sorted(ring.secrets, key=lambda s: s.created, reverse=True):
-        print(f"  {s.id:12}  created {_duration(now - s.created):>6} ago  "
-              f"{_secret_state(s, ring, now, config.credentials.ttl_s)}")
+    _print_ring(config, _existing_ring(config), show=args.show)
+    return 0
+
+
+def cmd_secret_rotate(args) -> int:
+    config = _load(args.config)
+    _existing_ring(config)
+    ring, secret = rotate_ring(config.secrets_path(), time.time())
+    c = config.credentials
+    print(f"rotated: {secret.id} is the current secret; credentials are signed with it after "
+          f"{c.activation_s} s, and the previous secret stays accepted for {_duration(c.grace_s())}.")
+    print("A running appliance picks the change up within seconds (or now: kill -HUP). "
+          "External coturn servers need the new `appliance coturn-config` output.")
+    _print_ring(config, ring)
+    return 0
+
+
+def cmd_secret_prune(args) -> int:
+    config = _load(args.config)
+    _existing_ring(config)
+    dropped = prune_ring(config.secrets_path(), time.time(), config.credentials.grace_s())
+    print(f"pruned {len(dropped)} secret(s) past grace" +
+          (f": {', '.join(s.id for s in dropped)}" if dropped else ""))
+    return 0
+
+
+def cmd_coturn_config(args) -> int:
+    from .coturn import coturn_config_lines
+
+    config = _load(args.config)
+    print("\n".join(coturn_config_lines(config, _existing_ring(config), time.time())))
     return 0
 
 
@@ -209,14 +260,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--user", required=True, type=_user_id, metavar="ID")
     p.add_argument("--ttl", type=_positive_int, metavar="S",
                    help="lifetime in seconds (default: credentials.ttl_s)")
+    p.add_argument("--pretty", action="store_true", help="indent the JSON")
     p.add_argument("--config", metavar="FILE", help=config_help)
     p.set_defaults(func=cmd_credentials)
 
     p = sub.add_parser("secret", help="the shared-secret ring")
     secret_sub = p.add_subparsers(dest="secret_command", required=True, metavar="ACTION")
-    q = secret_sub.add_parser("list", help="ids, ages and states (never the secrets)")
+    q = secret_sub.add_parser("list", help="ids, ages and states (values only with --show)")
+    q.add_argument("--show", action="store_true", help="print the secret values too")
     q.add_argument("--config", metavar="FILE", help=config_help)
     q.set_defaults(func=cmd_secret_list)
+    q = secret_sub.add_parser("rotate", help="make a new current secret; the old one stays "
+                                             "accepted for credentials.secret_grace_s")
+    q.add_argument("--config", metavar="FILE", help=config_help)
+    q.set_defaults(func=cmd_secret_rotate)
+    q = secret_sub.add_parser("prune", help="drop secrets past their grace")
+    q.add_argument("--config", metavar="FILE", help=config_help)
+    q.set_defaults(func=cmd_secret_prune)
+
+    p = sub.add_parser("coturn-config", help="turnserver.conf lines that make a coturn accept "
+                                             "exactly this appliance's credentials")
+    p.add_argument("--config", metavar="FILE", help=config_help)
+    p.set_defaults(func=cmd_coturn_config)
 
     p = sub.add_parser("token", help="mint a development JWT for a user")
     p.add_argument("--user", required=True)

@@ -20,165 +20,20 @@ import ipaddress
 import os
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
 import yaml
 
-from .config_checks import (at_least, attribute_text, between, heartbeat_pair, ip_of, network,
-                            network_or_recommended, one_of, port_range, token_map, url_prefix, http_url)
+from .config_schema import (AdminConfig, AppConfig, AuthConfig, CallsConfig, ConfigError,
+                            CredentialsConfig, HostPort, HttpConfig, StompConfig, TurnConfig, opt)
+
+__all__ = ["AdminConfig", "AppConfig", "AuthConfig", "CallsConfig", "ConfigError",
+           "CredentialsConfig", "HostPort", "HttpConfig", "StompConfig", "TurnConfig", "opt",
+           "describe", "load_config"]
 
 ENV_PREFIX = "APPLIANCE__"
-
-
-class ConfigError(Exception):
-    """A configuration problem: `key` is the dotted path (or env variable), `reason` says what is wrong."""
-
-    def __init__(self, key: str, reason: str) -> None:
-        super().__init__(f"{key}: {reason}")
-        self.key = key
-        self.reason = reason
-
-
-@dataclass(frozen=True)
-class HostPort:
-    """A listener address: a literal IP (binding must not depend on DNS) and a port."""
-
-    host: str
-    port: int
-
-    def __str__(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
-
-    @classmethod
-    def parse(cls, text: str) -> "HostPort":
-        """Read "1.2.3.4:3478" or "[2001:db8::1]:3478"; ValueError says what is wrong."""
-        host, sep, port = text.rpartition(":")
-        if not sep or not host:
-            raise ValueError(f"expected host:port, got {text!r}")
-        bracketed = host.startswith("[") and host.endswith("]")
-        if bracketed:
-            host = host[1:-1]
-        elif "[" in host or "]" in host:
-            raise ValueError(f"expected host:port or [addr]:port, got {text!r}")
-        elif ":" in host:
-            raise ValueError(f"write an IPv6 listener as [addr]:port, got {text!r}")
-        try:
-            addr = ipaddress.ip_address(host)
-        except ValueError:
-            raise ValueError(f"{host!r} is not an IP address (hostnames are not allowed)") from None
-        if bracketed and addr.version == 4:
-            raise ValueError(f"brackets are for IPv6 addresses only, got {text!r}")
-        if not (port.isascii() and port.isdigit()) or not 1 <= int(port) <= 65535:
-            raise ValueError(f"port {port!r} is not in 1-65535")
-        return cls(host, int(port))
-
-
-def opt(default, doc: str, check=None, parse=None, item_check=None):
-    """A field with its documentation, validator and (optional) parser from YAML."""
-    return field(default=default, metadata={"doc": doc, "check": check, "parse": parse,
-                                            "item_check": item_check})
-
-
-# ------------------------------------------------------------------ schema
-
-@dataclass(frozen=True)
-class TurnConfig:
-    """The embedded STUN/TURN relay: listeners, relay addresses, peer policy, limits."""
-
-    udp: HostPort | None = opt(HostPort("127.0.0.1", 3478), "UDP listener; null disables")
-    tcp: HostPort | None = opt(HostPort("127.0.0.1", 3478), "TCP listener; null disables")
-    tls: HostPort | None = opt(HostPort("127.0.0.1", 5349), "TLS listener; null disables")
-    tls_cert: Path | None = opt(None, "PEM certificate chain; null: a development certificate")
-    tls_key: Path | None = opt(None, "PEM private key for tls_cert")
-    relay_ip: str | None = opt("127.0.0.1", "IPv4 address relay sockets bind", ip_of(4))
-    relay_ip6: str | None = opt("::1", "IPv6 address relay sockets bind", ip_of(6))
-    relay_ports: tuple[int, int] = opt((49152, 65535), "relay port range", parse=port_range)
-    allow_peers: tuple[str, ...] = opt((), "peer ranges allowed despite deny_peers",
-                                       item_check=network)
-    deny_peers: tuple[str, ...] = opt(("recommended",), "peer ranges refused (403)",
-                                      item_check=network_or_recommended)
-    user_quota: int = opt(10, "allocations per user id; 0 = unlimited", at_least(0))
-    total_quota: int = opt(10000, "allocations per relay process; 0 = unlimited", at_least(0))
-    max_lifetime_s: int = opt(3600, "longest allocation lifetime", at_least(600))
-    max_permissions: int = opt(64, "permissions per allocation", at_least(1))
-    max_channels: int = opt(64, "channel bindings per allocation", at_least(1))
-    nonce_lifetime_s: int = opt(600, "how long a nonce stays fresh", at_least(30))
-    software: str | None = opt(None, "SOFTWARE attribute text; null sends none",
-                               attribute_text(allow_quotes=True))
-    workers: int = opt(1, "relay processes sharing the ports", between(1, 64))
-
-
-@dataclass(frozen=True)
-class CredentialsConfig:
-    """The TURN REST shared secrets and the credentials made from them."""
-
-    secrets_file: Path | None = opt(None, "secret ring file; null: data_dir/secrets.json")
-    ttl_s: int = opt(86400, "lifetime of handed-out credentials", at_least(60))
-
-
-@dataclass(frozen=True)
-class HttpConfig:
-    """The signaling service's HTTP/WebSocket listener."""
-
-    listen: HostPort | None = opt(HostPort("127.0.0.1", 8443), "HTTP listener; null disables signaling")
-    tls: bool = opt(True, "serve HTTPS (false: plain HTTP behind a TLS-terminating proxy)")
-    tls_cert: Path | None = opt(None, "PEM certificate chain; null: the development certificate")
-    tls_key: Path | None = opt(None, "PEM private key for tls_cert")
-    prefix: str = opt("/imserver", "path prefix of every URL", url_prefix)
-
-
-@dataclass(frozen=True)
-class AuthConfig:
-    """How the `ide` token of a client is checked."""
-
-    mode: str = opt("jwt", "jwt | static | http", one_of("jwt", "static", "http"))
-    jwt_key: str | None = opt(None, "HS256 key; null: a development key under data_dir")
-    jwt_public_key: Path | None = opt(None, "PEM public key for RS256/ES256 tokens (instead of jwt_key)")
-    tokens: tuple[tuple[str, str], ...] = opt((), "static mode: token -> userId", parse=token_map)
-    introspect_url: str | None = opt(None, "http mode: where tokens are POSTed", http_url)
-    cache_s: int = opt(60, "http mode: how long an answer is reused", at_least(0))
-
-
-@dataclass(frozen=True)
-class StompConfig:
-    """Limits and timing of STOMP sessions."""
-
-    max_frame_bytes: int = opt(65536, "largest frame a client may send", between(1024, 16 * 1024 * 1024))
-    heartbeat_ms: tuple[int, int] = opt((10000, 10000), "heart-beats we send, and want, in ms",
-                                        parse=heartbeat_pair)
-    max_subscriptions: int = opt(100, "subscriptions per session", at_least(1))
-    max_outbox: int = opt(1024, "frames queued for a client that is not reading", at_least(16))
-
-
-@dataclass(frozen=True)
-class CallsConfig:
-    """Call timing (API.md §5)."""
-
-    ring_timeout_s: int = opt(30, "seconds a call rings before call/timeout", between(1, 600))
-    grace_s: int = opt(10, "seconds a dropped party may take to come back", between(0, 600))
-
-
-@dataclass(frozen=True)
-class AppConfig:
-    """The whole appliance."""
-
-    realm: str = opt("appliance.local", "STUN realm", attribute_text(allow_quotes=False))
-    data_dir: Path = opt(Path("data"), "generated secrets and certificates")
-    external_ip: str | None = opt(None, "public IPv4 advertised for relays", ip_of(4, False))
-    external_ip6: str | None = opt(None, "public IPv6 advertised for relays", ip_of(6, False))
-    log_level: str = opt("info", "log level", one_of("debug", "info", "warning", "error"))
-    turn: TurnConfig = field(default_factory=TurnConfig)
-    credentials: CredentialsConfig = field(default_factory=CredentialsConfig)
-    http: HttpConfig = field(default_factory=HttpConfig)
-    auth: AuthConfig = field(default_factory=AuthConfig)
-    stomp: StompConfig = field(default_factory=StompConfig)
-    calls: CallsConfig = field(default_factory=CallsConfig)
-
-    def secrets_path(self) -> Path:
-        """Where the secret ring lives: credentials.secrets_file or data_dir/secrets.json."""
-        return self.credentials.secrets_file or self.data_dir / "secrets.json"
 
 
 # ------------------------------------------------------------------ reading values
@@ -418,6 +273,32 @@ def _cross_checks(config: AppConfig) -> None:
     if a.jwt_key is not None and len(a.jwt_key) < 32:
         raise ConfigError("auth.jwt_key", "must be at least 32 characters (HS256 keys shorter "
                                           "than the hash are guessable)")
+    _credential_checks(config)
+    _admin_checks(config.admin)
+
+
+def _credential_checks(config: AppConfig) -> None:
+    c, t = config.credentials, config.turn
+    for i, url in enumerate(c.external):
+        if not url.startswith(("turn:", "turns:")):
+            raise ConfigError(f"credentials.external[{i}]", f"must be a turn: or turns: URL, got {url!r}")
+    if c.ice_servers is not None and not c.ice_servers:
+        raise ConfigError("credentials.ice_servers", "is an empty list; give URLs, or null for "
+                                                     "the embedded relay's defaults")
+    relay_on = any((t.udp, t.tcp, t.tls))
+    if config.http.listen is not None and not (relay_on or c.external or c.ice_servers):
+        raise ConfigError("credentials.external", "the signaling would hand out no ICE server: "
+                                                  "enable a turn listener, or list external "
+                                                  "TURN servers or credentials.ice_servers")
+
+
+def _admin_checks(admin) -> None:
+    if admin.token is not None and len(admin.token) < 16:
+        raise ConfigError("admin.token", "must be at least 16 characters")
+    if admin.listen is not None and admin.token is None \
+            and not ipaddress.ip_address(admin.listen.host).is_loopback:
+        raise ConfigError("admin.token", f"admin.listen {admin.listen} is not a loopback address, "
+                                         "so a token is required")
 
 
 def load_config(path: str | os.PathLike | None = None,

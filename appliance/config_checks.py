@@ -121,3 +121,62 @@ def http_url(value: str) -> str | None:
     if not (value.startswith("http://") or value.startswith("https://")) or " " in value:
         return f"must be an http:// or https:// URL, got {value!r}"
     return None
+
+
+_LABEL_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789-")
+
+
+def _host_problem(host: str) -> str | None:
+    """None for an IPv4 address, a bracketed IPv6 address or a DNS name."""
+    if host.startswith("[") and host.endswith("]"):
+        try:
+            ipaddress.IPv6Address(host[1:-1])
+        except ValueError:
+            return f"{host!r} is not an IPv6 address"
+        return None
+    if ":" in host:
+        return f"write IPv6 addresses in brackets, e.g. [2001:db8::1], got {host!r}"
+    labels = host.lower().split(".")
+    if len(host) > 253 or not all(labels) or any(
+            set(label) - _LABEL_CHARS or label.startswith("-") or label.endswith("-")
+            or len(label) > 63 for label in labels):
+        return f"{host!r} is not a host name or IP address"
+    return None
+
+
+def host_name(value: str) -> str | None:
+    return _host_problem(value)
+
+
+ICE_SCHEMES = ("stun", "stuns", "turn", "turns")
+
+
+def ice_url(value: str) -> str | None:
+    """A STUN/TURN URI (RFC 7064, RFC 7065): scheme:host[:port][?transport=udp|tcp]."""
+    scheme, sep, rest = value.partition(":")
+    if not sep or scheme not in ICE_SCHEMES:
+        return f"must start with one of {', '.join(s + ':' for s in ICE_SCHEMES)}, got {value!r}"
+    address, _, query = rest.partition("?")
+    if query:
+        if scheme.startswith("stun"):
+            return f"stun URLs take no query, got {value!r}"
+        if query not in ("transport=udp", "transport=tcp"):
+            return f"the only query is transport=udp or transport=tcp, got {value!r}"
+        if scheme == "turns" and query == "transport=udp":
+            return f"turns: runs over TLS, so transport=udp is not possible: {value!r}"
+    host, port = address, None
+    if address.startswith("["):
+        close = address.find("]")
+        host, after = address[:close + 1], address[close + 1:]
+        if after:
+            if not after.startswith(":"):
+                return f"expected [addr]:port in {value!r}"
+            port = after[1:]
+    elif address.count(":") == 1:
+        host, port = address.split(":")
+    problem = _host_problem(host) if host else f"no host in {value!r}"
+    if problem:
+        return problem
+    if port is not None and not (port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
+        return f"port {port!r} is not in 1-65535 in {value!r}"
+    return None

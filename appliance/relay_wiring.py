@@ -58,9 +58,11 @@ def node_settings(config: AppConfig) -> NodeSettings:
 
 
 def own_endpoints(config: AppConfig) -> list[tuple[str, int]]:
-    """Every address:port the appliance listens on: never a relay target."""
+    """Every address:port the appliance listens on (relay, signaling, admin): never a
+    relay target, so a client cannot reach the admin API through the relay."""
     t = config.turn
-    return [(hp.host, hp.port) for hp in (t.udp, t.tcp, t.tls) if hp is not None]
+    return [(hp.host, hp.port) for hp in (t.udp, t.tcp, t.tls, config.http.listen,
+                                          config.admin.listen) if hp is not None]
 
 
 def peer_policy(config: AppConfig):

@@ -14,6 +14,8 @@ Secret values never appear in reprs, errors or logs: only ids do.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import secrets as _random
@@ -50,7 +52,7 @@ class SecretRing:
         live = [s for s in self.secrets if s.retired is None]
         if not live:
             raise SecretRingError("the ring has no current (non-retired) secret")
-        return max(live, key=lambda s: s.created)
+        return max(reversed(live), key=lambda s: s.created)    # a tie goes to the later entry
 
     def accepted(self, now: float, grace_s: float) -> tuple[bytes, ...]:
         """HMAC keys to verify with: the current secret first, then the others, newest first.
@@ -62,9 +64,41 @@ class SecretRing:
         """
         current = self.current()
         others = sorted((s for s in self.secrets if s is not current
-                         and (s.retired is None or s.retired + grace_s > now)),
+                         and self.still_accepted(s, now, grace_s)),
                         key=lambda s: s.created, reverse=True)
         return tuple(s.value.encode() for s in (current, *others))
+
+    @staticmethod
+    def still_accepted(s: Secret, now: float, grace_s: float) -> bool:
+        return s.retired is None or s.retired + grace_s > now
+
+    def signing(self, now: float, grace_s: float, activation_s: float) -> Secret:
+        """The secret new credentials are signed with.
+
+        The newest accepted secret that has been in the ring for activation_s;
+        a younger one is accepted by the relays already but not yet used, so
+        a credential is never handed out before every relay worker (and any
+        external coturn) can verify it.  When none is that old (the very first
+        start, or rotations in quick succession) the oldest accepted one signs:
+        it has had the longest to spread.
+        """
+        # Newest first; of two created in the same second, the later in the file is newer.
+        usable = [s for _, _, s in sorted(
+            ((s.created, i, s) for i, s in enumerate(self.secrets)
+             if self.still_accepted(s, now, grace_s)), key=lambda t: t[:2], reverse=True)]
+        usable = usable or [self.current()]
+        return next((s for s in usable if s.created + activation_s <= now), usable[-1])
+
+    def rotated(self, new: Secret, now: float) -> "SecretRing":
+        """`new` becomes current; every secret that was live is retired at `now`."""
+        kept = tuple(s if s.retired is not None else Secret(s.id, s.value, s.created, int(now))
+                     for s in self.secrets)
+        return SecretRing(kept + (new,))
+
+    def pruned(self, now: float, grace_s: float) -> tuple["SecretRing", tuple[Secret, ...]]:
+        """The ring without the secrets past their grace, and those secrets."""
+        dropped = tuple(s for s in self.secrets if not self.still_accepted(s, now, grace_s))
+        return SecretRing(tuple(s for s in self.secrets if s not in dropped)), dropped
 
 
 def new_secret(now: float) -> Secret:
@@ -208,3 +242,36 @@ def ensure_ring(path: str | os.PathLike, now: float) -> tuple[SecretRing, bool]:
         if _write_private(path, ring, replace=False):
             return ring, True
     return load_ring(path), False
+
+
+@contextlib.contextmanager
+def _ring_lock(path: Path):
+    """An exclusive lock beside the ring, so two rotations (CLI and admin API) never
+    read the same ring and both write it: the second would drop the first's secret."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(path.parent / f".{path.name}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def rotate_ring(path: str | os.PathLike, now: float) -> tuple[SecretRing, Secret]:
+    """Add a new current secret to the ring file, retiring the live ones; returns both."""
+    path = Path(path)
+    with _ring_lock(path):
+        secret = new_secret(now)
+        ring = load_ring(path).rotated(secret, now)
+        save_ring(path, ring)
+    return ring, secret
+
+
+def prune_ring(path: str | os.PathLike, now: float, grace_s: float) -> tuple[Secret, ...]:
+    """Drop the secrets past their grace from the ring file; returns what was dropped."""
+    path = Path(path)
+    with _ring_lock(path):
+        ring, dropped = load_ring(path).pruned(now, grace_s)
+        if dropped:
+            save_ring(path, ring)
+    return dropped

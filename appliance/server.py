@@ -1,13 +1,21 @@
 """The process model of `appliance serve`.
 
-The main process runs one event loop with a relay node (and, once the
-signaling lands, the HTTP service).  `turn.workers: N` starts N-1 more relay
-processes that bind the same ports with SO_REUSEPORT.  Every process reads
-the secret ring itself, on start, on SIGHUP and when the file changes, so a
-rotation reaches all of them without any channel between them; the nonce key
-is handed to each worker at spawn so a nonce from one verifies in another.
+The main process runs one event loop with a relay node (unless every relay
+listener is off), the signaling service (Hypercorn), the admin listener and
+a RingWatcher.  `turn.workers: N` starts N-1 more relay processes that bind
+the same ports with SO_REUSEPORT, each with its own RingWatcher, so a
+rotation reaches every process through the file alone; the nonce key is
+handed to each worker at spawn so a nonce from one verifies in another.
 
-Signals: SIGTERM/SIGINT stop (children first), SIGHUP reloads the ring.
+Signals:
+- SIGHUP: re-read the secret ring and reload TLS certificates (established
+  connections keep theirs), in every process.
+- SIGTERM/SIGINT: drain.  /readyz turns false, STOMP sessions get an ERROR
+  frame and are closed (SockJS adds its close frame), Hypercorn stops
+  accepting, the relay refuses new allocations (508) and new TCP/TLS
+  connections while live allocations keep relaying for up to `turn.drain_s`
+  or until none is left; then everything stops and the exit code is 0.  A
+  second signal cuts the drain short.
 """
 
 from __future__ import annotations
@@ -18,19 +26,29 @@ import multiprocessing
 import os
 import signal
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from turn.node import RelayNode
 
-from .config import AppConfig
-from .relay_wiring import node_settings, peer_policy, tls_context
-from .secret_ring import SecretRingError, load_ring
+from .config import AppConfig, HostPort
+from .ring_watcher import RingWatcher
+from .tls_reload import CertificateReloader
 
 log = logging.getLogger("appliance")
 
-RING_POLL_S = 2.0
 CHILD_POLL_S = 1.0
-CHILD_STOP_TIMEOUT_S = 5.0
+CHILD_STOP_MARGIN_S = 5.0
+LISTEN_WAIT_S = 10.0
+HTTP_STOP_TIMEOUT_S = 10.0
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    turn_cert: Path | None = None
+    turn_key: Path | None = None
+    http_cert: Path | None = None
+    http_key: Path | None = None
 
 
 def configure_logging(level: str) -> None:
@@ -47,90 +65,27 @@ def install_uvloop() -> str:
     return "uvloop"
 
 
-class RingWatcher:
-    """Keeps the relay's accepted secrets in step with the secrets file.
-
-    A corrupt or unreadable file is refused and logged; the last good ring
-    stays in force, so a botched edit never locks every client out.
-    """
-
-    def __init__(self, path: Path, grace_s: float, apply) -> None:
-        self.path = path
-        self.grace_s = grace_s
-        self.apply = apply
-        self._stamp: tuple | None = None
-
-    def _file_stamp(self) -> tuple | None:
-        try:
-            st = self.path.stat()
-        except OSError:
-            return None
-        return (st.st_mtime_ns, st.st_size, st.st_ino)
-
-    def load(self, force: bool = False) -> bool:
-        stamp = self._file_stamp()
-        if not force and stamp == self._stamp:
-            return False
-        try:
-            ring = load_ring(self.path)
-        except SecretRingError as exc:
-            log.error("secret ring not reloaded, keeping the last good one: %s", exc)
-            self._stamp = stamp
-            return False
-        self._stamp = stamp
-        secrets = ring.accepted(time.time(), self.grace_s)
-        self.apply(secrets)
-        log.info("secret ring loaded: %d secret(s) accepted, current %s", len(secrets),
-                 ring.current().id)
-        return True
-
-    async def run(self) -> None:
-        while True:
-            await asyncio.sleep(RING_POLL_S)
-            self.load()
-
-
-async def _serve_relay(config: AppConfig, tls_cert: Path | None, tls_key: Path | None,
-                       nonce_key: bytes, on_stop=None, on_reload=None) -> int:
-    loop = asyncio.get_running_loop()
-    ring = load_ring(config.secrets_path())
-    grace = config.credentials.ttl_s
-    ctx = tls_context(tls_cert, tls_key) if (config.turn.tls and tls_cert and tls_key) else None
-    node = RelayNode(node_settings(config), ring.accepted(time.time(), grace), nonce_key,
-                     peer_policy(config), ctx)
-    watcher = RingWatcher(config.secrets_path(), grace, node.set_secrets)
-    watcher.load(force=True)
-    await node.start()
-    stop = asyncio.Event()
-
-    def reload() -> None:
-        watcher.load(force=True)
-        if on_reload:
-            on_reload()
-
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
-    loop.add_signal_handler(signal.SIGINT, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, reload)
-    tasks = [loop.create_task(watcher.run())]
+def relay_enabled(config: AppConfig) -> bool:
     t = config.turn
-    log.info("relay ready: udp=%s tcp=%s tls=%s", t.udp, t.tcp, t.tls)
-    await stop.wait()
-    for task in tasks:
-        task.cancel()
-    if on_stop:
-        on_stop()
-    await node.stop()
-    log.info("relay stopped")
-    return 0
+    return any((t.udp, t.tcp, t.tls))
 
 
-def _worker_main(config: AppConfig, tls_cert, tls_key, nonce_key: bytes) -> None:
-    configure_logging(config.log_level)
-    install_uvloop()
-    try:
-        asyncio.run(_serve_relay(config, tls_cert, tls_key, nonce_key))
-    except KeyboardInterrupt:
-        pass
+async def wait_listening(listener: HostPort, task: asyncio.Task, name: str) -> None:
+    """Return once `listener` accepts TCP connections; raise if its server task ended."""
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(listener.host, listener.host)
+    deadline = time.monotonic() + LISTEN_WAIT_S
+    while time.monotonic() < deadline:
+        if task.done():
+            exc = task.exception()
+            raise OSError(f"{name} listener {listener} did not start: {exc}")
+        try:
+            _, writer = await asyncio.open_connection(host, listener.port)
+        except OSError:
+            await asyncio.sleep(0.05)
+            continue
+        writer.close()
+        return
+    raise OSError(f"{name} listener {listener} is not accepting connections")
 
 
 class Workers:
@@ -151,6 +106,9 @@ class Workers:
     def start(self) -> None:
         self.procs = [self._spawn() for _ in range(self.count)]
 
+    def all_alive(self) -> bool:
+        return all(p.is_alive() for p in self.procs)
+
     async def watch(self) -> None:
         while not self.stopping:
             await asyncio.sleep(CHILD_POLL_S)
@@ -164,57 +122,217 @@ class Workers:
             if proc.is_alive() and proc.pid:
                 os.kill(proc.pid, signum)
 
-    def stop(self) -> None:
+    def begin_stop(self) -> None:
         self.stopping = True
         self.signal_all(signal.SIGTERM)
-        deadline = time.monotonic() + CHILD_STOP_TIMEOUT_S
+
+    async def join(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
         for proc in self.procs:
-            proc.join(max(0.0, deadline - time.monotonic()))
+            while proc.is_alive() and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
             if proc.is_alive():
+                log.warning("relay worker %s did not stop in time; killing it", proc.pid)
                 proc.kill()
                 proc.join(1)
 
 
-async def _start_signaling(config: AppConfig, cert, key, stopped: asyncio.Event):
-    """Hypercorn serving the signaling app on this loop, until `stopped` is set."""
-    from hypercorn.asyncio import serve
+class ApplianceProcess:
+    """One process: the relay node, and in the main process everything else."""
 
-    from .signaling_wiring import hypercorn_config, signaling_app
+    def __init__(self, config: AppConfig, files: TlsFiles, nonce_key: bytes, main: bool) -> None:
+        self.config = config
+        self.files = files
+        self.nonce_key = nonce_key
+        self.main = main
+        self.certificates = CertificateReloader()
+        self.watcher = RingWatcher(config.secrets_path(), config.credentials.grace_s())
+        self.node: RelayNode | None = None
+        self.workers: Workers | None = None
+        self.draining = False
+        self.signaling_app = None
+        self._stop = asyncio.Event()
+        self._hurry = asyncio.Event()
+        self._http_stop = asyncio.Event()
+        self._admin_stop = asyncio.Event()
+        self._tasks: list[asyncio.Task] = []
+        self._http_task: asyncio.Task | None = None
+        self._admin_task: asyncio.Task | None = None
 
-    app = signaling_app(config)
-    task = asyncio.get_running_loop().create_task(
-        serve(app, hypercorn_config(config, cert, key), shutdown_trigger=stopped.wait))
-    log.info("signaling ready: %s://%s%s/ws", "https" if config.http.tls else "http",
-             config.http.listen, config.http.prefix)
-    return task
+    # ------------------------------------------------------------ start
+
+    async def _start_relay(self) -> None:
+        from .relay_wiring import node_settings, peer_policy, tls_context
+
+        c, f = self.config, self.files
+        ctx = None
+        if c.turn.tls and f.turn_cert and f.turn_key:
+            ctx = self.certificates.track("turn tls", tls_context(f.turn_cert, f.turn_key),
+                                          f.turn_cert, f.turn_key)
+        ring = self.watcher.current_ring()
+        self.node = RelayNode(node_settings(c), ring.accepted(time.time(), self.watcher.grace_s),
+                              self.nonce_key, peer_policy(c), ctx)
+        self.watcher.apply = self.node.set_secrets
+        self.watcher.refresh()
+        await self.node.start()
+        t = c.turn
+        log.info("relay ready: udp=%s tcp=%s tls=%s", t.udp, t.tcp, t.tls)
+
+    async def _start_signaling(self) -> None:
+        from hypercorn.asyncio import serve
+
+        from .ice_servers import CredentialIssuer
+        from .signaling_wiring import hypercorn_config, signaling_app
+
+        c, f = self.config, self.files
+        issuer = CredentialIssuer.from_config(c, self.watcher.current_ring)
+        self.signaling_app = signaling_app(c, issuer.issue)
+        hc = hypercorn_config(c, f.http_cert or f.turn_cert, f.http_key or f.turn_key,
+                              self.certificates)
+        self._http_task = asyncio.get_running_loop().create_task(
+            serve(self.signaling_app, hc, shutdown_trigger=self._http_stop.wait))
+        await wait_listening(c.http.listen, self._http_task, "http")
+        log.info("signaling ready: %s://%s%s/ws", "https" if c.http.tls else "http",
+                 c.http.listen, c.http.prefix)
+
+    async def _start_admin(self) -> None:
+        from hypercorn.asyncio import serve
+        from hypercorn.config import Config
+
+        from .admin import AdminContext, create_admin_app
+        from .metrics import ApplianceCollector, metrics_registry
+
+        c = self.config
+        ext = self.signaling_app.extensions if self.signaling_app is not None else {}
+        collector = ApplianceCollector(
+            relay_stats=self.node.stats if self.node is not None else None,
+            signaling=ext.get("signaling"), calls=ext.get("calls"),
+            credentials=ext.get("turn_credentials"), watcher=self.watcher,
+            draining=lambda: self.draining)
+        app = create_admin_app(AdminContext(
+            token=c.admin.token, watcher=self.watcher, grace_s=c.credentials.grace_s(),
+            activation_s=c.credentials.activation_s, registry=metrics_registry(collector),
+            readiness=self.readiness, secrets_changed=self.reload_secrets))
+        hc = Config()
+        hc.bind = [str(c.admin.listen)]
+        hc.accesslog = hc.errorlog = None
+        hc.graceful_timeout = 1
+        self._admin_task = asyncio.get_running_loop().create_task(
+            serve(app, hc, shutdown_trigger=self._admin_stop.wait))
+        await wait_listening(c.admin.listen, self._admin_task, "admin")
+        log.info("admin ready: http://%s (token %s)", c.admin.listen,
+                 "required" if c.admin.token else "not set: /admin/secrets disabled")
+
+    def readiness(self) -> dict[str, bool]:
+        checks = {"secret_ring": self.watcher.ring is not None, "accepting": not self.draining}
+        if relay_enabled(self.config):
+            checks["relay"] = self.node is not None and self.node.core is not None
+        if self.workers is not None and self.workers.count:
+            checks["relay_workers"] = self.workers.all_alive()
+        if self._http_task is not None:
+            checks["signaling"] = not self._http_task.done()
+        return checks
+
+    # ------------------------------------------------------------ signals
+
+    def reload_secrets(self) -> None:
+        self.watcher.load(force=True)
+        if self.workers is not None:
+            self.workers.signal_all(signal.SIGHUP)
+
+    def _on_hup(self) -> None:
+        log.info("SIGHUP: reloading the secret ring and certificates")
+        self.reload_secrets()
+        self.certificates.reload()
+
+    def _on_stop_signal(self) -> None:
+        if self._stop.is_set():
+            log.info("second stop signal: cutting the drain short")
+            self._hurry.set()
+        self._stop.set()
+
+    # ------------------------------------------------------------ run
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        if not self.watcher.load(force=True) and self.watcher.ring is None:
+            raise OSError(f"cannot start: the secret ring {self.watcher.path} did not load")
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self._on_stop_signal)
+        loop.add_signal_handler(signal.SIGHUP, self._on_hup)
+        try:
+            if relay_enabled(self.config):
+                await self._start_relay()
+            if self.main:
+                self.workers = Workers(self.config.turn.workers - 1 if self.node else 0,
+                                       (self.config, self.files, self.nonce_key))
+                self.workers.start()
+                self._tasks.append(loop.create_task(self.workers.watch()))
+                if self.config.http.listen is not None:
+                    await self._start_signaling()
+                if self.config.admin.listen is not None:
+                    await self._start_admin()
+            self._tasks.append(loop.create_task(self.watcher.run()))
+            await self._stop.wait()
+            await self._drain()
+        finally:
+            await self._stop_everything()
+        return 0
+
+    async def _drain(self) -> None:
+        self.draining = True
+        drain_s = self.config.turn.drain_s
+        log.info("stopping: draining for up to %d s", drain_s)
+        if self.workers is not None:
+            self.workers.begin_stop()
+        if self.signaling_app is not None:
+            self.signaling_app.extensions["signaling"].shutdown()
+            self._http_stop.set()
+        if self.node is not None:
+            self.node.begin_drain()
+            drained = asyncio.get_running_loop().create_task(self.node.drained(drain_s))
+            hurry = asyncio.get_running_loop().create_task(self._hurry.wait())
+            await asyncio.wait((drained, hurry), return_when=asyncio.FIRST_COMPLETED)
+            hurry.cancel()
+            if not drained.done():
+                drained.cancel()
+            left = len(self.node.core.table) if self.node.core else 0
+            log.info("relay drained" if not left else f"drain over: closing {left} allocation(s)")
+
+    async def _stop_everything(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        self._http_stop.set()
+        if self._http_task is not None:
+            try:
+                await asyncio.wait_for(self._http_task, HTTP_STOP_TIMEOUT_S)
+            except (asyncio.TimeoutError, Exception):
+                log.warning("signaling did not stop cleanly")
+        if self.node is not None:
+            await self.node.stop()
+        if self.workers is not None:
+            self.workers.begin_stop()
+            await self.workers.join(self.config.turn.drain_s + CHILD_STOP_MARGIN_S)
+        self._admin_stop.set()
+        if self._admin_task is not None:
+            try:
+                await asyncio.wait_for(self._admin_task, HTTP_STOP_TIMEOUT_S)
+            except (asyncio.TimeoutError, Exception):
+                pass
+        log.info("stopped")
 
 
-async def _main(config: AppConfig, tls_cert, tls_key, http_cert=None, http_key=None) -> int:
-    nonce_key = os.urandom(32)
-    workers = Workers(config.turn.workers - 1, (config, tls_cert, tls_key, nonce_key))
-    workers.start()
-    watch = asyncio.get_running_loop().create_task(workers.watch())
-    stopped = asyncio.Event()
-    signaling = None
-    if config.http.listen is not None:
-        signaling = await _start_signaling(config, http_cert or tls_cert, http_key or tls_key, stopped)
-
-    def on_stop() -> None:
-        stopped.set()
-        watch.cancel()
-        workers.stop()
-
-    log.info("starting %d relay process(es)", config.turn.workers)
-    code = await _serve_relay(config, tls_cert, tls_key, nonce_key, on_stop=on_stop,
-                              on_reload=lambda: workers.signal_all(signal.SIGHUP))
-    if signaling is not None:
-        await asyncio.wait_for(signaling, 10)
-    return code
+def _worker_main(config: AppConfig, files: TlsFiles, nonce_key: bytes) -> None:
+    configure_logging(config.log_level)
+    install_uvloop()
+    try:
+        asyncio.run(ApplianceProcess(config, files, nonce_key, main=False).run())
+    except KeyboardInterrupt:
+        pass
 
 
-def run(config: AppConfig, tls_cert: Path | None, tls_key: Path | None,
-        http_cert: Path | None = None, http_key: Path | None = None) -> int:
+def run(config: AppConfig, files: TlsFiles) -> int:
     configure_logging(config.log_level)
     loop_kind = install_uvloop()
     log.info("event loop: %s", loop_kind)
-    return asyncio.run(_main(config, tls_cert, tls_key, http_cert, http_key))
+    return asyncio.run(ApplianceProcess(config, files, os.urandom(32), main=True).run())

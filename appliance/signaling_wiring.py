@@ -12,6 +12,7 @@ from signaling.auth import HttpVerifier, JwtVerifier, StaticVerifier, TokenVerif
 from signaling.stomp import Limits
 
 from .config import AppConfig
+from .tls_reload import CertificateReloader, reloadable_hypercorn_config
 
 DEV_JWT_KEY_FILE = "jwt.key"
 
@@ -56,9 +57,10 @@ def stomp_limits(config: AppConfig) -> Limits:
                   heartbeat_ms=s.heartbeat_ms)
 
 
-def signaling_app(config: AppConfig):
+def signaling_app(config: AppConfig, issue_credentials=None):
     return create_app(config.http.prefix, token_verifier(config), stomp_limits(config),
-                      config.stomp.max_outbox, config.calls.ring_timeout_s, config.calls.grace_s)
+                      config.stomp.max_outbox, config.calls.ring_timeout_s, config.calls.grace_s,
+                      issue_credentials)
 
 
 def decline_websocket_compression() -> None:
@@ -84,12 +86,11 @@ def decline_websocket_compression() -> None:
     ws_stream.PerMessageDeflate = DeclinedDeflate
 
 
-def hypercorn_config(config: AppConfig, cert: Path | None, key: Path | None):
-    from hypercorn.config import Config
-
+def hypercorn_config(config: AppConfig, cert: Path | None, key: Path | None,
+                     reloader: CertificateReloader | None = None):
     decline_websocket_compression()
     h = config.http
-    hc = Config()
+    hc = reloadable_hypercorn_config(reloader or CertificateReloader(), "https")
     hc.bind = [str(h.listen)]
     hc.accesslog = None
     hc.errorlog = None            # our logging, not hypercorn's

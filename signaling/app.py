@@ -14,11 +14,15 @@ from .http_api import install_envelope_errors
 from .service import SignalingService
 from .sockjs.server import SockJSServer
 from .stomp import Limits
+from .turn_credentials import Issue, TurnCredentialService
 from .ws import serve_websocket
 
 
 def create_app(prefix: str, verifier: TokenVerifier, limits: Limits, max_outbox: int,
-               ring_timeout_s: float = 30.0, grace_s: float = 10.0) -> Quart:
+               ring_timeout_s: float = 30.0, grace_s: float = 10.0,
+               issue_credentials: Issue | None = None) -> Quart:
+    """The signaling app; `issue_credentials(userId)` answers TURN credential requests
+    (no such routes without it: a relay-less test app has nothing to hand out)."""
     app = Quart("signaling")
     broker = MemoryBroker()
     service = SignalingService(broker, verifier)
@@ -28,6 +32,11 @@ def create_app(prefix: str, verifier: TokenVerifier, limits: Limits, max_outbox:
     calls.install(service)
     calls.install_http(app, prefix, verifier)
     app.extensions["calls"] = calls
+    if issue_credentials is not None:
+        credentials = TurnCredentialService(issue_credentials)
+        credentials.install(service)
+        credentials.install_http(app, prefix, verifier)
+        app.extensions["turn_credentials"] = credentials
     timers: list[asyncio.Task] = []
 
     @app.before_serving

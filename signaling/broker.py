@@ -24,6 +24,14 @@ class Broker(Protocol):
 
     def is_online(self, user_id: str) -> bool: ...
 
+    def local_sessions(self) -> list[Session]:
+        """Every session connected to this process (for shutdown and metrics)."""
+        ...
+
+    def session_count(self) -> int: ...
+
+    def user_count(self) -> int: ...
+
     def to_user(self, user_id: str, destination: str, body: bytes,
                 sessions: Iterable[Session] | None = None) -> int:
         """Deliver to the user's sessions (or the given ones of them); how many took it."""
@@ -53,6 +61,15 @@ class MemoryBroker:
 
     def is_online(self, user_id: str) -> bool:
         return user_id in self._by_user
+
+    def local_sessions(self) -> list[Session]:
+        return [s for sessions in self._by_user.values() for s in sessions.values()]
+
+    def session_count(self) -> int:
+        return sum(len(sessions) for sessions in self._by_user.values())
+
+    def user_count(self) -> int:
+        return len(self._by_user)
 
     def to_user(self, user_id: str, destination: str, body: bytes,
                 sessions: Iterable[Session] | None = None) -> int:

@@ -80,6 +80,18 @@ class SignalingService:
         if last:
             self.presence.changed(session.user_id, False)
 
+    def shutdown(self, reason: str = "server shutting down") -> int:
+        """Close every local session cleanly: an ERROR frame (SockJS adds its close frame),
+        then the transport closes.  Clients reconnect, to another node if there is one.
+        Returns how many sessions were told."""
+        sessions = self.broker.local_sessions()
+        for session in sessions:
+            session.conn.close_with_error(reason)
+            session.flush()
+        if sessions:
+            log.info("shutdown: closing %d session(s)", len(sessions))
+        return len(sessions)
+
     def error(self, session: Session, err: SignalingError) -> None:
         self.counters[f"error_{err.code}"] += 1
         session.deliver(ERRORS_DESTINATION, err.body())

@@ -42,8 +42,7 @@ async def serve_websocket(websocket, service: SignalingService, limits: Limits,
             if endpoint.closed:
                 return
 
-    writer = loop.create_task(write_output())
-    try:
+    async def read_input() -> None:
         while not endpoint.closed:
             timer = endpoint.next_timer()
             timeout = None if timer is None else max(0.0, timer - loop.time())
@@ -53,13 +52,24 @@ async def serve_websocket(websocket, service: SignalingService, limits: Limits,
                 endpoint.tick(loop.time())
             else:
                 await endpoint.feed(data, loop.time())
-        wake.set()
-        await asyncio.wait_for(writer, WRITER_DRAIN_S)   # the ERROR/RECEIPT goes out before the close
+
+    # The writer ends when the endpoint closes from our side (an ERROR, a slow
+    # consumer, shutdown), the reader when the client closes or errs; either ends
+    # the connection at once, and the writer always gets to send its last frames.
+    writer = loop.create_task(write_output())
+    reader = loop.create_task(read_input())
+    try:
+        done, _ = await asyncio.wait((reader, writer), return_when=asyncio.FIRST_COMPLETED)
+        if reader in done:
+            reader.result()
+            wake.set()
+            await asyncio.wait_for(writer, WRITER_DRAIN_S)   # the ERROR/RECEIPT goes out first
     except asyncio.CancelledError:
         raise
     except Exception:        # one client must never take the server down with it
         log.exception("websocket session failed")
     finally:
-        if not writer.done():
-            writer.cancel()
+        for task in (reader, writer):
+            if not task.done():
+                task.cancel()
         endpoint.finish()

@@ -117,7 +117,7 @@ def test_credentials_follow_the_rest_scheme(tmp_path, capsys):
     assert main(["credentials", "--user", "alice", "--ttl", "120", "--config", config]) == 0
     after = int(time.time())
     answer = json.loads(capsys.readouterr().out)
-    assert set(answer) == {"username", "credential", "ttl"} and answer["ttl"] == 120
+    assert set(answer) == {"username", "credential", "ttl", "iceServers"} and answer["ttl"] == 120
     expiry, user = answer["username"].split(":", 1)
     assert user == "alice" and before + 120 <= int(expiry) <= after + 120
     secret = load_ring(tmp_path / "data" / "secrets.json").current().value
@@ -127,7 +127,7 @@ def test_credentials_follow_the_rest_scheme(tmp_path, capsys):
 def test_credentials_use_the_current_secret_and_the_configured_ttl(tmp_path, capsys):
     config = write_config(tmp_path, "credentials: {ttl_s: 600}\n")
     now = int(time.time())
-    current = Secret("k-new", "n" * 43, now, None)
+    current = Secret("k-new", "n" * 43, now - 50, None)      # past its 5 s activation
     save_ring(tmp_path / "data" / "secrets.json",
               SecretRing((Secret("k-old", "o" * 43, now - 100, now - 50), current)))
     assert main(["credentials", "--user", "bob:phone", "--config", config]) == 0
@@ -186,7 +186,7 @@ def test_secret_list_shows_ids_ages_and_states_never_values(tmp_path, capsys, mo
 
 def test_secret_list_without_a_ring(tmp_path, capsys):
     assert main(["secret", "list", "--config", write_config(tmp_path)]) == 2
-    assert "cannot read" in capsys.readouterr().err
+    assert "does not exist yet" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------ healthcheck
@@ -201,3 +201,78 @@ def test_healthcheck_without_a_listener(tmp_path, capsys):
     config = write_config(tmp_path, "turn: {udp: null, tcp: null}\n")
     assert main(["healthcheck", "--config", config]) == 1
     assert "no UDP or TCP listener" in capsys.readouterr().err
+
+
+def test_a_just_rotated_secret_signs_only_after_activation(tmp_path, capsys):
+    config = write_config(tmp_path, "credentials: {ttl_s: 600}\n")
+    now = int(time.time())
+    old = Secret("k-old", "o" * 43, now - 1000, now - 100)
+    save_ring(tmp_path / "data" / "secrets.json", SecretRing((old, Secret("k-new", "n" * 43, now))))
+    assert main(["credentials", "--user", "bob", "--config", config]) == 0
+    answer = json.loads(capsys.readouterr().out)
+    assert answer["credential"] == rest_credential(old.value, answer["username"])
+    # It is capped so that it expires when the old secret's grace ends.
+    assert 490 <= answer["ttl"] <= 500
+
+
+def test_credentials_list_the_embedded_relays_urls(tmp_path, capsys):
+    config = write_config(tmp_path, "credentials: {host: turn.example.com, "
+                                    "external: ['turns:coturn.example.com:443?transport=tcp']}\n")
+    ensure_ring(tmp_path / "data" / "secrets.json", time.time() - 60)
+    assert main(["credentials", "--user", "alice", "--config", config]) == 0
+    answer = json.loads(capsys.readouterr().out)
+    urls = [e["urls"] for e in answer["iceServers"]]
+    assert urls == ["stun:turn.example.com:3478", "turn:turn.example.com:3478?transport=udp",
+                    "turn:turn.example.com:3478?transport=tcp",
+                    "turns:turn.example.com:5349?transport=tcp",
+                    "turns:coturn.example.com:443?transport=tcp"]
+    assert all(e["url"] == e["urls"] for e in answer["iceServers"])
+    stun_entry, *turn_entries = answer["iceServers"]
+    assert stun_entry["username"] is None and stun_entry["credential"] is None
+    assert {(e["username"], e["credential"]) for e in turn_entries} == \
+        {(answer["username"], answer["credential"])}
+
+
+# ------------------------------------------------------------------ secret rotate / prune / coturn-config
+
+def test_secret_rotate_then_list_then_prune(tmp_path, capsys):
+    config = write_config(tmp_path, "credentials: {ttl_s: 600, secret_grace_s: 0}\n")
+    path = tmp_path / "data" / "secrets.json"
+    first, _ = ensure_ring(path, time.time() - 100)
+    assert main(["secret", "rotate", "--config", config]) == 0
+    out = capsys.readouterr().out
+    ring = load_ring(path)
+    assert len(ring.secrets) == 2 and ring.current().id != first.current().id
+    assert ring.current().id in out and first.current().value not in out
+    assert ring.current().value not in out
+    assert main(["secret", "list", "--show", "--config", config]) == 0
+    assert ring.current().value in capsys.readouterr().out
+    assert main(["secret", "prune", "--config", config]) == 0
+    assert first.current().id in capsys.readouterr().out
+    assert [s.id for s in load_ring(path).secrets] == [ring.current().id]
+
+
+def test_secret_rotate_refuses_a_corrupt_ring(tmp_path, capsys):
+    config = write_config(tmp_path)
+    path = tmp_path / "data" / "secrets.json"
+    path.parent.mkdir(parents=True)
+    path.write_text("[]")
+    assert main(["secret", "rotate", "--config", config]) == 2
+    assert str(path) in capsys.readouterr().err and path.read_text() == "[]"
+
+
+def test_coturn_config_carries_every_accepted_secret_and_the_deny_list(tmp_path, capsys):
+    config = write_config(tmp_path, "realm: example.org\n")
+    now = int(time.time())
+    ring = SecretRing((Secret("k-gone", "g" * 43, now - 10**6, now - 10**6 + 1),
+                       Secret("k-old", "o" * 43, now - 100, now - 50),
+                       Secret("k-new", "n" * 43, now - 50)))
+    save_ring(tmp_path / "data" / "secrets.json", ring)
+    assert main(["coturn-config", "--config", config]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "use-auth-secret" in lines and "realm=example.org" in lines
+    secrets = [line.split("=", 1)[1] for line in lines if line.startswith("static-auth-secret=")]
+    assert secrets == ["n" * 43, "o" * 43]
+    assert "denied-peer-ip=10.0.0.0-10.255.255.255" in lines
+    assert "denied-peer-ip=169.254.0.0-169.254.255.255" in lines
+    assert "denied-peer-ip=::ffff:0:0-::ffff:ffff:ffff" in lines

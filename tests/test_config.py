@@ -193,10 +193,62 @@ def test_unspecified_relay_address_is_fine_with_an_external_one(tmp_path):
     assert (config.turn.relay_ip, config.external_ip) == ("0.0.0.0", "203.0.113.7")
 
 
+RELAY_OFF = "turn: {udp: null, tcp: null, tls: null, relay_ip: null, relay_ip6: null}\n"
+
+
 def test_relaying_may_be_off_when_every_listener_is(tmp_path):
-    config = load_text(tmp_path, "turn: {udp: null, tcp: null, tls: null, relay_ip: null, "
-                                 "relay_ip6: null}")
+    config = load_text(tmp_path, RELAY_OFF + "credentials: {external: [turn:turn.example.com:3478]}")
     assert (config.turn.udp, config.turn.relay_ip, config.turn.relay_ip6) == (None, None, None)
+    assert load_text(tmp_path, RELAY_OFF + "http: {listen: null}").http.listen is None
+
+
+def test_signaling_without_any_ice_server_is_refused(tmp_path):
+    err = error_of(tmp_path, RELAY_OFF)
+    assert err.key == "credentials.external" and "no ICE server" in err.reason
+
+
+@pytest.mark.parametrize("url, problem", [
+    ("http://turn.example.com", "must start with one of"),
+    ("turn:::1", "in brackets"),
+    ("turns:turn.example.com?transport=udp", "transport=udp is not possible"),
+    ("turn:turn.example.com:0", "not in 1-65535"),
+    ("stun:turn.example.com?transport=tcp", "stun URLs take no query"),
+    ("turn:bad_host!", "not a host name"),
+])
+def test_bad_ice_urls_are_named_with_their_index(tmp_path, url, problem):
+    err = error_of(tmp_path, f"credentials: {{ice_servers: [stun:ok.example.com, '{url}']}}")
+    assert err.key == "credentials.ice_servers[1]" and problem in err.reason
+
+
+def test_external_servers_must_be_turn_urls(tmp_path):
+    err = error_of(tmp_path, "credentials: {external: ['stun:stun.example.com']}")
+    assert err.key == "credentials.external[0]" and "turn: or turns:" in err.reason
+    ok = load_text(tmp_path, "credentials: {external: ['turns:[2001:db8::1]:5349?transport=tcp']}")
+    assert ok.credentials.external == ("turns:[2001:db8::1]:5349?transport=tcp",)
+
+
+def test_an_empty_ice_server_list_is_refused(tmp_path):
+    assert error_of(tmp_path, "credentials: {ice_servers: []}").key == "credentials.ice_servers"
+
+
+def test_secret_grace_defaults_to_the_credential_lifetime(tmp_path):
+    assert load_text(tmp_path, "credentials: {ttl_s: 600}").credentials.grace_s() == 600
+    assert load_text(tmp_path, "credentials: {ttl_s: 600, secret_grace_s: 5}").credentials.grace_s() == 5
+    assert error_of(tmp_path, "credentials: {secret_grace_s: -1}").key == "credentials.secret_grace_s"
+
+
+def test_credentials_host_must_be_a_name_or_address(tmp_path):
+    assert load_text(tmp_path, "credentials: {host: turn.example.com}").credentials.host == "turn.example.com"
+    assert error_of(tmp_path, "credentials: {host: 'a b'}").key == "credentials.host"
+
+
+def test_admin_off_loopback_needs_a_token(tmp_path):
+    err = error_of(tmp_path, "admin: {listen: 0.0.0.0:9090}")
+    assert err.key == "admin.token" and "loopback" in err.reason
+    config = load_text(tmp_path, "admin: {listen: 0.0.0.0:9090, token: aaaaaaaaaaaaaaaaaaaa}")
+    assert str(config.admin.listen) == "0.0.0.0:9090"
+    assert error_of(tmp_path, "admin: {token: short}").key == "admin.token"
+    assert load_text(tmp_path, "admin: {listen: null}").admin.listen is None
 
 
 def test_duplicate_keys_are_refused_with_their_lines(tmp_path):

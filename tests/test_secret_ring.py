@@ -12,7 +12,7 @@ import pytest
 
 import appliance.secret_ring as secret_ring
 from appliance.secret_ring import (Secret, SecretRing, SecretRingError, ensure_ring, load_ring,
-                                   new_secret, save_ring)
+                                   new_secret, prune_ring, rotate_ring, save_ring)
 
 NOW = 1_900_000_000
 
@@ -213,3 +213,76 @@ def test_file_format_is_the_documented_json(tmp_path):
     assert json.loads(path.read_text()) == {"version": 1, "secrets": [
         {"id": "k-1", "value": "v" * 20, "created": NOW, "retired": None},
         {"id": "k-0", "value": "w" * 20, "created": NOW - 9, "retired": NOW - 1}]}
+
+
+# ------------------------------------------------------------------ lifecycle: rotate, sign, prune
+
+def test_rotation_retires_the_live_secret_and_keeps_it_accepted_through_grace():
+    old = Secret("k-old", "o" * 32, NOW - 1000)
+    new = Secret("k-new", "n" * 32, NOW)
+    ring = SecretRing((old,)).rotated(new, NOW)
+    assert ring.current() is new
+    assert [s.retired for s in ring.secrets] == [NOW, None]
+    assert ring.accepted(NOW + 99.9, 100) == (b"n" * 32, b"o" * 32)
+    assert ring.accepted(NOW + 100, 100) == (b"n" * 32,)
+
+
+def test_a_new_secret_signs_only_after_its_activation_delay():
+    old = Secret("k-old", "o" * 32, NOW - 1000)
+    ring = SecretRing((old,)).rotated(Secret("k-new", "n" * 32, NOW), NOW)
+    assert ring.signing(NOW + 4.9, grace_s=100, activation_s=5).id == "k-old"
+    assert ring.signing(NOW + 5, grace_s=100, activation_s=5).id == "k-new"
+    # No grace: the old secret is no longer accepted, so the new one signs at once.
+    assert ring.signing(NOW + 1, grace_s=0, activation_s=5).id == "k-new"
+
+
+def test_a_first_ring_signs_with_its_only_secret_at_once():
+    ring = SecretRing((Secret("k-1", "a" * 32, NOW),))
+    assert ring.signing(NOW, grace_s=100, activation_s=5).id == "k-1"
+
+
+def test_prune_drops_only_secrets_past_grace():
+    ring = SecretRing((Secret("k-a", "a" * 32, NOW - 500, NOW - 300),
+                       Secret("k-b", "b" * 32, NOW - 200, NOW - 50),
+                       Secret("k-c", "c" * 32, NOW - 50)))
+    kept, dropped = ring.pruned(NOW, grace_s=100)
+    assert [s.id for s in dropped] == ["k-a"]
+    assert [s.id for s in kept.secrets] == ["k-b", "k-c"]
+
+
+def test_rotate_and_prune_on_the_file(tmp_path):
+    path = tmp_path / "ring" / "secrets.json"
+    first, _ = ensure_ring(path, NOW - 1000)
+    ring, secret = rotate_ring(path, NOW)
+    assert load_ring(path) == ring and ring.current() == secret
+    assert oct(path.stat().st_mode & 0o777) == "0o600"
+    assert prune_ring(path, NOW + 10, grace_s=100) == ()
+    dropped = prune_ring(path, NOW + 100, grace_s=100)
+    assert [s.id for s in dropped] == [first.current().id]
+    assert [s.id for s in load_ring(path).secrets] == [secret.id]
+
+
+def test_rotating_a_corrupt_file_changes_nothing(tmp_path):
+    path = tmp_path / "secrets.json"
+    path.write_text("{not json")
+    with pytest.raises(SecretRingError, match="not valid JSON"):
+        rotate_ring(path, NOW)
+    assert path.read_text() == "{not json"
+
+
+def test_concurrent_rotations_keep_every_secret(tmp_path):
+    import threading
+    path = tmp_path / "secrets.json"
+    ensure_ring(path, NOW)
+    threads = [threading.Thread(target=rotate_ring, args=(path, NOW + i)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(load_ring(path).secrets) == 9
+
+
+def test_a_rotation_within_the_same_second_still_signs_with_the_new_secret():
+    ring = SecretRing((Secret("k-old", "o" * 32, NOW),)).rotated(Secret("k-new", "n" * 32, NOW), NOW)
+    assert ring.signing(NOW + 1, grace_s=100, activation_s=1).id == "k-new"
+    assert ring.signing(NOW + 0.5, grace_s=100, activation_s=1).id == "k-old"   # none activated yet

@@ -70,6 +70,17 @@ class Credentials:
     key: bytes
 
 
+class Traffic:
+    """Relayed packets and bytes each way.  The hot paths add whole batches at once
+    (one attribute write per readable event, not per packet)."""
+
+    __slots__ = ("to_peer_packets", "to_peer_bytes", "to_client_packets", "to_client_bytes")
+
+    def __init__(self) -> None:
+        self.to_peer_packets = self.to_peer_bytes = 0
+        self.to_client_packets = self.to_client_bytes = 0
+
+
 class TurnCore:
     def __init__(self, settings: RelaySettings, verifier: RestVerifier, nonces: NonceBook,
                  policy, relays: RelayOpener) -> None:
@@ -80,6 +91,8 @@ class TurnCore:
         self.relays = relays
         self.table = AllocationTable()
         self.counters: Counter[str] = Counter()
+        self.traffic = Traffic()
+        self.draining = False
         self._reservations: dict[bytes, tuple[RelayPort, float]] = {}
         self._next_sweep = 0.0
         self._random = random.Random()
@@ -219,6 +232,11 @@ class TurnCore:
     def _allocate(self, msg: Message, creds: Credentials, client_key, client_addr: Address,
                   transport: str, now: float) -> bytes:
         key = creds.key
+        if self.draining:
+            # Shutting down: existing allocations keep relaying, new ones go elsewhere
+            # (508: the client may try another server).
+            self.counters["refused_draining"] += 1
+            raise Reject(508, key)
         raw_transport = msg.get(stun.REQUESTED_TRANSPORT)
         if raw_transport is None or len(raw_transport) != 4:
             raise Reject(400, key)
@@ -377,6 +395,8 @@ class TurnCore:
             self.counters["send_dropped"] += 1
             return
         alloc.relay.sendto(data, peer)
+        self.traffic.to_peer_packets += 1
+        self.traffic.to_peer_bytes += len(data)
 
     # ------------------------------------------------------------ helpers
 

@@ -101,6 +101,42 @@ class RelayNode:
                     self.connections, core, now)
                 next_idle_check = now + IDLE_CHECK_S
 
+    def begin_drain(self) -> None:
+        """Stop taking new allocations and TCP/TLS connections; live ones keep relaying."""
+        if self.core is not None:
+            self.core.draining = True
+        for server in self.servers:
+            server.close()
+
+    async def drained(self, timeout_s: float, poll_s: float = 0.2) -> bool:
+        """Wait until no allocation is left or `timeout_s` passed; True if none is left."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while self.core is not None and len(self.core.table) and loop.time() < deadline:
+            await asyncio.sleep(min(poll_s, max(0.0, deadline - loop.time())))
+        return self.core is None or not len(self.core.table)
+
+    def stats(self) -> dict:
+        """A snapshot for metrics: live counts, traffic and event counters."""
+        core = self.core
+        if core is None:
+            return {}
+        now = self.clock()
+        allocations = list(core.table.by_client.values())
+        t = core.traffic
+        dropped = (self.udp.dropped if self.udp else 0) + core.relays.dropped
+        return {
+            "allocations": len(allocations),
+            "permissions": sum(a.live_permissions(now) for a in allocations),
+            "channels": sum(a.live_channels(now) for a in allocations),
+            "connections": len(self.connections),
+            "to_peer_packets": t.to_peer_packets, "to_peer_bytes": t.to_peer_bytes,
+            "to_client_packets": t.to_client_packets, "to_client_bytes": t.to_client_bytes,
+            "dropped_packets": dropped,
+            "counters": dict(core.counters),
+            "draining": core.draining,
+        }
+
     def set_secrets(self, secrets: tuple[bytes, ...]) -> None:
         self.verifier.set_secrets(secrets)
 

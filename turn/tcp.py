@@ -98,7 +98,10 @@ class StreamConnection(asyncio.Protocol):
             try:
                 alloc.relay.sock.sendto(view[pos + 4:pos + 4 + length], peer)
             except OSError:
-                pass
+                return
+        traffic = self.core.traffic
+        traffic.to_peer_packets += 1
+        traffic.to_peer_bytes += length
 
     def send_channel_data(self, view: memoryview, size: int) -> None:
         """Write ChannelData already framed in `view[:size]`, padded to 4 bytes."""

@@ -82,11 +82,12 @@ class UdpListener:
         sock, buf, view = self.sock, self._buf, self._view
         allocations = self.core.table.by_client
         now = self.clock()
+        packets = octets = 0
         for _ in range(READ_BATCH):
             try:
                 n, addr = sock.recvfrom_into(buf)
             except (BlockingIOError, InterruptedError):
-                return
+                break
             except OSError:
                 continue   # e.g. an ICMP error queued on the socket
             first = buf[0] if n else 0xFF
@@ -109,6 +110,9 @@ class UdpListener:
                     alloc.relay.sock.sendto(view[4:4 + length], peer)
                 except OSError:
                     self.dropped += 1
+                    continue
+                packets += 1
+                octets += length
             elif first < 0x40 and n >= stun.HEADER_LENGTH:
                 reply = self.core.handle_stun(bytes(view[:n]), addr, stun.plain_address(addr),
                                               "udp", now)
@@ -119,6 +123,10 @@ class UdpListener:
                         self.dropped += 1
             else:
                 self.core.counters["malformed"] += 1
+        if packets:
+            traffic = self.core.traffic
+            traffic.to_peer_packets += packets
+            traffic.to_peer_bytes += octets
 
 
 class UdpRelayPort:
@@ -153,11 +161,12 @@ class UdpRelayPort:
         buf, view, sock = owner.buf, owner.view, self.sock
         into = owner.into
         now = owner.clock()
+        packets = octets = 0
         for _ in range(READ_BATCH):
             try:
                 n, addr = sock.recvfrom_into(into)
             except (BlockingIOError, InterruptedError):
-                return
+                break
             except OSError:
                 continue
             alloc = self.allocation
@@ -167,6 +176,8 @@ class UdpRelayPort:
             if alloc.permissions.get(ip, 0.0) <= now:
                 owner.dropped += 1
                 continue
+            packets += 1
+            octets += n
             peer = addr if len(addr) == 2 else addr[:2]
             number = alloc.channel_of_peer.get(peer)
             if number is not None and alloc.channels[number][1] > now:
@@ -190,6 +201,10 @@ class UdpRelayPort:
                         owner.dropped += 1
                 else:
                     alloc.client_key.send(message)
+        if packets:
+            traffic = owner.core.traffic
+            traffic.to_client_packets += packets
+            traffic.to_client_bytes += octets
 
 
 class UdpRelayOpener:

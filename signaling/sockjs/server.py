@@ -236,8 +236,7 @@ class SockJSServer:
                     await websocket.send(close_frame(*session.close_reason))
                     return
 
-        writer = loop.create_task(write())
-        try:
+        async def read() -> None:
             while not endpoint.closed:
                 timer = endpoint.next_timer()
                 timeout = HEARTBEAT_S if timer is None else min(HEARTBEAT_S, max(0.0, timer - loop.time()))
@@ -257,15 +256,24 @@ class SockJSServer:
                     return           # the protocol says: broken JSON closes the connection
                 for message in messages:
                     await endpoint.feed(message, loop.time())
-            ready.set()
-            await asyncio.wait_for(writer, 5)
+
+        writer = loop.create_task(write())
+        reader = loop.create_task(read())
+        try:
+            done, _ = await asyncio.wait((reader, writer), return_when=asyncio.FIRST_COMPLETED)
+            if reader in done:
+                reader.result()
+                if endpoint.closed:
+                    ready.set()
+                    await asyncio.wait_for(writer, 5)
         except asyncio.CancelledError:
             raise
         except Exception:
             log.exception("sockjs websocket failed")
         finally:
-            if not writer.done():
-                writer.cancel()
+            for task in (reader, writer):
+                if not task.done():
+                    task.cancel()
             endpoint.finish()
 
     # ------------------------------------------------------------ HTTP details

@@ -227,6 +227,10 @@ class StompServerConnection:
         """Refuse the pending CONNECT (or end the connection): ERROR, then closed."""
         self._error(message)
 
+    def close_with_error(self, message: str) -> None:
+        """End a connection from the server's side (shutdown): ERROR, then closed."""
+        self._error(message)
+
     def send_message(self, destination: str, subscription: str, body: bytes,
                      headers: dict[str, str] | None = None, message_id: str = "",
                      now: float | None = None) -> None:

@@ -60,6 +60,8 @@ class RunningRelay:
     cert: Path
     log_path: Path
     http_port: int
+    admin_port: int
+    config_path: Path
 
     def credentials(self, user: str = "alice", ttl_s: int = 3600, now: float | None = None):
         return rest_credentials(self.secret, user, ttl_s, now)
@@ -81,6 +83,7 @@ def stun_binding_ok(host: str, port: int) -> bool:
 
 
 TOKENS = {"tok-alice": "alice", "tok-bob": "bob", "tok-carol": "carol"}
+ADMIN_TOKEN = "interop-admin-token-0123456789"
 
 
 def tcp_open(host: str, port: int) -> bool:
@@ -93,22 +96,26 @@ def tcp_open(host: str, port: int) -> bool:
 
 def start_appliance(directory: Path, extra_turn: dict | None = None, workers: int = 1,
                     auth: dict | None = None, stomp: dict | None = None,
-                    calls: dict | None = None) -> RunningRelay:
+                    calls: dict | None = None, credentials: dict | None = None,
+                    admin: dict | None = None) -> RunningRelay:
     directory.mkdir(parents=True, exist_ok=True)
     secret = new_secret(time.time())
     save_ring(directory / "secrets.json", SecretRing((secret,)))
     cert, key, _ = ensure_dev_certificate(directory / "certs")
-    port, tls_port, http_port = distinct_port_pairs(3)
+    port, tls_port, http_port, admin_port = distinct_port_pairs(4)
     turn = {
         "udp": f"127.0.0.1:{port}", "tcp": f"127.0.0.1:{port}", "tls": f"127.0.0.1:{tls_port}",
         "tls_cert": str(cert), "tls_key": str(key),
         "relay_ip": "127.0.0.1", "relay_ip6": "::1", "relay_ports": "40000-44999",
         # Interop peers live on loopback: allowed explicitly, as an operator would.
         "allow_peers": ["127.0.0.1", "::1"], "user_quota": 0, "workers": workers,
+        "drain_s": 1,
     }
     turn.update(extra_turn or {})
     config = {"realm": REALM, "data_dir": str(directory / "data"), "turn": turn,
-              "credentials": {"secrets_file": str(directory / "secrets.json")},
+              "credentials": {"secrets_file": str(directory / "secrets.json"),
+                              **(credentials or {})},
+              "admin": {"listen": f"127.0.0.1:{admin_port}", "token": ADMIN_TOKEN, **(admin or {})},
               "http": {"listen": f"127.0.0.1:{http_port}", "tls": False},
               "auth": auth or {"mode": "static", "tokens": TOKENS}, "stomp": stomp or {},
               "calls": calls or {"ring_timeout_s": 3, "grace_s": 1}}
@@ -119,12 +126,14 @@ def start_appliance(directory: Path, extra_turn: dict | None = None, workers: in
     proc = subprocess.Popen([sys.executable, "-m", "appliance", "serve", "--config", str(config_path)],
                             stdout=log_file, stderr=subprocess.STDOUT)
     log_file.close()
-    relay = RunningRelay(proc, "127.0.0.1", port, tls_port, secret.value, cert, log_path, http_port)
+    relay = RunningRelay(proc, "127.0.0.1", port, tls_port, secret.value, cert, log_path, http_port,
+                         admin_port, config_path)
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"appliance exited with {proc.returncode}:\n{relay.log()}")
-        if stun_binding_ok("127.0.0.1", port) and tcp_open("127.0.0.1", http_port):
+        relay_up = turn["udp"] is None or stun_binding_ok("127.0.0.1", port)
+        if relay_up and tcp_open("127.0.0.1", http_port):
             return relay
         time.sleep(0.1)
     stop_appliance(relay)

@@ -1,0 +1,145 @@
+"""Prometheus metrics, read at scrape time from the objects that already count.
+
+Nothing on a hot path touches prometheus-client: the relay and the signaling
+keep plain integers (batch-added on the relay's paths) and this collector
+turns a snapshot of them into metric families when /metrics is scraped.
+Labels are bounded sets (reason, code, outcome, direction, transport); no
+user id, username or address is ever a label, because ephemeral usernames
+would grow the series without bound.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from signaling.calls.machine import Outcome
+
+from .ring_watcher import RingWatcher
+
+P = "appliance_"
+
+# TurnCore counter -> (metric, label value); the rest go to relay_events_total.
+RELAY_AUTH_FAILURES = {"auth_bad_credentials": "bad_credentials", "auth_expired": "expired"}
+SIGNALING_AUTH_FAILURES = {"auth_missing_token": "missing_token", "auth_bad_token": "bad_token",
+                           "auth_wrong_user": "wrong_user"}
+
+
+def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+    return GaugeMetricFamily(P + name, doc, value=value)
+
+
+def _counter(name: str, doc: str, value: float) -> CounterMetricFamily:
+    return CounterMetricFamily(P + name, doc, value=value)
+
+
+def _labelled(name: str, doc: str, label: str, values: dict, kind=CounterMetricFamily):
+    family = kind(P + name, doc, labels=[label])
+    for key, value in sorted(values.items()):
+        family.add_metric([str(key)], value)
+    return family
+
+
+class ApplianceCollector:
+    """Yields the appliance's metric families; each source may be absent (None)."""
+
+    def __init__(self, relay_stats: Callable[[], dict] | None, signaling=None, calls=None,
+                 credentials=None, watcher: RingWatcher | None = None,
+                 draining: Callable[[], bool] = lambda: False,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.relay_stats = relay_stats
+        self.signaling = signaling
+        self.calls = calls
+        self.credentials = credentials
+        self.watcher = watcher
+        self.draining = draining
+        self.clock = clock
+
+    def collect(self):
+        yield _gauge("draining", "1 while the appliance is shutting down", int(self.draining()))
+        if self.watcher is not None:
+            yield from self._ring()
+        if self.relay_stats is not None:
+            yield from self._relay(self.relay_stats())
+        if self.signaling is not None:
+            yield from self._signaling()
+
+    def _ring(self):
+        w = self.watcher
+        yield _counter("secret_ring_reload_failures", "secret files refused (last good ring kept)",
+                       w.failures)
+        if w.ring is None:
+            return
+        now = self.clock()
+        yield _gauge("secret_ring_size", "secrets in the ring file", len(w.ring.secrets))
+        yield _gauge("secret_ring_accepted", "secrets the relay verifies with now",
+                     len(w.ring.accepted(now, w.grace_s)))
+        yield _gauge("secret_current_age_seconds", "age of the current secret",
+                     max(0.0, now - w.ring.current().created))
+
+    def _relay(self, s: dict):
+        if not s:
+            return
+        counters = s["counters"]
+        yield _gauge("relay_allocations", "live TURN allocations", s["allocations"])
+        yield _gauge("relay_permissions", "live permissions over all allocations", s["permissions"])
+        yield _gauge("relay_channels", "live channel bindings over all allocations", s["channels"])
+        yield _gauge("relay_stream_connections", "open TCP/TLS client connections", s["connections"])
+        yield _labelled("relay_packets", "packets relayed", "direction",
+                        {"to_peer": s["to_peer_packets"], "to_client": s["to_client_packets"]})
+        yield _labelled("relay_bytes", "payload bytes relayed", "direction",
+                        {"to_peer": s["to_peer_bytes"], "to_client": s["to_client_bytes"]})
+        yield _counter("relay_dropped_packets", "packets without a permission, channel or "
+                                                "allocation, or that could not be sent",
+                       s["dropped_packets"])
+        yield _counter("relay_malformed_packets", "datagrams and stream frames that are neither "
+                                                  "STUN nor ChannelData, or do not parse",
+                       counters.get("malformed", 0))
+        yield _labelled("relay_auth_failures", "TURN requests refused for their credentials",
+                        "reason", {label: counters.get(key, 0)
+                                   for key, label in RELAY_AUTH_FAILURES.items()})
+        yield _labelled("relay_errors", "STUN error responses sent", "code",
+                        {key[6:]: v for key, v in counters.items() if key.startswith("error_")})
+        yield _counter("relay_allocations_created", "allocations made",
+                       counters.get("allocations_created", 0))
+        yield _counter("relay_peer_denied", "permissions and channels refused by the peer policy",
+                       counters.get("peer_denied", 0))
+
+    def _signaling(self):
+        svc = self.signaling
+        broker = svc.broker
+        counters = svc.counters
+        yield _gauge("signaling_sessions", "connected STOMP sessions", broker.session_count())
+        yield _gauge("signaling_online_users", "users with at least one session", broker.user_count())
+        yield _labelled("signaling_auth_failures", "CONNECTs and HTTP calls refused", "reason",
+                        {label: counters.get(key, 0)
+                         for key, label in SIGNALING_AUTH_FAILURES.items()})
+        yield _labelled("signaling_errors", "error messages sent to clients' /user/queue/errors",
+                        "code", {key[6:]: v for key, v in counters.items()
+                                 if key.startswith("error_")})
+        yield _counter("signaling_protocol_errors", "sessions closed for a STOMP protocol error",
+                       counters.get("protocol_errors", 0))
+        yield _counter("signaling_slow_consumers", "sessions cut off for not reading",
+                       counters.get("slow_consumers", 0))
+        if self.calls is not None:
+            reg = self.calls.registry
+            yield _gauge("calls_active", "calls ringing or in progress", len(reg.calls))
+            yield _labelled("calls", "calls by outcome", "outcome",
+                            {o.value.replace(" ", "_"): reg.outcomes.get(o, 0) for o in Outcome})
+        if self.credentials is not None:
+            yield _labelled("turn_credentials_issued", "iceServers answers", "transport",
+                            dict(self.credentials.counters))
+
+
+def metrics_registry(collector: ApplianceCollector) -> CollectorRegistry:
+    registry = CollectorRegistry()
+    registry.register(collector)
+    ProcessCollector(registry=registry)
+    return registry
+
+
+def render(registry: CollectorRegistry) -> bytes:
+    return generate_latest(registry)

@@ -1,0 +1,58 @@
+"""Certificates that can be replaced while the listeners run (SIGHUP).
+
+An `ssl.SSLContext` may be given a new chain at any time: handshakes after
+the call use it, established connections keep theirs.  A new pair is first
+loaded into a throwaway context, so a half-copied file or a key that does not
+match never replaces a working certificate.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from pathlib import Path
+
+log = logging.getLogger("appliance")
+
+
+def check_pair(cert: Path, key: Path) -> None:
+    """Raise (ssl.SSLError or OSError) unless `cert` and `key` load and match."""
+    ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(str(cert), str(key))
+
+
+class CertificateReloader:
+    def __init__(self) -> None:
+        self._contexts: list[tuple[str, ssl.SSLContext, Path, Path]] = []
+
+    def track(self, name: str, ctx: ssl.SSLContext, cert: Path, key: Path) -> ssl.SSLContext:
+        self._contexts.append((name, ctx, Path(cert), Path(key)))
+        return ctx
+
+    def reload(self) -> list[str]:
+        """Reload every tracked context from its files; returns the names that failed."""
+        failed = []
+        for name, ctx, cert, key in self._contexts:
+            try:
+                check_pair(cert, key)
+                ctx.load_cert_chain(str(cert), str(key))
+            except (OSError, ssl.SSLError) as exc:
+                failed.append(name)
+                log.error("%s certificate not reloaded, keeping the current one: %s (%s)",
+                          name, cert, exc)
+            else:
+                log.info("%s certificate reloaded from %s", name, cert)
+        return failed
+
+
+def reloadable_hypercorn_config(reloader: CertificateReloader, name: str):
+    """A Hypercorn Config whose TLS contexts are tracked by `reloader`."""
+    from hypercorn.config import Config
+
+    class TrackedConfig(Config):
+        def create_ssl_context(self):
+            ctx = super().create_ssl_context()
+            if ctx is not None:
+                reloader.track(name, ctx, Path(self.certfile), Path(self.keyfile))
+            return ctx
+
+    return TrackedConfig()
