@@ -224,3 +224,45 @@ async def test_http_introspection_verifier_asks_caches_and_fails_closed():
     clock[0] = 61
     assert await verifier.verify("good") == "alice"
     assert calls.count("good") == 2
+
+
+# ------------------------------------------------------------------ TURN credentials and shutdown
+
+def credential_service():
+    from signaling.turn_credentials import TurnCredentialService
+    service = make_service()
+    asked = []
+
+    def issue(user):
+        asked.append(user)
+        return {"iceServers": [{"urls": "turn:t", "url": "turn:t", "username": f"9:{user}",
+                                "credential": "c"}], "ttl": 9}
+
+    TurnCredentialService(issue).install(service)
+    return service, asked
+
+
+def test_turn_credentials_answer_only_the_asking_session():
+    service, asked = credential_service()
+    phone = open_session(service, "alice", "s1", ("/user/queue/turn/get-turn-credentials",
+                                                  "/user/queue/errors"))
+    laptop = open_session(service, "alice", "s2", ("/user/queue/turn/get-turn-credentials",))
+    send(service, phone, "SEND\ndestination:/app/turn/get-turn-credentials\n\n{}\x00")
+    (answer,) = messages(phone)
+    assert answer[0] == "/user/queue/turn/get-turn-credentials"
+    assert answer[1]["iceServers"][0]["username"] == "9:alice" and asked == ["alice"]
+    assert messages(laptop) == []
+    send(service, phone, "SEND\ndestination:/app/turn/get-turn-credentials\n\n\x00")   # empty is fine
+    assert len(messages(phone)) == 1
+    send(service, phone, "SEND\ndestination:/app/turn/get-turn-credentials\n\n\"x\"\x00")
+    assert messages(phone) == [("/user/queue/errors", {"code": 400,
+                                                       "message": "body must be a JSON object ({})"})]
+
+
+def test_shutdown_sends_every_session_an_error_and_closes_it():
+    service = make_service()
+    sessions = [open_session(service, user, f"s-{user}") for user in ("alice", "bob")]
+    assert service.shutdown() == 2
+    for session in sessions:
+        assert session.closed
+        assert session.outbox[-1].startswith(b"ERROR\nmessage:server shutting down\n")
