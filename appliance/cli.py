@@ -62,7 +62,15 @@ def cmd_check_config(args) -> int:
     print(f"  relay:       {relay or 'off'}; ports {t.relay_ports[0]}-{t.relay_ports[1]}; "
           f"{t.workers} worker(s)")
     print(f"  realm:       {config.realm}")
-    print(f"  secrets:     {config.secrets_path()}")
+    print(f"  secrets:     {config.secrets_path()} (grace {_duration(config.credentials.grace_s())}, "
+          f"activation {config.credentials.activation_s} s)")
+    from .ice_servers import handed_out_urls
+    print(f"  ice servers: {', '.join(handed_out_urls(config)) or 'none'}")
+    h, a = config.http, config.admin
+    scheme = "https" if h.tls else "http"
+    print(f"  signaling:   {f'{scheme}://{h.listen}{h.prefix}' if h.listen else 'off'}")
+    print(f"  admin:       {a.listen or 'off'}" +
+          (f" (token {'set' if a.token else 'not set: secret endpoints disabled'})" if a.listen else ""))
     return 0
 
 

@@ -28,6 +28,38 @@ SIGNALING_AUTH_FAILURES = {"auth_missing_token": "missing_token", "auth_bad_toke
                            "auth_wrong_user": "wrong_user"}
 
 
+# Relay snapshot fields that only grow: kept from a worker that exited, so totals never fall.
+MONOTONIC_FIELDS = ("to_peer_packets", "to_peer_bytes", "to_client_packets", "to_client_bytes",
+                    "dropped_packets")
+
+
+def combine_stats(snapshots: list[dict]) -> dict:
+    """One relay snapshot from several processes' (RelayNode.stats()): sums, counters merged."""
+    snapshots = [s for s in snapshots if s]
+    if not snapshots:
+        return {}
+    total: dict = {"counters": {}}
+    for snap in snapshots:
+        for key, value in snap.items():
+            if key == "counters":
+                for name, n in value.items():
+                    total["counters"][name] = total["counters"].get(name, 0) + n
+            elif isinstance(value, bool):
+                total[key] = total.get(key, False) or value
+            else:
+                total[key] = total.get(key, 0) + value
+    return total
+
+
+def retired_part(snapshot: dict) -> dict:
+    """What of an exited worker's last snapshot still counts: its monotonic totals."""
+    if not snapshot:
+        return {}
+    kept = {key: snapshot.get(key, 0) for key in MONOTONIC_FIELDS}
+    kept["counters"] = dict(snapshot.get("counters", {}))
+    return kept
+
+
 def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
     return GaugeMetricFamily(P + name, doc, value=value)
 
@@ -84,10 +116,15 @@ class ApplianceCollector:
         if not s:
             return
         counters = s["counters"]
-        yield _gauge("relay_allocations", "live TURN allocations", s["allocations"])
-        yield _gauge("relay_permissions", "live permissions over all allocations", s["permissions"])
-        yield _gauge("relay_channels", "live channel bindings over all allocations", s["channels"])
-        yield _gauge("relay_stream_connections", "open TCP/TLS client connections", s["connections"])
+        yield _gauge("relay_processes", "relay processes whose figures are summed here",
+                     s.get("processes", 1))
+        yield _gauge("relay_allocations", "live TURN allocations", s.get("allocations", 0))
+        yield _gauge("relay_permissions", "live permissions over all allocations",
+                     s.get("permissions", 0))
+        yield _gauge("relay_channels", "live channel bindings over all allocations",
+                     s.get("channels", 0))
+        yield _gauge("relay_stream_connections", "open TCP/TLS client connections",
+                     s.get("connections", 0))
         yield _labelled("relay_packets", "packets relayed", "direction",
                         {"to_peer": s["to_peer_packets"], "to_client": s["to_client_packets"]})
         yield _labelled("relay_bytes", "payload bytes relayed", "direction",

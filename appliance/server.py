@@ -38,6 +38,7 @@ from .tls_reload import CertificateReloader
 log = logging.getLogger("appliance")
 
 CHILD_POLL_S = 1.0
+STATS_EVERY_S = 1.0
 CHILD_STOP_MARGIN_S = 5.0
 LISTEN_WAIT_S = 10.0
 HTTP_STOP_TIMEOUT_S = 10.0
@@ -89,22 +90,54 @@ async def wait_listening(listener: HostPort, task: asyncio.Task, name: str) -> N
 
 
 class Workers:
-    """The extra relay processes: started, watched (restarted if one dies), stopped."""
+    """The extra relay processes: started, watched (restarted if one dies), stopped.
+
+    Each worker sends a stats snapshot up its pipe every STATS_EVERY_S, so the
+    main process's /metrics covers every relay process; a worker that exits
+    leaves its monotonic totals behind (metrics.retired_part).
+    """
 
     def __init__(self, count: int, args: tuple) -> None:
         self.count = count
         self.args = args
         self.procs: list[multiprocessing.Process] = []
+        self.pipes: list = []
+        self.latest: list[dict] = []
+        self.retired: list[dict] = []
         self.stopping = False
         self._ctx = multiprocessing.get_context("spawn")
 
-    def _spawn(self) -> multiprocessing.Process:
-        proc = self._ctx.Process(target=_worker_main, args=self.args, daemon=True)
+    def _spawn(self, index: int) -> multiprocessing.Process:
+        receiver, sender = self._ctx.Pipe(duplex=False)
+        proc = self._ctx.Process(target=_worker_main, args=(*self.args, sender), daemon=True)
         proc.start()
+        sender.close()
+        loop = asyncio.get_running_loop()
+        loop.add_reader(receiver.fileno(), self._on_stats, index, receiver)
+        if index < len(self.procs):
+            self.procs[index], self.pipes[index] = proc, receiver
+        else:
+            self.procs.append(proc)
+            self.pipes.append(receiver)
+            self.latest.append({})
         return proc
 
+    def _on_stats(self, index: int, receiver) -> None:
+        try:
+            self.latest[index] = receiver.recv()
+        except (EOFError, OSError):
+            asyncio.get_running_loop().remove_reader(receiver.fileno())
+            receiver.close()
+            from .metrics import retired_part
+            self.retired.append(retired_part(self.latest[index]))
+            self.latest[index] = {}
+
+    def snapshots(self) -> list[dict]:
+        return self.latest + self.retired
+
     def start(self) -> None:
-        self.procs = [self._spawn() for _ in range(self.count)]
+        for index in range(self.count):
+            self._spawn(index)
 
     def all_alive(self) -> bool:
         return all(p.is_alive() for p in self.procs)
@@ -115,7 +148,7 @@ class Workers:
             for i, proc in enumerate(self.procs):
                 if not proc.is_alive() and not self.stopping:
                     log.error("relay worker %s exited with %s; restarting", proc.pid, proc.exitcode)
-                    self.procs[i] = self._spawn()
+                    self._spawn(i)
 
     def signal_all(self, signum: int) -> None:
         for proc in self.procs:
@@ -140,8 +173,10 @@ class Workers:
 class ApplianceProcess:
     """One process: the relay node, and in the main process everything else."""
 
-    def __init__(self, config: AppConfig, files: TlsFiles, nonce_key: bytes, main: bool) -> None:
+    def __init__(self, config: AppConfig, files: TlsFiles, nonce_key: bytes, main: bool,
+                 stats_pipe=None) -> None:
         self.config = config
+        self.stats_pipe = stats_pipe
         self.files = files
         self.nonce_key = nonce_key
         self.main = main
@@ -205,7 +240,7 @@ class ApplianceProcess:
         c = self.config
         ext = self.signaling_app.extensions if self.signaling_app is not None else {}
         collector = ApplianceCollector(
-            relay_stats=self.node.stats if self.node is not None else None,
+            relay_stats=self.relay_stats if self.node is not None else None,
             signaling=ext.get("signaling"), calls=ext.get("calls"),
             credentials=ext.get("turn_credentials"), watcher=self.watcher,
             draining=lambda: self.draining)
@@ -222,6 +257,22 @@ class ApplianceProcess:
         await wait_listening(c.admin.listen, self._admin_task, "admin")
         log.info("admin ready: http://%s (token %s)", c.admin.listen,
                  "required" if c.admin.token else "not set: /admin/secrets disabled")
+
+    def relay_stats(self) -> dict:
+        """This process's relay figures plus the workers' latest (metrics.combine_stats)."""
+        from .metrics import combine_stats
+
+        workers = self.workers.snapshots() if self.workers is not None else []
+        return combine_stats([self.node.stats(), *workers])
+
+    async def _report_stats(self) -> None:
+        """In a worker: send the relay's figures to the main process."""
+        while True:
+            await asyncio.sleep(STATS_EVERY_S)
+            try:
+                self.stats_pipe.send(self.node.stats())
+            except (OSError, ValueError):
+                return           # the main process is gone or stopping
 
     def readiness(self) -> dict[str, bool]:
         checks = {"secret_ring": self.watcher.ring is not None, "accepting": not self.draining}
@@ -272,6 +323,8 @@ class ApplianceProcess:
                     await self._start_signaling()
                 if self.config.admin.listen is not None:
                     await self._start_admin()
+            elif self.stats_pipe is not None and self.node is not None:
+                self._tasks.append(loop.create_task(self._report_stats()))
             self._tasks.append(loop.create_task(self.watcher.run()))
             await self._stop.wait()
             await self._drain()
@@ -322,11 +375,12 @@ class ApplianceProcess:
         log.info("stopped")
 
 
-def _worker_main(config: AppConfig, files: TlsFiles, nonce_key: bytes) -> None:
+def _worker_main(config: AppConfig, files: TlsFiles, nonce_key: bytes, stats_pipe) -> None:
     configure_logging(config.log_level)
     install_uvloop()
     try:
-        asyncio.run(ApplianceProcess(config, files, nonce_key, main=False).run())
+        asyncio.run(ApplianceProcess(config, files, nonce_key, main=False,
+                                     stats_pipe=stats_pipe).run())
     except KeyboardInterrupt:
         pass
 

@@ -104,3 +104,16 @@ def test_embedded_forms_get_the_ipv4_verdict(value):
 def test_any_ipv6_gets_a_verdict(value, port):
     p = policy()
     p.permits(str(ipaddress.IPv6Address(value)), port)
+
+
+def test_the_appliances_signaling_and_admin_ports_are_never_relay_targets(tmp_path):
+    from appliance.config import load_config
+    from appliance.relay_wiring import peer_policy
+
+    path = tmp_path / "appliance.yaml"
+    path.write_text("turn: {allow_peers: [127.0.0.1]}\nhttp: {listen: 127.0.0.1:8443}\n"
+                    "admin: {listen: 127.0.0.1:9090}\n")
+    p = peer_policy(load_config(path, {}))
+    assert p.permits("127.0.0.1", 5000)
+    for port in (3478, 5349, 8443, 9090):
+        assert not p.permits("127.0.0.1", port), port

@@ -126,6 +126,7 @@ class RelayNode:
         t = core.traffic
         dropped = (self.udp.dropped if self.udp else 0) + core.relays.dropped
         return {
+            "processes": 1,
             "allocations": len(allocations),
             "permissions": sum(a.live_permissions(now) for a in allocations),
             "channels": sum(a.live_channels(now) for a in allocations),

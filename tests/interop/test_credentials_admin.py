@@ -345,8 +345,8 @@ def stun_over(tls_sock) -> bool:
     return stun.parse(tls_sock.recv(2048)).transaction_id == tid
 
 
-def test_sighup_reloads_the_tls_certificate_and_keeps_connections(appliance, tmp_path):
-    app = appliance()
+def test_sighup_reloads_the_tls_certificates_and_keeps_connections(appliance, tmp_path):
+    app = appliance(http={"tls": True})
     ctx = ssl.create_default_context()
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE
@@ -365,6 +365,7 @@ def test_sighup_reloads_the_tls_certificate_and_keeps_connections(appliance, tmp
             time.sleep(0.1)
         new_der = ssl.PEM_cert_to_DER_cert(new_cert.read_text())
         assert tls_peer_certificate(app.tls_port) == new_der
+        assert tls_peer_certificate(app.http_port) == new_der        # HTTPS too
         assert stun_over(established)                  # the old connection lives on
         # A broken pair is refused and the current certificate stays.
         key_path.write_text("not a key")
@@ -374,3 +375,22 @@ def test_sighup_reloads_the_tls_certificate_and_keeps_connections(appliance, tmp
         assert "certificate not reloaded" in app.log()
     finally:
         established.close()
+
+
+async def test_metrics_sum_every_relay_worker(appliance):
+    app = appliance(workers=2)
+    entry = turn_entry(http_credentials(app), "turn:")
+    held = []
+    try:
+        for _ in range(6):      # distinct source ports: the kernel spreads them over the workers
+            turn, _ = await create_turn_endpoint(Collector, ("127.0.0.1", app.port),
+                                                 entry["username"], entry["credential"])
+            held.append(turn)
+        await asyncio.sleep(2.5)              # a worker reports every second
+        samples = metric_samples(admin(app, "GET", "/metrics").text)
+        assert samples[("appliance_relay_processes", ())] == 2
+        assert samples[("appliance_relay_allocations", ())] == 6
+        assert samples[("appliance_relay_allocations_created_total", ())] == 6
+    finally:
+        for turn in held:
+            turn.close()
