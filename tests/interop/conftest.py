@@ -135,7 +135,8 @@ def start_appliance(directory: Path, extra_turn: dict | None = None, workers: in
         if proc.poll() is not None:
             raise RuntimeError(f"appliance exited with {proc.returncode}:\n{relay.log()}")
         relay_up = turn["udp"] is None or stun_binding_ok("127.0.0.1", port)
-        if relay_up and tcp_open("127.0.0.1", http_port):
+        admin_up = config["admin"]["listen"] is None or tcp_open("127.0.0.1", admin_port)
+        if relay_up and tcp_open("127.0.0.1", http_port) and admin_up:
             return relay
         time.sleep(0.1)
     stop_appliance(relay)
