@@ -1,8 +1,14 @@
-# One image: the embedded STUN/TURN relay (and, as it lands, the signaling).
-# The install and run steps are the README's own: `pip install .` then
-# `appliance serve`.  Configuration and certificates are volumes; with no
-# /etc/appliance/appliance.yaml the container runs on the embedded defaults
-# re-pointed at all interfaces by the environment below.
+# One image: the signaling, the embedded STUN/TURN relay and the admin listener.
+# The install and run steps are the README's own: `npm ci --prefix
+# appliance/demo` (in a Node stage: the demo page's client libraries), `pip
+# install '.[probe]'`, then `appliance serve`.  Configuration and certificates
+# are volumes; with no /etc/appliance/appliance.yaml the container runs on the
+# embedded defaults re-pointed at all interfaces by the environment below.
+FROM node:20-bookworm-slim AS demo-libraries
+WORKDIR /opt/appliance
+COPY appliance/demo/package.json appliance/demo/package-lock.json ./appliance/demo/
+RUN npm ci --prefix appliance/demo --no-audit --no-fund
+
 FROM python:3.11-slim
 
 RUN useradd --system --create-home --home-dir /var/lib/appliance --shell /usr/sbin/nologin appliance \
@@ -14,7 +20,8 @@ COPY appliance ./appliance
 COPY turn ./turn
 COPY signaling ./signaling
 COPY config ./config
-RUN pip install --no-cache-dir .
+COPY --from=demo-libraries /opt/appliance/appliance/demo/node_modules ./appliance/demo/node_modules
+RUN pip install --no-cache-dir '.[probe]'
 
 ENV APPLIANCE_CONFIG=/etc/appliance/appliance.yaml \
     APPLIANCE__DATA_DIR=/var/lib/appliance \

@@ -200,6 +200,72 @@ def cmd_coturn_config(args) -> int:
     return 0
 
 
+def _probe_users(config: AppConfig, args) -> list[tuple[str, str]]:
+    """Two (user, token) pairs: given, minted with the HS256 key, or from static tokens."""
+    given = [args.user_a, args.user_b]
+    if all(given):
+        return [tuple(g.split("=", 1)) for g in given]
+    a = config.auth
+    if a.mode == "jwt" and a.jwt_public_key is None:
+        from signaling.auth import mint_jwt
+
+        from .signaling_wiring import jwt_signing_key
+        key = jwt_signing_key(config)
+        return [(u, mint_jwt(key, u, time.time(), 600)) for u in ("probe-a", "probe-b")]
+    if a.mode == "static":
+        pairs, seen = [], set()
+        for token, user in a.tokens:
+            if user not in seen:
+                pairs.append((user, token))
+                seen.add(user)
+        if len(pairs) >= 2:
+            return pairs[:2]
+    raise ConfigError("auth", "the probe cannot make tokens in this auth mode: give "
+                              "--user-a USER=TOKEN and --user-b USER=TOKEN")
+
+
+def _probe_target(config: AppConfig, args) -> tuple[str, Path | None]:
+    """The signaling base URL and the CA file to trust (the development certificate)."""
+    h = config.http
+    if args.signaling:
+        url = args.signaling
+    elif h.listen is None:
+        raise ConfigError("http.listen", "the signaling is off here: give --signaling URL")
+    else:
+        host = {"0.0.0.0": "127.0.0.1", "::": "[::1]"}.get(h.listen.host, str(h.listen).rsplit(":", 1)[0])
+        url = f"{'https' if h.tls else 'http'}://{host}:{h.listen.port}{h.prefix}"
+    ca = args.ca
+    if ca is None and (config.turn.tls_cert is None or config.http.tls_cert is None):
+        dev = config.data_dir / "certs" / "cert.pem"
+        ca = dev if dev.exists() else None
+    return url, ca
+
+
+def cmd_probe(args) -> int:
+    try:
+        from .probe import run_probe
+    except ImportError as exc:
+        print(f"error: the probe needs aiortc and websockets ({exc.name} is missing): "
+              "pip install 'appliance[probe]'", file=sys.stderr)
+        return 2
+    import asyncio
+    import ssl
+
+    config = _load(args.config)
+    users = _probe_users(config, args)
+    url, ca = _probe_target(config, args)
+    if ca is not None:
+        os.environ["SSL_CERT_FILE"] = str(ca)     # aioice's turns: context trusts it too
+    ssl_context = ssl.create_default_context(cafile=str(ca) if ca else None) \
+        if url.startswith("https") else None
+    report = asyncio.run(run_probe(url, users, args.turn or [], ssl_context))
+    if args.json:
+        print(json.dumps(report.as_dict()))
+    else:
+        print("\n".join(report.lines()))
+    return 0 if report.failure is None else 1
+
+
 def cmd_healthcheck(args) -> int:
     """STUN Binding to the relay's own listener: the container health check."""
     import socket
@@ -251,6 +317,13 @@ def _user_id(text: str) -> str:
     return text
 
 
+def _user_token(text: str) -> str:
+    user, sep, token = text.partition("=")
+    if not sep or not user or not token:
+        raise argparse.ArgumentTypeError("expected USER=TOKEN")
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="appliance", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -296,6 +369,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ttl", type=int, default=86400, help="seconds (default 86400)")
     p.add_argument("--config")
     p.set_defaults(func=cmd_token)
+
+    p = sub.add_parser("probe", help="end-to-end self-test: two aiortc users call each other "
+                                     "relay-only through the signaling and the relay")
+    p.add_argument("--config", metavar="FILE", help=config_help)
+    p.add_argument("--signaling", metavar="URL",
+                   help="signaling base URL, e.g. https://turn.example.com:8443/imserver "
+                        "(default: http.listen and http.prefix)")
+    p.add_argument("--turn", metavar="URL", action="append",
+                   help="TURN URL to test instead of the ones handed out (repeatable)")
+    p.add_argument("--user-a", metavar="USER=TOKEN", type=_user_token)
+    p.add_argument("--user-b", metavar="USER=TOKEN", type=_user_token)
+    p.add_argument("--ca", metavar="FILE", type=Path, help="CA certificate to trust for TLS")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=cmd_probe)
 
     p = sub.add_parser("healthcheck", help="STUN Binding to the configured listener (health check)")
     p.add_argument("--config", metavar="FILE", help=config_help)

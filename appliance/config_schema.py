@@ -133,6 +133,7 @@ class HttpConfig:
     tls_cert: Path | None = opt(None, "PEM certificate chain; null: the development certificate")
     tls_key: Path | None = opt(None, "PEM private key for tls_cert")
     prefix: str = opt("/imserver", "path prefix of every URL", url_prefix)
+    demo: bool = opt(True, "serve the call demo page at {prefix}/demo/ (off in production)")
 
 
 @dataclass(frozen=True)

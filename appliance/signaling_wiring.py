@@ -5,16 +5,18 @@ from __future__ import annotations
 
 import os
 import secrets
+import time
 from pathlib import Path
 
 from signaling.app import create_app
-from signaling.auth import HttpVerifier, JwtVerifier, StaticVerifier, TokenVerifier
+from signaling.auth import HttpVerifier, JwtVerifier, StaticVerifier, TokenVerifier, mint_jwt
 from signaling.stomp import Limits
 
 from .config import AppConfig
 from .tls_reload import CertificateReloader, reloadable_hypercorn_config
 
 DEV_JWT_KEY_FILE = "jwt.key"
+DEV_TOKEN_TTL_S = 86400
 
 
 def dev_jwt_key(data_dir: Path) -> str:
@@ -57,10 +59,24 @@ def stomp_limits(config: AppConfig) -> Limits:
                   heartbeat_ms=s.heartbeat_ms)
 
 
+def dev_token_minter(config: AppConfig):
+    """Mints tokens for the demo page, only with the generated development key: an
+    operator's own key (or public key, static tokens, introspection) mints nothing."""
+    a = config.auth
+    if a.mode != "jwt" or a.jwt_key is not None or a.jwt_public_key is not None:
+        return None
+    key = dev_jwt_key(config.data_dir)
+    return lambda user: mint_jwt(key, user, time.time(), DEV_TOKEN_TTL_S)
+
+
 def signaling_app(config: AppConfig, issue_credentials=None):
-    return create_app(config.http.prefix, token_verifier(config), stomp_limits(config),
-                      config.stomp.max_outbox, config.calls.ring_timeout_s, config.calls.grace_s,
-                      issue_credentials)
+    app = create_app(config.http.prefix, token_verifier(config), stomp_limits(config),
+                     config.stomp.max_outbox, config.calls.ring_timeout_s, config.calls.grace_s,
+                     issue_credentials)
+    if config.http.demo:
+        from .demo_site import install_demo
+        install_demo(app, config.http.prefix, dev_token_minter(config))
+    return app
 
 
 def decline_websocket_compression() -> None:

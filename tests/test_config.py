@@ -441,7 +441,10 @@ def test_production_example_fails_only_on_its_certificate_paths(tmp_path):
     for name in ("cert.pem", "key.pem"):
         (tmp_path / name).write_text("x")
     config = load_config(PRODUCTION, {"APPLIANCE__TURN__TLS_CERT": str(tmp_path / "cert.pem"),
-                                      "APPLIANCE__TURN__TLS_KEY": str(tmp_path / "key.pem")})
+                                      "APPLIANCE__TURN__TLS_KEY": str(tmp_path / "key.pem"),
+                                      "APPLIANCE__HTTP__TLS_CERT": str(tmp_path / "cert.pem"),
+                                      "APPLIANCE__HTTP__TLS_KEY": str(tmp_path / "key.pem")})
+    assert config.http.demo is False and config.admin.token is not None
     assert config.external_ip == "203.0.113.7" and config.turn.relay_ip == "0.0.0.0"
     assert config.turn.udp == HostPort("0.0.0.0", 3478)
     assert os.fspath(config.data_dir) == "/var/lib/appliance"

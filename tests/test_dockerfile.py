@@ -32,8 +32,11 @@ def test_every_shipped_package_is_copied():
 
 def test_install_and_run_steps_are_the_readmes():
     readme = (ROOT / "README.md").read_text()
-    assert "pip install . && appliance serve" in readme
-    assert re.search(r"^RUN pip install --no-cache-dir \.$", DOCKERFILE, re.M)
+    assert "npm ci --prefix appliance/demo && pip install '.[probe]' && appliance serve" in readme
+    assert re.search(r"^RUN npm ci --prefix appliance/demo\b", DOCKERFILE, re.M)
+    assert re.search(r"^COPY --from=demo-libraries \S+/appliance/demo/node_modules "
+                     r"\./appliance/demo/node_modules$", DOCKERFILE, re.M)
+    assert re.search(r"^RUN pip install --no-cache-dir '\.\[probe\]'$", DOCKERFILE, re.M)
     assert 'CMD ["appliance", "serve"]' in DOCKERFILE
     assert 'CMD ["appliance", "healthcheck"]' in DOCKERFILE
     assert re.search(r"^USER appliance$", DOCKERFILE, re.M)

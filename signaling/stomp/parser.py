@@ -25,8 +25,11 @@ class ParserLimits:
 
 
 class FrameParser:
-    def __init__(self, limits: ParserLimits = ParserLimits()) -> None:
+    def __init__(self, limits: ParserLimits = ParserLimits(),
+                 commands: frozenset[str] = CLIENT_COMMANDS) -> None:
+        """`commands`: the frames this side may receive (a server parses client commands)."""
         self.limits = limits
+        self.commands = commands
         self.version = "1.2"          # how header values are unescaped; set on CONNECT
         self._buf = bytearray()
 
@@ -101,7 +104,7 @@ class FrameParser:
             raise FrameError("frame headers are not UTF-8") from None
         lines = text.split("\n")
         command = lines[0].rstrip("\r")
-        if command not in CLIENT_COMMANDS:
+        if command not in self.commands:
             raise FrameError(f"unknown command {command[:32]!r}")
         if len(lines) - 1 > self.limits.max_headers:
             raise FrameError(f"more than {self.limits.max_headers} headers")

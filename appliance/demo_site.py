@@ -1,0 +1,80 @@
+"""The call demo page at `{prefix}/demo/` (`http.demo`).
+
+Our own page files live in appliance/demo/; the client libraries it loads
+(@stomp/stompjs, sockjs-client) are the npm packages customers use, installed
+by `npm ci --prefix appliance/demo` and served straight from node_modules, so
+nothing third-party is copied into the repository.
+
+`POST {prefix}/demo/token` mints a token for a user only in a development
+setup (auth.mode jwt with the generated development key): a production
+appliance never hands out tokens.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+from quart import Quart, redirect, request, send_file
+
+from signaling.errors import bad_request
+from signaling.http_api import ApiError, envelope
+
+DEMO_DIR = Path(__file__).parent / "demo"
+PAGE_FILES = {"index.html": "text/html; charset=utf-8", "demo.js": "text/javascript; charset=utf-8",
+              "demo.css": "text/css; charset=utf-8"}
+LIBRARIES = {
+    "stomp.umd.min.js": "node_modules/@stomp/stompjs/bundles/stomp.umd.min.js",
+    "sockjs.min.js": "node_modules/sockjs-client/dist/sockjs.min.js",
+}
+MAX_USER_ID = 100
+
+
+def libraries_installed(directory: Path = DEMO_DIR) -> bool:
+    return all((directory / path).is_file() for path in LIBRARIES.values())
+
+
+def install_demo(app: Quart, prefix: str, mint_token: Callable[[str], str] | None,
+                 directory: Path = DEMO_DIR) -> None:
+    base = f"{prefix}/demo"
+
+    async def serve(path: Path, mimetype: str):
+        if not path.is_file():
+            raise ApiError(404, "demo library not installed: run npm ci --prefix appliance/demo")
+        response = await send_file(path, mimetype=mimetype)
+        response.headers["Cache-Control"] = "no-cache"
+        return response
+
+    @app.get(base)
+    async def demo_redirect():
+        return redirect(f"{base}/")
+
+    @app.get(f"{base}/")
+    async def demo_page():
+        return await serve(directory / "index.html", PAGE_FILES["index.html"])
+
+    @app.get(f"{base}/<name>")
+    async def demo_file(name: str):
+        if name == "config.json":
+            return envelope(data={"prefix": prefix, "devTokens": mint_token is not None,
+                                  "librariesInstalled": libraries_installed(directory)})
+        if name not in PAGE_FILES:
+            raise ApiError(404)
+        return await serve(directory / name, PAGE_FILES[name])
+
+    @app.get(f"{base}/lib/<name>")
+    async def demo_library(name: str):
+        if name not in LIBRARIES:
+            raise ApiError(404)
+        return await serve(directory / LIBRARIES[name], "text/javascript; charset=utf-8")
+
+    @app.post(f"{base}/token")
+    async def demo_token():
+        if mint_token is None:
+            raise ApiError(403, "tokens are minted only with the development JWT key")
+        body = await request.get_json(silent=True, force=True)
+        user = body.get("userId") if isinstance(body, dict) else None
+        if not isinstance(user, str) or not user.strip() or len(user) > MAX_USER_ID \
+                or not user.isprintable():
+            raise bad_request("userId must be 1-100 printable characters")
+        return envelope(data={"token": mint_token(user.strip())})

@@ -1,0 +1,85 @@
+"""The demo page's routes: page, own files and the npm-installed libraries served; the
+config the page reads; tokens minted only with the development JWT key; nothing served
+when `http.demo` is off."""
+
+from __future__ import annotations
+
+import pytest
+
+from appliance.config import load_config
+from appliance.demo_site import LIBRARIES, install_demo, libraries_installed
+from appliance.signaling_wiring import dev_token_minter, signaling_app, token_verifier
+from signaling.app import create_app
+from signaling.auth import StaticVerifier
+from signaling.stomp import Limits
+
+
+def config_of(tmp_path, text: str = ""):
+    path = tmp_path / "appliance.yaml"
+    path.write_text(f"data_dir: {tmp_path / 'data'}\n" + text)
+    return load_config(path, {})
+
+
+def bare_app(tmp_path, minter=None, directory=None):
+    app = create_app("/imserver", StaticVerifier({"t": "alice"}), Limits(), 64)
+    kwargs = {"directory": directory} if directory else {}
+    install_demo(app, "/imserver", minter, **kwargs)
+    return app.test_client()
+
+
+async def test_page_and_own_files_are_served(tmp_path):
+    client = bare_app(tmp_path)
+    redirect = await client.get("/imserver/demo")
+    assert redirect.status_code in (301, 302) and redirect.headers["Location"].endswith("/imserver/demo/")
+    page = await client.get("/imserver/demo/")
+    assert page.status_code == 200 and page.mimetype == "text/html"
+    assert b'src="lib/stomp.umd.min.js"' in await page.get_data()
+    script = await client.get("/imserver/demo/demo.js")
+    assert script.mimetype == "text/javascript" and b"get-turn-credentials" in await script.get_data()
+    assert (await client.get("/imserver/demo/../pyproject.toml")).status_code == 404
+    assert (await client.get("/imserver/demo/package.json")).status_code == 404
+
+
+async def test_libraries_come_from_node_modules(tmp_path):
+    if not libraries_installed():
+        pytest.skip("npm ci --prefix appliance/demo has not run")
+    client = bare_app(tmp_path)
+    for name in LIBRARIES:
+        response = await client.get(f"/imserver/demo/lib/{name}")
+        assert response.status_code == 200 and len(await response.get_data()) > 10_000
+    assert (await client.get("/imserver/demo/lib/other.js")).status_code == 404
+
+
+async def test_missing_libraries_say_how_to_install_them(tmp_path):
+    client = bare_app(tmp_path, directory=tmp_path)
+    response = await client.get("/imserver/demo/lib/sockjs.min.js")
+    assert response.status_code == 404
+    assert "npm ci --prefix appliance/demo" in (await response.get_json())["msg"]
+    config = await (await client.get("/imserver/demo/config.json")).get_json()
+    assert config["data"]["librariesInstalled"] is False
+
+
+async def test_dev_tokens_are_minted_only_with_the_development_key(tmp_path):
+    dev = config_of(tmp_path)
+    minter = dev_token_minter(dev)
+    assert minter is not None
+    client = signaling_app(dev).test_client()
+    config = await (await client.get("/imserver/demo/config.json")).get_json()
+    assert config["data"] == {"prefix": "/imserver", "devTokens": True,
+                              "librariesInstalled": libraries_installed()}
+    answer = await (await client.post("/imserver/demo/token", json={"userId": "alice"})).get_json()
+    assert await token_verifier(dev).verify(answer["data"]["token"]) == "alice"
+    bad = await client.post("/imserver/demo/token", json={"userId": ""})
+    assert (await bad.get_json())["code"] == 400
+
+    own_key = config_of(tmp_path, "auth: {jwt_key: " + "k" * 40 + "}\n")
+    assert dev_token_minter(own_key) is None
+    refused = await signaling_app(own_key).test_client().post("/imserver/demo/token",
+                                                              json={"userId": "alice"})
+    assert refused.status_code == 403
+
+
+async def test_demo_off_serves_nothing(tmp_path):
+    client = signaling_app(config_of(tmp_path, "http: {demo: false}\n")).test_client()
+    assert (await client.get("/imserver/demo/")).status_code == 404
+    assert (await client.post("/imserver/demo/token", json={"userId": "a"})).status_code == 404
