@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from appliance.cli import main
+from appliance.config import load_config
 from appliance.secret_ring import Secret, SecretRing, ensure_ring, load_ring, save_ring
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -276,3 +277,36 @@ def test_coturn_config_carries_every_accepted_secret_and_the_deny_list(tmp_path,
     assert "denied-peer-ip=10.0.0.0-10.255.255.255" in lines
     assert "denied-peer-ip=169.254.0.0-169.254.255.255" in lines
     assert "denied-peer-ip=::ffff:0:0-::ffff:ffff:ffff" in lines
+
+
+# ------------------------------------------------------------------ probe: where and as whom
+
+def probe_args(*argv):
+    from appliance.cli import build_parser
+    return build_parser().parse_args(["probe", *argv])
+
+
+def test_probe_mints_tokens_with_the_development_key(tmp_path):
+    from appliance.cli import _probe_target, _probe_users
+    from appliance.signaling_wiring import token_verifier
+    import asyncio
+
+    config = load_config(write_config(tmp_path), {})
+    users = _probe_users(config, probe_args())
+    assert [u for u, _ in users] == ["probe-a", "probe-b"]
+    verifier = token_verifier(config)
+    assert [asyncio.run(verifier.verify(t)) for _, t in users] == ["probe-a", "probe-b"]
+    url, _ = _probe_target(config, probe_args())
+    assert url == "https://127.0.0.1:8443/imserver"
+
+
+def test_probe_takes_two_static_users_or_asks_for_tokens(tmp_path, capsys):
+    from appliance.cli import _probe_users
+    static = load_config(write_config(tmp_path, "auth: {mode: static, tokens: {t1: ann, t2: ann, "
+                                                "t3: ben}}\n"), {})
+    assert _probe_users(static, probe_args()) == [("ann", "t1"), ("ben", "t3")]
+    one_user = write_config(tmp_path, "auth: {mode: static, tokens: {t1: ann}}\n")
+    assert main(["probe", "--config", one_user]) == 2
+    assert "--user-a USER=TOKEN" in capsys.readouterr().err
+    given = _probe_users(static, probe_args("--user-a", "x=1", "--user-b", "y=2=3"))
+    assert given == [("x", "1"), ("y", "2=3")]
