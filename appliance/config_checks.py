@@ -180,3 +180,14 @@ def ice_url(value: str) -> str | None:
     if port is not None and not (port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
         return f"port {port!r} is not in 1-65535 in {value!r}"
     return None
+
+
+def worker_count(value: Any) -> int:
+    """Relay processes: a number, or "auto" for one per core this machine has."""
+    if value == "auto":
+        import os
+        return max(1, min(64, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                          else (os.cpu_count() or 1)))
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f'expected a number of processes or "auto", got {value!r}')
+    return value

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from .config_checks import (at_least, attribute_text, between, heartbeat_pair, host_name,
                             http_url, ice_url, ip_of, network, network_or_recommended, one_of, port_range, token_map,
-                            url_prefix)
+                            url_prefix, worker_count)
 
 
 class ConfigError(Exception):
@@ -91,7 +91,8 @@ class TurnConfig:
     nonce_lifetime_s: int = opt(600, "how long a nonce stays fresh", at_least(30))
     software: str | None = opt(None, "SOFTWARE attribute text; null sends none",
                                attribute_text(allow_quotes=True))
-    workers: int = opt(1, "relay processes sharing the ports", between(1, 64))
+    workers: int = opt(1, "relay processes sharing the ports; auto: one per core", between(1, 64),
+                       parse=worker_count)
     drain_s: int = opt(8, "on SIGTERM, seconds live allocations keep relaying before the "
                           "relay stops (keep it below the stop timeout of your supervisor)",
                        between(0, 3600))

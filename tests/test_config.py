@@ -393,7 +393,7 @@ def test_bad_override_names_name_the_variable(var, message):
 
 @pytest.mark.parametrize("env, key, reason", [
     ({"APPLIANCE__TURN__WORKERS": "100"}, "turn.workers", "must be in 1-64, got 100"),
-    ({"APPLIANCE__TURN__WORKERS": "many"}, "turn.workers", "expected an integer"),
+    ({"APPLIANCE__TURN__WORKERS": "many"}, "turn.workers", "expected a number of processes or \"auto\""),
     ({"APPLIANCE__TURN__UDP": "host:1"}, "turn.udp", "not an IP address"),
     ({"APPLIANCE__TURN__ALLOW_PEERS": "[::1]"}, "turn.allow_peers", "quote IPv6 items"),
     ({"APPLIANCE__TURN__ALLOW_PEERS": "[10.0.0.0/8, x]"}, "turn.allow_peers[1]", "'x'"),
@@ -448,3 +448,13 @@ def test_production_example_fails_only_on_its_certificate_paths(tmp_path):
     assert config.external_ip == "203.0.113.7" and config.turn.relay_ip == "0.0.0.0"
     assert config.turn.udp == HostPort("0.0.0.0", 3478)
     assert os.fspath(config.data_dir) == "/var/lib/appliance"
+
+
+def test_workers_auto_is_one_per_core(tmp_path):
+    import os
+    cores = len(os.sched_getaffinity(0))
+    assert load_text(tmp_path, "turn: {workers: auto}").turn.workers == min(cores, 64)
+    assert load_text(tmp_path, "turn: {workers: 3}").turn.workers == 3
+    assert load_text(tmp_path, "", {"APPLIANCE__TURN__WORKERS": "auto"}).turn.workers == min(cores, 64)
+    assert "auto" in error_of(tmp_path, "turn: {workers: many}").reason
+    assert error_of(tmp_path, "turn: {workers: 0}").key == "turn.workers"
