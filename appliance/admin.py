@@ -15,19 +15,20 @@ token, while `appliance secret rotate` on the machine itself does not.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Awaitable, Callable
 
 from quart import Quart, Response, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from .metrics import render
 from .ring_watcher import RingWatcher
-from .secret_ring import SecretRing, SecretRingError, prune_ring, rotate_ring
+from .secret_ring import SecretRing, SecretRingError, prune, rotate
 
 log = logging.getLogger("appliance.admin")
 
@@ -40,11 +41,12 @@ class AdminContext:
 
     token: str | None
     watcher: RingWatcher
+    store: object                            # ring_store.FileRingStore | RedisRingStore
     grace_s: int
     activation_s: int
     registry: object                         # prometheus CollectorRegistry
     readiness: Callable[[], dict[str, bool]]
-    secrets_changed: Callable[[], None]      # re-read the ring here and in every worker
+    secrets_changed: Callable[[], Awaitable[None]]   # re-read the ring here and in every worker
     clock: Callable[[], float] = time.time
     refusals: Counter = field(default_factory=Counter)
 
@@ -137,23 +139,23 @@ def create_admin_app(ctx: AdminContext) -> Quart:
                                      ctx.activation_s))
 
     @app.post("/admin/secrets/rotate")
-    async def rotate():
+    async def rotate_secret():
         require_secret_access()
         now = ctx.clock()
-        _, secret = rotate_ring(ctx.watcher.path, now)
+        _, secret = await asyncio.to_thread(rotate, ctx.store.update, now)
         log.info("secret rotated over the admin API: new current %s", secret.id)
-        ctx.secrets_changed()
+        await ctx.secrets_changed()
         return jsonify({"current": secret.id, "signingFrom": secret.created + ctx.activation_s,
                         **describe_ring(ctx.watcher.current_ring(), now, ctx.grace_s,
                                         ctx.activation_s)})
 
     @app.post("/admin/secrets/prune")
-    async def prune():
+    async def prune_secrets():
         require_secret_access()
-        dropped = prune_ring(ctx.watcher.path, ctx.clock(), ctx.grace_s)
+        dropped = await asyncio.to_thread(prune, ctx.store.update, ctx.clock(), ctx.grace_s)
         if dropped:
             log.info("secrets pruned over the admin API: %s", ", ".join(s.id for s in dropped))
-            ctx.secrets_changed()
+            await ctx.secrets_changed()
         return jsonify({"pruned": [s.id for s in dropped]})
 
     return app

@@ -18,8 +18,8 @@ from pathlib import Path
 from turn.auth import make_credential
 
 from .config import AppConfig, ConfigError, load_config
-from .secret_ring import (Secret, SecretRing, SecretRingError, ensure_ring, load_ring, prune_ring,
-                          rotate_ring)
+from .ring_store import ring_store
+from .secret_ring import Secret, SecretRing, SecretRingError, prune, rotate
 
 CONFIG_ENV = "APPLIANCE_CONFIG"     # the container's mounted file, used when --config is absent
 
@@ -62,7 +62,7 @@ def cmd_check_config(args) -> int:
     print(f"  relay:       {relay or 'off'}; ports {t.relay_ports[0]}-{t.relay_ports[1]}; "
           f"{t.workers} worker(s)")
     print(f"  realm:       {config.realm}")
-    print(f"  secrets:     {config.secrets_path()} (grace {_duration(config.credentials.grace_s())}, "
+    print(f"  secrets:     {_ring_where(config)} (grace {_duration(config.credentials.grace_s())}, "
           f"activation {config.credentials.activation_s} s)")
     from .ice_servers import handed_out_urls
     print(f"  ice servers: {', '.join(handed_out_urls(config)) or 'none'}")
@@ -78,8 +78,9 @@ def cmd_serve(args) -> int:
     path = _config_path(args.config)
     config = load_config(path)
     print(f"configuration: {path or 'built-in defaults'}", file=sys.stderr)
-    ring, created = ensure_ring(config.secrets_path(), time.time())
-    print(f"secret ring: {config.secrets_path()} ({'created' if created else 'loaded'}, "
+    store = ring_store(config)
+    ring, created = store.ensure(time.time())
+    print(f"secret ring: {store.where} ({'created' if created else 'loaded'}, "
           f"current {ring.current().id})", file=sys.stderr)
     cert, key = _tls_files(config, "turn", config.turn.tls is not None)
     http_cert, http_key = _tls_files(config, "http", config.http.listen is not None and config.http.tls)
@@ -117,11 +118,17 @@ def cmd_token(args) -> int:
     return 0
 
 
+def _ring_where(config: AppConfig) -> str:
+    c = config.credentials
+    return f"redis key {c.redis_key}" if c.store == "redis" else str(config.secrets_path())
+
+
 def _existing_ring(config: AppConfig) -> SecretRing:
-    if not config.secrets_path().exists():
-        raise SecretRingError(f"{config.secrets_path()} does not exist yet; "
+    store = ring_store(config)
+    if not store.exists():
+        raise SecretRingError(f"{store.where} does not exist yet; "
                               "`appliance serve` creates it on first start")
-    return load_ring(config.secrets_path())
+    return store.load()
 
 
 def cmd_credentials(args) -> int:
@@ -157,7 +164,7 @@ def _print_ring(config: AppConfig, ring: SecretRing, show: bool = False) -> None
     now = time.time()
     c = config.credentials
     signing = ring.signing(now, c.grace_s(), c.activation_s)
-    print(f"{config.secrets_path()}:")
+    print(f"{ring_store(config).where}:")
     for s in sorted(ring.secrets, key=lambda s: s.created, reverse=True):
         value = f"  {s.value}" if show else ""
         print(f"  {s.id:12}  created {_duration(now - s.created):>6} ago  "
@@ -173,7 +180,7 @@ def cmd_secret_list(args) -> int:
 def cmd_secret_rotate(args) -> int:
     config = _load(args.config)
     _existing_ring(config)
-    ring, secret = rotate_ring(config.secrets_path(), time.time())
+    ring, secret = rotate(ring_store(config).update, time.time())
     c = config.credentials
     print(f"rotated: {secret.id} is the current secret; credentials are signed with it after "
           f"{c.activation_s} s, and the previous secret stays accepted for {_duration(c.grace_s())}.")
@@ -186,7 +193,7 @@ def cmd_secret_rotate(args) -> int:
 def cmd_secret_prune(args) -> int:
     config = _load(args.config)
     _existing_ring(config)
-    dropped = prune_ring(config.secrets_path(), time.time(), config.credentials.grace_s())
+    dropped = prune(ring_store(config).update, time.time(), config.credentials.grace_s())
     print(f"pruned {len(dropped)} secret(s) past grace" +
           (f": {', '.join(s.id for s in dropped)}" if dropped else ""))
     return 0
@@ -196,7 +203,8 @@ def cmd_coturn_config(args) -> int:
     from .coturn import coturn_config_lines
 
     config = _load(args.config)
-    print("\n".join(coturn_config_lines(config, _existing_ring(config), time.time())))
+    print("\n".join(coturn_config_lines(config, _existing_ring(config), time.time(),
+                                         ring_store(config).where)))
     return 0
 
 

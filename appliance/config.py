@@ -279,6 +279,8 @@ def _cross_checks(config: AppConfig) -> None:
 
 def _credential_checks(config: AppConfig) -> None:
     c, t = config.credentials, config.turn
+    if c.store == "redis" and c.redis_url is None:
+        raise ConfigError("credentials.redis_url", "store redis needs the Redis URL")
     for i, url in enumerate(c.external):
         if not url.startswith(("turn:", "turns:")):
             raise ConfigError(f"credentials.external[{i}]", f"must be a turn: or turns: URL, got {url!r}")

@@ -191,3 +191,9 @@ def worker_count(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError(f'expected a number of processes or "auto", got {value!r}')
     return value
+
+
+def redis_url(value: str) -> str | None:
+    if not value.startswith(("redis://", "rediss://", "unix://")) or " " in value:
+        return f"must be a redis://, rediss:// or unix:// URL, got {value.split('@')[-1]!r}"
+    return None

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from .config_checks import (at_least, attribute_text, between, heartbeat_pair, host_name,
                             http_url, ice_url, ip_of, network, network_or_recommended, one_of, port_range, token_map,
-                            url_prefix, worker_count)
+                            redis_url, url_prefix, worker_count)
 
 
 class ConfigError(Exception):
@@ -102,7 +102,12 @@ class TurnConfig:
 class CredentialsConfig:
     """The TURN REST shared secrets and the credentials made from them."""
 
+    store: str = opt("file", "where the secret ring lives: file | redis (shared by several nodes)",
+                     one_of("file", "redis"))
     secrets_file: Path | None = opt(None, "secret ring file; null: data_dir/secrets.json")
+    redis_url: str | None = opt(None, "store redis: redis://[:password@]host:port/db", redis_url)
+    redis_key: str = opt("appliance:secrets", "store redis: the key holding the ring",
+                         attribute_text(allow_quotes=False))
     ttl_s: int = opt(86400, "lifetime of handed-out credentials", at_least(60))
     secret_grace_s: int | None = opt(None, "how long a rotated-out secret stays accepted; "
                                            "null: ttl_s (nothing it signed outlives it)",

@@ -1,10 +1,12 @@
-"""Keeps a process's view of the secret ring in step with the secrets file.
+"""Keeps a process's view of the secret ring in step with its store (file or Redis).
 
-Every relay process and the signaling each run one.  The file is re-read when
+Every relay process and the signaling each run one.  The ring is re-read when
 it changes (polled) and on SIGHUP; the accepted set is also re-evaluated on
-every poll, because a retired secret's grace ends without the file changing.
-A corrupt or unreadable file is refused and logged, and the last good ring
-stays in force, so a botched edit never locks every client out.
+every poll, because a retired secret's grace ends without the ring changing.
+A corrupt or unreadable ring (or an unreachable Redis) is refused and logged,
+and the last good ring stays in force, so a botched edit never locks every
+client out.  Polls read the store in a thread: a slow Redis never stalls the
+relay's event loop.
 """
 
 from __future__ import annotations
@@ -12,10 +14,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from pathlib import Path
 from typing import Callable
 
-from .secret_ring import SecretRing, SecretRingError, load_ring
+from .secret_ring import SecretRing, SecretRingError
 
 log = logging.getLogger("appliance")
 
@@ -25,48 +26,64 @@ Apply = Callable[[tuple[bytes, ...]], None]
 
 
 class RingWatcher:
-    def __init__(self, path: Path, grace_s: float, apply: Apply | None = None,
+    def __init__(self, store, grace_s: float, apply: Apply | None = None,
                  clock: Callable[[], float] = time.time) -> None:
-        self.path = path
+        self.store = store
         self.grace_s = grace_s
         self.apply = apply
         self.clock = clock
         self.ring: SecretRing | None = None
         self.failures = 0
-        self._stamp: tuple | None = None
+        self._stamp = None
         self._accepted: tuple[bytes, ...] | None = None
+        self._last_error: str | None = None
 
     def current_ring(self) -> SecretRing:
         if self.ring is None:
-            raise SecretRingError(f"{self.path}: no ring loaded yet")
+            raise SecretRingError(f"{self.store.where}: no ring loaded yet")
         return self.ring
 
-    def _file_stamp(self) -> tuple | None:
+    def _fetch(self, force: bool) -> SecretRing | SecretRingError | None:
+        """The store's ring if it changed (or `force`); the error if it cannot be read.
+        Touches no shared state but the stamp, so it may run in a thread."""
         try:
-            st = self.path.stat()
-        except OSError:
-            return None
-        return (st.st_mtime_ns, st.st_size, st.st_ino)
-
-    def load(self, force: bool = False) -> bool:
-        """Re-read the file if it changed (or `force`); True if a new ring is in force."""
-        stamp = self._file_stamp()
-        if not force and stamp == self._stamp:
-            return False
-        self._stamp = stamp
-        try:
-            ring = load_ring(self.path)
+            stamp = self.store.stamp()
         except SecretRingError as exc:
-            self.failures += 1
-            log.error("secret ring not reloaded, keeping the last good one: %s", exc)
+            return exc                    # not stamped: asked again at the next poll
+        if not force and stamp == self._stamp:
+            return None
+        self._stamp = stamp               # a broken ring is not re-read until it changes
+        try:
+            return self.store.load()
+        except SecretRingError as exc:
+            return exc
+
+    def _install(self, fetched: SecretRing | SecretRingError | None) -> bool:
+        if fetched is None:
+            self.refresh()
             return False
-        changed = ring != self.ring
-        self.ring = ring
+        if isinstance(fetched, SecretRingError):
+            self.failures += 1
+            if str(fetched) != self._last_error:         # one line per distinct problem
+                log.error("secret ring not reloaded, keeping the last good one: %s", fetched)
+            self._last_error = str(fetched)
+            return False
+        self._last_error = None
+        changed = fetched != self.ring
+        self.ring = fetched
         self.refresh()
         if changed:
             log.info("secret ring loaded: %d secret(s), %d accepted, current %s",
-                     len(ring.secrets), len(self._accepted or ()), ring.current().id)
+                     len(fetched.secrets), len(self._accepted or ()), fetched.current().id)
         return changed
+
+    def load(self, force: bool = False) -> bool:
+        """Re-read the store now, on this thread; True if a new ring is in force."""
+        return self._install(self._fetch(force))
+
+    async def poll(self, force: bool = False) -> bool:
+        """Re-read the store in a thread, then install the result on the loop."""
+        return self._install(await asyncio.to_thread(self._fetch, force))
 
     def refresh(self) -> None:
         """Hand the relay the secrets accepted now, when that set changed."""
@@ -81,5 +98,4 @@ class RingWatcher:
     async def run(self) -> None:
         while True:
             await asyncio.sleep(RING_POLL_S)
-            if not self.load():
-                self.refresh()
+            await self.poll()

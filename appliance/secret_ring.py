@@ -129,7 +129,8 @@ def _parse_secret(path: Path, i: int, item) -> Secret:
     return Secret(sid, value, created, retired)
 
 
-def _parse(path: Path, raw: bytes) -> SecretRing:
+def parse_ring(path, raw: bytes) -> SecretRing:
+    """Validate a ring document; `path` names where it came from in errors (a file, a Redis key)."""
     try:
         doc = json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError:
@@ -160,7 +161,7 @@ def load_ring(path: str | os.PathLike) -> SecretRing:
         raw = path.read_bytes()
     except OSError as exc:
         raise SecretRingError(f"{path}: cannot read ({exc.strerror})") from None
-    return _parse(path, raw)
+    return parse_ring(path, raw)
 
 
 def _write_private(path: Path, ring: SecretRing, replace: bool) -> bool:
@@ -170,16 +171,12 @@ def _write_private(path: Path, ring: SecretRing, replace: bool) -> bool:
     fails rather than overwrite), so two processes starting together agree on
     one ring.  Returns False when the file already existed.
     """
-    ring.current()    # refuse to write a file that load_ring would refuse
+    text = ring_document(ring)
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    doc = {"version": FORMAT_VERSION,
-           "secrets": [{"id": s.id, "value": s.value, "created": s.created, "retired": s.retired}
-                       for s in ring.secrets]}
     fd, tmp = tempfile.mkstemp(prefix=".secrets-", suffix=".tmp", dir=path.parent)  # mode 0600
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(doc, f, indent=2)
-            f.write("\n")
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
         if replace:
@@ -195,6 +192,15 @@ def _write_private(path: Path, ring: SecretRing, replace: bool) -> bool:
     if written:
         _fsync_directory(path.parent)
     return written
+
+
+def ring_document(ring: SecretRing) -> str:
+    """The ring as its JSON document; refuses a ring that parse_ring would refuse."""
+    ring.current()
+    doc = {"version": FORMAT_VERSION,
+           "secrets": [{"id": s.id, "value": s.value, "created": s.created, "retired": s.retired}
+                       for s in ring.secrets]}
+    return json.dumps(doc, indent=2) + "\n"
 
 
 def _link_if_absent(tmp: str, path: Path) -> bool:
@@ -257,21 +263,43 @@ def _ring_lock(path: Path):
         os.close(fd)
 
 
-def rotate_ring(path: str | os.PathLike, now: float) -> tuple[SecretRing, Secret]:
-    """Add a new current secret to the ring file, retiring the live ones; returns both."""
+def update_ring(path: str | os.PathLike, change) -> SecretRing:
+    """Apply `change(ring) -> ring` to the ring file under the lock; returns the new ring
+    (unchanged rings are not rewritten)."""
     path = Path(path)
     with _ring_lock(path):
-        secret = new_secret(now)
-        ring = load_ring(path).rotated(secret, now)
-        save_ring(path, ring)
-    return ring, secret
+        ring = load_ring(path)
+        new = change(ring)
+        if new != ring:
+            save_ring(path, new)
+    return new
+
+
+def rotate(update, now: float) -> tuple[SecretRing, Secret]:
+    """Through `update(change)` (a store's atomic read-change-write): a new current secret,
+    the live ones retired.  Returns the new ring and the new secret."""
+    secret = new_secret(now)
+    return update(lambda ring: ring.rotated(secret, now)), secret
+
+
+def prune(update, now: float, grace_s: float) -> tuple[Secret, ...]:
+    """Through `update(change)`: drop the secrets past their grace; returns them."""
+    dropped: list[Secret] = []
+
+    def change(ring: SecretRing) -> SecretRing:
+        kept, gone = ring.pruned(now, grace_s)
+        dropped[:] = gone
+        return kept
+
+    update(change)
+    return tuple(dropped)
+
+
+def rotate_ring(path: str | os.PathLike, now: float) -> tuple[SecretRing, Secret]:
+    """Add a new current secret to the ring file, retiring the live ones; returns both."""
+    return rotate(lambda change: update_ring(path, change), now)
 
 
 def prune_ring(path: str | os.PathLike, now: float, grace_s: float) -> tuple[Secret, ...]:
     """Drop the secrets past their grace from the ring file; returns what was dropped."""
-    path = Path(path)
-    with _ring_lock(path):
-        ring, dropped = load_ring(path).pruned(now, grace_s)
-        if dropped:
-            save_ring(path, ring)
-    return dropped
+    return prune(lambda change: update_ring(path, change), now, grace_s)

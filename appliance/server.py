@@ -181,7 +181,8 @@ class ApplianceProcess:
         self.nonce_key = nonce_key
         self.main = main
         self.certificates = CertificateReloader()
-        self.watcher = RingWatcher(config.secrets_path(), config.credentials.grace_s())
+        from .ring_store import ring_store
+        self.watcher = RingWatcher(ring_store(config), config.credentials.grace_s())
         self.node: RelayNode | None = None
         self.workers: Workers | None = None
         self.draining = False
@@ -245,7 +246,8 @@ class ApplianceProcess:
             credentials=ext.get("turn_credentials"), watcher=self.watcher,
             draining=lambda: self.draining)
         app = create_admin_app(AdminContext(
-            token=c.admin.token, watcher=self.watcher, grace_s=c.credentials.grace_s(),
+            token=c.admin.token, watcher=self.watcher, store=self.watcher.store,
+            grace_s=c.credentials.grace_s(),
             activation_s=c.credentials.activation_s, registry=metrics_registry(collector),
             readiness=self.readiness, secrets_changed=self.reload_secrets))
         hc = Config()
@@ -286,14 +288,15 @@ class ApplianceProcess:
 
     # ------------------------------------------------------------ signals
 
-    def reload_secrets(self) -> None:
-        self.watcher.load(force=True)
+    async def reload_secrets(self) -> None:
+        """Read the ring again here now, and have every relay worker do the same."""
+        await self.watcher.poll(force=True)
         if self.workers is not None:
             self.workers.signal_all(signal.SIGHUP)
 
     def _on_hup(self) -> None:
         log.info("SIGHUP: reloading the secret ring and certificates")
-        self.reload_secrets()
+        self._tasks.append(asyncio.get_running_loop().create_task(self.reload_secrets()))
         self.certificates.reload()
 
     def _on_stop_signal(self) -> None:
@@ -307,7 +310,7 @@ class ApplianceProcess:
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
         if not self.watcher.load(force=True) and self.watcher.ring is None:
-            raise OSError(f"cannot start: the secret ring {self.watcher.path} did not load")
+            raise OSError(f"cannot start: the secret ring ({self.watcher.store.where}) did not load")
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self._on_stop_signal)
         loop.add_signal_handler(signal.SIGHUP, self._on_hup)

@@ -9,6 +9,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from appliance.admin import AdminContext, create_admin_app
 from appliance.metrics import ApplianceCollector, metrics_registry
+from appliance.ring_store import FileRingStore
 from appliance.ring_watcher import RingWatcher
 from appliance.secret_ring import Secret, SecretRing, load_ring, save_ring
 
@@ -29,13 +30,19 @@ def make_admin(tmp_path, token=TOKEN, ready=True):
     save_ring(path, SecretRing((Secret("k-1", "v" * 43, int(NOW) - 1000),)))
     clock = Clock()
     applied = []
-    watcher = RingWatcher(path, grace_s=60, apply=applied.append, clock=clock)
+    store = FileRingStore(path)
+    watcher = RingWatcher(store, grace_s=60, apply=applied.append, clock=clock)
     watcher.load(force=True)
     reloads = []
-    ctx = AdminContext(token=token, watcher=watcher, grace_s=60, activation_s=5,
+
+    async def secrets_changed():
+        reloads.append(1)
+        await watcher.poll(force=True)
+
+    ctx = AdminContext(token=token, watcher=watcher, store=store, grace_s=60, activation_s=5,
                        registry=metrics_registry(ApplianceCollector(None, watcher=watcher, clock=clock)),
                        readiness=lambda: {"relay": ready, "secret_ring": True},
-                       secrets_changed=lambda: (reloads.append(1), watcher.load(force=True)),
+                       secrets_changed=secrets_changed,
                        clock=clock)
     return create_admin_app(ctx).test_client(), ctx, clock, reloads
 
@@ -61,7 +68,7 @@ async def test_every_other_endpoint_refuses_a_missing_or_wrong_token(tmp_path):
             assert response.status_code == 401, (path, headers)
             assert response.headers["WWW-Authenticate"] == 'Bearer realm="appliance-admin"'
     assert ctx.refusals["wrong_token"] == 4 and ctx.refusals["missing_token"] == 12
-    assert len(load_ring(ctx.watcher.path).secrets) == 1
+    assert len(load_ring(ctx.store.path).secrets) == 1
 
 
 async def test_without_a_token_metrics_are_open_and_secrets_closed(tmp_path):
@@ -88,7 +95,7 @@ async def test_rotate_list_and_prune(tmp_path):
     clock.now += 60
     pruned = await (await client.post("/admin/secrets/prune", headers=BEARER)).get_json()
     assert pruned == {"pruned": ["k-1"]}
-    assert [s.id for s in load_ring(ctx.watcher.path).secrets] == [new_id]
+    assert [s.id for s in load_ring(ctx.store.path).secrets] == [new_id]
 
 
 async def test_metrics_are_prometheus_text(tmp_path):
@@ -103,7 +110,7 @@ async def test_metrics_are_prometheus_text(tmp_path):
 
 async def test_a_broken_ring_file_fails_rotation_and_keeps_the_old_ring(tmp_path):
     client, ctx, *_ = make_admin(tmp_path)
-    ctx.watcher.path.write_text("{")
+    ctx.store.path.write_text("{")
     response = await client.post("/admin/secrets/rotate", headers=BEARER)
     assert response.status_code == 500 and "not valid JSON" in (await response.get_json())["error"]
     assert ctx.watcher.ring.current().id == "k-1"
@@ -115,7 +122,7 @@ def test_watcher_withdraws_a_secret_when_its_grace_ends(tmp_path):
                                 Secret("k-new", "n" * 43, int(NOW)))))
     clock = Clock()
     applied = []
-    watcher = RingWatcher(path, grace_s=30, apply=applied.append, clock=clock)
+    watcher = RingWatcher(FileRingStore(path), grace_s=30, apply=applied.append, clock=clock)
     watcher.load(force=True)
     assert applied == [(b"n" * 43, b"o" * 43)]
     clock.now += 29.9
@@ -129,7 +136,7 @@ def test_watcher_withdraws_a_secret_when_its_grace_ends(tmp_path):
 def test_watcher_keeps_the_last_good_ring_on_a_corrupt_file(tmp_path):
     path = tmp_path / "secrets.json"
     save_ring(path, SecretRing((Secret("k-1", "a" * 43, int(NOW)),)))
-    watcher = RingWatcher(path, grace_s=30, clock=Clock())
+    watcher = RingWatcher(FileRingStore(path), grace_s=30, clock=Clock())
     assert watcher.load(force=True)
     path.write_text("garbage")
     assert not watcher.load()
