@@ -240,7 +240,8 @@ def _probe_target(config: AppConfig, args) -> tuple[str, Path | None]:
     elif h.listen is None:
         raise ConfigError("http.listen", "the signaling is off here: give --signaling URL")
     else:
-        host = {"0.0.0.0": "127.0.0.1", "::": "[::1]"}.get(h.listen.host, str(h.listen).rsplit(":", 1)[0])
+        host = h.listen.local_host()
+        host = f"[{host}]" if ":" in host else host
         url = f"{'https' if h.tls else 'http'}://{host}:{h.listen.port}{h.prefix}"
     ca = args.ca
     if ca is None and (config.turn.tls_cert is None or config.http.tls_cert is None):
@@ -285,8 +286,7 @@ def cmd_healthcheck(args) -> int:
     if target is None:
         print("healthcheck: no UDP or TCP listener configured", file=sys.stderr)
         return 1
-    # A wildcard listener is reached through loopback from inside the container.
-    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(target.host, target.host)
+    host = target.local_host()     # a wildcard listener: loopback, e.g. inside the container
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     tid = os.urandom(12)
     request = stun.Builder(stun.BINDING, stun.REQUEST, tid).encode(fingerprint=True)

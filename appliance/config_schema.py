@@ -35,6 +35,11 @@ class HostPort:
     def __str__(self) -> str:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
+    def local_host(self) -> str:
+        """The address to reach this listener from the same machine: loopback for a
+        wildcard listener (0.0.0.0, ::), the listener's own address otherwise."""
+        return {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(self.host, self.host)
+
     @classmethod
     def parse(cls, text: str) -> "HostPort":
         """Read "1.2.3.4:3478" or "[2001:db8::1]:3478"; ValueError says what is wrong."""

@@ -32,6 +32,7 @@ from pathlib import Path
 from turn.node import RelayNode
 
 from .config import AppConfig, HostPort
+from .metrics import combine_stats, retired_part
 from .ring_watcher import RingWatcher
 from .tls_reload import CertificateReloader
 
@@ -73,7 +74,7 @@ def relay_enabled(config: AppConfig) -> bool:
 
 async def wait_listening(listener: HostPort, task: asyncio.Task, name: str) -> None:
     """Return once `listener` accepts TCP connections; raise if its server task ended."""
-    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(listener.host, listener.host)
+    host = listener.local_host()
     deadline = time.monotonic() + LISTEN_WAIT_S
     while time.monotonic() < deadline:
         if task.done():
@@ -128,7 +129,6 @@ class Workers:
         except (EOFError, OSError):
             asyncio.get_running_loop().remove_reader(receiver.fileno())
             receiver.close()
-            from .metrics import retired_part
             self.retired.append(retired_part(self.latest[index]))
             self.latest[index] = {}
 
@@ -262,8 +262,6 @@ class ApplianceProcess:
 
     def relay_stats(self) -> dict:
         """This process's relay figures plus the workers' latest (metrics.combine_stats)."""
-        from .metrics import combine_stats
-
         workers = self.workers.snapshots() if self.workers is not None else []
         return combine_stats([self.node.stats(), *workers])
 

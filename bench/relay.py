@@ -2,8 +2,9 @@
 
     python bench/relay.py [--quick] [--seconds S] [--payload BYTES]
 
-For each server (coturn 4.x started here with use-auth-secret; ours with 1
-and with 2 workers) it sets up K allocations over UDP, binds a channel from
+For each server (coturn 4.x started here with use-auth-secret, once with its
+default relay threads and once with --relay-threads 2; ours with turn.workers
+1 and 2) it sets up K allocations over UDP, binds a channel from
 each to coturn's turnutils_peer (a C echo peer on loopback), and offers a
 ladder of packet rates, stopping at the first step with any loss.  Each echoed packet crosses the relay twice (client ->
 peer as ChannelData, peer -> client as ChannelData), so relayed packets/s is
@@ -111,7 +112,8 @@ def wait_for_stun(port: int, proc: subprocess.Popen, timeout: float = 15) -> Non
     raise RuntimeError("server did not answer STUN")
 
 
-def start_coturn(workdir: Path, secret: str) -> Server:
+def start_coturn(workdir: Path, secret: str, relay_threads: int | None = None) -> Server:
+    """coturn as deployed; relay_threads pins its UDP relay threads (default: one per core)."""
     port = free_port()
     cmd = [shutil.which("turnserver"), "-n", "--listening-ip", "127.0.0.1",
            "--listening-port", str(port), "--relay-ip", "127.0.0.1",
@@ -119,9 +121,13 @@ def start_coturn(workdir: Path, secret: str) -> Server:
            "--static-auth-secret", secret, "--realm", REALM, "--allow-loopback-peers",
            "--no-cli", "--no-tls", "--no-dtls", "--no-tcp", "--total-quota", "0",
            "--user-quota", "0", "--log-file", str(workdir / "coturn.log"), "--simple-log"]
+    name = "coturn"
+    if relay_threads is not None:
+        cmd += ["--relay-threads", str(relay_threads)]
+        name = f"coturn t{relay_threads}"
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_for_stun(port, proc)
-    return Server("coturn", proc, port)
+    return Server(name, proc, port)
 
 
 def start_ours(workdir: Path, secret: str, workers: int) -> Server:
@@ -338,6 +344,7 @@ def main() -> int:
         print(f"payload {args.payload} B, {args.clients} allocations, {seconds:.1f} s per step, "
               f"{os.cpu_count()} cores", flush=True)
         for start in (lambda: start_coturn(workdir, secret),
+                      lambda: start_coturn(workdir, secret, relay_threads=2),
                       lambda: start_ours(workdir, secret, 1),
                       lambda: start_ours(workdir, secret, 2)):
             server = start()

@@ -176,8 +176,6 @@ class UdpRelayPort:
             if alloc.permissions.get(ip, 0.0) <= now:
                 owner.dropped += 1
                 continue
-            packets += 1
-            octets += n
             peer = addr if len(addr) == 2 else addr[:2]
             number = alloc.channel_of_peer.get(peer)
             if number is not None and alloc.channels[number][1] > now:
@@ -190,6 +188,7 @@ class UdpRelayPort:
                         owner.client_sock.sendto(view[:4 + n], alloc.client_key)
                     except OSError:
                         owner.dropped += 1
+                        continue
                 else:
                     alloc.client_key.send_channel_data(view, 4 + n)
             else:
@@ -199,8 +198,11 @@ class UdpRelayPort:
                         owner.client_sock.sendto(message, alloc.client_key)
                     except OSError:
                         owner.dropped += 1
+                        continue
                 else:
                     alloc.client_key.send(message)
+            packets += 1
+            octets += n
         if packets:
             traffic = owner.core.traffic
             traffic.to_client_packets += packets

@@ -12,11 +12,10 @@ import os
 import subprocess
 from pathlib import Path
 
-import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
-from .conftest import ADMIN_TOKEN, require_program
+from .conftest import require_program
+from .test_credentials_admin import admin, metric_samples
 from .test_js_clients import JS_DIR, node_with_clients
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -24,12 +23,8 @@ ARTIFACTS = Path(os.environ.get("TEST_ARTIFACTS", ROOT / "test-artifacts"))
 
 
 def allocations_created(relay) -> float:
-    text = httpx.get(f"http://127.0.0.1:{relay.admin_port}/metrics",
-                     headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}, timeout=5).text
-    for family in text_string_to_metric_families(text):
-        if family.name == "appliance_relay_allocations_created":
-            return family.samples[0].value
-    raise AssertionError("no allocation counter in /metrics")
+    samples = metric_samples(admin(relay, "GET", "/metrics").text)
+    return samples[("appliance_relay_allocations_created_total", ())]
 
 
 @pytest.mark.parametrize("transport", ["websocket", "sockjs-no-websocket"])
