@@ -33,6 +33,9 @@ class SignalingService:
         self.routes: dict[str, Handler] = {"/app/user/status": lambda svc, s, p: svc.presence.query(s, p)}
         self.counters: Counter[str] = Counter()
         self.close_hooks: list[Callable[[Session, bool], None]] = []
+        if hasattr(broker, "on_presence"):
+            # A broker spanning nodes reports users coming and going on other nodes.
+            broker.on_presence = self.presence.changed
 
     def route(self, destination: str, handler: Handler) -> None:
         self.routes[destination] = handler

@@ -139,7 +139,7 @@ def test_user_destinations_reach_every_session_of_the_user_that_subscribed():
     assert svc.broker.to_user("bob", "/user/queue/call/request", b'{"callId":"c"}') == 2
     assert messages(b1) == messages(b2) == [("/user/queue/call/request", {"callId": "c"})]
     assert messages(b3) == []
-    assert svc.broker.to_user("bob", "/user/queue/call/request", b"{}", sessions=[b2]) == 1
+    assert svc.broker.to_user("bob", "/user/queue/call/request", b"{}", only={b2.id}) == 1
     assert messages(b1) == []
 
 

@@ -31,9 +31,8 @@ class CallService:
     def deliver(self, notices: list[Notice]) -> None:
         for n in notices:
             body = json.dumps(n.body, ensure_ascii=False, separators=(",", ":")).encode()
-            targets = [s for s in self.broker.sessions_of(n.user)
-                       if (n.sessions is None or s.id in n.sessions) and s.id not in n.except_sessions]
-            self.broker.to_user(n.user, n.destination, body, sessions=targets)
+            self.broker.to_user(n.user, n.destination, body, only=n.sessions,
+                                exclude=n.except_sessions)
 
     # ------------------------------------------------------------ STOMP
 

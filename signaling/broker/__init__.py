@@ -1,16 +1,15 @@
 """Where sessions are found: by user, for user destinations and presence.
 
-`Broker` is the interface the services use; `MemoryBroker` serves one node.
-A Redis implementation (several nodes sharing a user base) plugs in behind
-the same methods: it would publish `to_user` on a per-user channel and keep
-the online count in Redis.
+`Broker` is the interface the services use; `MemoryBroker` serves one node,
+`redis.RedisBroker` several nodes sharing a user base (a local MemoryBroker
+plus a replica of the other nodes' sessions, kept through Redis).
 """
 
 from __future__ import annotations
 
-from typing import Iterable, Protocol
+from typing import Collection, Protocol
 
-from .session import Session
+from ..session import Session
 
 
 class Broker(Protocol):
@@ -33,7 +32,7 @@ class Broker(Protocol):
     def user_count(self) -> int: ...
 
     def to_user(self, user_id: str, destination: str, body: bytes,
-                sessions: Iterable[Session] | None = None) -> int:
+                only: Collection[str] | None = None, exclude: Collection[str] = ()) -> int:
         """Deliver to the user's sessions (or the given ones of them); how many took it."""
 
 
@@ -72,6 +71,7 @@ class MemoryBroker:
         return len(self._by_user)
 
     def to_user(self, user_id: str, destination: str, body: bytes,
-                sessions: Iterable[Session] | None = None) -> int:
-        targets = self.sessions_of(user_id) if sessions is None else sessions
-        return sum(1 for s in targets if not s.closed and s.deliver(destination, body))
+                only: Collection[str] | None = None, exclude: Collection[str] = ()) -> int:
+        return sum(1 for s in self.sessions_of(user_id)
+                   if (only is None or s.id in only) and s.id not in exclude
+                   and not s.closed and s.deliver(destination, body))
