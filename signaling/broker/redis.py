@@ -54,6 +54,8 @@ class RedisBroker:
         self._tasks: list[asyncio.Task] = []
         self._client = None
         self._pubsub = None
+        self._generation = 0                 # bumped by every recovery
+        self._recovering = asyncio.Lock()
 
     # ------------------------------------------------------------ keys
 
@@ -148,16 +150,15 @@ class RedisBroker:
     async def _writer(self) -> None:
         while True:
             item = await self._pending.get()
-            while True:
-                try:
-                    await self._write(item)
-                    break
-                except Exception as exc:
-                    if not await self._recover(exc):
-                        item = None
-                        break
-            if item is None:
-                continue
+            generation = self._generation
+            try:
+                await self._write(item)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                # Recovery rewrites every count of ours, so a lost count is covered; a lost
+                # delivery is lost (its sender got 503 while Redis was away).
+                await self._recover(exc, generation)
 
     # ------------------------------------------------------------ Redis -> replica
 
@@ -191,6 +192,7 @@ class RedisBroker:
 
     async def _listen(self) -> None:
         while True:
+            generation = self._generation
             try:
                 async for message in self._pubsub.listen():
                     if message.get("type") == "message":
@@ -200,7 +202,7 @@ class RedisBroker:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                await self._recover(exc)
+                await self._recover(exc, generation)
 
     async def _load_replica(self) -> None:
         """Every other live node's sessions, from the user hashes."""
@@ -228,6 +230,7 @@ class RedisBroker:
 
     async def _heartbeat(self) -> None:
         while True:
+            generation = self._generation
             try:
                 await self._client.set(self._alive_key(self.node), "1",
                                        px=int(self.node_ttl_s * 1000))
@@ -235,7 +238,7 @@ class RedisBroker:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                await self._recover(exc)
+                await self._recover(exc, generation)
             await asyncio.sleep(self.node_ttl_s / 3)
 
     async def _reap(self) -> None:
@@ -256,26 +259,32 @@ class RedisBroker:
                 pipe.delete(self._node_users_key(node))
                 await pipe.execute()
 
-    async def _recover(self, exc: Exception) -> bool:
-        """After a Redis error: unhealthy until a ping answers, then resynchronise.
-        True when the failed operation should be retried."""
-        if self.healthy:
-            log.error("redis broker: Redis unavailable (%s); retrying", type(exc).__name__)
-        self.healthy = False
-        while True:
-            await asyncio.sleep(RETRY_S)
-            try:
-                await self._client.ping()
-                await self._resubscribe()
-                await self._publish_own()
-                await self._load_replica()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                continue
-            log.info("redis broker: Redis is back; node %s resynchronised", self.node)
+    async def _recover(self, exc: Exception, generation: int) -> None:
+        """After a Redis error: unhealthy until a ping answers, then resynchronise (our
+        counts written again, the subscription and the replica renewed).  The writer,
+        listener and heartbeat may all fail at once; one of them recovers, and the others,
+        whose failure predates that recovery, just carry on."""
+        async with self._recovering:
+            if generation != self._generation:
+                return
+            if self.healthy:
+                log.error("redis broker: Redis unavailable (%s); retrying", type(exc).__name__)
+            self.healthy = False
+            while True:
+                await asyncio.sleep(RETRY_S)
+                try:
+                    await self._client.ping()
+                    await self._resubscribe()
+                    await self._publish_own()
+                    await self._load_replica()
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    continue
+                break
+            self._generation += 1
             self.healthy = True
-            return False            # _publish_own rewrote every count: nothing to retry
+            log.info("redis broker: Redis is back; node %s resynchronised", self.node)
 
     async def _resubscribe(self) -> None:
         if self._pubsub is not None:
