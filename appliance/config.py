@@ -26,10 +26,10 @@ from typing import Any, Mapping
 
 import yaml
 
-from .config_schema import (AdminConfig, AppConfig, AuthConfig, CallsConfig, ConfigError,
+from .config_schema import (AdminConfig, AppConfig, AuthConfig, BrokerConfig, CallsConfig, ConfigError,
                             CredentialsConfig, HostPort, HttpConfig, StompConfig, TurnConfig, opt)
 
-__all__ = ["AdminConfig", "AppConfig", "AuthConfig", "CallsConfig", "ConfigError",
+__all__ = ["AdminConfig", "AppConfig", "AuthConfig", "BrokerConfig", "CallsConfig", "ConfigError",
            "CredentialsConfig", "HostPort", "HttpConfig", "StompConfig", "TurnConfig", "opt",
            "describe", "load_config"]
 
@@ -279,8 +279,9 @@ def _cross_checks(config: AppConfig) -> None:
 
 def _credential_checks(config: AppConfig) -> None:
     c, t = config.credentials, config.turn
-    if c.store == "redis" and c.redis_url is None:
-        raise ConfigError("credentials.redis_url", "store redis needs the Redis URL")
+    if c.store == "redis" and c.redis_url is None and config.broker.url is None:
+        raise ConfigError("credentials.redis_url", "store redis needs the Redis URL "
+                                                   "(this key, or broker.url to use the same Redis)")
     for i, url in enumerate(c.external):
         if not url.startswith(("turn:", "turns:")):
             raise ConfigError(f"credentials.external[{i}]", f"must be a turn: or turns: URL, got {url!r}")

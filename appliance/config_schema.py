@@ -110,7 +110,8 @@ class CredentialsConfig:
     store: str = opt("file", "where the secret ring lives: file | redis (shared by several nodes)",
                      one_of("file", "redis"))
     secrets_file: Path | None = opt(None, "secret ring file; null: data_dir/secrets.json")
-    redis_url: str | None = opt(None, "store redis: redis://[:password@]host:port/db", redis_url)
+    redis_url: str | None = opt(None, "store redis: redis://[:password@]host:port/db; "
+                                          "null: broker.url", redis_url)
     redis_key: str = opt("appliance:secrets", "store redis: the key holding the ring",
                          attribute_text(allow_quotes=False))
     ttl_s: int = opt(86400, "lifetime of handed-out credentials", at_least(60))
@@ -179,6 +180,19 @@ class CallsConfig:
 
 
 @dataclass(frozen=True)
+class BrokerConfig:
+    """Where sessions, presence and calls are shared: this process alone, or every node on
+    one Redis."""
+
+    url: str | None = opt(None, "null: one node, in memory; redis://[:password@]host:port/db: "
+                                "every node with the same url serves one user base", redis_url)
+    prefix: str = opt("appliance:", "prefix of every Redis key and channel the nodes share",
+                      attribute_text(allow_quotes=False))
+    node_ttl_s: int = opt(15, "a node that stops answering counts as gone after this long "
+                              "(its sessions offline, its calls ended)", between(3, 600))
+
+
+@dataclass(frozen=True)
 class AdminConfig:
     """The operators' HTTP listener: health, readiness, metrics, secret rotation."""
 
@@ -201,6 +215,7 @@ class AppConfig:
     auth: AuthConfig = field(default_factory=AuthConfig)
     stomp: StompConfig = field(default_factory=StompConfig)
     calls: CallsConfig = field(default_factory=CallsConfig)
+    broker: BrokerConfig = field(default_factory=BrokerConfig)
     admin: AdminConfig = field(default_factory=AdminConfig)
 
     def secrets_path(self) -> Path:

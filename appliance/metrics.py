@@ -149,8 +149,12 @@ class ApplianceCollector:
         svc = self.signaling
         broker = svc.broker
         counters = svc.counters
-        yield _gauge("signaling_sessions", "connected STOMP sessions", broker.session_count())
-        yield _gauge("signaling_online_users", "users with at least one session", broker.user_count())
+        yield _gauge("signaling_sessions", "STOMP sessions connected to this node", broker.session_count())
+        yield _gauge("signaling_online_users", "users with at least one session (on any node)",
+                     broker.user_count())
+        if hasattr(broker, "healthy"):
+            yield _gauge("signaling_broker_up", "1 while the Redis the nodes share answers",
+                         1 if broker.healthy else 0)
         yield _labelled("signaling_auth_failures", "CONNECTs and HTTP calls refused", "reason",
                         {label: counters.get(key, 0)
                          for key, label in SIGNALING_AUTH_FAILURES.items()})
@@ -163,7 +167,8 @@ class ApplianceCollector:
                        counters.get("slow_consumers", 0))
         if self.calls is not None:
             reg = self.calls.registry
-            yield _gauge("calls_active", "calls ringing or in progress", len(reg.calls))
+            yield _gauge("calls_active", "calls ringing or in progress (held by this node)",
+                         len(reg.calls))
             yield _labelled("calls", "calls by outcome", "outcome",
                             {o.value.replace(" ", "_"): reg.outcomes.get(o, 0) for o in Outcome})
         if self.credentials is not None:

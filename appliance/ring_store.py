@@ -128,5 +128,5 @@ def _safe_url(url: str) -> str:
 def ring_store(config: AppConfig):
     c = config.credentials
     if c.store == "redis":
-        return RedisRingStore(c.redis_url, c.redis_key)
+        return RedisRingStore(c.redis_url or config.broker.url, c.redis_key)
     return FileRingStore(config.secrets_path())

@@ -282,6 +282,9 @@ class ApplianceProcess:
             checks["relay_workers"] = self.workers.all_alive()
         if self._http_task is not None:
             checks["signaling"] = not self._http_task.done()
+            broker = self.signaling_app.extensions["signaling"].broker
+            if hasattr(broker, "healthy"):
+                checks["broker"] = broker.healthy          # Redis reachable
         return checks
 
     # ------------------------------------------------------------ signals

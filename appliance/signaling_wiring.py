@@ -69,10 +69,19 @@ def dev_token_minter(config: AppConfig):
     return lambda user: mint_jwt(key, user, time.time(), DEV_TOKEN_TTL_S)
 
 
+def broker(config: AppConfig):
+    """The broker spanning nodes (`broker.url`), or None: this process alone."""
+    b = config.broker
+    if b.url is None:
+        return None
+    from signaling.broker.redis import RedisBroker
+    return RedisBroker(b.url, b.prefix, node_ttl_s=b.node_ttl_s)
+
+
 def signaling_app(config: AppConfig, issue_credentials=None):
     app = create_app(config.http.prefix, token_verifier(config), stomp_limits(config),
                      config.stomp.max_outbox, config.calls.ring_timeout_s, config.calls.grace_s,
-                     issue_credentials)
+                     issue_credentials, broker(config))
     if config.http.demo:
         from .demo_site import install_demo
         install_demo(app, config.http.prefix, dev_token_minter(config))

@@ -46,13 +46,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_appliance(work: Path, users: int) -> tuple[subprocess.Popen, int]:
+def start_appliance(work: Path, users: int, extra: dict | None = None) -> tuple[subprocess.Popen, int]:
+    """A signaling-only appliance with tokens tok-0.. for user0..; `extra` adds config."""
+    work.mkdir(parents=True, exist_ok=True)
     port = free_port()
     config = {"data_dir": str(work), "log_level": os.environ.get("BENCH_LOG", "warning"),
               "turn": {"udp": None, "tcp": None, "tls": None},
+              # signaling only: some ICE server must be named, or start-up refuses
+              "credentials": {"ice_servers": ["stun:127.0.0.1:3478"]},
               "http": {"listen": f"127.0.0.1:{port}", "tls": False},
+              "admin": {"listen": None},
               "auth": {"mode": "static", "tokens": {f"tok-{i}": f"user{i}" for i in range(users)}},
-              "stomp": {"heartbeat_ms": "0,0"}}
+              "stomp": {"heartbeat_ms": "0,0"}, **(extra or {})}
     path = work / "appliance.yaml"
     path.write_text(json.dumps(config))
     proc = subprocess.Popen([sys.executable, "-m", "appliance", "serve", "--config", str(path)],

@@ -7,7 +7,9 @@ import asyncio
 from quart import Quart, websocket
 
 from .auth import TokenVerifier
-from .broker import MemoryBroker
+from .broker import Broker, MemoryBroker
+from .broker.redis import RedisBroker
+from .calls.cluster import CallCluster
 from .calls.registry import CallRegistry
 from .calls.service import CallService
 from .http_api import install_envelope_errors
@@ -20,11 +22,13 @@ from .ws import serve_websocket
 
 def create_app(prefix: str, verifier: TokenVerifier, limits: Limits, max_outbox: int,
                ring_timeout_s: float = 30.0, grace_s: float = 10.0,
-               issue_credentials: Issue | None = None) -> Quart:
+               issue_credentials: Issue | None = None, broker: Broker | None = None) -> Quart:
     """The signaling app; `issue_credentials(userId)` answers TURN credential requests
-    (no such routes without it: a relay-less test app has nothing to hand out)."""
+    (no such routes without it: a relay-less test app has nothing to hand out).  The
+    broker is this process's MemoryBroker unless one spanning nodes (RedisBroker) is
+    given; the app starts and stops it."""
     app = Quart("signaling")
-    broker = MemoryBroker()
+    broker = broker if broker is not None else MemoryBroker()
     service = SignalingService(broker, verifier)
     app.extensions["signaling"] = service
     install_envelope_errors(app)
@@ -32,6 +36,7 @@ def create_app(prefix: str, verifier: TokenVerifier, limits: Limits, max_outbox:
     calls.install(service)
     calls.install_http(app, prefix, verifier)
     app.extensions["calls"] = calls
+    cluster = CallCluster(calls, broker) if isinstance(broker, RedisBroker) else None
     if issue_credentials is not None:
         credentials = TurnCredentialService(issue_credentials)
         credentials.install(service)
@@ -40,13 +45,19 @@ def create_app(prefix: str, verifier: TokenVerifier, limits: Limits, max_outbox:
     timers: list[asyncio.Task] = []
 
     @app.before_serving
-    async def start_call_timers():
+    async def start_calls():
+        if cluster is not None:
+            await broker.start()
+            cluster.start()
         timers.append(asyncio.get_running_loop().create_task(calls.run_timers()))
 
     @app.after_serving
-    async def stop_call_timers():
+    async def stop_calls():
         for task in timers:
             task.cancel()
+        if cluster is not None:
+            await cluster.stop()
+            await broker.stop()
 
     @app.websocket(f"{prefix}/ws")
     async def stomp_websocket():

@@ -27,6 +27,11 @@ def bad_request(message: str) -> SignalingError:
     return SignalingError(400, message)
 
 
+def unavailable() -> SignalingError:
+    """503: the Redis that nodes share is unreachable; the client may retry."""
+    return SignalingError(503, "signaling backend unavailable, try again")
+
+
 def parse_json(body: bytes):
     try:
         return json.loads(body.decode("utf-8")) if body.strip() else None

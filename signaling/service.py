@@ -15,7 +15,7 @@ from typing import Callable
 
 from .auth import TokenVerifier
 from .broker import Broker
-from .errors import ERRORS_DESTINATION, SignalingError, parse_json
+from .errors import ERRORS_DESTINATION, SignalingError, parse_json, unavailable
 from .presence import Presence
 from .session import Session
 from .stomp import ConnectRequested, MessageSent, ProtocolError
@@ -31,14 +31,22 @@ class SignalingService:
         self.verifier = verifier
         self.presence = Presence(broker)
         self.routes: dict[str, Handler] = {"/app/user/status": lambda svc, s, p: svc.presence.query(s, p)}
+        self.local_routes: set[str] = set()      # routes that work without the broker's Redis
         self.counters: Counter[str] = Counter()
         self.close_hooks: list[Callable[[Session, bool], None]] = []
         if hasattr(broker, "on_presence"):
             # A broker spanning nodes reports users coming and going on other nodes.
             broker.on_presence = self.presence.changed
 
-    def route(self, destination: str, handler: Handler) -> None:
+    def route(self, destination: str, handler: Handler, needs_broker: bool = True) -> None:
         self.routes[destination] = handler
+        if not needs_broker:
+            self.local_routes.add(destination)
+
+    @property
+    def broker_healthy(self) -> bool:
+        """False while a broker spanning nodes cannot reach its Redis."""
+        return getattr(self.broker, "healthy", True)
 
     async def authenticate(self, event: ConnectRequested, claimed_user: str | None) -> str:
         """The user id the CONNECT's `ide` token belongs to; SignalingError 401/403 otherwise."""
@@ -107,6 +115,8 @@ class SignalingService:
             handler = self.routes.get(destination)
             if handler is None:
                 raise SignalingError(404, f"no such destination {destination[:100]}")
+            if not self.broker_healthy and destination not in self.local_routes:
+                raise unavailable()
             handler(self, session, parse_json(event.frame.body))
         except SignalingError as err:
             self.error(session, err)

@@ -44,7 +44,7 @@ class TurnCredentialService:
             body = json.dumps(self.answer(session.user_id, "stomp"), separators=(",", ":")).encode()
             session.deliver(ANSWER_DESTINATION, body)
 
-        signaling.route(REQUEST_DESTINATION, handler)
+        signaling.route(REQUEST_DESTINATION, handler, needs_broker=False)   # no Redis needed
 
     def install_http(self, app: Quart, prefix: str, verifier) -> None:
         @app.get(f"{prefix}/turn/get-turn-credentials")

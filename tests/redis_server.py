@@ -25,28 +25,52 @@ def _answers(url: str) -> bool:
         return False
 
 
+class PrivateRedis:
+    """A redis-server of a test's own on a free port, which the test may stop and start
+    again (an outage) on the same port.  Keeps nothing on disk."""
+
+    def __init__(self) -> None:
+        self.program = shutil.which("redis-server")
+        if self.program is None:
+            message = "redis-server not found: apt-get install redis-server"
+            if os.environ.get("REQUIRE_INTEROP") == "1":
+                pytest.fail(message)
+            pytest.skip(message)
+        self.port = free_port_pair()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> "PrivateRedis":
+        self.proc = subprocess.Popen([self.program, "--port", str(self.port), "--bind", "127.0.0.1",
+                                      "--save", "", "--appendonly", "no"],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while not _answers(self.url):
+            assert self.proc.poll() is None and time.monotonic() < deadline, "redis-server did not start"
+            time.sleep(0.05)
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(5)
+
+
 @pytest.fixture(scope="session")
 def redis_url():
     if _answers(DEFAULT):
         yield DEFAULT
         return
-    program = shutil.which("redis-server")
-    if program is None:
-        message = "no Redis on 127.0.0.1:6379 and no redis-server: apt-get install redis-server"
-        if os.environ.get("REQUIRE_INTEROP") == "1":
-            pytest.fail(message)
-        pytest.skip(message)
-    port = free_port_pair()
-    proc = subprocess.Popen([program, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                             "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"redis://127.0.0.1:{port}/0"
-    deadline = time.monotonic() + 10
-    while not _answers(url):
-        assert proc.poll() is None and time.monotonic() < deadline, "redis-server did not start"
-        time.sleep(0.1)
-    yield url
-    proc.terminate()
-    proc.wait(5)
+    server = PrivateRedis().start()
+    yield server.url
+    server.stop()
+
+
+@pytest.fixture
+def private_redis():
+    server = PrivateRedis().start()
+    yield server
+    server.stop()
 
 
 @pytest.fixture

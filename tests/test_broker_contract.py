@@ -195,52 +195,22 @@ async def test_status_watchers_hear_of_users_on_other_nodes(redis_url, redis_pre
             await broker.stop()
 
 
-async def test_a_redis_outage_turns_unhealthy_and_heals(tmp_path):
+async def test_a_redis_outage_turns_unhealthy_and_heals(private_redis):
     """A Redis of this test's own, stopped and started again on the same port: the node
     reports unhealthy meanwhile, and afterwards has written its sessions back and sees
     the other node's again."""
-    import shutil
-    import subprocess
-
     from signaling.broker.redis import RedisBroker
-    from tests.netports import free_port_pair
 
-    program = shutil.which("redis-server")
-    if program is None:
-        pytest.fail("redis-server not found: apt-get install redis-server")
-    port = free_port_pair()
-
-    def start_redis():
-        return subprocess.Popen([program, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                                 "--appendonly", "no"], stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL)
-
-    async def wait_ready():
-        import redis.asyncio as aioredis
-        client = aioredis.from_url(f"redis://127.0.0.1:{port}/0")
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                await client.ping()
-                break
-            except Exception:
-                assert time.monotonic() < deadline, "redis-server did not start"
-                await asyncio.sleep(0.05)
-        await client.aclose()
-
-    server = start_redis()
-    await wait_ready()
-    url = f"redis://127.0.0.1:{port}/0"
+    url = private_redis.url
     a, b = RedisBroker(url, "o:", "node-a", NODE_TTL_S), RedisBroker(url, "o:", "node-b", NODE_TTL_S)
     try:
         await a.start()
         await b.start()
         a.register(session("gus", "a-1"))
         await eventually(lambda: b.is_online("gus"))
-        server.terminate()
-        server.wait(5)                  # Redis gone, and with it every key (no persistence)
+        private_redis.stop()            # Redis gone, and with it every key (no persistence)
         await eventually(lambda: not a.healthy and not b.healthy, timeout=NODE_TTL_S * 3 + 5)
-        server = start_redis()
+        private_redis.start()
         await eventually(lambda: a.healthy and b.healthy, timeout=10)
         await eventually(lambda: b.is_online("gus"))
         b.register(session("hal", "b-1"))
@@ -248,5 +218,3 @@ async def test_a_redis_outage_turns_unhealthy_and_heals(tmp_path):
     finally:
         await a.stop()
         await b.stop()
-        server.terminate()
-        server.wait(5)

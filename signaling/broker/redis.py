@@ -7,6 +7,8 @@ synchronously (is_online, to_user) and Redis work happens in the background:
     {p}u:{user}      hash  node id -> sessions of the user on that node
     {p}nu:{node}     set   users with sessions on that node (for reaping it)
     {p}node:{node}   key   the node's heartbeat, expiring after node_ttl_s
+    {p}nodes         set   every node that joined and has not left (so a dead one is found
+                           even when nobody saw its sessions)
     {p}presence      channel: {"node", "user", "count"} whenever a count changes
     {p}to:{node}     channel: messages for that node only (user deliveries)
 
@@ -15,7 +17,14 @@ node holding sessions of the user, one PUBLISH on that node's own channel:
 never a broadcast to every node.  A node that dies stops refreshing its
 heartbeat; within node_ttl_s every other node drops it from its replica (its
 users go OFFLINE where nobody else holds them) and one of them, holding a
-short lock, removes its entries from Redis.
+short lock, removes its entries from Redis and runs the `node_gone` hooks
+(the call cluster ends the dead node's calls there).
+
+Other services share the node's channel and its ordered writer: `handlers`
+maps a message "kind" to a callback, `send_to_node` publishes to one node and
+`run` sends Redis commands in order with this node's other writes.  Writes
+go out in pipelines: whatever waits when the writer is free travels in one
+round trip.
 
 A Redis outage makes `healthy` false (the service answers 503 and readiness
 turns false); the node keeps retrying, and when Redis is back it writes its
@@ -28,7 +37,7 @@ import asyncio
 import json
 import logging
 import secrets
-from typing import Callable, Collection
+from typing import Awaitable, Callable, Collection
 
 from ..session import Session
 from . import MemoryBroker
@@ -37,6 +46,8 @@ log = logging.getLogger("signaling.broker")
 
 RETRY_S = 1.0
 MAX_PENDING = 100_000
+STOP_DRAIN_S = 2.0
+MAX_BATCH = 500              # writes per pipeline round trip
 
 
 class RedisBroker:
@@ -56,6 +67,9 @@ class RedisBroker:
         self._pubsub = None
         self._generation = 0                 # bumped by every recovery
         self._recovering = asyncio.Lock()
+        self._writing = False
+        self.handlers: dict[str, Callable[[dict], None]] = {"deliver": self._on_deliver}
+        self.node_gone: list[Callable[[object, str], Awaitable[None]]] = []
 
     # ------------------------------------------------------------ keys
 
@@ -74,6 +88,10 @@ class RedisBroker:
     @property
     def _presence_channel(self) -> str:
         return f"{self.prefix}presence"
+
+    @property
+    def _nodes_key(self) -> str:
+        return f"{self.prefix}nodes"
 
     # ------------------------------------------------------------ the Broker protocol
 
@@ -110,55 +128,100 @@ class RedisBroker:
         delivered = self.local.to_user(user_id, destination, body, only, exclude)
         nodes = self.remote.get(user_id)
         if nodes:
-            message = json.dumps({"kind": "deliver", "user": user_id, "destination": destination,
-                                  "body": body.decode("utf-8"),
-                                  "only": None if only is None else sorted(only),
-                                  "exclude": sorted(exclude)})
+            message = {"kind": "deliver", "user": user_id, "destination": destination,
+                       "body": body.decode("utf-8"),
+                       "only": None if only is None else sorted(only), "exclude": sorted(exclude)}
             for node in nodes:
-                self._enqueue(("publish", self._node_channel(node), message))
+                self.send_to_node(node, message)
         return delivered
+
+    # ------------------------------------------------------------ for other services
+
+    def send_to_node(self, node: str, message: dict) -> None:
+        """Publish `message` (with a "kind" some node's `handlers` knows) to one node."""
+        self._enqueue(("publish", self._node_channel(node), json.dumps(message)))
+
+    def run(self, *commands: tuple) -> asyncio.Future:
+        """Redis commands such as ("get", key) or ("eval", script, 1, key), sent in order
+        with this node's other writes (pipelined with whatever else is waiting); the
+        future gets their results as a list, or the first command's error."""
+        future = asyncio.get_running_loop().create_future()
+        if not self._enqueue(("run", commands, future)):
+            future.set_exception(ConnectionError("redis broker overloaded"))
+        return future
 
     # ------------------------------------------------------------ local changes -> Redis
 
     def _count_changed(self, user: str) -> None:
         self._enqueue(("count", user, len(self.local.sessions_of(user))))
 
-    def _enqueue(self, item) -> None:
+    def _enqueue(self, item) -> bool:
         try:
             self._pending.put_nowait(item)
+            return True
         except asyncio.QueueFull:
             self.healthy = False        # Redis is far behind: say so rather than grow
             log.error("redis broker: %d writes pending; dropping", MAX_PENDING)
+            return False
 
-    async def _write(self, item) -> None:
+    def _queue_commands(self, pipe, item) -> None:
         kind = item[0]
         if kind == "publish":
-            await self._client.publish(item[1], item[2])
-            return
-        _, user, count = item
-        pipe = self._client.pipeline(transaction=True)
-        if count:
-            pipe.hset(self._user_key(user), self.node, count)
-            pipe.sadd(self._node_users_key(self.node), user)
+            pipe.publish(item[1], item[2])
+        elif kind == "run":
+            for name, *args in item[1]:
+                getattr(pipe, name)(*args)
         else:
-            pipe.hdel(self._user_key(user), self.node)
-            pipe.srem(self._node_users_key(self.node), user)
-        pipe.publish(self._presence_channel,
-                     json.dumps({"node": self.node, "user": user, "count": count}))
-        await pipe.execute()
+            _, user, count = item
+            if count:
+                pipe.hset(self._user_key(user), self.node, count)
+                pipe.sadd(self._node_users_key(self.node), user)
+            else:
+                pipe.hdel(self._user_key(user), self.node)
+                pipe.srem(self._node_users_key(self.node), user)
+            pipe.publish(self._presence_channel,
+                         json.dumps({"node": self.node, "user": user, "count": count}))
+
+    async def _write(self, batch: list) -> None:
+        """One round trip for everything waiting: a pipeline keeps the order, and each
+        `run` item gets the results of its own commands."""
+        pipe = self._client.pipeline(transaction=False)
+        spans = []
+        for item in batch:
+            first = len(pipe)
+            self._queue_commands(pipe, item)
+            spans.append((item, first, len(pipe)))
+        results = await pipe.execute(raise_on_error=False)
+        for item, first, last in spans:
+            if item[0] != "run" or item[2].done():
+                continue
+            mine = results[first:last]
+            error = next((r for r in mine if isinstance(r, Exception)), None)
+            if error is None:
+                item[2].set_result(mine)
+            else:
+                item[2].set_exception(error)
 
     async def _writer(self) -> None:
         while True:
-            item = await self._pending.get()
+            batch = [await self._pending.get()]
+            while len(batch) < MAX_BATCH and not self._pending.empty():
+                batch.append(self._pending.get_nowait())
             generation = self._generation
+            self._writing = True
             try:
-                await self._write(item)
+                await self._write(batch)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
+                for item in batch:
+                    if item[0] == "run" and not item[2].done():
+                        item[2].set_exception(exc)
                 # Recovery rewrites every count of ours, so a lost count is covered; a lost
                 # delivery is lost (its sender got 503 while Redis was away).
                 await self._recover(exc, generation)
+            finally:
+                self._writing = False
 
     # ------------------------------------------------------------ Redis -> replica
 
@@ -184,11 +247,20 @@ class RedisBroker:
         if channel == self._presence_channel:
             if message.get("node") != self.node:
                 self._set_remote(message["node"], message["user"], int(message["count"]))
-        elif message.get("kind") == "deliver":
-            only = message.get("only")
-            self.local.to_user(message["user"], message["destination"],
-                               message["body"].encode("utf-8"),
-                               None if only is None else set(only), set(message.get("exclude", ())))
+            return
+        handler = self.handlers.get(message.get("kind"))
+        if handler is None:
+            log.warning("redis broker: message of unknown kind %r", message.get("kind"))
+            return
+        try:
+            handler(message)
+        except Exception:                   # one bad message never stops the listener
+            log.exception("redis broker: handling a %s message failed", message.get("kind"))
+
+    def _on_deliver(self, message: dict) -> None:
+        only = message.get("only")
+        self.local.to_user(message["user"], message["destination"], message["body"].encode("utf-8"),
+                           None if only is None else set(only), set(message.get("exclude", ())))
 
     async def _listen(self) -> None:
         while True:
@@ -223,8 +295,9 @@ class RedisBroker:
                 self._set_remote(node, user, remote.get(user, {}).get(node, 0))
 
     async def _publish_own(self) -> None:
-        for user in list(self.local._by_user):
-            await self._write(("count", user, len(self.local.sessions_of(user))))
+        counts = [("count", user, len(self.local.sessions_of(user))) for user in list(self.local._by_user)]
+        for i in range(0, len(counts), MAX_BATCH):
+            await self._write(counts[i:i + MAX_BATCH])
 
     # ------------------------------------------------------------ liveness
 
@@ -234,6 +307,7 @@ class RedisBroker:
             try:
                 await self._client.set(self._alive_key(self.node), "1",
                                        px=int(self.node_ttl_s * 1000))
+                await self._client.sadd(self._nodes_key, self.node)
                 await self._reap()
             except asyncio.CancelledError:
                 raise
@@ -244,10 +318,13 @@ class RedisBroker:
     async def _reap(self) -> None:
         """Forget nodes whose heartbeat expired; one node cleans up after each."""
         nodes = {n for nodes in self.remote.values() for n in nodes}
+        nodes |= {n.decode() for n in await self._client.smembers(self._nodes_key)}
+        nodes.discard(self.node)
         for node in nodes:
             if await self._client.exists(self._alive_key(node)):
                 continue
-            log.warning("redis broker: node %s stopped; its sessions are offline", node)
+            if any(node in ns for ns in self.remote.values()):
+                log.warning("redis broker: node %s stopped; its sessions are offline", node)
             for user in [u for u, ns in self.remote.items() if node in ns]:
                 self._set_remote(node, user, 0)
             if await self._client.set(f"{self.prefix}reap:{node}", self.node, nx=True,
@@ -258,6 +335,9 @@ class RedisBroker:
                     pipe.hdel(self._user_key(user.decode()), node)
                 pipe.delete(self._node_users_key(node))
                 await pipe.execute()
+                for hook in self.node_gone:
+                    await hook(self._client, node)
+                await self._client.srem(self._nodes_key, node)
 
     async def _recover(self, exc: Exception, generation: int) -> None:
         """After a Redis error: unhealthy until a ping answers, then resynchronise (our
@@ -303,6 +383,7 @@ class RedisBroker:
         self._client = aioredis.from_url(self.url, socket_timeout=5, socket_connect_timeout=5,
                                          health_check_interval=10)
         await self._client.set(self._alive_key(self.node), "1", px=int(self.node_ttl_s * 1000))
+        await self._client.sadd(self._nodes_key, self.node)
         await self._resubscribe()            # before loading, so no change falls in between
         await self._load_replica()
         loop = asyncio.get_running_loop()
@@ -313,15 +394,19 @@ class RedisBroker:
                  len(self.remote))
 
     async def stop(self) -> None:
-        """Leave cleanly: our sessions are gone from Redis at once, not after the TTL."""
+        """Leave cleanly: what is queued is written (for a moment at most), and our
+        sessions are gone from Redis at once, not after the TTL."""
+        deadline = asyncio.get_running_loop().time() + STOP_DRAIN_S
+        while self.healthy and (self._writing or not self._pending.empty()) and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.01)
         for task in self._tasks:
             task.cancel()
         if self._client is None:
             return
         try:
-            for user in list(self.local._by_user):
-                await self._write(("count", user, 0))
+            await self._write([("count", user, 0) for user in list(self.local._by_user)])
             await self._client.delete(self._alive_key(self.node), self._node_users_key(self.node))
+            await self._client.srem(self._nodes_key, self.node)
         except Exception as exc:
             log.warning("redis broker: could not leave cleanly (%s)", type(exc).__name__)
         if self._pubsub is not None:

@@ -29,6 +29,7 @@ class CallEvent(enum.Enum):
     SIGNAL = "signal"                # RTC signaling (OFFER / ANSWER / ICE_CANDIDATE)
     RING_TIMEOUT = "ring timeout"    # nobody answered within calls.ring_timeout_s
     GRACE_EXPIRED = "grace expired"  # a party's session dropped and did not come back
+    SHUTDOWN = "shutdown"            # the node that holds the call is going away
 
 
 class Outcome(enum.Enum):
@@ -63,6 +64,8 @@ TRANSITIONS: dict[tuple[CallState, CallEvent, Role], tuple[CallState, Outcome | 
     (A, CallEvent.SIGNAL, Role.CALLEE): (A, None),
     (A, CallEvent.GRACE_EXPIRED, Role.CALLER): (E, Outcome.DROPPED),
     (A, CallEvent.GRACE_EXPIRED, Role.CALLEE): (E, Outcome.DROPPED),
+    (R, CallEvent.SHUTDOWN, Role.SERVER): (E, Outcome.DROPPED),
+    (A, CallEvent.SHUTDOWN, Role.SERVER): (E, Outcome.DROPPED),
 }
 
 

@@ -23,6 +23,7 @@ import itertools
 import logging
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
+from typing import Callable
 
 from ..errors import SignalingError, bad_request
 from .machine import CallEvent, CallState, Outcome, Role, transition
@@ -73,6 +74,11 @@ class Call:
         return frozenset({self.callee_session}) if self.callee_session else None
 
 
+def ended_notices(call_id: str, *users: str) -> list[Notice]:
+    """A hangup on every session of each user: the call is over, whatever its state was."""
+    return [Notice(user, "/user/queue/call/hangup", {"callId": call_id}) for user in users]
+
+
 def _text(body: dict, name: str, limit: int = 100) -> str:
     value = body.get(name)
     if not isinstance(value, str) or not value.strip():
@@ -98,10 +104,13 @@ class CallRegistry:
         self._used_ids: OrderedDict[str, None] = OrderedDict()
         self._timers: list[tuple[float, int, str]] = []
         self._seq = itertools.count()
+        self.on_end: Callable[[Call], None] | None = None      # e.g. release shared claims
 
     # ------------------------------------------------------------ requests
 
-    def request(self, caller: str, session: str | None, body, now: float, online) -> list[Notice]:
+    @staticmethod
+    def parse_request(caller: str, body) -> tuple[str, str, dict]:
+        """(callId, callee, the request as the callee sees it), or 400 naming the field."""
         body = _object(body)
         call_id = _text(body, "callId", MAX_CALL_ID)
         callee = _text(body, "callee", 128)
@@ -112,6 +121,11 @@ class CallRegistry:
             raise bad_request("type must be VIDEO or AUDIO")
         if callee == caller:
             raise bad_request("a user cannot call themselves")
+        return call_id, callee, {**body, "type": call_type, "caller": caller}
+
+    def request(self, caller: str, session: str | None, body, now: float, online) -> list[Notice]:
+        call_id, callee, request = self.parse_request(caller, body)
+        call_type = request["type"]
         if call_id in self.calls or call_id in self._used_ids:
             raise SignalingError(CALL_ID_USED, "callId already used")
         if caller in self.live_call_of:
@@ -120,7 +134,6 @@ class CallRegistry:
             raise SignalingError(BUSY, "callee busy")
         if not online(callee):
             raise SignalingError(OFFLINE, "callee offline")
-        request = {**body, "type": call_type, "caller": caller}
         call = Call(call_id, call_type, caller, callee, request, now + self.ring_timeout_s,
                     frozenset({session}) if session else None)
         self.calls[call_id] = call
@@ -206,6 +219,15 @@ class CallRegistry:
             self._arm(call.grace[role], call.id)
         return []
 
+    def drop_all(self, now: float) -> list[Notice]:
+        """The node holding these calls is going away: each ends, both parties hear a hangup
+        on every session (their clients may call again through another node)."""
+        notices: list[Notice] = []
+        for call in list(self.calls.values()):
+            self._step(call, CallEvent.SHUTDOWN, Role.SERVER, now)
+            notices += ended_notices(call.id, call.caller, call.callee)
+        return notices
+
     def get_timer(self) -> float | None:
         return self._timers[0][0] if self._timers else None
 
@@ -272,6 +294,8 @@ class CallRegistry:
         for user in (call.caller, call.callee):
             if self.live_call_of.get(user) == call.id:
                 del self.live_call_of[user]
+        if self.on_end is not None:
+            self.on_end(call)
 
     def _remember(self, call_id: str) -> None:
         self._used_ids[call_id] = None

@@ -1,6 +1,11 @@
 """Calls on the wire: STOMP `/app/call/*` and `/app/rtc/signaling`, their HTTP twins,
 dropped sessions and timers -- all feeding the sans-I/O CallRegistry and
-delivering the Notices it returns through the broker."""
+delivering the Notices it returns through the broker.
+
+Every call message is one of a few operations (`run_local` names them).  On one
+node they run here at once; with a `cluster` (calls across nodes, cluster.py)
+they go to the node that owns the call.
+"""
 
 from __future__ import annotations
 
@@ -11,8 +16,8 @@ import time
 from quart import Quart, request
 
 from ..broker import Broker
+from ..errors import SignalingError, bad_request, unavailable
 from ..http_api import authenticated_user, envelope
-from ..errors import bad_request
 from ..service import SignalingService
 from ..session import Session
 from .registry import CallRegistry, Notice
@@ -27,6 +32,8 @@ class CallService:
         self.registry = registry
         self.max_payload_bytes = max_payload_bytes
         self.clock = clock
+        self.signaling: SignalingService | None = None
+        self.cluster = None            # a CallCluster when calls span nodes
 
     def deliver(self, notices: list[Notice]) -> None:
         for n in notices:
@@ -34,54 +41,84 @@ class CallService:
             self.broker.to_user(n.user, n.destination, body, only=n.sessions,
                                 exclude=n.except_sessions)
 
+    def run_local(self, op: str, user: str, session: str | None, body, now: float,
+                  last: bool = False) -> list[Notice]:
+        """One operation on this node's registry: request, respond, hangup (a None body:
+        every call of the user), signal, or lost (a session of the user dropped)."""
+        reg = self.registry
+        if op == "request":
+            return reg.request(user, session, body, now, self.broker.is_online)
+        if op == "respond":
+            return reg.respond(user, session, body, now)
+        if op == "hangup":
+            return reg.hangup_all(user, now) if body is None else reg.hangup(user, session, body, now)
+        if op == "signal":
+            return reg.signal(user, session, body, now, self.max_payload_bytes)
+        if op == "lost":
+            return reg.session_lost(user, session, last, now)
+        raise ValueError(f"unknown call operation {op!r}")
+
+    def submit(self, op: str, user: str, session: str | None, body, last: bool = False) -> None:
+        """A call message from a STOMP session (or a dropped session); errors raise."""
+        if self.cluster is not None:
+            self.cluster.submit(op, user, session, body, last)
+        else:
+            self.deliver(self.run_local(op, user, session, body, self.clock(), last))
+
+    async def perform(self, op: str, user: str, body) -> None:
+        """A call message over HTTP; returns when it is done, errors raise."""
+        if self.cluster is not None:
+            await self.cluster.perform(op, user, body)
+        else:
+            self.deliver(self.run_local(op, user, None, body, self.clock()))
+
     # ------------------------------------------------------------ STOMP
 
     def install(self, signaling: SignalingService) -> None:
-        reg = self.registry
-        routes = {
-            "/app/call/request": lambda s, p, now: reg.request(s.user_id, s.id, p, now, self.broker.is_online),
-            "/app/call/response": lambda s, p, now: reg.respond(s.user_id, s.id, p, now),
-            "/app/call/hangup": lambda s, p, now: reg.hangup(s.user_id, s.id, p, now),
-            "/app/rtc/signaling": lambda s, p, now: reg.signal(s.user_id, s.id, p, now,
-                                                               self.max_payload_bytes),
-        }
-        for destination, handle in routes.items():
-            signaling.route(destination, self._stomp_handler(handle))
+        self.signaling = signaling
+        routes = {"/app/call/request": "request", "/app/call/response": "respond",
+                  "/app/call/hangup": "hangup", "/app/rtc/signaling": "signal"}
+        for destination, op in routes.items():
+            signaling.route(destination, self._stomp_handler(op))
         signaling.close_hooks.append(self.session_closed)
 
-    def _stomp_handler(self, handle):
+    def _stomp_handler(self, op: str):
         def handler(_service, session: Session, payload) -> None:
-            self.deliver(handle(session, payload, self.clock()))
+            if op == "hangup" and payload is None:
+                raise bad_request("body must be a JSON object")
+            self.submit(op, session.user_id, session.id, payload)
         return handler
 
     def session_closed(self, session: Session, last_of_user: bool) -> None:
-        self.deliver(self.registry.session_lost(session.user_id, session.id, last_of_user, self.clock()))
+        try:
+            self.submit("lost", session.user_id, session.id, None, last_of_user)
+        except SignalingError:
+            pass                     # nobody to tell: the session is gone
 
     # ------------------------------------------------------------ HTTP twins
 
     def install_http(self, app: Quart, prefix: str, verifier) -> None:
-        reg = self.registry
-
-        async def call_view(handle, empty_ok: bool = False):
+        async def call_view(op: str, empty_ok: bool = False):
             user = await authenticated_user(verifier)
             body = await request.get_json(silent=True, force=True)
             if body is None and not (empty_ok and not await request.get_data()):
                 raise bad_request("body is not valid JSON")
-            self.deliver(handle(user, body, self.clock()))
+            if not getattr(self.broker, "healthy", True):
+                raise unavailable()
+            await self.perform(op, user, body)
             return envelope()
 
         @app.post(f"{prefix}/call/request")
         async def http_call_request():
-            return await call_view(lambda u, b, now: reg.request(u, None, b, now, self.broker.is_online))
+            return await call_view("request")
 
         @app.post(f"{prefix}/call/response")
         async def http_call_response():
-            return await call_view(lambda u, b, now: reg.respond(u, None, b, now))
+            return await call_view("respond")
 
         @app.post(f"{prefix}/call/hangup")
         async def http_call_hangup():
-            return await call_view(lambda u, b, now: reg.hangup_all(u, now) if b is None
-                                   else reg.hangup(u, None, b, now), empty_ok=True)
+            return await call_view("hangup", empty_ok=True)
 
     # ------------------------------------------------------------ time
 

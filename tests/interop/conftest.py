@@ -97,7 +97,8 @@ def tcp_open(host: str, port: int) -> bool:
 def start_appliance(directory: Path, extra_turn: dict | None = None, workers: int = 1,
                     auth: dict | None = None, stomp: dict | None = None,
                     calls: dict | None = None, credentials: dict | None = None,
-                    admin: dict | None = None, http: dict | None = None) -> RunningRelay:
+                    admin: dict | None = None, http: dict | None = None,
+                    broker: dict | None = None) -> RunningRelay:
     directory.mkdir(parents=True, exist_ok=True)
     secret = new_secret(time.time())
     save_ring(directory / "secrets.json", SecretRing((secret,)))
@@ -118,7 +119,7 @@ def start_appliance(directory: Path, extra_turn: dict | None = None, workers: in
               "admin": {"listen": f"127.0.0.1:{admin_port}", "token": ADMIN_TOKEN, **(admin or {})},
               "http": {"listen": f"127.0.0.1:{http_port}", "tls": False, **(http or {})},
               "auth": auth or {"mode": "static", "tokens": TOKENS}, "stomp": stomp or {},
-              "calls": calls or {"ring_timeout_s": 3, "grace_s": 1}}
+              "calls": calls or {"ring_timeout_s": 3, "grace_s": 1}, "broker": broker or {}}
     if config["http"]["tls"] and "tls_cert" not in config["http"]:
         config["http"].update(tls_cert=str(cert), tls_key=str(key))     # one pair for both
     config_path = directory / "appliance.yaml"

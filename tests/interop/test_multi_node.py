@@ -1,0 +1,156 @@
+"""Two appliance processes on one Redis (broker.url), with stomp.py clients: Alice on
+node 1 calls Bob, who has a phone on node 1 and a laptop on node 2.  Ringing,
+call/down, RTC signaling, hangup, the HTTP twins and the ring timeout behave as on
+one node; killing node 2 marks Bob's session there offline within the node TTL.
+Then a Redis outage: 503 to clients, /readyz false, and service back with Redis."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+import urllib.request
+
+import httpx
+import pytest
+
+from .conftest import ADMIN_TOKEN, start_appliance, stop_appliance
+from .test_calls_stomp import Device, call_request
+
+NODE_TTL_S = 3
+RING_TIMEOUT_S = 3
+
+
+@pytest.fixture
+def two_nodes(tmp_path, redis_url, redis_prefix):
+    broker = {"url": redis_url, "prefix": redis_prefix, "node_ttl_s": NODE_TTL_S}
+    calls = {"ring_timeout_s": RING_TIMEOUT_S, "grace_s": 1}
+    nodes = [start_appliance(tmp_path / f"node{i}", broker=broker, calls=calls) for i in (1, 2)]
+    yield nodes
+    for node in nodes:
+        if node.proc.poll() is None:
+            assert stop_appliance(node) == 0, node.log()
+
+
+def http_post(node, path: str, body, token: str) -> dict:
+    request = urllib.request.Request(f"http://127.0.0.1:{node.http_port}/imserver{path}",
+                                     data=json.dumps(body).encode(), method="POST",
+                                     headers={"ide": token, "Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=10) as answer:
+        return json.load(answer)
+
+
+def status_push(device: Device, timeout: float) -> str:
+    destination, body = device.next(timeout)
+    assert destination == "/topic/user/status", (destination, body)
+    return body[0]["status"]
+
+
+def test_a_call_across_two_nodes(two_nodes):
+    one, two = two_nodes
+    alice, phone, laptop = Device(one, "alice"), Device(one, "bob"), Device(two, "bob")
+    try:
+        # Ringing on both devices, answered on node 2.
+        alice.send("/app/call/request", call_request("x-1"))
+        for device in (phone, laptop):
+            assert device.next() == ("/user/queue/call/request", {**call_request("x-1"), "caller": "alice"})
+        laptop.send("/app/call/response", {"callId": "x-1", "type": "ACCEPT"})
+        assert alice.next() == ("/user/queue/call/response", {"callId": "x-1", "type": "ACCEPT"})
+        assert phone.next() == ("/user/queue/call/down", {"callId": "x-1", "type": "ACCEPT"})
+        phone.send("/app/call/response", {"callId": "x-1", "type": "ACCEPT"})
+        assert phone.next()[1]["code"] == 1004
+        # Signaling both ways, only between the two devices in the call.
+        offer = {"callId": "x-1", "type": "OFFER", "payload": "v=0\r\no=- 1 1 IN IP4 0.0.0.0\r\n"}
+        alice.send("/app/rtc/signaling", offer)
+        assert laptop.next() == ("/user/queue/rtc/signaling", {**offer, "from": "alice"})
+        answer = {"callId": "x-1", "type": "ANSWER", "payload": "v=0\r\n"}
+        laptop.send("/app/rtc/signaling", answer)
+        assert alice.next() == ("/user/queue/rtc/signaling", {**answer, "from": "bob"})
+        # Busy for a caller on either node.
+        carol = Device(two, "carol")
+        carol.send("/app/call/request", call_request("x-2"))
+        assert carol.next() == ("/user/queue/errors", {"code": 1001, "message": "callee busy"})
+        alice.send("/app/call/hangup", {"callId": "x-1"})
+        assert laptop.next() == ("/user/queue/call/hangup", {"callId": "x-1"})
+        assert phone.quiet() and alice.quiet()
+
+        # The HTTP twin: Carol calls from node 2 (which owns the call), Bob rejects over
+        # HTTP on node 1, which forwards it to node 2 and answers with its result.
+        carol.send("/app/call/request", call_request("x-3"))
+        for device in (phone, laptop):
+            assert device.next()[0] == "/user/queue/call/request"
+        assert http_post(one, "/call/response", {"callId": "x-3", "type": "REJECT"}, "tok-bob")["code"] == 200
+        assert carol.next() == ("/user/queue/call/response", {"callId": "x-3", "type": "REJECT"})
+        for device in (phone, laptop):
+            assert device.next() == ("/user/queue/call/down", {"callId": "x-3", "type": "REJECT"})
+        again = http_post(one, "/call/response", {"callId": "x-3", "type": "ACCEPT"}, "tok-bob")
+        assert again["code"] == 1003
+
+        # Nobody answers: one timeout each, from the one node that owns the call.
+        alice.send("/app/call/request", call_request("x-4"))
+        for device in (phone, laptop):
+            assert device.next()[0] == "/user/queue/call/request"
+        for device in (alice, phone, laptop):
+            assert device.next(RING_TIMEOUT_S + 3) == ("/user/queue/call/timeout", {"callId": "x-4"})
+        for device in (alice, phone, laptop):
+            assert device.quiet(1.0)
+        carol.close()
+    finally:
+        for device in (alice, phone, laptop):
+            device.close()
+
+
+def test_a_killed_node_takes_its_sessions_offline_within_the_ttl(two_nodes):
+    one, two = two_nodes
+    alice, laptop = Device(one, "alice"), Device(two, "bob")
+    try:
+        alice.send("/app/user/status", ["bob"])
+        assert status_push(alice, 5) == "ONLINE"          # Bob is on node 2 only
+        two.proc.send_signal(signal.SIGKILL)              # no goodbye
+        killed = time.monotonic()
+        assert status_push(alice, NODE_TTL_S * 3) == "OFFLINE"
+        assert time.monotonic() - killed <= NODE_TTL_S * 2 + 1
+        alice.send("/app/call/request", call_request("k-1"))
+        assert alice.next() == ("/user/queue/errors", {"code": 1002, "message": "callee offline"})
+    finally:
+        alice.close()
+        two.proc.wait(5)
+
+
+def readyz(node) -> httpx.Response:
+    return httpx.get(f"http://127.0.0.1:{node.admin_port}/readyz",
+                     headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}, timeout=5)
+
+
+def test_a_redis_outage_gives_503_and_heals(tmp_path, private_redis):
+    node = start_appliance(tmp_path / "node", broker={"url": private_redis.url, "node_ttl_s": NODE_TTL_S})
+    alice = Device(node, "alice")
+    try:
+        assert readyz(node).json()["checks"]["broker"] is True
+        private_redis.stop()
+        deadline = time.monotonic() + NODE_TTL_S * 3 + 5
+        while readyz(node).status_code == 200:
+            assert time.monotonic() < deadline, "readiness stayed true without Redis"
+            time.sleep(0.2)
+        assert readyz(node).json()["checks"]["broker"] is False
+        alice.send("/app/call/request", call_request("o-1"))
+        assert alice.next() == ("/user/queue/errors",
+                                {"code": 503, "message": "signaling backend unavailable, try again"})
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            http_post(node, "/call/hangup", {"callId": "o-1"}, "tok-alice")
+        assert refused.value.code == 503 and json.load(refused.value)["code"] == 503
+        credentials = urllib.request.urlopen(urllib.request.Request(
+            f"http://127.0.0.1:{node.http_port}/imserver/turn/get-turn-credentials",
+            headers={"ide": "tok-alice"}), timeout=5)
+        assert json.load(credentials)["code"] == 200          # needs no Redis
+
+        private_redis.start()
+        deadline = time.monotonic() + 15
+        while readyz(node).status_code != 200:
+            assert time.monotonic() < deadline, "readiness did not come back with Redis"
+            time.sleep(0.2)
+        alice.send("/app/user/status", ["alice"])              # her session was written back
+        assert alice.next() == ("/topic/user/status", [{"userId": "alice", "status": "ONLINE"}])
+    finally:
+        alice.close()
+        assert stop_appliance(node) == 0, node.log()
