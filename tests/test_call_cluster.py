@@ -92,6 +92,15 @@ def call_request(call_id: str, callee: str = "bob") -> dict:
             "type": "AUDIO"}
 
 
+async def ringing(one: Node, two: Node) -> tuple[Session, Session]:
+    """Alice on node one calls Bob on node two (call c1); Bob's device rings."""
+    alice, bob = one.connect("alice", "a1"), two.connect("bob", "b1")
+    await eventually(lambda: one.broker.is_online("bob"))
+    one.send(alice, "/app/call/request", call_request("c1"))
+    assert [d for d, _ in await got(bob)] == ["request"]
+    return alice, bob
+
+
 @pytest.fixture
 async def two_nodes(redis_url, redis_prefix):
     nodes = [await make_node(redis_url, redis_prefix, name) for name in ("one", "two")]
@@ -177,10 +186,7 @@ async def test_busy_and_call_ids_hold_across_nodes(two_nodes):
 async def test_the_ring_timeout_fires_once_on_the_owning_node(redis_url, redis_prefix):
     one, two = [await make_node(redis_url, redis_prefix, name, ring_timeout_s=0.5) for name in ("t1", "t2")]
     try:
-        alice, bob = one.connect("alice", "a1"), two.connect("bob", "b1")
-        await eventually(lambda: one.broker.is_online("bob"))
-        one.send(alice, "/app/call/request", call_request("c1"))
-        assert [d for d, _ in await got(bob)] == ["request"]
+        alice, bob = await ringing(one, two)
         assert await got(bob, timeout=3) == [("timeout", {"callId": "c1"})]
         assert await got(alice) == [("timeout", {"callId": "c1"})]
         await asyncio.sleep(0.6)
@@ -196,10 +202,7 @@ async def test_the_ring_timeout_fires_once_on_the_owning_node(redis_url, redis_p
 async def test_a_dropped_session_on_the_other_node_reaches_the_owner(redis_url, redis_prefix):
     one, two = [await make_node(redis_url, redis_prefix, n) for n in ("d1", "d2")]
     try:
-        alice, bob = one.connect("alice", "a1"), two.connect("bob", "b1")
-        await eventually(lambda: one.broker.is_online("bob"))
-        one.send(alice, "/app/call/request", call_request("c1"))
-        assert [d for d, _ in await got(bob)] == ["request"]
+        alice, bob = await ringing(one, two)
         two.signaling.closed(bob)                        # bob's only device goes while it rings
         assert await got(alice) == [("timeout", {"callId": "c1"})]
         await eventually(lambda: not one.calls.registry.calls)
@@ -212,10 +215,7 @@ async def test_http_twins_wait_for_the_owner_and_get_its_errors(two_nodes):
     from signaling.errors import SignalingError
 
     one, two = two_nodes
-    alice, bob = one.connect("alice", "a1"), two.connect("bob", "b1")
-    await eventually(lambda: one.broker.is_online("bob"))
-    one.send(alice, "/app/call/request", call_request("c1"))
-    assert [d for d, _ in await got(bob)] == ["request"]
+    alice, bob = await ringing(one, two)
     await two.calls.perform("respond", "bob", {"callId": "c1", "type": "ACCEPT"})
     assert await got(alice) == [("response", {"callId": "c1", "type": "ACCEPT"})]
     with pytest.raises(SignalingError) as refused:
@@ -248,10 +248,7 @@ async def test_calls_of_a_dead_node_end_and_free_their_parties(redis_url, redis_
 
 async def test_a_node_that_stops_cleanly_ends_its_calls(two_nodes):
     one, two = two_nodes
-    alice, bob = one.connect("alice", "a1"), two.connect("bob", "b1")
-    await eventually(lambda: one.broker.is_online("bob"))
-    one.send(alice, "/app/call/request", call_request("c1"))
-    assert [d for d, _ in await got(bob)] == ["request"]
+    alice, bob = await ringing(one, two)
     await one.cluster.stop()
     assert await got(bob) == [("hangup", {"callId": "c1"})]
     await until_free(two, "bob")
