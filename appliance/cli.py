@@ -18,7 +18,7 @@ from pathlib import Path
 from turn.auth import make_credential
 
 from .config import AppConfig, ConfigError, load_config
-from .ring_store import ring_store
+from .ring_store import ring_store, safe_url
 from .secret_ring import Secret, SecretRing, SecretRingError, prune, rotate
 
 CONFIG_ENV = "APPLIANCE_CONFIG"     # the container's mounted file, used when --config is absent
@@ -69,6 +69,10 @@ def cmd_check_config(args) -> int:
     h, a = config.http, config.admin
     scheme = "https" if h.tls else "http"
     print(f"  signaling:   {f'{scheme}://{h.listen}{h.prefix}' if h.listen else 'off'}")
+    if h.listen:
+        b = config.broker
+        print("  broker:      " + (f"redis {safe_url(b.url)} (prefix {b.prefix}, node ttl {b.node_ttl_s} s)"
+                                   if b.url else "memory (this node alone)"))
     print(f"  admin:       {a.listen or 'off'}" +
           (f" (token {'set' if a.token else 'not set: secret endpoints disabled'})" if a.listen else ""))
     return 0
@@ -120,7 +124,9 @@ def cmd_token(args) -> int:
 
 def _ring_where(config: AppConfig) -> str:
     c = config.credentials
-    return f"redis key {c.redis_key}" if c.store == "redis" else str(config.secrets_path())
+    if c.store == "redis":
+        return f"redis {safe_url(c.redis_url or config.broker.url)} key {c.redis_key}"
+    return str(config.secrets_path())
 
 
 def _existing_ring(config: AppConfig) -> SecretRing:

@@ -65,7 +65,7 @@ class RedisRingStore:
         self.client = redis.Redis.from_url(url, socket_timeout=REDIS_TIMEOUT_S,
                                            socket_connect_timeout=REDIS_TIMEOUT_S)
         self.key = key
-        self.where = f"{_safe_url(url)} key {key}"
+        self.where = f"{safe_url(url)} key {key}"
 
     def _get(self) -> bytes | None:
         try:
@@ -117,7 +117,7 @@ class RedisRingStore:
         raise SecretRingError(f"{self.where}: the ring kept changing under us; try again")
 
 
-def _safe_url(url: str) -> str:
+def safe_url(url: str) -> str:
     """The URL without a password, for messages and logs."""
     scheme, sep, rest = url.partition("://")
     if "@" in rest:

@@ -56,6 +56,18 @@ def test_check_config_ok_prints_a_summary(tmp_path, capsys):
     assert str(tmp_path / "data" / "secrets.json") in out
 
 
+def test_check_config_names_the_broker_without_its_password(tmp_path, capsys):
+    assert main(["check-config", write_config(tmp_path)]) == 0
+    assert "  broker:      memory (this node alone)" in capsys.readouterr().out
+    shared = write_config(tmp_path, "broker: {url: 'redis://:hunter2@10.0.0.5:6379/1', node_ttl_s: 5}\n"
+                                    "credentials: {store: redis}\n")
+    assert main(["check-config", shared]) == 0
+    out = capsys.readouterr().out
+    assert "  broker:      redis redis://***@10.0.0.5:6379/1 (prefix appliance:, node ttl 5 s)" in out
+    assert "hunter2" not in out
+    assert "redis://***@10.0.0.5:6379/1 key appliance:secrets" in out     # the ring shares it
+
+
 def test_check_config_error_exits_2_with_the_key_path(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text("turn: {relay_ports: '9-1'}")

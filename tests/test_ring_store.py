@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from appliance.ring_store import FileRingStore, RedisRingStore, _safe_url
+from appliance.ring_store import FileRingStore, RedisRingStore, safe_url
 from appliance.ring_watcher import RingWatcher
 from appliance.secret_ring import SecretRingError, prune, rotate
 
@@ -74,8 +74,8 @@ def test_an_unreachable_redis_is_an_error_not_a_hang():
 
 
 def test_passwords_never_reach_messages():
-    assert _safe_url("redis://:s3cret@host:6379/0") == "redis://***@host:6379/0"
-    assert _safe_url("redis://host:6379") == "redis://host:6379"
+    assert safe_url("redis://:s3cret@host:6379/0") == "redis://***@host:6379/0"
+    assert safe_url("redis://host:6379") == "redis://host:6379"
 
 
 async def test_watcher_follows_a_rotation_made_elsewhere_and_survives_an_outage(redis_url,

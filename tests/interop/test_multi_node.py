@@ -11,11 +11,11 @@ import signal
 import time
 import urllib.request
 
-import httpx
 import pytest
 
-from .conftest import ADMIN_TOKEN, start_appliance, stop_appliance
+from .conftest import start_appliance, stop_appliance
 from .test_calls_stomp import Device, call_request
+from .test_credentials_admin import admin, metric_samples
 
 NODE_TTL_S = 3
 RING_TIMEOUT_S = 3
@@ -117,22 +117,25 @@ def test_a_killed_node_takes_its_sessions_offline_within_the_ttl(two_nodes):
         two.proc.wait(5)
 
 
-def readyz(node) -> httpx.Response:
-    return httpx.get(f"http://127.0.0.1:{node.admin_port}/readyz",
-                     headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}, timeout=5)
+def readyz(node):
+    return admin(node, "GET", "/readyz")
+
+
+def broker_up(node) -> float:
+    return metric_samples(admin(node, "GET", "/metrics").text)[("appliance_signaling_broker_up", ())]
 
 
 def test_a_redis_outage_gives_503_and_heals(tmp_path, private_redis):
     node = start_appliance(tmp_path / "node", broker={"url": private_redis.url, "node_ttl_s": NODE_TTL_S})
     alice = Device(node, "alice")
     try:
-        assert readyz(node).json()["checks"]["broker"] is True
+        assert readyz(node).json()["checks"]["broker"] is True and broker_up(node) == 1
         private_redis.stop()
         deadline = time.monotonic() + NODE_TTL_S * 3 + 5
         while readyz(node).status_code == 200:
             assert time.monotonic() < deadline, "readiness stayed true without Redis"
             time.sleep(0.2)
-        assert readyz(node).json()["checks"]["broker"] is False
+        assert readyz(node).json()["checks"]["broker"] is False and broker_up(node) == 0
         alice.send("/app/call/request", call_request("o-1"))
         assert alice.next() == ("/user/queue/errors",
                                 {"code": 503, "message": "signaling backend unavailable, try again"})
