@@ -15,8 +15,6 @@ import sys
 import time
 from pathlib import Path
 
-from turn.auth import make_credential
-
 from .config import AppConfig, ConfigError, load_config
 from .ring_store import ring_store, safe_url
 from .secret_ring import Secret, SecretRing, SecretRingError, prune, rotate

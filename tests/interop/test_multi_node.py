@@ -40,12 +40,6 @@ def http_post(node, path: str, body, token: str) -> dict:
         return json.load(answer)
 
 
-def status_push(device: Device, timeout: float) -> str:
-    destination, body = device.next(timeout)
-    assert destination == "/topic/user/status", (destination, body)
-    return body[0]["status"]
-
-
 def test_a_call_across_two_nodes(two_nodes):
     one, two = two_nodes
     alice, phone, laptop = Device(one, "alice"), Device(one, "bob"), Device(two, "bob")
@@ -101,19 +95,32 @@ def test_a_call_across_two_nodes(two_nodes):
 
 
 def test_a_killed_node_takes_its_sessions_offline_within_the_ttl(two_nodes):
+    """Bob has a phone on node 1 and a laptop on node 2, Carol only a session on node 2.
+    Node 2 dies without a word: Carol goes OFFLINE within the TTL, Bob stays ONLINE on his
+    phone, and a call to Bob rings there and connects."""
     one, two = two_nodes
-    alice, laptop = Device(one, "alice"), Device(two, "bob")
+    alice, phone = Device(one, "alice"), Device(one, "bob")
+    Device(two, "bob"), Device(two, "carol")             # sessions that die with node 2
     try:
-        alice.send("/app/user/status", ["bob"])
-        assert status_push(alice, 5) == "ONLINE"          # Bob is on node 2 only
+        alice.send("/app/user/status", ["bob", "carol"])
+        assert alice.next() == ("/topic/user/status", [{"userId": "bob", "status": "ONLINE"},
+                                                       {"userId": "carol", "status": "ONLINE"}])
         two.proc.send_signal(signal.SIGKILL)              # no goodbye
         killed = time.monotonic()
-        assert status_push(alice, NODE_TTL_S * 3) == "OFFLINE"
+        assert alice.next(NODE_TTL_S * 3) == ("/topic/user/status", [{"userId": "carol", "status": "OFFLINE"}])
         assert time.monotonic() - killed <= NODE_TTL_S * 2 + 1
+        assert alice.quiet(0.5)                           # Bob is still online, on his phone
         alice.send("/app/call/request", call_request("k-1"))
+        assert phone.next() == ("/user/queue/call/request", {**call_request("k-1"), "caller": "alice"})
+        phone.send("/app/call/response", {"callId": "k-1", "type": "ACCEPT"})
+        assert alice.next() == ("/user/queue/call/response", {"callId": "k-1", "type": "ACCEPT"})
+        alice.send("/app/call/hangup", {"callId": "k-1"})
+        assert phone.next() == ("/user/queue/call/hangup", {"callId": "k-1"})
+        alice.send("/app/call/request", call_request("k-2", callee="carol"))
         assert alice.next() == ("/user/queue/errors", {"code": 1002, "message": "callee offline"})
     finally:
-        alice.close()
+        for device in (alice, phone):
+            device.close()
         two.proc.wait(5)
 
 
