@@ -254,6 +254,20 @@ async def test_a_node_that_stops_cleanly_ends_its_calls(two_nodes):
     await until_free(two, "bob")
 
 
+async def test_a_node_taken_for_dead_drops_its_calls_and_comes_back(two_nodes):
+    one, two = two_nodes
+    alice, bob = await ringing(one, two)
+    await one.broker._client.delete(one.broker._alive_key("one"))     # as after a long stall
+    assert await got(bob, timeout=3) == [("hangup", {"callId": "c1"})]
+    assert await got(alice) == [("hangup", {"callId": "c1"})]
+    assert not one.calls.registry.calls
+    await until_free(two, "bob")
+    await until_free(two, "alice")
+    assert two.broker.is_online("alice")                # her session is announced again
+    two.send(bob, "/app/call/request", call_request("c2", callee="alice"))
+    assert [d for d, _ in await got(alice)] == ["request"]
+
+
 async def test_without_redis_call_messages_get_503(two_nodes):
     one, two = two_nodes
     alice = one.connect("alice", "a1")

@@ -18,7 +18,10 @@ never a broadcast to every node.  A node that dies stops refreshing its
 heartbeat; within node_ttl_s every other node drops it from its replica (its
 users go OFFLINE where nobody else holds them) and one of them, holding a
 short lock, removes its entries from Redis and runs the `node_gone` hooks
-(the call cluster ends the dead node's calls there).
+(the call cluster ends the dead node's calls there).  A node that was only
+stalled finds its heartbeat key gone when it wakes: it writes its sessions
+again and runs the `revived` hooks (the cluster drops the calls the others
+have ended).
 
 Other services share the node's channel and its ordered writer: `handlers`
 maps a message "kind" to a callback, `send_to_node` publishes to one node and
@@ -70,6 +73,7 @@ class RedisBroker:
         self._writing = False
         self.handlers: dict[str, Callable[[dict], None]] = {"deliver": self._on_deliver}
         self.node_gone: list[Callable[[object, str], Awaitable[None]]] = []
+        self.revived: list[Callable[[], None]] = []
 
     # ------------------------------------------------------------ keys
 
@@ -305,15 +309,27 @@ class RedisBroker:
         while True:
             generation = self._generation
             try:
-                await self._client.set(self._alive_key(self.node), "1",
-                                       px=int(self.node_ttl_s * 1000))
+                was_alive = await self._client.set(self._alive_key(self.node), "1",
+                                                   px=int(self.node_ttl_s * 1000), get=True)
                 await self._client.sadd(self._nodes_key, self.node)
+                if was_alive is None:
+                    await self._written_off()
                 await self._reap()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 await self._recover(exc, generation)
             await asyncio.sleep(self.node_ttl_s / 3)
+
+    async def _written_off(self) -> None:
+        """Our heartbeat had lapsed (a stall longer than node_ttl_s, or a Redis that lost
+        its keys): the other nodes count us gone and ended our calls.  Say again who is
+        here, and let the services drop what the others already ended."""
+        log.warning("redis broker: node %s was taken for dead; announcing its sessions again",
+                    self.node)
+        await self._publish_own()
+        for hook in self.revived:
+            hook()
 
     async def _reap(self) -> None:
         """Forget nodes whose heartbeat expired; one node cleans up after each."""
@@ -396,8 +412,9 @@ class RedisBroker:
     async def stop(self) -> None:
         """Leave cleanly: what is queued is written (for a moment at most), and our
         sessions are gone from Redis at once, not after the TTL."""
-        deadline = asyncio.get_running_loop().time() + STOP_DRAIN_S
-        while self.healthy and (self._writing or not self._pending.empty()) and asyncio.get_running_loop().time() < deadline:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + STOP_DRAIN_S
+        while self.healthy and (self._writing or not self._pending.empty()) and loop.time() < deadline:
             await asyncio.sleep(0.01)
         for task in self._tasks:
             task.cancel()

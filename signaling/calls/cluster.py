@@ -96,6 +96,7 @@ class CallCluster:
         broker.handlers["call"] = self._on_forwarded
         broker.handlers["call-result"] = self._on_result
         broker.node_gone.append(self._end_calls_of)
+        broker.revived.append(self._drop_calls)
 
     # ------------------------------------------------------------ keys
 
@@ -322,6 +323,10 @@ class CallCluster:
                 self.service.deliver(ended_notices(call_id, caller, callee))
         await client.delete(self._key("calls", node))
 
+    def _drop_calls(self) -> None:
+        """This node was taken for dead, so the others ended its calls: end them here too."""
+        self.service.deliver(self.registry.drop_all(self.service.clock()))
+
     # ------------------------------------------------------------ lifecycle
 
     def start(self) -> None:
@@ -329,7 +334,7 @@ class CallCluster:
 
     async def stop(self) -> None:
         """Before the broker stops: this node's calls end, their parties hear so."""
-        self.service.deliver(self.registry.drop_all(self.service.clock()))
+        self._drop_calls()
         for task in list(self._chains.values()):
             task.cancel()
         for future in self._replies.values():
