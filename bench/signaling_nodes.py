@@ -34,7 +34,8 @@ from stomp_sessions import rss_kib, start_appliance  # noqa: E402
 
 async def run_setup(name: str, nodes: int, redis: str | None, args) -> dict:
     work = Path(tempfile.mkdtemp(prefix="bench-nodes-"))
-    extra = {"broker": {"url": redis, "prefix": f"bench-{secrets.token_hex(4)}:"}} if redis else {}
+    prefix = f"bench-{secrets.token_hex(4)}:"
+    extra = {"broker": {"url": redis, "prefix": prefix}} if redis else {}
     started = [start_appliance(work / f"node{n}", args.users, extra) for n in range(nodes)]
     procs, ports = [p for p, _ in started], [port for _, port in started]
     try:
@@ -65,6 +66,17 @@ async def run_setup(name: str, nodes: int, redis: str | None, args) -> dict:
             p.terminate()
         for p in procs:
             p.wait(15)
+        if redis:
+            forget_keys(redis, prefix)
+
+
+def forget_keys(url: str, prefix: str) -> None:
+    """The run's keys (used callIds outlive the nodes by a day) leave with it."""
+    import redis
+    client = redis.Redis.from_url(url)
+    keys = list(client.scan_iter(f"{prefix}*", count=1000))
+    for i in range(0, len(keys), 1000):
+        client.delete(*keys[i:i + 1000])
 
 
 async def bench(args) -> None:
