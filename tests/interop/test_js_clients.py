@@ -48,11 +48,16 @@ def test_js_client_session(relay, mode):
                      "still served", "ok"]
 
 
-def test_js_call_between_devices(relay):
+def run_js_call(base: str, phone_base: str | None = None) -> None:
+    """tests/js/calls.js: a call between @stomp/stompjs devices, the phone maybe on another node."""
     node = node_with_clients()
-    done = subprocess.run([node, str(JS_DIR / "calls.js"), f"http://127.0.0.1:{relay.http_port}", "/imserver"],
+    done = subprocess.run([node, str(JS_DIR / "calls.js"), base, "/imserver", *filter(None, [phone_base])],
                           capture_output=True, text=True, timeout=60)
     steps = [json.loads(line)["step"] for line in done.stdout.splitlines() if line.startswith("{")]
     assert done.returncode == 0 and steps[-1:] == ["ok"], f"{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     assert steps == ["phone rings", "laptop rings", "caller told", "laptop stops ringing",
                      "offer to phone", "answer to caller", "hangup to phone", "ok"]
+
+
+def test_js_call_between_devices(relay):
+    run_js_call(f"http://127.0.0.1:{relay.http_port}")

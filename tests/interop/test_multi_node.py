@@ -1,7 +1,8 @@
 """Two appliance processes on one Redis (broker.url), with stomp.py clients: Alice on
 node 1 calls Bob, who has a phone on node 1 and a laptop on node 2.  Ringing,
 call/down, RTC signaling, hangup, the HTTP twins and the ring timeout behave as on
-one node; killing node 2 marks Bob's session there offline within the node TTL.
+one node, for stomp.py and for @stomp/stompjs; killing node 2 marks Bob's session there
+offline within the node TTL.
 Then a Redis outage: 503 to clients, /readyz false, and service back with Redis."""
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import pytest
 from .conftest import start_appliance, stop_appliance
 from .test_calls_stomp import Device, call_request
 from .test_credentials_admin import admin, metric_samples
+from .test_js_clients import run_js_call
 
 NODE_TTL_S = 3
 RING_TIMEOUT_S = 3
@@ -92,6 +94,13 @@ def test_a_call_across_two_nodes(two_nodes):
     finally:
         for device in (alice, phone, laptop):
             device.close()
+
+
+def test_stompjs_devices_call_across_nodes(two_nodes):
+    """The web client stack, unchanged: @stomp/stompjs under Node, Alice and Bob's laptop on
+    node 1, Bob's phone (which answers) on node 2."""
+    one, two = two_nodes
+    run_js_call(f"http://127.0.0.1:{one.http_port}", f"http://127.0.0.1:{two.http_port}")
 
 
 def test_a_killed_node_takes_its_sessions_offline_within_the_ttl(two_nodes):

@@ -1,7 +1,8 @@
 // A call between the web client stacks: @stomp/stompjs v7 over native WebSockets.
 //
-//   node calls.js <http base url> <prefix>
+//   node calls.js <http base url> <prefix> [<phone's http base url>]
 //
+// The third argument puts the phone on another appliance node (one Redis behind both).
 // Alice calls Bob, who is logged in on a phone and a laptop: both ring, the phone answers,
 // the laptop is told call/down, offer/answer/candidate flow between Alice and the phone only,
 // Alice hangs up and only the phone hears it.  Exits 0 only if every message is as API.md says.
@@ -10,7 +11,7 @@
 const WebSocket = require('ws');
 const { Client } = require('@stomp/stompjs');
 
-const [base, prefix] = process.argv.slice(2);
+const [base, prefix, phoneBase = base] = process.argv.slice(2);
 const TOKENS = { alice: 'tok-alice', bob: 'tok-bob' };
 const DESTINATIONS = ['/user/queue/call/request', '/user/queue/call/response', '/user/queue/call/down',
   '/user/queue/call/hangup', '/user/queue/rtc/signaling', '/user/queue/errors'];
@@ -21,12 +22,12 @@ function fail(message) {
 }
 setTimeout(() => fail('overall timeout'), 30000).unref();
 
-function device(user) {
+function device(user, at = base) {
   return new Promise((resolve, reject) => {
     const inbox = [];
     const waiters = [];
     const client = new Client({
-      webSocketFactory: () => new WebSocket(`${base.replace(/^http/, 'ws')}${prefix}/ws?userId=${user}`,
+      webSocketFactory: () => new WebSocket(`${at.replace(/^http/, 'ws')}${prefix}/ws?userId=${user}`,
         ['v12.stomp']),
       connectHeaders: { ide: TOKENS[user] },
       reconnectDelay: 0,
@@ -66,7 +67,7 @@ function expect(step, got, want) {
 
 (async () => {
   const alice = await device('alice');
-  const phone = await device('bob');
+  const phone = await device('bob', phoneBase);
   const laptop = await device('bob');
   const request = { callId: 'js-call', type: 'AUDIO', callee: 'bob', callerUserName: '爱丽丝',
     calleeUserName: 'Bob' };
