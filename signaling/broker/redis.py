@@ -275,6 +275,9 @@ class RedisBroker:
                         channel = message["channel"]
                         self._on_message(channel.decode() if isinstance(channel, bytes) else channel,
                                          message["data"])
+                # listen() also ends quietly when nothing is subscribed (a subscription
+                # that failed half-way): resubscribe rather than spin.
+                raise ConnectionError("not subscribed")
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -394,20 +397,27 @@ class RedisBroker:
     # ------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
+        """Join the other nodes.  A Redis that does not answer yet is an outage like any
+        other: the node serves (503 to what needs Redis, readiness false) and joins when
+        Redis answers, rather than failing to start."""
         import redis.asyncio as aioredis
 
         self._client = aioredis.from_url(self.url, socket_timeout=5, socket_connect_timeout=5,
                                          health_check_interval=10)
-        await self._client.set(self._alive_key(self.node), "1", px=int(self.node_ttl_s * 1000))
-        await self._client.sadd(self._nodes_key, self.node)
-        await self._resubscribe()            # before loading, so no change falls in between
-        await self._load_replica()
+        try:
+            await self._client.set(self._alive_key(self.node), "1", px=int(self.node_ttl_s * 1000))
+            await self._client.sadd(self._nodes_key, self.node)
+            await self._resubscribe()            # before loading, so no change falls in between
+            await self._load_replica()
+            self.healthy = True
+            log.info("redis broker: node %s joined (%d users online elsewhere)", self.node,
+                     len(self.remote))
+        except Exception as exc:
+            log.error("redis broker: Redis does not answer (%s: %s); signaling answers 503 "
+                      "until it does", type(exc).__name__, exc)
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._writer()), loop.create_task(self._listen()),
                        loop.create_task(self._heartbeat())]
-        self.healthy = True
-        log.info("redis broker: node %s joined (%d users online elsewhere)", self.node,
-                 len(self.remote))
 
     async def stop(self) -> None:
         """Leave cleanly: what is queued is written (for a moment at most), and our

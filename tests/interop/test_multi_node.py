@@ -173,3 +173,25 @@ def test_a_redis_outage_gives_503_and_heals(tmp_path, private_redis):
     finally:
         alice.close()
         assert stop_appliance(node) == 0, node.log()
+
+
+def test_a_node_starts_before_redis_and_joins_when_it_answers(tmp_path, private_redis):
+    private_redis.stop()
+    node = start_appliance(tmp_path / "node", broker={"url": private_redis.url, "node_ttl_s": NODE_TTL_S})
+    try:
+        answer = readyz(node)
+        assert answer.status_code == 503 and answer.json()["checks"]["broker"] is False
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            http_post(node, "/call/request", call_request("s-1"), "tok-alice")
+        assert refused.value.code == 503
+        private_redis.start()
+        deadline = time.monotonic() + 15
+        while readyz(node).status_code != 200:
+            assert time.monotonic() < deadline, "the node did not join when Redis came"
+            time.sleep(0.2)
+        alice = Device(node, "alice")                   # its status query is answered
+        alice.close()
+    finally:
+        assert stop_appliance(node) == 0, node.log()
+    log = node.log()
+    assert "Redis does not answer (ConnectionError" in log and "Traceback" not in log
