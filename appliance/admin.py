@@ -1,7 +1,8 @@
 """The operators' HTTP API on its own listener (`admin.listen`, loopback by default).
 
     GET  /healthz               the process is up (always open: it reveals nothing)
-    GET  /readyz                listeners bound, secret ring loaded, not draining (else 503)
+    GET  /readyz                listeners bound, secret ring loaded, broker reachable,
+                                not draining (else 503)
     GET  /metrics               Prometheus text
     GET  /admin/secrets         ids, ages and states of the ring (never the values)
     POST /admin/secrets/rotate  a new current secret; the old one stays in grace
