@@ -277,3 +277,81 @@ async def test_without_redis_call_messages_get_503(two_nodes):
     assert [b for _, b in messages(alice)] == [
         {"code": 503, "message": "signaling backend unavailable, try again"}] * 2
     one.broker.healthy = True
+
+
+async def quiet(nodes) -> None:
+    """Until nothing waits on Redis anywhere and published messages have arrived."""
+    for _ in range(3):
+        await eventually(lambda: all(not n.cluster._chains and n.broker._pending.empty()
+                                     and not n.broker._writing for n in nodes))
+        await asyncio.sleep(0.05)
+
+
+async def shared_state(node: Node) -> tuple[dict, set]:
+    """Redis's view: user -> busy call, and the live calls (call hashes)."""
+    client, prefix = node.broker._client, node.broker.prefix
+    busy = {key.decode()[len(prefix) + 5:]: (await client.get(key)).decode()
+            async for key in client.scan_iter(f"{prefix}busy:*")}
+    calls = {key.decode()[len(prefix) + 5:] async for key in client.scan_iter(f"{prefix}call:*")}
+    return busy, calls
+
+
+@pytest.mark.parametrize("seed", range(4))
+async def test_random_call_traffic_keeps_redis_and_the_owners_in_step(two_nodes, seed):
+    """Random requests, answers, hangups and signals from random sessions on both nodes.
+    At every quiet point the owners' registries and Redis agree on who is busy with which
+    call, each live call lives on exactly one node, and at the end nothing is left."""
+    import random
+
+    rng = random.Random(seed)
+    nodes = two_nodes
+    users = ["u0", "u1", "u2", "u3"]
+    sessions = [(node, node.connect(user, f"{user}-{i}-{n}"))
+                for user in users for n, node in enumerate(nodes) for i in range(rng.randint(0, 1) + (n == 0))]
+    await eventually(lambda: all(n.broker.is_online(u) for n in nodes for u in users))
+    used: list[str] = []
+
+    def party_session(call):
+        """Mostly a session of a party of a live call; sometimes anybody's."""
+        if rng.random() < 0.2:
+            return rng.choice(sessions)
+        user = rng.choice([call.caller, call.callee])
+        return rng.choice([(n, s) for n, s in sessions if s.user_id == user])
+
+    for step in range(200):
+        live = [c for n in nodes for c in n.calls.registry.calls.values()]
+        kind = rng.random()
+        if kind < 0.3 or not live:
+            node, s = rng.choice(sessions)
+            call_id = rng.choice(used) if used and rng.random() < 0.15 else f"r{seed}-{step}"
+            used.append(call_id)
+            node.send(s, "/app/call/request", call_request(call_id, callee=rng.choice(users)))
+        else:
+            call = rng.choice(live)
+            node, s = party_session(call)
+            if kind < 0.55:
+                node.send(s, "/app/call/response", {"callId": call.id,
+                                                    "type": rng.choice(["ACCEPT", "ACCEPT", "REJECT"])})
+            elif kind < 0.7:
+                node.send(s, "/app/call/hangup", {"callId": call.id})
+            else:
+                node.send(s, "/app/rtc/signaling", {"callId": call.id, "type": "OFFER", "payload": "v=0"})
+        if rng.random() < 0.3:
+            await asyncio.sleep(0.005)          # let some messages cross before the next
+        if step % 25 == 24:
+            await quiet(nodes)
+            busy, live = await shared_state(nodes[0])
+            owned = [set(n.calls.registry.calls) for n in nodes]
+            assert not owned[0] & owned[1]
+            assert live == owned[0] | owned[1]
+            assert busy == {u: c for n in nodes for u, c in n.calls.registry.live_call_of.items()}
+        for _, other in sessions:
+            messages(other)
+    for node in nodes:
+        for call in list(node.calls.registry.calls.values()):
+            owner_session = next(s for n, s in sessions if s.user_id == call.caller)
+            caller_node = next(n for n, s in sessions if s is owner_session)
+            caller_node.send(owner_session, "/app/call/hangup", {"callId": call.id})
+    await quiet(nodes)
+    assert await shared_state(nodes[0]) == ({}, set())
+    assert not any(n.calls.registry.calls for n in nodes)
