@@ -115,6 +115,8 @@ class CallCluster:
         self._enqueue(Pending(op, user, session, body, last, None))
 
     async def perform(self, op: str, user: str, body) -> None:
+        if not self.broker.healthy:
+            raise unavailable()
         done = asyncio.get_running_loop().create_future()
         self._enqueue(Pending(op, user, None, body, False, done))
         await done
@@ -293,11 +295,16 @@ class CallCluster:
         while len(self._owners) > KNOWN_OWNERS:
             self._owners.popitem(last=False)
 
-    def _release(self, call_id: str, caller: str, callee: str, forget: bool = False,
-                 owner: str | None = None) -> asyncio.Future:
+    def _release_command(self, call_id: str, caller: str, callee: str, owner: str,
+                         forget: bool = False) -> tuple:
+        """The RELEASE script's command: free the parties, forget the call (and, with
+        `forget`, its callId too)."""
         keys = [self._key("busy", caller), self._key("busy", callee), self._key("call", call_id),
-                self._key("calls", owner or self.node), self._key("callid", call_id)]
-        future = self.broker.run(("eval", RELEASE, len(keys), *keys, call_id, "1" if forget else "0"))
+                self._key("calls", owner), self._key("callid", call_id)]
+        return ("eval", RELEASE, len(keys), *keys, call_id, "1" if forget else "0")
+
+    def _release(self, call_id: str, caller: str, callee: str, forget: bool = False) -> asyncio.Future:
+        future = self.broker.run(self._release_command(call_id, caller, callee, self.node, forget))
         # A failure here is the broker's outage; recovery is its business, not ours.
         future.add_done_callback(lambda f: f.cancelled() or f.exception())
         return future
@@ -315,10 +322,8 @@ class CallCluster:
                        for k, v in (await client.hgetall(self._key("call", call_id))).items()}
             caller, callee = parties.get("caller"), parties.get("callee")
             if caller and callee:
-                keys = [self._key("busy", caller), self._key("busy", callee),
-                        self._key("call", call_id), self._key("calls", node),
-                        self._key("callid", call_id)]
-                await client.eval(RELEASE, len(keys), *keys, call_id, "0")
+                name, *args = self._release_command(call_id, caller, callee, node)
+                await getattr(client, name)(*args)
                 log.warning("call %s: %s -> %s ended, its node %s stopped", call_id, caller, callee, node)
                 self.service.deliver(ended_notices(call_id, caller, callee))
         await client.delete(self._key("calls", node))

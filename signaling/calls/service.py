@@ -16,7 +16,7 @@ import time
 from quart import Quart, request
 
 from ..broker import Broker
-from ..errors import SignalingError, bad_request, unavailable
+from ..errors import SignalingError, bad_request
 from ..http_api import authenticated_user, envelope
 from ..service import SignalingService
 from ..session import Session
@@ -103,8 +103,6 @@ class CallService:
             body = await request.get_json(silent=True, force=True)
             if body is None and not (empty_ok and not await request.get_data()):
                 raise bad_request("body is not valid JSON")
-            if not getattr(self.broker, "healthy", True):
-                raise unavailable()
             await self.perform(op, user, body)
             return envelope()
 
