@@ -4,14 +4,13 @@ Every test gets its own key prefix, so tests never see each other's keys."""
 
 from __future__ import annotations
 
-import os
 import secrets
-import shutil
 import subprocess
 import time
 
 import pytest
 
+from .external import require_program
 from .netports import free_port_pair
 
 DEFAULT = "redis://127.0.0.1:6379/0"
@@ -30,12 +29,7 @@ class PrivateRedis:
     again (an outage) on the same port.  Keeps nothing on disk."""
 
     def __init__(self) -> None:
-        self.program = shutil.which("redis-server")
-        if self.program is None:
-            message = "redis-server not found: apt-get install redis-server"
-            if os.environ.get("REQUIRE_INTEROP") == "1":
-                pytest.fail(message)
-            pytest.skip(message)
+        self.program = require_program("redis-server", "apt-get install redis-server")
         self.port = free_port_pair()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.proc: subprocess.Popen | None = None

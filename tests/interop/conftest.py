@@ -13,7 +13,6 @@ import hashlib
 import hmac
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -27,6 +26,7 @@ import pytest
 from appliance.devcert import ensure_dev_certificate
 from appliance.secret_ring import SecretRing, new_secret, save_ring
 
+from .. import external
 from ..netports import distinct_port_pairs, free_port_pair
 
 REALM = "interop.test"
@@ -35,13 +35,7 @@ STARTUP_TIMEOUT_S = 15.0
 
 def require_program(name: str, install: str = "apt-get install coturn") -> str:
     """The program's path; skip (or fail under REQUIRE_INTEROP=1) if it is missing."""
-    path = shutil.which(name)
-    if path is None:
-        message = f"{name} not found: install it with `{install}`"
-        if os.environ.get("REQUIRE_INTEROP") == "1":
-            pytest.fail(message)
-        pytest.skip(message)
-    return path
+    return external.require_program(name, install)
 
 
 def rest_credentials(secret: str, user: str, ttl_s: int = 3600, now: float | None = None):

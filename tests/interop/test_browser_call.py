@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from ..external import unavailable
 from .conftest import require_program
 from .test_credentials_admin import admin, metric_samples
 from .test_js_clients import JS_DIR, node_with_clients
@@ -32,10 +33,10 @@ def test_browser_call_relay_only(relay, transport):
     node = node_with_clients()
     require_program("chromium", "apt-get install chromium")
     if not (JS_DIR / "node_modules" / "playwright-core").is_dir():
-        pytest.fail("playwright-core missing: npm ci --prefix tests/js")
+        unavailable("playwright-core missing: npm ci --prefix tests/js")
     from appliance.demo_site import libraries_installed
     if not libraries_installed():
-        pytest.fail("demo libraries missing: npm ci --prefix appliance/demo")
+        unavailable("demo libraries missing: npm ci --prefix appliance/demo")
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     before = allocations_created(relay)
     done = subprocess.run([node, str(JS_DIR / "browser_call.js"), f"http://127.0.0.1:{relay.http_port}",
