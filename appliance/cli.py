@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from .config import AppConfig, ConfigError, load_config
+from .config import AppConfig, ConfigError, HostPort, load_config
 from .ring_store import ring_store, safe_url
 from .secret_ring import Secret, SecretRing, SecretRingError, prune, rotate
 
@@ -43,10 +43,25 @@ def _duration(seconds: float) -> str:
     return "".join(shown) or "0s"
 
 
+def _warn_dev_key_exposed(config: AppConfig) -> None:
+    """Say so on stderr when clients' tokens are checked with the generated development key
+    on a listener other machines reach: whoever obtains a token signed with it, or the key
+    file itself, is whichever user they like."""
+    listen = config.http.listen
+    if not config.auth.uses_dev_key() or listen is None or listen.is_loopback():
+        return
+    print(f"warning: http.listen {listen} is not loopback, yet clients' tokens are checked with "
+          f"a development JWT key generated on this machine (under {config.data_dir}): anyone "
+          "who gets a token signed with it, or the key, logs in as any user. Set auth.jwt_key "
+          "(APPLIANCE__AUTH__JWT_KEY) or auth.jwt_public_key to your IM backend's key, or "
+          "auth.mode http with auth.introspect_url", file=sys.stderr)
+
+
 # ------------------------------------------------------------------ commands
 
 def cmd_check_config(args) -> int:
     config = load_config(args.file)
+    _warn_dev_key_exposed(config)
     t = config.turn
     relay = ", ".join(f"{ip} (advertised as {ext})" if ext else ip
                       for ip, ext in ((t.relay_ip, config.external_ip),
@@ -80,6 +95,7 @@ def cmd_serve(args) -> int:
     path = _config_path(args.config)
     config = load_config(path)
     print(f"configuration: {path or 'built-in defaults'}", file=sys.stderr)
+    _warn_dev_key_exposed(config)
     store = ring_store(config)
     ring, created = store.ensure(time.time())
     print(f"secret ring: {store.where} ({'created' if created else 'loaded'}, "
@@ -105,18 +121,46 @@ def _tls_files(config: AppConfig, section: str, needed: bool):
     return cert, key
 
 
+def _answers(listener: HostPort) -> bool:
+    """Something accepts TCP connections on the listener (reached from this machine)."""
+    import socket
+    try:
+        with socket.create_connection((listener.local_host(), listener.port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def _signing_key(config: AppConfig) -> str:
+    """The HS256 key tokens are signed with.  A development key created here rather than by
+    `appliance serve` means this command looks at another data_dir than the server that
+    made its key, so tokens signed with it would be refused there (401): say so."""
+    from .signaling_wiring import DEV_JWT_KEY_FILE, jwt_signing_key
+
+    key, created = jwt_signing_key(config)
+    if created:
+        warning = (f"warning: created a new development JWT key at "
+                   f"{config.data_dir / DEV_JWT_KEY_FILE}; only an appliance with this "
+                   f"data_dir accepts tokens signed with it")
+        listen = config.http.listen
+        if listen is not None and _answers(listen):
+            warning += (f".  A server is answering on http.listen {listen} with another "
+                        "data_dir: it will refuse these tokens (401).  Pass the same --config "
+                        "or APPLIANCE__DATA_DIR as that server")
+        print(warning, file=sys.stderr)
+    return key
+
+
 def cmd_token(args) -> int:
     """A development JWT for a user, signed with the HS256 key the signaling checks."""
     from signaling.auth import mint_jwt
-
-    from .signaling_wiring import jwt_signing_key
 
     config = _load(args.config)
     if config.auth.mode != "jwt" or config.auth.jwt_public_key is not None:
         print("error: tokens can be minted only in auth.mode jwt with an HS256 key "
               "(auth.jwt_key or the development key)", file=sys.stderr)
         return 2
-    print(mint_jwt(jwt_signing_key(config), args.user, time.time(), args.ttl))
+    print(mint_jwt(_signing_key(config), args.user, time.time(), args.ttl))
     return 0
 
 
@@ -220,9 +264,7 @@ def _probe_users(config: AppConfig, args) -> list[tuple[str, str]]:
     a = config.auth
     if a.mode == "jwt" and a.jwt_public_key is None:
         from signaling.auth import mint_jwt
-
-        from .signaling_wiring import jwt_signing_key
-        key = jwt_signing_key(config)
+        key = _signing_key(config)
         return [(u, mint_jwt(key, u, time.time(), 600)) for u in ("probe-a", "probe-b")]
     if a.mode == "static":
         pairs, seen = [], set()
@@ -244,9 +286,7 @@ def _probe_target(config: AppConfig, args) -> tuple[str, Path | None]:
     elif h.listen is None:
         raise ConfigError("http.listen", "the signaling is off here: give --signaling URL")
     else:
-        host = h.listen.local_host()
-        host = f"[{host}]" if ":" in host else host
-        url = f"{'https' if h.tls else 'http'}://{host}:{h.listen.port}{h.prefix}"
+        url = h.local_url()
     ca = args.ca
     if ca is None and (config.turn.tls_cert is None or config.http.tls_cert is None):
         dev = config.data_dir / "certs" / "cert.pem"

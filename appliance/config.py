@@ -7,10 +7,11 @@ optional text parser.  Adding a section (http, auth, ...) means declaring a
 dataclass and a field of that type on `AppConfig`; the loader needs no change.
 
 Anything wrong stops the start with the key's dotted path and the reason, so
-an operator fixes the right line the first time.  Omitting a key and writing
-its default are the same thing: relative paths, defaults included, resolve
-against the configuration file's directory (the working directory when there
-is no file; environment values always against the working directory).
+an operator fixes the right line the first time.  Relative paths written in a
+file resolve against the file's directory, relative paths from the environment
+against the working directory.  Path defaults are absolute (data_dir's is
+computed: /var/lib/appliance as root, else $XDG_STATE_HOME/appliance), so
+every command finds the same state whatever directory it runs in.
 """
 
 from __future__ import annotations
@@ -149,10 +150,8 @@ def _build(cls, data, prefix: str, base: Path):
             value = _convert(hints[name], data[name], key, base, f.metadata)
         elif _is_section(hints[name]):
             value = _build(hints[name], {}, key, base)
-        elif isinstance(f.default, Path) and not f.default.is_absolute():
-            value = base / f.default      # omitting a path means the same as writing its default
         else:
-            continue
+            continue                      # the dataclass fills in the default
         if value is not None:
             _check(f.metadata.get("check"), value, key)
             for i, item in enumerate(value if f.metadata.get("item_check") else ()):
@@ -298,8 +297,7 @@ def _credential_checks(config: AppConfig) -> None:
 def _admin_checks(admin) -> None:
     if admin.token is not None and len(admin.token) < 16:
         raise ConfigError("admin.token", "must be at least 16 characters")
-    if admin.listen is not None and admin.token is None \
-            and not ipaddress.ip_address(admin.listen.host).is_loopback:
+    if admin.listen is not None and admin.token is None and not admin.listen.is_loopback():
         raise ConfigError("admin.token", f"admin.listen {admin.listen} is not a loopback address, "
                                          "so a token is required")
 
@@ -344,5 +342,6 @@ def describe(cls=AppConfig, prefix: str = "") -> list[tuple[str, Any, str]]:
         if _is_section(hints[f.name]):
             rows.extend(describe(hints[f.name], key))
         else:
-            rows.append((key, f.default, f.metadata.get("doc", "")))
+            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+            rows.append((key, default, f.metadata.get("doc", "")))
     return rows

@@ -8,7 +8,8 @@ keeping the schema apart lets a new section be read in one place.
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass, field
+import os
+from dataclasses import MISSING, dataclass, field
 from pathlib import Path
 
 from .config_checks import (at_least, attribute_text, between, heartbeat_pair, host_name,
@@ -25,6 +26,19 @@ class ConfigError(Exception):
         self.reason = reason
 
 
+def is_loopback_address(text: str) -> bool:
+    """127.0.0.0/8, ::1, or 127.x written IPv4-mapped (::ffff:127.0.0.1, which Python before
+    3.13 does not count as loopback, and which a dual-stack socket reports for 127.0.0.1);
+    anything that is not an IP address is not loopback."""
+    try:
+        addr = ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    if addr.version == 6 and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    return addr.is_loopback
+
+
 @dataclass(frozen=True)
 class HostPort:
     """A listener address: a literal IP (binding must not depend on DNS) and a port."""
@@ -39,6 +53,14 @@ class HostPort:
         """The address to reach this listener from the same machine: loopback for a
         wildcard listener (0.0.0.0, ::), the listener's own address otherwise."""
         return {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(self.host, self.host)
+
+    def is_loopback(self) -> bool:
+        """Only this machine can reach the listener."""
+        return is_loopback_address(self.host)
+
+    def local(self) -> "HostPort":
+        """This listener as reached from the same machine (see local_host), e.g. for URLs."""
+        return HostPort(self.local_host(), self.port)
 
     @classmethod
     def parse(cls, text: str) -> "HostPort":
@@ -64,10 +86,24 @@ class HostPort:
         return cls(host, int(port))
 
 
-def opt(default, doc: str, check=None, parse=None, item_check=None):
-    """A field with its documentation, validator and (optional) parser from YAML."""
-    return field(default=default, metadata={"doc": doc, "check": check, "parse": parse,
-                                            "item_check": item_check})
+def opt(default=MISSING, doc: str = "", check=None, parse=None, item_check=None,
+        factory=MISSING):
+    """A field with its documentation, validator and (optional) parser from YAML; `factory`
+    instead of `default` computes the default each time a configuration is built."""
+    return field(default=default, default_factory=factory,
+                 metadata={"doc": doc, "check": check, "parse": parse, "item_check": item_check})
+
+
+def default_data_dir() -> Path:
+    """Where generated state lives when data_dir is not given: the same place whatever the
+    working directory, so `appliance token` finds the key `appliance serve` made.
+    /var/lib/appliance for root (a system service), else $XDG_STATE_HOME/appliance."""
+    if os.geteuid() == 0:
+        return Path("/var/lib/appliance")
+    state = os.environ.get("XDG_STATE_HOME", "")
+    # The XDG spec says to ignore a relative value, as it would depend on the working directory.
+    base = Path(state) if os.path.isabs(state) else Path.home() / ".local" / "state"
+    return base / "appliance"
 
 
 # ------------------------------------------------------------------ schema
@@ -147,6 +183,10 @@ class HttpConfig:
     prefix: str = opt("/imserver", "path prefix of every URL", url_prefix)
     demo: bool = opt(True, "serve the call demo page at {prefix}/demo/ (off in production)")
 
+    def local_url(self) -> str:
+        """The signaling's base URL from this machine: {scheme}://host:port{prefix}."""
+        return f"{'https' if self.tls else 'http'}://{self.listen.local()}{self.prefix}"
+
 
 @dataclass(frozen=True)
 class AuthConfig:
@@ -158,6 +198,11 @@ class AuthConfig:
     tokens: tuple[tuple[str, str], ...] = opt((), "static mode: token -> userId", parse=token_map)
     introspect_url: str | None = opt(None, "http mode: where tokens are POSTed", http_url)
     cache_s: int = opt(60, "http mode: how long an answer is reused", at_least(0))
+
+    def uses_dev_key(self) -> bool:
+        """jwt mode with neither jwt_key nor jwt_public_key: tokens are checked with the key
+        generated under data_dir, which anyone with access to it can sign with."""
+        return self.mode == "jwt" and self.jwt_key is None and self.jwt_public_key is None
 
 
 @dataclass(frozen=True)
@@ -205,7 +250,10 @@ class AppConfig:
     """The whole appliance."""
 
     realm: str = opt("appliance.local", "STUN realm", attribute_text(allow_quotes=False))
-    data_dir: Path = opt(Path("data"), "generated secrets and certificates")
+    data_dir: Path = opt(doc="generated secrets, certificates and the development JWT key; "
+                             "default: /var/lib/appliance as root, else "
+                             "$XDG_STATE_HOME/appliance (~/.local/state/appliance)",
+                         factory=default_data_dir)
     external_ip: str | None = opt(None, "public IPv4 advertised for relays", ip_of(4, False))
     external_ip6: str | None = opt(None, "public IPv6 advertised for relays", ip_of(6, False))
     log_level: str = opt("info", "log level", one_of("debug", "info", "warning", "error"))

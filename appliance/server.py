@@ -327,6 +327,8 @@ class ApplianceProcess:
                     await self._start_signaling()
                 if self.config.admin.listen is not None:
                     await self._start_admin()
+                from .next_steps import next_steps
+                log.info("%s", next_steps(self.config))      # every listener is up now
             elif self.stats_pipe is not None and self.node is not None:
                 self._tasks.append(loop.create_task(self._report_stats()))
             self._tasks.append(loop.create_task(self.watcher.run()))

@@ -7,6 +7,10 @@ import base64
 import hashlib
 import hmac
 import json
+import os
+import signal
+import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -17,6 +21,8 @@ import pytest
 from appliance.cli import main
 from appliance.config import load_config
 from appliance.secret_ring import Secret, SecretRing, ensure_ring, load_ring, save_ring
+
+from .netports import distinct_port_pairs
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -91,6 +97,35 @@ def test_check_config_sees_environment_overrides(tmp_path, capsys, monkeypatch):
 def test_shipped_configuration_checks_ok(capsys):
     assert main(["check-config", str(ROOT / "config" / "appliance.yaml")]) == 0
     assert "udp 127.0.0.1:3478, tcp 127.0.0.1:3478, tls 127.0.0.1:5349" in capsys.readouterr().out
+
+
+def test_check_config_warns_when_the_development_key_is_reachable(tmp_path, capsys):
+    exposed = write_config(tmp_path, "http: {listen: '0.0.0.0:8443'}\n")
+    assert main(["check-config", exposed]) == 0           # a warning, not an error
+    out, err = capsys.readouterr()
+    assert out.startswith(f"ok: {exposed}")
+    assert err.startswith("warning: http.listen 0.0.0.0:8443 is not loopback") and err.count("\n") == 1
+    assert "anyone who gets a token signed with it, or the key, logs in as any user" in err
+    for remedy in ("auth.jwt_key", "APPLIANCE__AUTH__JWT_KEY", "auth.jwt_public_key",
+                   "auth.mode http"):
+        assert remedy in err
+    for safe in ("http: {listen: '127.0.0.1:8443'}",             # only this machine reaches it
+                 "http: {listen: '[::1]:8443'}",
+                 "http: {listen: null}\ncredentials: {external: ['turn:192.0.2.1:3478']}",
+                 "http: {listen: '0.0.0.0:8443'}\nauth: {jwt_key: " + "k" * 40 + "}",
+                 "http: {listen: '0.0.0.0:8443'}\nauth: {mode: http, "
+                 "introspect_url: 'https://im.example.com/check'}"):
+        assert main(["check-config", write_config(tmp_path, safe + "\n")]) == 0
+        assert capsys.readouterr().err == "", safe
+
+
+def test_serve_warns_at_start_when_the_development_key_is_reachable(tmp_path, capsys, monkeypatch):
+    import appliance.server
+    monkeypatch.setattr(appliance.server, "run", lambda config, tls_files: 0)   # no servers
+    exposed = write_config(tmp_path, "turn: {tls: null}\nhttp: {listen: '0.0.0.0:8443', tls: false}\n")
+    assert main(["serve", "--config", exposed]) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "development JWT key" in warnings[0]
 
 
 def test_python_dash_m_runs_the_same_command_line(tmp_path):
@@ -298,7 +333,7 @@ def probe_args(*argv):
     return build_parser().parse_args(["probe", *argv])
 
 
-def test_probe_mints_tokens_with_the_development_key(tmp_path):
+def test_probe_mints_tokens_with_the_development_key(tmp_path, capsys):
     from appliance.cli import _probe_target, _probe_users
     from appliance.signaling_wiring import token_verifier
     import asyncio
@@ -306,6 +341,7 @@ def test_probe_mints_tokens_with_the_development_key(tmp_path):
     config = load_config(write_config(tmp_path), {})
     users = _probe_users(config, probe_args())
     assert [u for u, _ in users] == ["probe-a", "probe-b"]
+    assert capsys.readouterr().err.startswith("warning: created a new development JWT key")
     verifier = token_verifier(config)
     assert [asyncio.run(verifier.verify(t)) for _, t in users] == ["probe-a", "probe-b"]
     url, _ = _probe_target(config, probe_args())
@@ -322,3 +358,89 @@ def test_probe_takes_two_static_users_or_asks_for_tokens(tmp_path, capsys):
     assert "--user-a USER=TOKEN" in capsys.readouterr().err
     given = _probe_users(static, probe_args("--user-a", "x=1", "--user-b", "y=2=3"))
     assert given == [("x", "1"), ("y", "2=3")]
+
+
+# ------------------------------------------------------------------ token: one key for every command
+
+def test_token_warns_when_it_creates_the_development_key(tmp_path, capsys):
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        config = write_config(tmp_path, f"http: {{listen: '127.0.0.1:{server.getsockname()[1]}'}}\n")
+        key_file = tmp_path / "data" / "jwt.key"
+        assert main(["token", "--user", "alice", "--config", config]) == 0
+        out, err = capsys.readouterr()
+        assert out.count(".") == 2                                  # a JWT
+        assert err.startswith(f"warning: created a new development JWT key at {key_file}; ")
+        assert "refuse" not in err                                  # nothing is listening
+        key_file.unlink()
+        server.listen()              # now "a server" answers on http.listen, with another key
+        assert main(["token", "--user", "alice", "--config", config]) == 0
+        err = capsys.readouterr().err
+        assert err.startswith(f"warning: created a new development JWT key at {key_file}; ")
+        assert "will refuse these tokens (401)" in err
+        assert "Pass the same --config or APPLIANCE__DATA_DIR as that server" in err
+        assert main(["token", "--user", "alice", "--config", config]) == 0
+        assert capsys.readouterr().err == ""                      # the key exists: no warning
+
+
+# The default data_dir of root is /var/lib/appliance, and the tests may run as root: the
+# commands below pretend to be an ordinary user so that their state goes to XDG_STATE_HOME
+# under tmp_path, never to /var/lib or the real home.
+AS_A_USER = "import os, sys; os.geteuid = lambda: 1000; from appliance.cli import main; " \
+            "sys.exit(main(sys.argv[1:]))"
+
+
+def test_token_from_another_directory_is_accepted_by_a_server_started_without_config(tmp_path):
+    import httpx
+
+    udp, tls, http, admin = distinct_port_pairs(4)
+    env = {"PATH": os.environ["PATH"], "PYTHONPATH": str(ROOT), "HOME": str(tmp_path / "home"),
+           "XDG_STATE_HOME": str(tmp_path / "state"),
+           "APPLIANCE__TURN__UDP": f"127.0.0.1:{udp}", "APPLIANCE__TURN__TCP": f"127.0.0.1:{udp}",
+           "APPLIANCE__TURN__TLS": f"127.0.0.1:{tls}",
+           "APPLIANCE__HTTP__LISTEN": f"127.0.0.1:{http}",
+           "APPLIANCE__ADMIN__LISTEN": f"127.0.0.1:{admin}"}
+    data_dir = tmp_path / "state" / "appliance"
+    serve_dir, other_dir = tmp_path / "serve", tmp_path / "elsewhere"
+    serve_dir.mkdir()
+    other_dir.mkdir()
+    log_path = tmp_path / "serve.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-c", AS_A_USER, "serve"], cwd=serve_dir,
+                                env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 30
+        while "  data:" not in log_path.read_text() and proc.poll() is None \
+                and time.monotonic() < deadline:
+            time.sleep(0.1)
+        served = log_path.read_text()
+        assert "what next:" in served, served
+
+        # Start-up says where to go next, with this machine's addresses and the state's place.
+        base = f"https://127.0.0.1:{http}/imserver"
+        assert f"  demo page:   {base}/demo/" in served
+        assert "  tokens:      appliance token --user NAME" in served
+        assert f"  iceServers:  GET {base}/turn/get-turn-credentials" in served
+        assert f"http://127.0.0.1:{admin}/healthz" in served
+        assert f"http://127.0.0.1:{admin}/metrics" in served
+        assert f"  data:        {data_dir}" in served
+        assert not (serve_dir / "data").exists()
+
+        minted = subprocess.run([sys.executable, "-c", AS_A_USER, "token", "--user", "alice"],
+                                cwd=other_dir, env=env, capture_output=True, text=True, timeout=60)
+        assert (minted.returncode, minted.stderr) == (0, "")        # the server's key: no warning
+        assert not (other_dir / "data").exists()
+
+        # The development certificate is found in the same place too (what the probe trusts).
+        trust = ssl.create_default_context(cafile=str(data_dir / "certs" / "cert.pem"))
+        url = f"{base}/turn/get-turn-credentials"
+        answer = httpx.get(url, headers={"ide": minted.stdout.strip()}, verify=trust, timeout=5)
+        assert answer.status_code == 200 and answer.json()["code"] == 200, answer.text
+        turn = [e for e in answer.json()["data"]["iceServers"] if e["username"] is not None]
+        assert turn and all(e["username"].endswith(":alice") for e in turn)
+        refused = httpx.get(url, headers={"ide": minted.stdout.strip() + "x"}, verify=trust,
+                            timeout=5)
+        assert refused.status_code == 401
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0, log_path.read_text()
