@@ -6,8 +6,9 @@ by `npm ci --prefix appliance/demo` and served straight from node_modules, so
 nothing third-party is copied into the repository.
 
 `POST {prefix}/demo/token` mints a token for a user only in a development
-setup (auth.mode jwt with the generated development key): a production
-appliance never hands out tokens.
+setup (auth.mode jwt with the generated development key, http.listen on
+loopback) and only to a request from this machine: a production appliance, or
+one others can reach, never hands out tokens.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from quart import Quart, redirect, request, send_file
 from signaling.errors import bad_request
 from signaling.http_api import ApiError, envelope
 
+from .config_schema import is_loopback_address
+
 DEMO_DIR = Path(__file__).parent / "demo"
 PAGE_FILES = {"index.html": "text/html; charset=utf-8", "demo.js": "text/javascript; charset=utf-8",
               "demo.css": "text/css; charset=utf-8"}
@@ -28,10 +31,19 @@ LIBRARIES = {
     "sockjs.min.js": "node_modules/sockjs-client/dist/sockjs.min.js",
 }
 MAX_USER_ID = 100
+# Set by a reverse proxy: the connection is then the proxy's, from loopback if it runs here,
+# on behalf of a client anywhere.
+PROXY_HEADERS = ("Forwarded", "X-Forwarded-For")
 
 
 def libraries_installed(directory: Path = DEMO_DIR) -> bool:
     return all((directory / path).is_file() for path in LIBRARIES.values())
+
+
+def local_request() -> bool:
+    """The current request comes from this machine: a loopback peer, not relayed by a proxy."""
+    return is_loopback_address(request.remote_addr or "") \
+        and not any(name in request.headers for name in PROXY_HEADERS)
 
 
 def install_demo(app: Quart, prefix: str, mint_token: Callable[[str], str] | None,
@@ -56,7 +68,9 @@ def install_demo(app: Quart, prefix: str, mint_token: Callable[[str], str] | Non
     @app.get(f"{base}/<name>")
     async def demo_file(name: str):
         if name == "config.json":
-            return envelope(data={"prefix": prefix, "devTokens": mint_token is not None,
+            # True only when POST token would mint one for this very requester.
+            dev_tokens = mint_token is not None and local_request()
+            return envelope(data={"prefix": prefix, "devTokens": dev_tokens,
                                   "librariesInstalled": libraries_installed(directory)})
         if name not in PAGE_FILES:
             raise ApiError(404)
@@ -71,7 +85,11 @@ def install_demo(app: Quart, prefix: str, mint_token: Callable[[str], str] | Non
     @app.post(f"{base}/token")
     async def demo_token():
         if mint_token is None:
-            raise ApiError(403, "tokens are minted only with the development JWT key")
+            raise ApiError(403, "tokens are minted only with the development JWT key "
+                                "and a loopback http.listen")
+        if not local_request():
+            raise ApiError(403, "development tokens are handed out only to requests from this "
+                                f"machine (loopback, no proxy), not {request.remote_addr}")
         body = await request.get_json(silent=True, force=True)
         user = body.get("userId") if isinstance(body, dict) else None
         if not isinstance(user, str) or not user.strip() or len(user) > MAX_USER_ID \
