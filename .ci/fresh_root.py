@@ -12,8 +12,12 @@ two commands exactly as README.md prints them:
 1. command 1 (install and run on the embedded defaults) in the background,
    checked from outside the root: a STUN Binding on 127.0.0.1:3478 and
    `GET https://127.0.0.1:8443/imserver/ws/info`, then SIGTERM to the appliance,
-   which must exit 0;
-2. command 2 (install and run the tests), whose pytest run is CI's verdict.
+   which must exit 0; then the same again, as on a machine that already ran it
+   (the installs find everything there, the appliance reuses its data);
+2. command 2 (install and run the tests), whose pytest run is CI's verdict,
+   while the ports a coturn.service would hold (3478, 3479, 5349 and 5350, UDP
+   and TCP, every interface) are taken: on a systemd Debian, installing coturn
+   starts one, and the tests must not collide with it.
 
 Each command runs in private mount and PID namespaces (unshare): /dev, /sys and
 /proc are mounted for the root there and vanish with it, and any daemon a
@@ -156,8 +160,8 @@ def in_root(root: Path, command: str, env: dict[str, str], **popen) -> subproces
                  "DEBIAN_FRONTEND": "noninteractive", **env}
     inner = ["/usr/bin/env", "-i", *(f"{k}={v}" for k, v in variables.items()),
              "/bin/bash", "-c", f"cd {PROJECT_IN_ROOT} && {command}"]
-    setup = (f'mount --rbind /dev "$0/dev" && mount -t tmpfs -o mode=1777 shm "$0/dev/shm" '
-             f'&& mount -t sysfs sysfs "$0/sys" && exec chroot "$0" "$@"')
+    setup = ('mount --rbind /dev "$0/dev" && mount -t tmpfs -o mode=1777 shm "$0/dev/shm" '
+             '&& mount -t sysfs sysfs "$0/sys" && exec chroot "$0" "$@"')
     return subprocess.Popen(["unshare", "--mount", "--pid", "--fork", f"--mount-proc={root}/proc",
                              "/bin/bash", "-c", setup, str(root), *inner], **popen)
 
@@ -212,7 +216,10 @@ def tail(path: Path, lines: int = 60) -> str:
     return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
 
 
-def run_command_1(root: Path, command: str, log: Path) -> None:
+def run_command_1(root: Path, command: str, log: Path, attempt: str) -> None:
+    if stun_answers(SMOKE_STUN):
+        raise SystemExit(f"command 1 ({attempt}): something already answers STUN on "
+                         f"{SMOKE_STUN[0]}:{SMOKE_STUN[1]}; the check would prove nothing")
     started = time.monotonic()
     with open(log, "wb") as out:
         proc = in_root(root, command, {}, stdout=out, stderr=subprocess.STDOUT,
@@ -232,7 +239,7 @@ def run_command_1(root: Path, command: str, log: Path) -> None:
                          f"SockJS info {bool(info)}):\n{tail(log)}")
     if info.get("websocket") is not True:
         raise SystemExit(f"command 1: unexpected SockJS info {info!r}")
-    say(f"command 1 answered after {time.monotonic() - started:.0f} s: STUN Binding on "
+    say(f"command 1 ({attempt}) answered after {time.monotonic() - started:.0f} s: STUN Binding on "
         f"{SMOKE_STUN[0]}:{SMOKE_STUN[1]}, {SMOKE_INFO_URL} {json.dumps(info)}")
     pid = appliance_pid(root)
     if pid is None:
@@ -245,7 +252,23 @@ def run_command_1(root: Path, command: str, log: Path) -> None:
         raise SystemExit(f"command 1: the appliance did not stop within 30 s of SIGTERM:\n{tail(log)}")
     if code != 0:
         raise SystemExit(f"command 1: exit code {code} after SIGTERM:\n{tail(log)}")
-    say(f"command 1: SIGTERM, exit 0 ({time.monotonic() - started:.0f} s in all)")
+    say(f"command 1 ({attempt}): SIGTERM, exit 0 ({time.monotonic() - started:.0f} s in all)")
+
+
+COTURN_SERVICE_PORTS = (3478, 3479, 5349, 5350)
+
+
+def hold_coturn_ports() -> list[socket.socket]:
+    """Sockets on the ports Debian's coturn.service listens on, as if it were running."""
+    held = []
+    for port in COTURN_SERVICE_PORTS:
+        for kind in (socket.SOCK_DGRAM, socket.SOCK_STREAM):
+            sock = socket.socket(socket.AF_INET, kind)
+            sock.bind(("0.0.0.0", port))
+            if kind == socket.SOCK_STREAM:
+                sock.listen()
+            held.append(sock)
+    return held
 
 
 def unmounted(root: Path) -> bool:
@@ -263,11 +286,17 @@ def main() -> int:
         build_root(root, archives)
         say(f"Debian {SUITE} minbase root at {root} from {archives[0][0]} "
             f"in {time.monotonic() - started:.0f} s")
-        run_command_1(root, commands[0], workdir / "command-1.log")
-        say("command 2, the test run:")
-        proc = in_root(root, commands[1], {"CI": os.environ.get("CI", "true"), "REQUIRE_INTEROP": "1"},
-                       stdin=subprocess.DEVNULL)
-        return proc.wait()           # pytest's closing lines stay the last ones printed
+        for attempt in ("first", "again"):
+            run_command_1(root, commands[0], workdir / f"command-1-{attempt}.log", attempt)
+        say(f"command 2, the test run, with ports {COTURN_SERVICE_PORTS} held as coturn.service would:")
+        held = hold_coturn_ports()
+        try:
+            proc = in_root(root, commands[1], {"CI": os.environ.get("CI", "true"),
+                                               "REQUIRE_INTEROP": "1"}, stdin=subprocess.DEVNULL)
+            return proc.wait()       # pytest's closing lines stay the last ones printed
+        finally:
+            for sock in held:
+                sock.close()
     finally:
         for pid, _ in processes_in(root):       # none should outlive their namespace
             os.kill(pid, signal.SIGKILL)
