@@ -94,13 +94,12 @@ def _deb822_stanzas(text: str):
             yield fields
 
 
-def debian_archives() -> list[tuple[str, str]]:
+def debian_archives(apt: Path = Path("/etc/apt")) -> list[tuple[str, str]]:
     """(uri, suite) of this machine's sources for Debian's own archive and this release.
 
     Third-party repositories (a newer Node, cloud tools) are left out: a fresh
     Debian box does not have them."""
     found = []
-    apt = Path("/etc/apt")
     for path in [apt / "sources.list", *sorted((apt / "sources.list.d").glob("*"))]:
         if not path.is_file():
             continue
