@@ -25,13 +25,15 @@ import logging
 import multiprocessing
 import os
 import signal
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from turn.node import RelayNode
+from turn.node import ListenerBindError, RelayNode
 
 from .config import AppConfig, HostPort
+from .listeners import ListenerError, check_unshared, hypercorn_bind
 from .metrics import combine_stats, retired_part
 from .ring_watcher import RingWatcher
 from .tls_reload import CertificateReloader
@@ -210,8 +212,17 @@ class ApplianceProcess:
                               self.nonce_key, peer_policy(c), ctx)
         self.watcher.apply = self.node.set_secrets
         self.watcher.refresh()
-        await self.node.start()
         t = c.turn
+        listeners = {"udp": t.udp, "tcp": t.tcp, "tls": t.tls}
+        if self.main and t.workers > 1:       # see check_unshared: before any SO_REUSEPORT bind
+            for transport, kind in (("udp", socket.SOCK_DGRAM), ("tcp", socket.SOCK_STREAM),
+                                    ("tls", socket.SOCK_STREAM)):
+                if listeners[transport] is not None:
+                    check_unshared(f"turn.{transport}", listeners[transport], kind)
+        try:
+            await self.node.start()
+        except ListenerBindError as exc:
+            raise ListenerError(f"turn.{exc.transport}", listeners[exc.transport], exc) from exc
         log.info("relay ready: udp=%s tcp=%s tls=%s", t.udp, t.tcp, t.tls)
 
     async def _start_signaling(self) -> None:
@@ -221,10 +232,12 @@ class ApplianceProcess:
         from .signaling_wiring import hypercorn_config, signaling_app
 
         c, f = self.config, self.files
+        bind = hypercorn_bind("http.listen", c.http.listen)
         issuer = CredentialIssuer.from_config(c, self.watcher.current_ring)
         self.signaling_app = signaling_app(c, issuer.issue)
         hc = hypercorn_config(c, f.http_cert or f.turn_cert, f.http_key or f.turn_key,
                               self.certificates)
+        hc.bind = [bind]
         self._http_task = asyncio.get_running_loop().create_task(
             serve(self.signaling_app, hc, shutdown_trigger=self._http_stop.wait))
         await wait_listening(c.http.listen, self._http_task, "http")
@@ -239,6 +252,7 @@ class ApplianceProcess:
         from .metrics import ApplianceCollector, metrics_registry
 
         c = self.config
+        bind = hypercorn_bind("admin.listen", c.admin.listen)
         ext = self.signaling_app.extensions if self.signaling_app is not None else {}
         collector = ApplianceCollector(
             relay_stats=self.relay_stats if self.node is not None else None,
@@ -251,7 +265,7 @@ class ApplianceProcess:
             activation_s=c.credentials.activation_s, registry=metrics_registry(collector),
             readiness=self.readiness, secrets_changed=self.reload_secrets))
         hc = Config()
-        hc.bind = [str(c.admin.listen)]
+        hc.bind = [bind]
         hc.accesslog = hc.errorlog = None
         hc.graceful_timeout = 1
         self._admin_task = asyncio.get_running_loop().create_task(
@@ -319,14 +333,18 @@ class ApplianceProcess:
             if relay_enabled(self.config):
                 await self._start_relay()
             if self.main:
-                self.workers = Workers(self.config.turn.workers - 1 if self.node else 0,
-                                       (self.config, self.files, self.nonce_key))
-                self.workers.start()
-                self._tasks.append(loop.create_task(self.workers.watch()))
                 if self.config.http.listen is not None:
                     await self._start_signaling()
                 if self.config.admin.listen is not None:
                     await self._start_admin()
+                # Workers only once every listener here is bound: one that cannot bind
+                # (ListenerError) stops the start before any worker exists, and workers
+                # join the relay's ports through SO_REUSEPORT, which the kernel grants
+                # this user once the main process holds them.
+                self.workers = Workers(self.config.turn.workers - 1 if self.node else 0,
+                                       (self.config, self.files, self.nonce_key))
+                self.workers.start()
+                self._tasks.append(loop.create_task(self.workers.watch()))
                 from .next_steps import next_steps
                 log.info("%s", next_steps(self.config))      # every listener is up now
             elif self.stats_pipe is not None and self.node is not None:

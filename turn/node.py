@@ -30,6 +30,16 @@ class Endpoint:
     port: int
 
 
+class ListenerBindError(OSError):
+    """A client-facing listener could not bind; `transport` ("udp", "tcp" or "tls") and
+    `endpoint` say which, so the caller can name it the way its operator configured it."""
+
+    def __init__(self, transport: str, endpoint: Endpoint, cause: OSError) -> None:
+        super().__init__(cause.errno, cause.strerror)
+        self.transport = transport
+        self.endpoint = endpoint
+
+
 @dataclass(frozen=True)
 class NodeSettings:
     """What one worker needs; built from the appliance configuration."""
@@ -62,7 +72,12 @@ class RelayNode:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         s = self.settings
-        udp_sock = open_udp_listener(s.udp.host, s.udp.port, s.reuse_port) if s.udp else None
+        udp_sock = None
+        if s.udp:
+            try:
+                udp_sock = open_udp_listener(s.udp.host, s.udp.port, s.reuse_port)
+            except OSError as exc:
+                raise ListenerBindError("udp", s.udp, exc) from exc
         opener = UdpRelayOpener(loop, lambda: self.core, s.relay_ips, s.relay_ports,
                                 udp_sock, self.clock)
         self.core = TurnCore(s.relay, self.verifier, self.nonces, self.policy, opener)
@@ -81,10 +96,13 @@ class RelayNode:
 
     async def _serve_stream(self, ep: Endpoint, name: str, ctx) -> asyncio.AbstractServer:
         loop = asyncio.get_running_loop()
-        return await loop.create_server(
-            lambda: StreamConnection(self.core, name, self.connections, self.clock),
-            ep.host, ep.port, ssl=ctx, reuse_port=self.settings.reuse_port,
-            reuse_address=True, ssl_handshake_timeout=10 if ctx else None)
+        try:
+            return await loop.create_server(
+                lambda: StreamConnection(self.core, name, self.connections, self.clock),
+                ep.host, ep.port, ssl=ctx, reuse_port=self.settings.reuse_port,
+                reuse_address=True, ssl_handshake_timeout=10 if ctx else None)
+        except OSError as exc:
+            raise ListenerBindError(name, ep, exc) from exc
 
     async def _run_timer(self) -> None:
         core = self.core

@@ -94,6 +94,9 @@ async def test_corrupt_ring_is_refused_and_last_good_ring_stays(own_relay):
 
 async def test_two_workers_share_the_ports(own_relay):
     relay = own_relay(workers=2)
+    # The extra worker starts once every listener of the main process is bound, so it may
+    # still be starting when the main process already answers.
+    assert await eventually(lambda: _both_ready(relay)), relay.log()
     with open(f"/proc/{relay.proc.pid}/task/{relay.proc.pid}/children") as f:
         children = f.read().split()
     assert len(children) >= 1          # the extra relay process (and possibly a resource tracker)
@@ -116,6 +119,10 @@ async def test_two_workers_share_the_ports(own_relay):
             turn.close()
         peer_transport.close()
         await asyncio.sleep(0.1)
-    pids = {line.split("[")[1].split("]")[0] for line in relay.log().splitlines()
-            if "relay ready" in line}
-    assert len(pids) == 2, relay.log()
+    assert await _both_ready(relay), relay.log()
+
+
+async def _both_ready(relay) -> bool:
+    """Both relay processes logged "relay ready" (the log names each process's pid)."""
+    return len({line.split("[")[1].split("]")[0] for line in relay.log().splitlines()
+                if "relay ready" in line}) == 2
