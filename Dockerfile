@@ -36,7 +36,8 @@ RUN pip install --no-cache-dir '.[probe]'
 # Every listener on all interfaces, so http.listen is not loopback: the demo page
 # mints no development tokens here, and `appliance serve` warns until auth.jwt_key,
 # auth.jwt_public_key or auth.mode http is set.  The relay ports are a narrow range
-# so that they can be published (-p) as well as exposed; widen both together.
+# so that they can be published (-p) as well as exposed; widen both together.  They
+# lie above Linux's ephemeral port range (32768-60999), as turn.relay_ports' default does.
 ENV APPLIANCE_CONFIG=/etc/appliance/appliance.yaml \
     APPLIANCE__DATA_DIR=/var/lib/appliance \
     APPLIANCE__TURN__UDP=0.0.0.0:3478 \
@@ -45,14 +46,14 @@ ENV APPLIANCE_CONFIG=/etc/appliance/appliance.yaml \
     APPLIANCE__HTTP__LISTEN=0.0.0.0:8443 \
     APPLIANCE__TURN__RELAY_IP=0.0.0.0 \
     APPLIANCE__TURN__RELAY_IP6=null \
-    APPLIANCE__TURN__RELAY_PORTS=50000-50199
+    APPLIANCE__TURN__RELAY_PORTS=61000-61199
 # Relay sockets bind every interface, so the address clients must use is not
 # knowable here: start with `-e APPLIANCE__EXTERNAL_IP=<public IPv4>` (the
 # appliance refuses to start without it, naming the key).
 
 USER appliance
 VOLUME ["/etc/appliance", "/var/lib/appliance"]
-EXPOSE 3478/udp 3478/tcp 5349/tcp 8443/tcp 50000-50199/udp
+EXPOSE 3478/udp 3478/tcp 5349/tcp 8443/tcp 61000-61199/udp
 
 HEALTHCHECK --interval=30s --timeout=5s --start-period=10s --retries=3 \
   CMD ["appliance", "healthcheck"]

@@ -1,8 +1,8 @@
 """The `appliance` command line.
 
 Exit codes: 0 success; 1 a runtime failure (nothing answered, a file could not
-be written); 2 a configuration, secret-ring or usage error, with the key's
-path or the file's name on stderr.  No command prints a secret value except
+be written); 2 a configuration, secret-ring or usage error, or a listener that
+cannot bind, with the key's path or the file's name on stderr.  No command prints a secret value except
 `secret list --show` and `coturn-config`, whose output is meant for a file.
 """
 
@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 
 from .config import AppConfig, ConfigError, HostPort, load_config
+from .ephemeral_ports import warn_relay_ports_in_ephemeral_range
+from .listeners import ListenerError
 from .ring_store import ring_store, safe_url
 from .secret_ring import Secret, SecretRing, SecretRingError, prune, rotate
 
@@ -62,6 +64,7 @@ def _warn_dev_key_exposed(config: AppConfig) -> None:
 def cmd_check_config(args) -> int:
     config = load_config(args.file)
     _warn_dev_key_exposed(config)
+    warn_relay_ports_in_ephemeral_range(config)
     t = config.turn
     relay = ", ".join(f"{ip} (advertised as {ext})" if ext else ip
                       for ip, ext in ((t.relay_ip, config.external_ip),
@@ -96,6 +99,7 @@ def cmd_serve(args) -> int:
     config = load_config(path)
     print(f"configuration: {path or 'built-in defaults'}", file=sys.stderr)
     _warn_dev_key_exposed(config)
+    warn_relay_ports_in_ephemeral_range(config)
     store = ring_store(config)
     ring, created = store.ensure(time.time())
     print(f"secret ring: {store.where} ({'created' if created else 'loaded'}, "
@@ -447,7 +451,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except ConfigError as exc:
+    except (ConfigError, ListenerError) as exc:      # a listener that cannot bind: its key
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except SecretRingError as exc:

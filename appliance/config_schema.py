@@ -119,7 +119,7 @@ class TurnConfig:
     tls_key: Path | None = opt(None, "PEM private key for tls_cert")
     relay_ip: str | None = opt("127.0.0.1", "IPv4 address relay sockets bind", ip_of(4))
     relay_ip6: str | None = opt("::1", "IPv6 address relay sockets bind", ip_of(6))
-    relay_ports: tuple[int, int] = opt((49152, 65535), "relay port range", parse=port_range)
+    relay_ports: tuple[int, int] = opt((61000, 65535), "relay port range", parse=port_range)
     allow_peers: tuple[str, ...] = opt((), "peer ranges allowed despite deny_peers",
                                        item_check=network)
     deny_peers: tuple[str, ...] = opt(("recommended",), "peer ranges refused (403)",

@@ -52,13 +52,13 @@ def rest_credential(secret: str, username: str) -> str:
 def test_check_config_ok_prints_a_summary(tmp_path, capsys):
     good = write_config(tmp_path, "external_ip: 203.0.113.7\n"
                                   "turn: {udp: '0.0.0.0:3478', tls: null, relay_ip: 0.0.0.0, "
-                                  "relay_ports: 40000-40100}\n")
+                                  "relay_ports: 61000-61100}\n")
     assert main(["check-config", good]) == 0
     out, err = capsys.readouterr()
     assert out.splitlines()[0] == f"ok: {good}" and err == ""
     assert "udp 0.0.0.0:3478, tcp 127.0.0.1:3478, tls off" in out
     assert "0.0.0.0 (advertised as 203.0.113.7), ::1" in out
-    assert "ports 40000-40100" in out
+    assert "ports 61000-61100" in out
     assert str(tmp_path / "data" / "secrets.json") in out
 
 
@@ -126,6 +126,55 @@ def test_serve_warns_at_start_when_the_development_key_is_reachable(tmp_path, ca
     assert main(["serve", "--config", exposed]) == 0
     warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
     assert len(warnings) == 1 and "development JWT key" in warnings[0]
+
+
+def ephemeral_range(tmp_path, text: str) -> Path:
+    """A stand-in for /proc/sys/net/ipv4/ip_local_port_range (which holds "low\thigh\n")."""
+    path = tmp_path / "ip_local_port_range"
+    path.write_text(text)
+    return path
+
+
+def test_relay_ports_in_the_ephemeral_range_get_one_warning(tmp_path, capsys):
+    from appliance.ephemeral_ports import warn_relay_ports_in_ephemeral_range as warn
+
+    linux_default = ephemeral_range(tmp_path, "32768\t60999\n")
+    for ports, warned in (("49152-65535", True), ("32768-32768", True), ("60999-61010", True),
+                          ("20000-40000", True), ("61000-65535", False), ("20000-32767", False)):
+        warn(load_config(write_config(tmp_path, f"turn: {{relay_ports: {ports}}}\n")), linux_default)
+        err = capsys.readouterr().err
+        assert err.count("warning:") == err.count("\n") == int(warned), ports
+    warn(load_config(write_config(tmp_path, "turn: {relay_ports: 49152-65535}\n")), linux_default)
+    err = capsys.readouterr().err
+    assert err.startswith("warning: turn.relay_ports 49152-65535 overlaps this machine's "
+                          "ephemeral port range 32768-60999 (net.ipv4.ip_local_port_range)")
+    for remedy in ("outside it (e.g. 61000-65535)", "sysctl net.ipv4.ip_local_port_range"):
+        assert remedy in err
+    # No relay running, or no range to read (not Linux): nothing to say.
+    no_relay = ("turn: {udp: null, tcp: null, tls: null, relay_ports: 49152-65535}\n"
+                "credentials: {external: ['turn:192.0.2.1:3478']}\n")
+    warn(load_config(write_config(tmp_path, no_relay)), linux_default)
+    warn(load_config(write_config(tmp_path, "turn: {relay_ports: 49152-65535}\n")), tmp_path / "nope")
+    assert capsys.readouterr().err == ""
+
+
+def test_check_config_and_serve_warn_about_the_ephemeral_range(tmp_path, capsys, monkeypatch):
+    import functools
+
+    import appliance.cli
+    import appliance.server
+    from appliance.ephemeral_ports import warn_relay_ports_in_ephemeral_range as warn
+
+    wide = ephemeral_range(tmp_path, "1024 65535\n")
+    monkeypatch.setattr(appliance.cli, "warn_relay_ports_in_ephemeral_range",
+                        functools.partial(warn, range_file=wide))
+    monkeypatch.setattr(appliance.server, "run", lambda config, tls_files: 0)   # no servers
+    config = write_config(tmp_path, "turn: {tls: null}\n")
+    for argv in (["check-config", config], ["serve", "--config", config]):
+        assert main(argv) == 0
+        warnings = [line for line in capsys.readouterr().err.splitlines()
+                    if line.startswith("warning:")]
+        assert len(warnings) == 1 and "ephemeral port range 1024-65535" in warnings[0], argv
 
 
 def test_python_dash_m_runs_the_same_command_line(tmp_path):

@@ -37,7 +37,7 @@ def test_no_file_gives_the_safe_defaults():
     t = config.turn
     assert (t.udp, t.tcp, t.tls) == (HostPort("127.0.0.1", 3478), HostPort("127.0.0.1", 3478),
                                      HostPort("127.0.0.1", 5349))
-    assert (t.relay_ip, t.relay_ip6, t.relay_ports) == ("127.0.0.1", "::1", (49152, 65535))
+    assert (t.relay_ip, t.relay_ip6, t.relay_ports) == ("127.0.0.1", "::1", (61000, 65535))
     assert (t.allow_peers, t.deny_peers) == ((), ("recommended",))
     assert (t.user_quota, t.total_quota, t.max_lifetime_s, t.workers) == (10, 10000, 3600, 1)
     assert (t.tls_cert, t.tls_key, t.software) == (None, None, None)
