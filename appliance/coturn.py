@@ -11,16 +11,12 @@ those forms (v4-mapped, NAT64, 6to4, Teredo) are denied outright.
 
 from __future__ import annotations
 
-import ipaddress
 import time
 
-from turn.policy import parse_networks
+from turn.policy import EMBEDDED_IPV4_NETWORKS, parse_networks
 
 from .config import AppConfig
 from .secret_ring import SecretRing
-
-# IPv6 forms that reach an IPv4 address: coturn would not judge the address inside.
-EMBEDDED_IPV4_FORMS = ("::ffff:0:0/96", "64:ff9b::/96", "2002::/16", "2001::/32")
 
 
 def _range(network) -> str:
@@ -47,7 +43,8 @@ def coturn_config_lines(config: AppConfig, ring: SecretRing, now: float, where: 
     lines.append("fingerprint")
     lines.append("# peers the relay must never reach (turn.deny_peers)")
     denied = parse_networks(config.turn.deny_peers, allow_recommended=True)
-    denied += [ipaddress.ip_network(n) for n in EMBEDDED_IPV4_FORMS]
+    # IPv6 forms that reach an IPv4 address: coturn would not judge the address inside.
+    denied += EMBEDDED_IPV4_NETWORKS
     lines += [f"denied-peer-ip={_range(n)}" for n in denied]
     allowed = parse_networks(config.turn.allow_peers, allow_recommended=False)
     if allowed:

@@ -373,6 +373,7 @@ def test_coturn_config_carries_every_accepted_secret_and_the_deny_list(tmp_path,
     assert "denied-peer-ip=10.0.0.0-10.255.255.255" in lines
     assert "denied-peer-ip=169.254.0.0-169.254.255.255" in lines
     assert "denied-peer-ip=::ffff:0:0-::ffff:ffff:ffff" in lines
+    assert "denied-peer-ip=::ffff:0:0:0-::ffff:0:ffff:ffff" in lines        # SIIT (RFC 2765)
 
 
 # ------------------------------------------------------------------ probe: where and as whom

@@ -65,6 +65,8 @@ SIIT = ipaddress.ip_network("::ffff:0:0:0/96")             # IPv4-translated (RF
 NAT64_WELL_KNOWN = ipaddress.ip_network("64:ff9b::/96")   # RFC 6052 §2.1
 SIX_TO_FOUR = ipaddress.ip_network("2002::/16")           # RFC 3056 §2
 TEREDO = ipaddress.ip_network("2001::/32")                # RFC 4380 §4
+IPV4_MAPPED = ipaddress.ip_network("::ffff:0:0/96")
+EMBEDDED_IPV4_NETWORKS = (IPV4_MAPPED, SIIT, NAT64_WELL_KNOWN, SIX_TO_FOUR, TEREDO)
 
 
 def normalise(ip: IPAddress) -> IPAddress:
