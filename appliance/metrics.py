@@ -135,6 +135,9 @@ class ApplianceCollector:
         yield _counter("relay_malformed_packets", "datagrams and stream frames that are neither "
                                                   "STUN nor ChannelData, or do not parse",
                        counters.get("malformed", 0))
+        yield _counter("relay_internal_errors", "messages that hit a bug in the relay: answered "
+                                                "500 or dropped, logged at a bounded rate",
+                       counters.get("internal_errors", 0))
         yield _labelled("relay_auth_failures", "TURN requests refused for their credentials",
                         "reason", {label: counters.get(key, 0)
                                    for key, label in RELAY_AUTH_FAILURES.items()})

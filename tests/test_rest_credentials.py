@@ -39,5 +39,11 @@ def test_refuses_what_no_relay_would_accept(user, ttl, message):
 def test_made_usernames_parse_back():
     username, _ = make_credential(SECRET, "user:with:colons", 1_700_000_000, 60)
     assert parse_rest_username(username) == (1_700_000_060, "user:with:colons")
-    for bad in ("alice", ":alice", "12x:alice", "1700000060:", "9" * 13 + ":a"):
+    for bad in ("alice", ":alice", "12x:alice", "1700000060:", "9" * 13 + ":a",
+                "²:x", "١٧٠٠:x", "1700000060²"):        # digits int() refuses or reads otherwise
         assert parse_rest_username(bad) is None
+
+
+def test_a_bare_expiry_is_a_username_with_no_user_part():
+    # What `turnutils_uclient -W SECRET` sends without -u; coturn accepts it.
+    assert parse_rest_username("1700000060") == (1_700_000_060, "")

@@ -43,9 +43,15 @@ def make_credential(secret: bytes, user_id: str, now: float, ttl_s: int) -> tupl
 
 
 def parse_rest_username(username: str) -> tuple[int, str] | None:
-    """Split "expiry:userId"; None if the username is not of that form."""
+    """Split "expiry:userId"; None if the username is not of that form.
+
+    A bare "expiry" is accepted with an empty user part, as coturn, pion and
+    STUNner accept it under the TURN REST scheme (`turnutils_uclient -W SECRET`
+    without -u sends one).  The expiry is ASCII digits only: str.isdigit() also
+    accepts digits such as "²", which int() then refuses.
+    """
     expiry, sep, user_id = username.partition(":")
-    if not sep or not user_id or not expiry.isdigit() or len(expiry) > 12:
+    if (sep and not user_id) or not expiry.isascii() or not expiry.isdigit() or len(expiry) > 12:
         return None
     return int(expiry), user_id
 

@@ -14,7 +14,7 @@ into an error response with the right attributes and integrity.
 from __future__ import annotations
 
 import logging
-import random
+import secrets
 import struct
 from collections import Counter
 from dataclasses import dataclass
@@ -24,6 +24,7 @@ from . import stun
 from .allocation import (CHANNEL_MAX, CHANNEL_MIN, DEFAULT_LIFETIME_S, Allocation,
                          AllocationTable, RelayOpener, RelayPort)
 from .auth import NonceBook, RestVerifier, parse_rest_username
+from .ratelog import RateLimitedLog
 from .stun import Address, BadAttribute, Builder, Message
 
 log = logging.getLogger("turn")
@@ -95,12 +96,32 @@ class TurnCore:
         self.draining = False
         self._reservations: dict[bytes, tuple[RelayPort, float]] = {}
         self._next_sweep = 0.0
-        self._random = random.Random()
+        self._failures = RateLimitedLog(log)
 
     # ------------------------------------------------------------ entry points
 
     def handle_stun(self, data: bytes, client_key: Hashable, client_addr: Address,
                     transport: str, now: float) -> bytes | None:
+        """The answer to one STUN message, or None.  Never raises: a message that hits a
+        bug is counted, logged at a bounded rate and answered 500 (if it is a request),
+        so one client's crafted bytes cannot stop the loop every other client shares."""
+        try:
+            return self._handle_stun(data, client_key, client_addr, transport, now)
+        except Exception:
+            self.counters["internal_errors"] += 1
+            self._failures.exception(now, "internal error on a STUN message from %s/%s",
+                                     transport, client_addr[0])
+        try:
+            msg = stun.parse(data)
+            if msg.cls == stun.REQUEST:
+                self.counters["error_500"] += 1
+                return self._error(msg, Reject(500), client_addr, now)
+        except Exception:
+            pass                      # not even an error response can be made: stay silent
+        return None
+
+    def _handle_stun(self, data: bytes, client_key: Hashable, client_addr: Address,
+                     transport: str, now: float) -> bytes | None:
         try:
             msg = stun.parse(data)
         except stun.StunParseError:
@@ -126,7 +147,7 @@ class TurnCore:
 
     def data_indication(self, alloc: Allocation, peer: Address, data: bytes) -> bytes:
         """A Data indication carrying `data` from `peer` (no channel bound)."""
-        txid = self._random.randbytes(12)
+        txid = secrets.token_bytes(12)      # unpredictable: a client sees it
         b = Builder(stun.DATA, stun.INDICATION, txid)
         b.add(stun.XOR_PEER_ADDRESS, stun.encode_xor_address(peer, txid))
         b.add(stun.DATA_ATTR, data)
@@ -218,7 +239,8 @@ class TurnCore:
             self.counters["auth_bad_credentials"] += 1
             log.info("auth failure from %s: credentials do not verify", client_addr[0])
             raise Reject(401, with_nonce=True)
-        return Credentials(username, parsed[1], parsed[0], key)
+        # A bare "<expiry>" username has no user part: its quota is the username's own.
+        return Credentials(username, parsed[1] or username, parsed[0], key)
 
     def _lifetime(self, msg: Message) -> int:
         raw = msg.get(stun.LIFETIME)
@@ -289,7 +311,7 @@ class TurnCore:
         b.add(stun.LIFETIME, struct.pack("!I", lifetime))
         b.add(stun.XOR_MAPPED_ADDRESS, stun.encode_xor_address(client_addr, tid))
         if reserved is not None:
-            new_token = self._random.randbytes(8)
+            new_token = secrets.token_bytes(8)
             self._reservations[new_token] = (reserved, now + RESERVATION_LIFETIME_S)
             b.add(stun.RESERVATION_TOKEN, new_token)
         alloc.txid = tid

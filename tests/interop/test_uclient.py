@@ -28,10 +28,10 @@ CASES = {
 
 
 def run_uclient(relay, peer_port: int, flags: list[str], peer_ip: str, port: int | None = None,
-                secret: str | None = None, messages: int = MESSAGES) -> str:
+                secret: str | None = None, messages: int = MESSAGES, user: str | None = "interop") -> str:
     program = require_program("turnutils_uclient")
     tls = "-S" in flags
-    cmd = [program, *flags, "-W", secret or relay.secret, "-u", "interop",
+    cmd = [program, *flags, "-W", secret or relay.secret, *(["-u", user] if user else []),
            "-p", str(port or (relay.tls_port if tls else relay.port)),
            "-e", peer_ip, "-r", str(peer_port), "-n", str(messages), "-m", str(CLIENTS),
            "-l", "180", "-z", "5", relay.host]
@@ -66,3 +66,10 @@ def test_uclient_to_denied_peer_is_refused(relay, turn_peer):
     # 192.0.2.1 (TEST-NET-1) is on the recommended deny list and not allowed.
     output = run_uclient(relay, turn_peer, [], "192.0.2.1", messages=5)
     assert "403" in output
+
+
+def test_uclient_without_a_user_relays_with_a_bare_expiry_username(relay, turn_peer):
+    # No -u: uclient's username is just "<expiry>", which coturn accepts under the REST scheme.
+    output = run_uclient(relay, turn_peer, [], "127.0.0.1", user=None)
+    sent, received, lost = totals(output)
+    assert sent == MESSAGES * CLIENTS and received == sent and lost == 0, output[-2000:]
