@@ -35,6 +35,7 @@ from turn.node import ListenerBindError, RelayNode
 from .config import AppConfig, HostPort
 from .listeners import ListenerError, check_unshared, hypercorn_bind
 from .metrics import combine_stats, retired_part
+from .next_steps import next_steps
 from .ring_watcher import RingWatcher
 from .tls_reload import CertificateReloader
 
@@ -235,9 +236,8 @@ class ApplianceProcess:
         bind = hypercorn_bind("http.listen", c.http.listen)
         issuer = CredentialIssuer.from_config(c, self.watcher.current_ring)
         self.signaling_app = signaling_app(c, issuer.issue)
-        hc = hypercorn_config(c, f.http_cert or f.turn_cert, f.http_key or f.turn_key,
+        hc = hypercorn_config(c, bind, f.http_cert or f.turn_cert, f.http_key or f.turn_key,
                               self.certificates)
-        hc.bind = [bind]
         self._http_task = asyncio.get_running_loop().create_task(
             serve(self.signaling_app, hc, shutdown_trigger=self._http_stop.wait))
         await wait_listening(c.http.listen, self._http_task, "http")
@@ -345,7 +345,6 @@ class ApplianceProcess:
                                        (self.config, self.files, self.nonce_key))
                 self.workers.start()
                 self._tasks.append(loop.create_task(self.workers.watch()))
-                from .next_steps import next_steps
                 log.info("%s", next_steps(self.config))      # every listener is up now
             elif self.stats_pipe is not None and self.node is not None:
                 self._tasks.append(loop.create_task(self._report_stats()))

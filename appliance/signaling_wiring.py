@@ -118,12 +118,14 @@ def decline_websocket_compression() -> None:
     ws_stream.PerMessageDeflate = DeclinedDeflate
 
 
-def hypercorn_config(config: AppConfig, cert: Path | None, key: Path | None,
+def hypercorn_config(config: AppConfig, bind: str, cert: Path | None, key: Path | None,
                      reloader: CertificateReloader | None = None):
+    """Hypercorn's settings for the signaling; `bind` is what listeners.hypercorn_bind gave
+    (the appliance binds the socket itself, so a failure names http.listen)."""
     decline_websocket_compression()
     h = config.http
     hc = reloadable_hypercorn_config(reloader or CertificateReloader(), "https")
-    hc.bind = [str(h.listen)]
+    hc.bind = [bind]
     hc.accesslog = None
     hc.errorlog = None            # our logging, not hypercorn's
     hc.graceful_timeout = 5
