@@ -124,8 +124,8 @@ class TurnConfig:
                                        item_check=network)
     deny_peers: tuple[str, ...] = opt(("recommended",), "peer ranges refused (403)",
                                       item_check=network_or_recommended)
-    user_quota: int = opt(10, "allocations per user id; 0 = unlimited", at_least(0))
-    total_quota: int = opt(10000, "allocations per relay process; 0 = unlimited", at_least(0))
+    user_quota: int = opt(10, "allocations per user id on the node; 0 = unlimited", at_least(0))
+    total_quota: int = opt(10000, "allocations on the node; 0 = unlimited", at_least(0))
     max_lifetime_s: int = opt(3600, "longest allocation lifetime", at_least(600))
     max_permissions: int = opt(64, "permissions per allocation", at_least(1))
     max_channels: int = opt(64, "channel bindings per allocation", at_least(1))
@@ -134,6 +134,19 @@ class TurnConfig:
                                attribute_text(allow_quotes=True))
     workers: int = opt(1, "relay processes sharing the ports; auto: one per core", between(1, 64),
                        parse=worker_count)
+    strict_expiry: bool = opt(False, "refuse expired usernames on live allocations too, and end "
+                                     "each allocation at its username's expiry")
+    unauth_replies_per_s: int = opt(20, "error replies per second to one source that has not "
+                                        "authenticated (IPv4 address, IPv6 /64); 0 = no limit",
+                                    at_least(0))
+    unauth_reply_burst: int = opt(100, "error replies one such source may get at once",
+                                  at_least(1))
+    max_bps: int = opt(0, "bits per second one allocation may relay each way; 0 = no cap",
+                       at_least(0))
+    user_max_bps: int = opt(0, "bits per second one user id's allocations may relay each way "
+                               "in one relay process; 0 = no cap", at_least(0))
+    total_max_bps: int = opt(0, "bits per second the node may relay each way, shared evenly by "
+                                "its relay processes; 0 = no cap", at_least(0))
     drain_s: int = opt(8, "on SIGTERM, seconds live allocations keep relaying before the "
                           "relay stops (keep it below the stop timeout of your supervisor)",
                        between(0, 3600))

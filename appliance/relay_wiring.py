@@ -12,7 +12,7 @@ from pathlib import Path
 from turn import stun
 from turn.core import RelaySettings
 from turn.node import Endpoint, NodeSettings
-from turn.policy import build_policy
+from turn.policy import RelayPortsInUse, build_policy
 
 from .config import AppConfig, HostPort
 
@@ -44,6 +44,13 @@ def node_settings(config: AppConfig) -> NodeSettings:
         external_ip=config.external_ip,
         external_ip6=config.external_ip6,
         families=frozenset(ips),
+        strict_expiry=t.strict_expiry,
+        unauth_replies_per_s=t.unauth_replies_per_s,
+        unauth_reply_burst=t.unauth_reply_burst,
+        max_bps=t.max_bps,
+        user_max_bps=t.user_max_bps,
+        # The kernel spreads clients evenly over the processes sharing the ports.
+        total_max_bps=max(1, t.total_max_bps // t.workers) if t.total_max_bps else 0,
     )
     return NodeSettings(
         relay=relay,
@@ -65,7 +72,7 @@ def own_endpoints(config: AppConfig) -> list[tuple[str, int]]:
                                           config.admin.listen) if hp is not None]
 
 
-def peer_policy(config: AppConfig):
+def peer_policy(config: AppConfig, ports_in_use: RelayPortsInUse | None = None):
     t = config.turn
     relay_addresses = [ip for ip in (t.relay_ip, t.relay_ip6, config.external_ip,
                                      config.external_ip6) if ip]
@@ -75,6 +82,7 @@ def peer_policy(config: AppConfig):
         own_endpoints=own_endpoints(config),
         relay_addresses=relay_addresses,
         relay_ports=t.relay_ports,
+        ports_in_use=ports_in_use,
     )
 
 

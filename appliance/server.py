@@ -21,6 +21,7 @@ Signals:
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import multiprocessing
 import os
@@ -30,6 +31,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from turn.ledger import LocalLedger, SharedLedger, user_slots
 from turn.node import ListenerBindError, RelayNode
 
 from .config import AppConfig, HostPort
@@ -101,9 +103,10 @@ class Workers:
     leaves its monotonic totals behind (metrics.retired_part).
     """
 
-    def __init__(self, count: int, args: tuple) -> None:
+    def __init__(self, count: int, args: tuple, ledger: SharedLedger | None) -> None:
         self.count = count
         self.args = args
+        self.ledger = ledger
         self.procs: list[multiprocessing.Process] = []
         self.pipes: list = []
         self.latest: list[dict] = []
@@ -113,7 +116,9 @@ class Workers:
 
     def _spawn(self, index: int) -> multiprocessing.Process:
         receiver, sender = self._ctx.Pipe(duplex=False)
-        proc = self._ctx.Process(target=_worker_main, args=(*self.args, sender), daemon=True)
+        # Process index 0 is the main process; worker i is index i + 1 in the ledger.
+        proc = self._ctx.Process(target=_worker_main, args=(*self.args, index + 1, sender),
+                                 daemon=True)
         proc.start()
         sender.close()
         loop = asyncio.get_running_loop()
@@ -151,6 +156,8 @@ class Workers:
             for i, proc in enumerate(self.procs):
                 if not proc.is_alive() and not self.stopping:
                     log.error("relay worker %s exited with %s; restarting", proc.pid, proc.exitcode)
+                    if self.ledger is not None:
+                        self.ledger.forget_process(i + 1)     # what it held died with it
                     self._spawn(i)
 
     def signal_all(self, signum: int) -> None:
@@ -177,8 +184,12 @@ class ApplianceProcess:
     """One process: the relay node, and in the main process everything else."""
 
     def __init__(self, config: AppConfig, files: TlsFiles, nonce_key: bytes, main: bool,
-                 stats_pipe=None) -> None:
+                 stats_pipe=None, ledger_path: Path | None = None, process_index: int = 0
+                 ) -> None:
         self.config = config
+        self.ledger_path = ledger_path
+        self.process_index = process_index
+        self.ledger: LocalLedger | SharedLedger | None = None
         self.stats_pipe = stats_pipe
         self.files = files
         self.nonce_key = nonce_key
@@ -209,8 +220,10 @@ class ApplianceProcess:
             ctx = self.certificates.track("turn tls", tls_context(f.turn_cert, f.turn_key),
                                           f.turn_cert, f.turn_key)
         ring = self.watcher.current_ring()
+        self.ledger = self._open_ledger()
         self.node = RelayNode(node_settings(c), ring.accepted(time.time(), self.watcher.grace_s),
-                              self.nonce_key, peer_policy(c), ctx)
+                              self.nonce_key, peer_policy(c, self.ledger), ctx,
+                              ledger=self.ledger)
         self.watcher.apply = self.node.set_secrets
         self.watcher.refresh()
         t = c.turn
@@ -225,6 +238,16 @@ class ApplianceProcess:
         except ListenerBindError as exc:
             raise ListenerError(f"turn.{exc.transport}", listeners[exc.transport], exc) from exc
         log.info("relay ready: udp=%s tcp=%s tls=%s", t.udp, t.tcp, t.tls)
+
+    def _open_ledger(self) -> LocalLedger | SharedLedger:
+        """Quotas and relay ports in use, shared by every relay process of this node."""
+        t = self.config.turn
+        if t.workers == 1:
+            return LocalLedger()
+        key = hashlib.blake2b(self.nonce_key, digest_size=32, person=b"relay-ledger").digest()
+        if self.main:
+            return SharedLedger.create(t.workers, user_slots(t.total_quota), key)
+        return SharedLedger(self.ledger_path, self.process_index, key=key)
 
     async def _start_signaling(self) -> None:
         from hypercorn.asyncio import serve
@@ -341,8 +364,10 @@ class ApplianceProcess:
                 # (ListenerError) stops the start before any worker exists, and workers
                 # join the relay's ports through SO_REUSEPORT, which the kernel grants
                 # this user once the main process holds them.
+                shared = self.ledger if isinstance(self.ledger, SharedLedger) else None
                 self.workers = Workers(self.config.turn.workers - 1 if self.node else 0,
-                                       (self.config, self.files, self.nonce_key))
+                                       (self.config, self.files, self.nonce_key,
+                                        shared.path if shared else None), shared)
                 self.workers.start()
                 self._tasks.append(loop.create_task(self.workers.watch()))
                 log.info("%s", next_steps(self.config))      # every listener is up now
@@ -389,6 +414,11 @@ class ApplianceProcess:
         if self.workers is not None:
             self.workers.begin_stop()
             await self.workers.join(self.config.turn.drain_s + CHILD_STOP_MARGIN_S)
+        if isinstance(self.ledger, SharedLedger):
+            if self.main:
+                self.ledger.remove()       # every worker is gone: nobody maps it any more
+            else:
+                self.ledger.close()
         self._admin_stop.set()
         if self._admin_task is not None:
             try:
@@ -398,12 +428,13 @@ class ApplianceProcess:
         log.info("stopped")
 
 
-def _worker_main(config: AppConfig, files: TlsFiles, nonce_key: bytes, stats_pipe) -> None:
+def _worker_main(config: AppConfig, files: TlsFiles, nonce_key: bytes, ledger_path: Path | None,
+                 process_index: int, stats_pipe) -> None:
     configure_logging(config.log_level)
     install_uvloop()
     try:
-        asyncio.run(ApplianceProcess(config, files, nonce_key, main=False,
-                                     stats_pipe=stats_pipe).run())
+        asyncio.run(ApplianceProcess(config, files, nonce_key, main=False, stats_pipe=stats_pipe,
+                                     ledger_path=ledger_path, process_index=process_index).run())
     except KeyboardInterrupt:
         pass
 

@@ -66,16 +66,23 @@ class Server:
 
 
 def _tree(pid: int) -> list[int]:
+    """`pid` and its descendants, from every process's parent in /proc/*/stat (not every
+    kernel has /proc/PID/task/*/children, and the relay workers would go uncounted)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                parent = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(parent, []).append(int(entry))
     pids, todo = [], [pid]
     while todo:
         p = todo.pop()
         pids.append(p)
-        try:
-            for task in os.listdir(f"/proc/{p}/task"):
-                with open(f"/proc/{p}/task/{task}/children") as f:
-                    todo.extend(int(c) for c in f.read().split())
-        except OSError:
-            pass
+        todo.extend(children.get(p, ()))
     return pids
 
 

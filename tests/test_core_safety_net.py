@@ -46,3 +46,14 @@ def test_the_log_budget_refills_and_says_what_it_held_back(caplog):
             assert limited.exception(T0 + 1.5, "failure later")
     messages = [r.getMessage() for r in caplog.records]
     assert messages == ["failure 0", "failure 1", "failure later (8 similar lines suppressed)"]
+
+
+def test_a_user_id_with_control_characters_is_logged_escaped(caplog):
+    # The user part of a REST username is whatever the secret's holder signed; a newline
+    # in it must not start a forged line in the log.
+    core, _ = make_core()
+    client = CoreClient(core, user="mallory\nINFO turn: forged line\x00")
+    with caplog.at_level(logging.INFO, logger="turn"):
+        assert client.allocate().cls == stun.SUCCESS
+    text = "\n".join(r.getMessage() for r in caplog.records)
+    assert "forged" in text and "\nINFO turn: forged" not in text and "\x00" not in text

@@ -24,6 +24,7 @@ from . import stun
 from .allocation import (CHANNEL_MAX, CHANNEL_MIN, DEFAULT_LIFETIME_S, Allocation,
                          AllocationTable, RelayOpener, RelayPort)
 from .auth import NonceBook, RestVerifier, parse_rest_username
+from .ledger import Ledger, LocalLedger
 from .ratelog import RateLimitedLog
 from .stun import Address, BadAttribute, Builder, Message
 
@@ -46,6 +47,12 @@ class RelaySettings:
     external_ip: str | None = None       # advertised instead of the bound IPv4
     external_ip6: str | None = None      # advertised instead of the bound IPv6
     families: frozenset[int] = frozenset({stun.FAMILY_IPV4})
+    strict_expiry: bool = False          # expired usernames refused on live allocations too
+    unauth_replies_per_s: float = 20.0   # error replies to a source with no allocation; 0 = off
+    unauth_reply_burst: int = 100
+    max_bps: int = 0                     # per allocation, each direction; 0 = no cap
+    user_max_bps: int = 0                # per user id in this process, each direction
+    total_max_bps: int = 0               # this process, each direction
 
 
 METHOD_NAMES = {stun.BINDING: "Binding", stun.ALLOCATE: "Allocate", stun.REFRESH: "Refresh",
@@ -84,17 +91,21 @@ class Traffic:
 
 class TurnCore:
     def __init__(self, settings: RelaySettings, verifier: RestVerifier, nonces: NonceBook,
-                 policy, relays: RelayOpener) -> None:
+                 policy, relays: RelayOpener, ledger: Ledger | None = None) -> None:
         self.settings = settings
         self.verifier = verifier
         self.nonces = nonces
         self.policy = policy
         self.relays = relays
         self.table = AllocationTable()
+        # Quotas are counted here, not in `table`: the ledger may be the node's, shared
+        # with the other relay processes.
+        self.ledger = ledger if ledger is not None else LocalLedger()
         self.counters: Counter[str] = Counter()
         self.traffic = Traffic()
         self.draining = False
-        self._reservations: dict[bytes, tuple[RelayPort, float]] = {}
+        # token -> (held port, expiry, user id it counts against)
+        self._reservations: dict[bytes, tuple[RelayPort, float, str]] = {}
         self._next_sweep = 0.0
         self._failures = RateLimitedLog(log)
 
@@ -161,16 +172,17 @@ class TurnCore:
 
     def get_timer(self) -> float | None:
         times = [t for t in (self.table.next_expiry(), self._next_sweep or None) if t is not None]
-        times.extend(exp for _, exp in self._reservations.values())
+        times.extend(exp for _, exp, _ in self._reservations.values())
         return min(times) if times else None
 
     def handle_timer(self, now: float) -> None:
         for alloc in self.table.pop_expired(now):
             self._close(alloc, "expired")
-        for token, (port, exp) in list(self._reservations.items()):
+        for token, (port, exp, user_id) in list(self._reservations.items()):
             if exp <= now:
                 del self._reservations[token]
                 port.close()
+                self.ledger.release(user_id)
         if now >= self._next_sweep:
             for alloc in self.table.by_client.values():
                 alloc.sweep(now)
@@ -179,8 +191,9 @@ class TurnCore:
     def close_all(self, reason: str) -> None:
         for alloc in list(self.table.by_client.values()):
             self._delete(alloc, reason)
-        for port, _ in self._reservations.values():
+        for port, _, user_id in self._reservations.values():
             port.close()
+            self.ledger.release(user_id)
         self._reservations.clear()
 
     # ------------------------------------------------------------ requests
@@ -201,6 +214,10 @@ class TurnCore:
         unknown = msg.unknown_required()
         if unknown:
             raise Reject(420, creds.key, unknown=unknown)
+        if creds.expiry < now and self.settings.strict_expiry and msg.method != stun.ALLOCATE:
+            # (an expired Allocate is refused below in either mode)
+            self.counters["auth_expired"] += 1
+            raise Reject(401, with_nonce=True)
         alloc = self.table.get(client_key)
         if msg.method == stun.ALLOCATE:
             if alloc is not None:
@@ -209,7 +226,7 @@ class TurnCore:
                 raise Reject(437, creds.key)
             if creds.expiry < now:
                 self.counters["auth_expired"] += 1
-                log.info("allocate refused: expired username for user %s from %s",
+                log.info("allocate refused: expired username for user %r from %s",
                          creds.user_id, client_addr[0])
                 raise Reject(401, with_nonce=True)
             return self._allocate(msg, creds, client_key, client_addr, transport, now)
@@ -277,24 +294,36 @@ class TurnCore:
         if even_port is not None and len(even_port) != 1:
             raise Reject(400, key)
         s = self.settings
-        if s.user_quota and self.table.per_user[creds.user_id] >= s.user_quota:
-            raise Reject(486, key)
-        if s.total_quota and len(self.table) >= s.total_quota:
-            raise Reject(508, key)
         lifetime = self._lifetime(msg) or DEFAULT_LIFETIME_S
+        if s.strict_expiry:
+            lifetime = max(1, min(lifetime, int(creds.expiry - now)))
         reserved = None
         if token is not None:
-            held = self._reservations.pop(token, None)
+            held = self._reservations.get(token)
             if held is None:
                 raise Reject(508, key)
-            relay = held[0]
+            relay, _, holder = held
+            # The reservation already counts against its holder; another user who
+            # presents the token takes the count over.
+            if holder != creds.user_id:
+                self._admit(creds.user_id, 1, key)
+                self.ledger.release(holder)
+            del self._reservations[token]
             family = stun.address_family(relay.address[0])
         else:
             if family not in (stun.FAMILY_IPV4, stun.FAMILY_IPV6) or family not in s.families:
                 raise Reject(440, key)
-            opened = self.relays.open(family, even_port is not None,
-                                      even_port is not None and bool(even_port[0] & 0x80))
+            reserve_next = even_port is not None and bool(even_port[0] & 0x80)
+            # A reserved port counts like an allocation: it holds a port just the same.
+            count = 2 if reserve_next else 1
+            self._admit(creds.user_id, count, key)
+            try:
+                opened = self.relays.open(family, even_port is not None, reserve_next)
+            except BaseException:
+                self.ledger.release(creds.user_id, count)
+                raise
             if opened is None:
+                self.ledger.release(creds.user_id, count)
                 self.counters["relay_ports_exhausted"] += 1
                 raise Reject(508, key)
             relay, reserved = opened
@@ -305,6 +334,7 @@ class TurnCore:
                            msg.has_fingerprint)
         relay.allocation = alloc
         self.table.add(alloc)
+        self.ledger.mark_port(family, relay.address[1], True)
         tid = msg.transaction_id
         b = Builder(stun.ALLOCATE, stun.SUCCESS, tid)
         b.add(stun.XOR_RELAYED_ADDRESS, stun.encode_xor_address(alloc.relayed_address, tid))
@@ -312,14 +342,22 @@ class TurnCore:
         b.add(stun.XOR_MAPPED_ADDRESS, stun.encode_xor_address(client_addr, tid))
         if reserved is not None:
             new_token = secrets.token_bytes(8)
-            self._reservations[new_token] = (reserved, now + RESERVATION_LIFETIME_S)
+            self._reservations[new_token] = (reserved, now + RESERVATION_LIFETIME_S,
+                                             creds.user_id)
             b.add(stun.RESERVATION_TOKEN, new_token)
         alloc.txid = tid
         alloc.response = self._finish(b, key, msg.has_fingerprint)
         self.counters["allocations_created"] += 1
-        log.info("allocation %s for user %s from %s/%s, lifetime %ds", relay.address,
+        log.info("allocation %s for user %r from %s/%s, lifetime %ds", relay.address,
                  creds.user_id, transport, client_addr[0], lifetime)
         return alloc.response
+
+    def _admit(self, user_id: str, count: int, key: bytes) -> None:
+        s = self.settings
+        refusal = self.ledger.admit(user_id, count, s.user_quota, s.total_quota)
+        if refusal:
+            self.counters["user_quota_exceeded" if refusal == 486 else "total_quota_exceeded"] += 1
+            raise Reject(refusal, key)
 
     def _refresh(self, msg: Message, creds: Credentials, alloc: Allocation, now: float) -> bytes:
         raw_family = msg.get(stun.REQUESTED_ADDRESS_FAMILY)
@@ -329,6 +367,8 @@ class TurnCore:
         if lifetime == 0:
             self._delete(alloc, "refreshed to 0")
         else:
+            if self.settings.strict_expiry:
+                lifetime = max(1, min(lifetime, int(creds.expiry - now)))
             alloc.expires = now + lifetime
             self.table.schedule(alloc)
         b = Builder(stun.REFRESH, stun.SUCCESS, msg.transaction_id)
@@ -438,11 +478,15 @@ class TurnCore:
         return self._finish(b, rej.key, msg.has_fingerprint)
 
     def _delete(self, alloc: Allocation, reason: str) -> None:
+        if alloc.closed:
+            return          # ended already: its counts and port are released once only
         self.table.remove(alloc)
         self._close(alloc, reason)
 
     def _close(self, alloc: Allocation, reason: str) -> None:
         alloc.relay.allocation = None
+        self.ledger.mark_port(alloc.family, alloc.relay.address[1], False)
+        self.ledger.release(alloc.user_id)
         alloc.relay.close()
         self.counters["allocations_deleted"] += 1
-        log.info("allocation %s for user %s ended: %s", alloc.relay.address, alloc.user_id, reason)
+        log.info("allocation %s for user %r ended: %s", alloc.relay.address, alloc.user_id, reason)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from .auth import NonceBook, RestVerifier
 from .core import RelaySettings, TurnCore
+from .ledger import Ledger
 from .tcp import StreamConnection, close_idle_unallocated
 from .udp import UdpListener, UdpRelayOpener, open_udp_listener
 
@@ -56,8 +57,10 @@ class NodeSettings:
 
 class RelayNode:
     def __init__(self, settings: NodeSettings, secrets: tuple[bytes, ...], nonce_key: bytes,
-                 policy, tls_context: ssl.SSLContext | None = None, clock=time.time) -> None:
+                 policy, tls_context: ssl.SSLContext | None = None, clock=time.time,
+                 ledger: Ledger | None = None) -> None:
         self.settings = settings
+        self.ledger = ledger
         self.clock = clock
         self.tls_context = tls_context
         self.verifier = RestVerifier(settings.relay.realm, secrets)
@@ -80,7 +83,7 @@ class RelayNode:
                 raise ListenerBindError("udp", s.udp, exc) from exc
         opener = UdpRelayOpener(loop, lambda: self.core, s.relay_ips, s.relay_ports,
                                 udp_sock, self.clock)
-        self.core = TurnCore(s.relay, self.verifier, self.nonces, self.policy, opener)
+        self.core = TurnCore(s.relay, self.verifier, self.nonces, self.policy, opener, self.ledger)
         try:
             if udp_sock is not None:
                 self.udp = UdpListener(loop, self.core, udp_sock, self.clock)

@@ -19,7 +19,9 @@ from __future__ import annotations
 import ipaddress
 from bisect import bisect_right
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Iterable, Protocol
+
+from .stun import FAMILY_IPV4, FAMILY_IPV6
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -121,6 +123,11 @@ def parse_networks(specs: Iterable[str], allow_recommended: bool) -> list[IPNetw
     return networks
 
 
+class RelayPortsInUse(Protocol):
+    def holds_port(self, family: int, port: int) -> bool:
+        """Does a live allocation of this node hold `port` on its relay address?"""
+
+
 @dataclass
 class PeerPolicy:
     deny: RangeSet
@@ -129,6 +136,8 @@ class PeerPolicy:
     own_ports_any_address: frozenset[int]
     relay_addresses: frozenset[IPAddress]
     relay_ports: tuple[int, int]
+    # None: any port of the range counts as a live allocation's (tests of the policy alone).
+    ports_in_use: RelayPortsInUse | None = None
     _ip_cache: dict[str, tuple[IPAddress, bool, bool] | None] = field(default_factory=dict)
 
     def _judge(self, ip: str) -> tuple[IPAddress, bool, bool] | None:
@@ -168,15 +177,24 @@ class PeerPolicy:
         if port in self.own_ports_any_address and addr in self.relay_addresses:
             return False
         if only_as_relay:
-            # Another allocation on this relay (two clients behind one
-            # loopback or private relay address): only relay ports qualify.
-            return self.relay_ports[0] <= port <= self.relay_ports[1]
+            # Another allocation on this relay (two clients behind one loopback or
+            # private relay address): only a port a live allocation holds qualifies,
+            # never another local socket that happens to use a port of the range.
+            if not self.relay_ports[0] <= port <= self.relay_ports[1]:
+                return False
+            return self._held(addr, port)
         return True
+
+    def _held(self, addr: IPAddress, port: int) -> bool:
+        if self.ports_in_use is None:
+            return True
+        return self.ports_in_use.holds_port(FAMILY_IPV6 if addr.version == 6 else FAMILY_IPV4, port)
 
 
 def build_policy(deny_specs: Iterable[str], allow_specs: Iterable[str],
                  own_endpoints: Iterable[tuple[str, int]], relay_addresses: Iterable[str],
-                 relay_ports: tuple[int, int]) -> PeerPolicy:
+                 relay_ports: tuple[int, int],
+                 ports_in_use: RelayPortsInUse | None = None) -> PeerPolicy:
     """A policy from configuration strings; ValueError names a bad entry.
 
     `own_endpoints` are the appliance's listeners: never relay targets, even
@@ -200,4 +218,5 @@ def build_policy(deny_specs: Iterable[str], allow_specs: Iterable[str],
         own_ports_any_address=frozenset(any_address),
         relay_addresses=relays,
         relay_ports=relay_ports,
+        ports_in_use=ports_in_use,
     )
