@@ -147,6 +147,18 @@ class ApplianceCollector:
                        counters.get("allocations_created", 0))
         yield _counter("relay_peer_denied", "permissions and channels refused by the peer policy",
                        counters.get("peer_denied", 0))
+        yield _counter("relay_stream_output_dropped", "relayed packets dropped because a TCP/TLS "
+                                                      "client's output queue was over its budget",
+                       counters.get("stream_output_dropped", 0))
+        yield _labelled("relay_stream_connections_aborted", "TCP/TLS connections cut off: output "
+                                                            "stalled, or idle without an allocation",
+                        "reason", {"stalled": counters.get("stalled_connections_aborted", 0),
+                                   "idle": counters.get("idle_connections_closed", 0)})
+        yield _counter("relay_ports_exhausted", "Allocates refused (508) for want of a relay port",
+                       counters.get("relay_ports_exhausted", 0))
+        yield _counter("relay_fd_exhausted", "of those, refused because the process was out of "
+                                             "file descriptors or socket memory",
+                       counters.get("relay_fd_exhausted", 0))
 
     def _signaling(self):
         svc = self.signaling

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from .auth import NonceBook, RestVerifier
 from .core import RelaySettings, TurnCore
 from .ledger import Ledger
-from .tcp import StreamConnection, close_idle_unallocated
+from .tcp import StreamConnection, abort_stalled, close_idle_unallocated
 from .udp import UdpListener, UdpRelayOpener, open_udp_listener
 
 log = logging.getLogger("turn")
@@ -118,6 +118,10 @@ class RelayNode:
             now = self.clock()
             core.handle_timer(now)
             if now >= next_idle_check:
+                # One sweep for both, not a timer per connection: a stall is aborted
+                # within STALLED_WRITE_S + IDLE_CHECK_S.
+                core.counters["stalled_connections_aborted"] += abort_stalled(
+                    self.connections, now)
                 core.counters["idle_connections_closed"] += close_idle_unallocated(
                     self.connections, core, now)
                 next_idle_check = now + IDLE_CHECK_S

@@ -17,9 +17,21 @@ from .stun import plain_address
 
 STUN_HEADER = 20
 MAX_BUFFERED = 4 * 65536
-# A connection that has not allocated by then is closed: holding sockets open
+# While paused the unparsed requests of the last read wait in the buffer: one
+# read (256 KiB, or what TLS decrypted at once) past a partial frame.
+PAUSED_MAX_BUFFERED = 4 * MAX_BUFFERED
+# A connection that has not allocated by then is aborted: holding sockets open
 # without credentials must not be a way to exhaust the relay's descriptors.
 UNALLOCATED_IDLE_S = 60.0
+# Output flow control.  Past PAUSE_AT_BYTES queued for a client the transport
+# pauses us and we stop reading that client (its own TCP window then pushes
+# back); relayed data past OUTPUT_BUDGET_BYTES is dropped, as a congested UDP
+# path would drop it.  A client that keeps us paused for STALLED_WRITE_S is
+# reading nothing useful and is aborted, which frees its queue at once (close()
+# would wait for a flush that never comes).
+PAUSE_AT_BYTES = 64 * 1024
+OUTPUT_BUDGET_BYTES = 256 * 1024
+STALLED_WRITE_S = 30.0
 
 
 class StreamConnection(asyncio.Protocol):
@@ -32,6 +44,8 @@ class StreamConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.peer = ("", 0)
         self.opened_at = clock()
+        self.write_paused_since: float | None = None
+        self.closed_at: float | None = None
         self._buf = bytearray()
 
     # --------------------------------------------------------- asyncio
@@ -39,7 +53,28 @@ class StreamConnection(asyncio.Protocol):
     def connection_made(self, transport) -> None:
         self.transport = transport
         self.peer = plain_address(transport.get_extra_info("peername"))
+        # Explicit, so TCP and TLS pause alike (asyncio's TLS default is 512 KiB).
+        transport.set_write_buffer_limits(high=PAUSE_AT_BYTES)
         self.connections.add(self)
+
+    def pause_writing(self) -> None:
+        self.write_paused_since = self.clock()
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.write_paused_since = None
+        if self.transport is not None:
+            self.transport.resume_reading()
+            if self._buf:
+                # Requests left unparsed when we paused: nothing new may arrive to
+                # trigger them.  Deferred so this never runs inside data_received.
+                asyncio.get_running_loop().call_soon(self._parse_leftover)
+
+    def _parse_leftover(self) -> None:
+        t = self.transport
+        if t is not None and not t.is_closing() and self.write_paused_since is None:
+            self.data_received(b"")
 
     def connection_lost(self, exc) -> None:
         self.connections.discard(self)
@@ -53,6 +88,8 @@ class StreamConnection(asyncio.Protocol):
         pos = 0
         n = len(buf)
         while n - pos >= 4:
+            if self.write_paused_since is not None:
+                break     # the client is not reading: the rest waits for resume_writing
             first = buf[pos]
             length = (buf[pos + 2] << 8) | buf[pos + 3]
             if first < 0x40:
@@ -77,7 +114,7 @@ class StreamConnection(asyncio.Protocol):
             pos += total
         if pos:
             del buf[:pos]
-        if len(buf) > MAX_BUFFERED:
+        if len(buf) > (MAX_BUFFERED if self.write_paused_since is None else PAUSED_MAX_BUFFERED):
             self.core.counters["malformed"] += 1
             self.close()
 
@@ -105,24 +142,63 @@ class StreamConnection(asyncio.Protocol):
 
     def send_channel_data(self, view: memoryview, size: int) -> None:
         """Write ChannelData already framed in `view[:size]`, padded to 4 bytes."""
-        if self.transport is None:
-            return
         pad = -size & 3
-        self.transport.write(bytes(view[:size]) + b"\x00" * pad if pad else bytes(view[:size]))
+        transport = self._room_for(size + pad)
+        if transport is not None:
+            transport.write(bytes(view[:size]) + b"\x00" * pad if pad else bytes(view[:size]))
 
     def send(self, message: bytes) -> None:
-        if self.transport is not None:
-            self.transport.write(message)
+        """Write a Data indication (relayed data, so it may be dropped like ChannelData)."""
+        transport = self._room_for(len(message))
+        if transport is not None:
+            transport.write(message)
+
+    def _room_for(self, size: int) -> asyncio.Transport | None:
+        """The transport, if `size` more relayed bytes fit in the output budget; else None,
+        and the drop is counted.  A closing transport takes nothing (uvloop raises on a
+        write after abort())."""
+        transport = self.transport
+        if transport is None or transport.is_closing() or \
+                transport.get_write_buffer_size() + size > OUTPUT_BUDGET_BYTES:
+            self.core.counters["stream_output_dropped"] += 1
+            return None
+        return transport
 
     def close(self) -> None:
         if self.transport is not None:
             self.transport.close()
+            if self.closed_at is None:
+                self.closed_at = self.clock()
+
+    def stalled(self, now: float) -> bool:
+        """Paused by a client that does not read, or closed and still not flushed (a client
+        that stops reading then holds it open), for STALLED_WRITE_S."""
+        since = self.closed_at if self.closed_at is not None else self.write_paused_since
+        return since is not None and now - since >= STALLED_WRITE_S
+
+    def abort(self) -> None:
+        """Drop the connection and whatever is queued for it now, without a flush.
+        The transport is let go at once, so a sweep cannot abort (and count) it twice
+        before connection_lost runs."""
+        transport, self.transport = self.transport, None
+        if transport is not None:
+            transport.abort()
 
 
 def close_idle_unallocated(connections: set, core: TurnCore, now: float) -> int:
-    """Close connections that never allocated within UNALLOCATED_IDLE_S; returns how many."""
-    idle = [c for c in connections
-            if now - c.opened_at > UNALLOCATED_IDLE_S and core.table.get(c) is None]
+    """Abort connections that never allocated within UNALLOCATED_IDLE_S; returns how many.
+    Aborted, not closed: a client that does not read would keep a closing one open."""
+    idle = [c for c in connections if c.transport is not None
+            and now - c.opened_at > UNALLOCATED_IDLE_S and core.table.get(c) is None]
     for conn in idle:
-        conn.close()
+        conn.abort()
     return len(idle)
+
+
+def abort_stalled(connections: set, now: float) -> int:
+    """Abort connections whose output has been stalled for STALLED_WRITE_S (see
+    StreamConnection.stalled); returns how many."""
+    stalled = [c for c in connections if c.transport is not None and c.stalled(now)]
+    for conn in stalled:
+        conn.abort()
+    return len(stalled)

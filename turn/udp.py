@@ -15,6 +15,8 @@ others on the loop.  Nothing here logs per packet.
 from __future__ import annotations
 
 import errno
+import logging
+import os
 import random
 import socket
 import time
@@ -31,6 +33,20 @@ LISTENER_BUFFER_BYTES = 4 * 1024 * 1024
 # commits memory for datagrams actually queued (and caps it by udp_mem).
 RELAY_BUFFER_BYTES = 512 * 1024
 PORT_TRIES = 64
+# Out of descriptors or kernel memory: no other port would fare better, so the
+# Allocate is refused (508) at once instead of trying PORT_TRIES ports.
+RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+RESOURCE_WARNING_INTERVAL_S = 10.0
+
+log = logging.getLogger("turn")
+
+
+class OutOfSockets(Exception):
+    """A relay socket could not be made for want of descriptors or kernel memory."""
+
+    def __init__(self, cause: OSError) -> None:
+        super().__init__(cause.errno)
+        self.code = cause.errno
 
 
 def _set_buffers(sock: socket.socket, size: int) -> None:
@@ -231,6 +247,7 @@ class UdpRelayOpener:
         self.in_use: set[int] = set()
         self.dropped = 0
         self._random = random.Random()
+        self._resource_warned_at = float("-inf")
 
     @property
     def core(self) -> TurnCore:
@@ -242,13 +259,20 @@ class UdpRelayOpener:
     def _bind(self, ip: str, port: int) -> socket.socket | None:
         if port in self.in_use or not self.low <= port <= self.high:
             return None
-        sock = socket.socket(socket.AF_INET6 if ":" in ip else socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            sock = socket.socket(socket.AF_INET6 if ":" in ip else socket.AF_INET, socket.SOCK_DGRAM)
+        except OSError as exc:
+            if exc.errno in RESOURCE_ERRNOS:
+                raise OutOfSockets(exc) from exc
+            raise
         try:
             sock.bind((ip, port))
         except OSError as exc:
             sock.close()
             if exc.errno in (errno.EADDRINUSE, errno.EACCES):
                 return None
+            if exc.errno in RESOURCE_ERRNOS:
+                raise OutOfSockets(exc) from exc
             raise
         sock.setblocking(False)
         _set_buffers(sock, RELAY_BUFFER_BYTES)
@@ -256,9 +280,19 @@ class UdpRelayOpener:
         return sock
 
     def open(self, family: int, even_port: bool, reserve_next: bool):
+        """(port, reserved port or None), or None when no port can be had: the core
+        answers 508.  Running out of descriptors is counted apart (relay_fd_exhausted)
+        so an operator can tell it from a full port range."""
         ip = self.relay_ips.get(family)
         if ip is None:
             return None
+        try:
+            return self._open(ip, even_port, reserve_next)
+        except OutOfSockets as exc:
+            self._out_of_sockets(exc.code)
+            return None
+
+    def _open(self, ip: str, even_port: bool, reserve_next: bool):
         for _ in range(PORT_TRIES):
             port = self._random.randint(self.low, self.high)
             if even_port:
@@ -268,7 +302,12 @@ class UdpRelayOpener:
                 continue
             reserved = None
             if reserve_next:
-                second = self._bind(ip, port + 1)
+                try:
+                    second = self._bind(ip, port + 1)
+                except BaseException:
+                    sock.close()
+                    self.release(port)
+                    raise
                 if second is None:
                     sock.close()
                     self.release(port)
@@ -276,3 +315,13 @@ class UdpRelayOpener:
                 reserved = UdpRelayPort(self.loop, second, self)
             return UdpRelayPort(self.loop, sock, self), reserved
         return None
+
+    def _out_of_sockets(self, code: int) -> None:
+        counters = self.core.counters
+        counters["relay_fd_exhausted"] += 1
+        now = self.clock()
+        if now - self._resource_warned_at >= RESOURCE_WARNING_INTERVAL_S:
+            self._resource_warned_at = now
+            log.warning("cannot open a relay socket (%s): Allocates are answered 508 until "
+                        "descriptors or memory free up (%d so far; raise the open-files limit?)",
+                        os.strerror(code), counters["relay_fd_exhausted"])

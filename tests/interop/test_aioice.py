@@ -100,10 +100,10 @@ async def test_aioice_refresh_and_delete(relay):
     relayed = turn.get_extra_info("sockname")
     await protocol.delete()                         # Refresh with LIFETIME 0
     for _ in range(50):
-        if f"allocation {relayed} for user aioice-refresh ended: refreshed to 0" in relay.log():
+        if f"allocation {relayed} for user 'aioice-refresh' ended: refreshed to 0" in relay.log():
             break
         await asyncio.sleep(0.02)
-    assert f"allocation {relayed} for user aioice-refresh ended: refreshed to 0" in relay.log()
+    assert f"allocation {relayed} for user 'aioice-refresh' ended: refreshed to 0" in relay.log()
 
 
 async def expect_allocate_error(relay, username: str, password: str) -> int:
