@@ -26,6 +26,11 @@ P = "appliance_"
 RELAY_AUTH_FAILURES = {"auth_bad_credentials": "bad_credentials", "auth_expired": "expired"}
 SIGNALING_AUTH_FAILURES = {"auth_missing_token": "missing_token", "auth_bad_token": "bad_token",
                            "auth_wrong_user": "wrong_user"}
+# Why the signaling refused a connection or session (signaling.guard), and cut one off:
+# a write stalled past stomp.send_timeout_s, an outbox over its budget while its writer was
+# stuck, a close that did not finish, a finished request whose disconnect never came.
+SIGNALING_REFUSALS = ("connections", "connections_per_ip", "sessions_per_ip", "session_rate")
+SIGNALING_ABORTS = ("send_timeout", "overflow", "close_timeout", "drain")
 
 
 # Relay snapshot fields that only grow: kept from a worker that exited, so totals never fall.
@@ -143,10 +148,19 @@ class ApplianceCollector:
                                    for key, label in RELAY_AUTH_FAILURES.items()})
         yield _labelled("relay_errors", "STUN error responses sent", "code",
                         {key[6:]: v for key, v in counters.items() if key.startswith("error_")})
+        yield _counter("relay_unauth_replies_suppressed", "error responses not sent: the source "
+                                                          "holds no allocation and has spent its "
+                                                          "budget (turn.unauth_replies_per_s)",
+                       counters.get("unauth_replies_suppressed", 0))
         yield _counter("relay_allocations_created", "allocations made",
                        counters.get("allocations_created", 0))
         yield _counter("relay_peer_denied", "permissions and channels refused by the peer policy",
                        counters.get("peer_denied", 0))
+        yield _labelled("relay_bandwidth_dropped_packets", "packets dropped past a bandwidth cap "
+                                                           "(turn.max_bps, user_max_bps, "
+                                                           "total_max_bps)", "direction",
+                        {"to_peer": counters.get("bandwidth_dropped_to_peer", 0),
+                         "to_client": counters.get("bandwidth_dropped_to_client", 0)})
         yield _counter("relay_stream_output_dropped", "relayed packets dropped because a TCP/TLS "
                                                       "client's output queue was over its budget",
                        counters.get("stream_output_dropped", 0))
@@ -180,6 +194,17 @@ class ApplianceCollector:
                        counters.get("protocol_errors", 0))
         yield _counter("signaling_slow_consumers", "sessions cut off for not reading",
                        counters.get("slow_consumers", 0))
+        yield _labelled("signaling_refused", "connections and sessions refused at a cap: 503 past "
+                                             "the total, 429 past a per-address one", "reason",
+                        {reason: counters.get(f"refused_{reason}", 0)
+                         for reason in SIGNALING_REFUSALS})
+        yield _counter("signaling_connect_timeouts", "WebSocket and SockJS sessions closed for "
+                                                     "sending no CONNECT in time",
+                       counters.get("connect_timeouts", 0))
+        yield _labelled("signaling_connections_aborted", "connections cut off without a close "
+                                                         "handshake", "reason",
+                        {reason: counters.get(f"aborted_{reason}", 0)
+                         for reason in SIGNALING_ABORTS})
         if self.calls is not None:
             reg = self.calls.registry
             yield _gauge("calls_active", "calls ringing or in progress (held by this node)",

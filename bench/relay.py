@@ -148,7 +148,11 @@ def start_ours(workdir: Path, secret: str, workers: int) -> Server:
               "turn": {"udp": f"127.0.0.1:{port}", "tcp": None, "tls": None,
                        "relay_ip": "127.0.0.1", "relay_ip6": None, "relay_ports": "48000-49999",
                        "allow_peers": ["127.0.0.1"], "user_quota": 0, "total_quota": 0,
-                       "workers": workers},
+                       "workers": workers,
+                       # Every client here is 127.0.0.1, and each Allocate starts with a 401:
+                       # the per-source reply budget would be measured, not the relay
+                       # (coturn, the baseline, has no such budget by default).
+                       "unauth_replies_per_s": 0},
               "credentials": {"secrets_file": str(secrets)}}
     path = workdir / f"appliance-{workers}.yaml"
     path.write_text(json.dumps(config))

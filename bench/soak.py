@@ -89,7 +89,9 @@ def main() -> int:
     (work / "appliance.yaml").write_text(json.dumps({
         "realm": REALM, "data_dir": str(work), "log_level": "warning",
         "turn": {"udp": f"127.0.0.1:{port}", "tcp": None, "tls": None, "relay_ip6": None,
-                 "relay_ports": "55000-59999", "user_quota": 0},
+                 "relay_ports": "55000-59999", "user_quota": 0,
+                 # One source (127.0.0.1) sends all the cycles and garbage: no reply budget.
+                 "unauth_replies_per_s": 0},
         "credentials": {"secrets_file": str(work / "secrets.json")}}))
     proc = subprocess.Popen([sys.executable, "-m", "appliance", "serve", "--config",
                              str(work / "appliance.yaml")], cwd=ROOT, stderr=subprocess.DEVNULL)

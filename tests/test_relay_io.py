@@ -41,12 +41,11 @@ class AllowAll:
 
 
 
-@pytest.fixture
-async def node():
+async def start_node(relay: RelaySettings) -> RelayNode:
     clock = Clock()
     port = free_port_pair()
     settings = NodeSettings(
-        relay=RelaySettings(realm=REALM, families=frozenset({stun.FAMILY_IPV4, stun.FAMILY_IPV6})),
+        relay=relay,
         udp=Endpoint("127.0.0.1", port), tcp=Endpoint("127.0.0.1", port), tls=None,
         relay_ips={stun.FAMILY_IPV4: "127.0.0.1", stun.FAMILY_IPV6: "::1"},
         relay_ports=(52000, 52999), nonce_lifetime_s=600, reuse_port=False)
@@ -54,6 +53,13 @@ async def node():
     await n.start()
     n.clock_ref = clock
     n.port = port
+    return n
+
+
+@pytest.fixture
+async def node():
+    n = await start_node(
+        RelaySettings(realm=REALM, families=frozenset({stun.FAMILY_IPV4, stun.FAMILY_IPV6})))
     yield n
     await n.stop()
 
@@ -390,3 +396,89 @@ async def test_dual_stack_listener_reports_ipv4_clients_as_ipv4():
         sock.close()
     finally:
         await n.stop()
+
+
+async def counted(core, counter: str, expected: int) -> None:
+    for _ in range(200):
+        if core.counters[counter] >= expected:
+            break
+        await asyncio.sleep(0.01)
+    assert core.counters[counter] == expected
+
+
+@pytest.mark.parametrize("framing", ["channel", "indication"])
+@pytest.mark.parametrize("transport", ["udp", "tcp"])
+async def test_bandwidth_cap_drops_and_counts_past_the_burst_each_way(transport, framing):
+    # 64 kbit/s: 8000 bytes/s with a burst of 3000 bytes.  The node's clock stands still,
+    # so exactly three 1000-byte packets pass each way until it moves.
+    node = await start_node(RelaySettings(realm=REALM, max_bps=64_000))
+    client = await open_client(node, transport)
+    peer = peer_socket()
+    try:
+        relayed = await client.allocate()
+        peer_addr = peer.getsockname()
+        payload = os.urandom(1000)
+        if framing == "channel":
+            assert (await client.channel_bind(0x4006, peer_addr)).cls == stun.SUCCESS
+            to_peer = struct.pack("!HH", 0x4006, len(payload)) + payload
+        else:
+            assert (await client.create_permission(peer_addr)).cls == stun.SUCCESS
+            tid = os.urandom(12)
+            send = stun.Builder(stun.SEND, stun.INDICATION, tid)
+            send.add(stun.XOR_PEER_ADDRESS, stun.encode_xor_address(peer_addr, tid))
+            send.add(stun.DATA_ATTR, payload)
+            to_peer = send.encode()
+
+        def relayed_payload(frame: bytes) -> bytes:
+            if framing == "channel":
+                return frame[4:4 + len(payload)]
+            return stun.parse(frame).get(stun.DATA_ATTR)
+
+        for _ in range(10):
+            await client.send(to_peer)
+            peer.sendto(payload, relayed)
+        await counted(node.core, "bandwidth_dropped_to_peer", 7)
+        await counted(node.core, "bandwidth_dropped_to_client", 7)
+        for _ in range(3):
+            assert (await peer_recv(peer))[0] == payload
+            assert relayed_payload(await client.recv()) == payload
+        await assert_nothing(peer)
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(client.recv(), 0.2)
+        traffic = node.core.traffic
+        assert (traffic.to_peer_packets, traffic.to_client_packets) == (3, 3)
+
+        node.clock_ref.now += 0.125            # 1000 bytes refilled each way
+        await client.send(to_peer)
+        peer.sendto(payload, relayed)
+        assert (await peer_recv(peer))[0] == payload
+        assert relayed_payload(await client.recv()) == payload
+    finally:
+        client.sock.close()
+        peer.close()
+        await node.stop()
+
+
+async def test_user_cap_is_shared_by_a_users_allocations_in_the_hot_path():
+    node = await start_node(RelaySettings(realm=REALM, user_max_bps=64_000))
+    clients = [await open_client(node, "udp") for _ in range(2)]
+    peer = peer_socket()
+    try:
+        for number, client in enumerate(clients, 0x4007):
+            await client.allocate()
+            assert (await client.channel_bind(number, peer.getsockname())).cls == stun.SUCCESS
+        for _ in range(4):
+            for number, client in enumerate(clients, 0x4007):
+                await client.send(struct.pack("!HH", number, 1000) + bytes(1000))
+        await counted(node.core, "bandwidth_dropped_to_peer", 5)
+        for _ in range(3):
+            await peer_recv(peer)
+        await assert_nothing(peer)
+        assert set(node.core.bandwidth.users) == {"alice"}
+        for client in clients:
+            client.sock.close()
+        node.core.close_all("test")
+        assert node.core.bandwidth.users == {}
+    finally:
+        peer.close()
+        await node.stop()

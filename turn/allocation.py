@@ -9,6 +9,10 @@ The hot path (turn/udp.py, turn/tcp.py) reads `permissions`, `channels` and
 `channel_of_peer` directly, so their shapes are part of this module's
 contract: permissions map peer IP string -> expiry; channels map number ->
 (peer address, expiry); channel_of_peer maps peer address -> number.
+`to_peer_meter` and `to_client_meter` (turn/bandwidth.py) are None when no
+bandwidth cap applies, else `meter.take(payload bytes, now)` says whether a
+packet going that way may pass (and charges it); the hot path checks them
+after the permission and channel checks and drops what they refuse.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import itertools
 from collections import Counter
 from typing import Hashable, Protocol
 
+from .bandwidth import Meter
 from .stun import Address
 
 PERMISSION_LIFETIME_S = 300.0
@@ -55,6 +60,7 @@ class Allocation:
         "client_key", "client_addr", "transport", "username", "user_id", "family",
         "relay", "relayed_address", "expires", "permissions", "channels",
         "channel_of_peer", "txid", "response", "fingerprint", "closed",
+        "to_peer_meter", "to_client_meter",
     )
 
     def __init__(self, client_key: Hashable, client_addr: Address, transport: str,
@@ -76,6 +82,9 @@ class Allocation:
         self.response = b""
         self.fingerprint = fingerprint
         self.closed = False
+        # Set by BandwidthCaps.attach when a cap applies (client->peer, peer->client).
+        self.to_peer_meter: Meter | None = None
+        self.to_client_meter: Meter | None = None
 
     def live_permissions(self, now: float) -> int:
         return sum(1 for exp in self.permissions.values() if exp > now)

@@ -24,8 +24,10 @@ from . import stun
 from .allocation import (CHANNEL_MAX, CHANNEL_MIN, DEFAULT_LIFETIME_S, Allocation,
                          AllocationTable, RelayOpener, RelayPort)
 from .auth import NonceBook, RestVerifier, parse_rest_username
+from .bandwidth import BandwidthCaps
 from .ledger import Ledger, LocalLedger
 from .ratelog import RateLimitedLog
+from .source_budget import SourceBudget
 from .stun import Address, BadAttribute, Builder, Message
 
 log = logging.getLogger("turn")
@@ -103,11 +105,17 @@ class TurnCore:
         self.ledger = ledger if ledger is not None else LocalLedger()
         self.counters: Counter[str] = Counter()
         self.traffic = Traffic()
+        self.bandwidth = BandwidthCaps(settings.max_bps, settings.user_max_bps,
+                                       settings.total_max_bps)
         self.draining = False
         # token -> (held port, expiry, user id it counts against)
         self._reservations: dict[bytes, tuple[RelayPort, float, str]] = {}
         self._next_sweep = 0.0
         self._failures = RateLimitedLog(log)
+        # Error replies to sources without an allocation, per source: a UDP source can be
+        # forged, and a 401 is five times the Allocate that earns it.
+        self.unauth_replies = SourceBudget(settings.unauth_replies_per_s,
+                                           settings.unauth_reply_burst)
 
     # ------------------------------------------------------------ entry points
 
@@ -124,7 +132,7 @@ class TurnCore:
                                      transport, client_addr[0])
         try:
             msg = stun.parse(data)
-            if msg.cls == stun.REQUEST:
+            if msg.cls == stun.REQUEST and self._may_send_error(client_key, client_addr, now):
                 self.counters["error_500"] += 1
                 return self._error(msg, Reject(500), client_addr, now)
         except Exception:
@@ -142,12 +150,16 @@ class TurnCore:
             try:
                 return self._request(msg, client_key, client_addr, transport, now)
             except Reject as rej:
+                if not self._may_send_error(client_key, client_addr, now):
+                    return None
                 self.counters[f"error_{rej.code}"] += 1
                 if log.isEnabledFor(logging.DEBUG):
                     log.debug("%s from %s/%s: %d (%s)", METHOD_NAMES.get(msg.method, msg.method),
                               transport, client_addr[0], rej.code, rej.detail or stun.REASONS.get(rej.code))
                 return self._error(msg, rej, client_addr, now)
             except BadAttribute:
+                if not self._may_send_error(client_key, client_addr, now):
+                    return None
                 self.counters["error_400"] += 1
                 return self._error(msg, Reject(400), client_addr, now)
         if msg.cls == stun.INDICATION and msg.method == stun.SEND:
@@ -155,6 +167,15 @@ class TurnCore:
         else:
             self.counters["ignored"] += 1
         return None
+
+    def _may_send_error(self, client_key: Hashable, client_addr: Address, now: float) -> bool:
+        """Whether an error response may go out: always to a client with an allocation
+        (it authenticated, so its address is real), else while its source's budget lasts.
+        Checked before the reply is built, so a suppressed one costs no nonce or HMAC."""
+        if self.table.get(client_key) is not None or self.unauth_replies.allow(client_addr[0], now):
+            return True
+        self.counters["unauth_replies_suppressed"] += 1
+        return False
 
     def data_indication(self, alloc: Allocation, peer: Address, data: bytes) -> bytes:
         """A Data indication carrying `data` from `peer` (no channel bound)."""
@@ -333,6 +354,7 @@ class TurnCore:
                            family, relay, (advertised_ip, relay.address[1]), now + lifetime,
                            msg.has_fingerprint)
         relay.allocation = alloc
+        self.bandwidth.attach(alloc, now)
         self.table.add(alloc)
         self.ledger.mark_port(family, relay.address[1], True)
         tid = msg.transaction_id
@@ -456,6 +478,10 @@ class TurnCore:
                 not self.policy.permits(peer[0], peer[1]):
             self.counters["send_dropped"] += 1
             return
+        meter = alloc.to_peer_meter
+        if meter is not None and not meter.take(len(data), now):
+            self.counters["bandwidth_dropped_to_peer"] += 1
+            return
         alloc.relay.sendto(data, peer)
         self.traffic.to_peer_packets += 1
         self.traffic.to_peer_bytes += len(data)
@@ -485,6 +511,7 @@ class TurnCore:
 
     def _close(self, alloc: Allocation, reason: str) -> None:
         alloc.relay.allocation = None
+        self.bandwidth.detach(alloc)
         self.ledger.mark_port(alloc.family, alloc.relay.address[1], False)
         self.ledger.release(alloc.user_id)
         alloc.relay.close()

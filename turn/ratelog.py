@@ -24,6 +24,15 @@ class RateLimitedLog:
     def exception(self, now: float, message: str, *args) -> bool:
         """Log `message` with the current exception's traceback, if the budget allows;
         True if it was logged."""
+        return self._log(logging.ERROR, now, message, args, exc_info=True)
+
+    def info(self, now: float, message: str, *args) -> bool:
+        """Log `message` at INFO, if the budget allows; True if it was logged."""
+        return self._log(logging.INFO, now, message, args, exc_info=False)
+
+    def _log(self, level: int, now: float, message: str, args: tuple, exc_info: bool) -> bool:
+        if not self._logger.isEnabledFor(level):
+            return False
         if now - self._window_start >= self._interval_s:
             self._window_start, self._in_window = now, 0
         if self._in_window >= self._burst:
@@ -34,5 +43,5 @@ class RateLimitedLog:
             message += " (%d similar lines suppressed)"
             args = (*args, self.suppressed)
             self.suppressed = 0
-        self._logger.exception(message, *args)
+        self._logger.log(level, message, *args, exc_info=exc_info)
         return True

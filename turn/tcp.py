@@ -130,6 +130,10 @@ class StreamConnection(asyncio.Protocol):
         peer = channel[0]
         if alloc.permissions.get(peer[0], 0.0) <= now:
             return
+        meter = alloc.to_peer_meter
+        if meter is not None and not meter.take(length, now):
+            self.core.counters["bandwidth_dropped_to_peer"] += 1
+            return
         # The view must be released before the buffer is resized.
         with memoryview(buf) as view:
             try:

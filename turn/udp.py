@@ -6,6 +6,8 @@ DatagramProtocol allocates a `bytes` per datagram and is 4-6x slower here).
 A ChannelData packet from a client costs a 4-byte header read, two dict
 lookups and a `sendto`; a datagram from a peer is received at offset 4 of the
 buffer so its ChannelData header is written in front of it without a copy.
+Bandwidth caps cost one `is not None` test per packet when off (the
+allocation's meters are None) and one token-bucket charge each when on.
 Everything that is not ChannelData goes to the sans-I/O core.
 
 Reads are drained in bounded batches so one busy socket cannot starve the
@@ -98,7 +100,7 @@ class UdpListener:
         sock, buf, view = self.sock, self._buf, self._view
         allocations = self.core.table.by_client
         now = self.clock()
-        packets = octets = 0
+        packets = octets = throttled = 0
         for _ in range(READ_BATCH):
             try:
                 n, addr = sock.recvfrom_into(buf)
@@ -122,6 +124,10 @@ class UdpListener:
                 if alloc.permissions.get(peer[0], 0.0) <= now:
                     self.dropped += 1
                     continue
+                meter = alloc.to_peer_meter
+                if meter is not None and not meter.take(length, now):
+                    throttled += 1
+                    continue
                 try:
                     alloc.relay.sock.sendto(view[4:4 + length], peer)
                 except OSError:
@@ -143,6 +149,8 @@ class UdpListener:
             traffic = self.core.traffic
             traffic.to_peer_packets += packets
             traffic.to_peer_bytes += octets
+        if throttled:
+            self.core.counters["bandwidth_dropped_to_peer"] += throttled
 
 
 class UdpRelayPort:
@@ -177,7 +185,7 @@ class UdpRelayPort:
         buf, view, sock = owner.buf, owner.view, self.sock
         into = owner.into
         now = owner.clock()
-        packets = octets = 0
+        packets = octets = throttled = 0
         for _ in range(READ_BATCH):
             try:
                 n, addr = sock.recvfrom_into(into)
@@ -191,6 +199,10 @@ class UdpRelayPort:
             ip = addr[0]
             if alloc.permissions.get(ip, 0.0) <= now:
                 owner.dropped += 1
+                continue
+            meter = alloc.to_client_meter
+            if meter is not None and not meter.take(n, now):
+                throttled += 1
                 continue
             peer = addr if len(addr) == 2 else addr[:2]
             number = alloc.channel_of_peer.get(peer)
@@ -223,6 +235,8 @@ class UdpRelayPort:
             traffic = owner.core.traffic
             traffic.to_client_packets += packets
             traffic.to_client_bytes += octets
+        if throttled:
+            owner.core.counters["bandwidth_dropped_to_client"] += throttled
 
 
 class UdpRelayOpener:
