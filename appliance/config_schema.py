@@ -222,11 +222,40 @@ class AuthConfig:
 class StompConfig:
     """Limits and timing of STOMP sessions."""
 
+    connect_timeout_s: int = opt(10, "seconds a WebSocket or SockJS session has to send CONNECT",
+                                 between(1, 3600))
+    send_timeout_s: int = opt(10, "seconds one write may wait for a client to read before its "
+                                  "connection is cut off", between(1, 600))
+    max_outbox_bytes: int = opt(1048576, "bytes queued for a client that is not reading",
+                                at_least(65536))
+    max_connections: int | None = opt(None, "signaling connections at once, beyond: 503; null: "
+                                            "half the open-files limit less 64", at_least(1))
+    max_connections_per_ip: int = opt(256, "connections one address may hold, beyond: 429; "
+                                           "0 = no cap", at_least(0))
+    max_sessions_per_ip: int = opt(128, "WebSocket and SockJS sessions one address may hold; "
+                                        "0 = no cap", at_least(0))
+    new_sessions_per_ip_per_s: int = opt(10, "new sessions per second from one address; "
+                                             "0 = no cap", at_least(0))
+    new_session_burst: int = opt(60, "new sessions one address may open at once", at_least(1))
+    per_ip_exempt: tuple[str, ...] = opt(("127.0.0.0/8", "::1"), "networks the per-address "
+                                         "caps do not apply to (a reverse proxy)",
+                                         item_check=network)
     max_frame_bytes: int = opt(65536, "largest frame a client may send", between(1024, 16 * 1024 * 1024))
     heartbeat_ms: tuple[int, int] = opt((10000, 10000), "heart-beats we send, and want, in ms",
                                         parse=heartbeat_pair)
     max_subscriptions: int = opt(100, "subscriptions per session", at_least(1))
     max_outbox: int = opt(1024, "frames queued for a client that is not reading", at_least(16))
+    max_watched: int = opt(1000, "userIds one session may watch through status queries; past "
+                                 "it a query is 400", between(200, 1_000_000))
+    max_json_depth: int = opt(32, "nesting depth of a JSON body (STOMP SEND or HTTP); deeper "
+                                  "is 400", between(4, 512))
+    max_user_id_chars: int = opt(128, "longest userId, in the URL or a token; longer, or with a "
+                                      "control character, is refused", between(16, 1024))
+    send_rate: int = opt(50, "SEND frames a second one session may keep up; past it 429; "
+                             "0 = no limit", at_least(0))
+    send_burst: int = opt(200, "SEND frames one session may make at once", at_least(1))
+    send_refusals_to_close: int = opt(50, "SENDs refused with 429 within 10 s that end the "
+                                          "session with an ERROR frame", at_least(1))
 
 
 @dataclass(frozen=True)

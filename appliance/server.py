@@ -38,6 +38,7 @@ from .config import AppConfig, HostPort
 from .listeners import ListenerError, check_unshared, hypercorn_bind
 from .metrics import combine_stats, retired_part
 from .next_steps import next_steps
+from .open_files import raise_open_files_limit
 from .ring_watcher import RingWatcher
 from .tls_reload import CertificateReloader
 
@@ -443,4 +444,5 @@ def run(config: AppConfig, files: TlsFiles) -> int:
     configure_logging(config.log_level)
     loop_kind = install_uvloop()
     log.info("event loop: %s", loop_kind)
+    raise_open_files_limit()
     return asyncio.run(ApplianceProcess(config, files, os.urandom(32), main=True).run())

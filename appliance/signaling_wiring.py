@@ -6,10 +6,13 @@ from __future__ import annotations
 import os
 import secrets
 import time
+import weakref
 from pathlib import Path
 
+from signaling.admission import SessionLimits
 from signaling.app import create_app
 from signaling.auth import HttpVerifier, JwtVerifier, StaticVerifier, TokenVerifier, mint_jwt
+from signaling.guard import CapSettings, ClientGuard, LifecyclePolicy
 from signaling.stomp import Limits
 
 from .config import AppConfig
@@ -61,7 +64,32 @@ def token_verifier(config: AppConfig) -> TokenVerifier:
 def stomp_limits(config: AppConfig) -> Limits:
     s = config.stomp
     return Limits(max_frame_bytes=s.max_frame_bytes, max_subscriptions=s.max_subscriptions,
-                  heartbeat_ms=s.heartbeat_ms)
+                  heartbeat_ms=s.heartbeat_ms, send_rate=s.send_rate, send_burst=s.send_burst,
+                  send_refusals_to_close=s.send_refusals_to_close, max_watched=s.max_watched,
+                  max_json_depth=s.max_json_depth, max_user_id_chars=s.max_user_id_chars)
+
+
+_guards: weakref.WeakKeyDictionary[AppConfig, ClientGuard] = weakref.WeakKeyDictionary()
+
+
+def client_guard(config: AppConfig) -> ClientGuard:
+    """The ClientGuard of the signaling listener `config` describes: one per configuration,
+    because the app (signaling_app) and Hypercorn's connections (hypercorn_config) are built
+    apart from the same configuration and must count against the same caps."""
+    guard = _guards.get(config)
+    if guard is None:
+        s = config.stomp
+        policy = LifecyclePolicy(connect_timeout_s=s.connect_timeout_s,
+                                 send_timeout_s=s.send_timeout_s,
+                                 max_outbox_bytes=s.max_outbox_bytes)
+        caps = CapSettings(max_connections=s.max_connections,
+                           max_connections_per_ip=s.max_connections_per_ip,
+                           sessions=SessionLimits(s.max_sessions_per_ip,
+                                                  s.new_sessions_per_ip_per_s,
+                                                  s.new_session_burst),
+                           exempt=s.per_ip_exempt)
+        guard = _guards[config] = ClientGuard(policy, caps)
+    return guard
 
 
 def dev_token_minter(config: AppConfig):
@@ -86,9 +114,13 @@ def broker(config: AppConfig):
 
 
 def signaling_app(config: AppConfig, issue_credentials=None):
+    from signaling.hypercorn_guard import ReceiveDrain
+
+    guard = client_guard(config)
     app = create_app(config.http.prefix, token_verifier(config), stomp_limits(config),
                      config.stomp.max_outbox, config.calls.ring_timeout_s, config.calls.grace_s,
-                     issue_credentials, broker(config))
+                     issue_credentials, broker(config), guard)
+    app.asgi_app = ReceiveDrain(app.asgi_app, guard)
     if config.http.demo:
         from .demo_site import install_demo
         install_demo(app, config.http.prefix, dev_token_minter(config))
@@ -121,10 +153,18 @@ def decline_websocket_compression() -> None:
 def hypercorn_config(config: AppConfig, bind: str, cert: Path | None, key: Path | None,
                      reloader: CertificateReloader | None = None):
     """Hypercorn's settings for the signaling; `bind` is what listeners.hypercorn_bind gave
-    (the appliance binds the socket itself, so a failure names http.listen)."""
+    (the appliance binds the socket itself, so a failure names http.listen).  Its
+    connections go through the configuration's ClientGuard (signaling.hypercorn_guard):
+    the connection caps, the send timeout, bounded closes."""
+    from signaling.hypercorn_guard import guard_listener
+
     decline_websocket_compression()
     h = config.http
     hc = reloadable_hypercorn_config(reloader or CertificateReloader(), "https")
+    guard_listener(hc, client_guard(config))
+    # A TLS handshake holds a descriptor before the guard sees the connection: give it
+    # no longer than a client has for CONNECT (Hypercorn's default is 60 s).
+    hc.ssl_handshake_timeout = config.stomp.connect_timeout_s
     hc.bind = [bind]
     hc.accesslog = None
     hc.errorlog = None            # our logging, not hypercorn's

@@ -148,11 +148,7 @@ def start_ours(workdir: Path, secret: str, workers: int) -> Server:
               "turn": {"udp": f"127.0.0.1:{port}", "tcp": None, "tls": None,
                        "relay_ip": "127.0.0.1", "relay_ip6": None, "relay_ports": "48000-49999",
                        "allow_peers": ["127.0.0.1"], "user_quota": 0, "total_quota": 0,
-                       "workers": workers,
-                       # Every client here is 127.0.0.1, and each Allocate starts with a 401:
-                       # the per-source reply budget would be measured, not the relay
-                       # (coturn, the baseline, has no such budget by default).
-                       "unauth_replies_per_s": 0},
+                       "workers": workers},
               "credentials": {"secrets_file": str(secrets)}}
     path = workdir / f"appliance-{workers}.yaml"
     path.write_text(json.dumps(config))
@@ -169,9 +165,10 @@ def start_ours(workdir: Path, secret: str, workers: int) -> Server:
 class Client:
     """A blocking TURN client for set-up (the load itself is raw ChannelData)."""
 
-    def __init__(self, port: int, secret: str, user: str) -> None:
+    def __init__(self, port: int, secret: str, user: str, source: str = "127.0.0.1") -> None:
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        self.sock.bind((source, 0))
         self.sock.connect(("127.0.0.1", port))
         self.sock.settimeout(2)
         self.creds = ClientCredentials.rest(secret.encode(), f"{int(time.time()) + 3600}:{user}", REALM)
@@ -264,12 +261,18 @@ def measure_rate(clients, payload: int, rate: float, seconds: float):
     return sent.value, received.value
 
 
+ALLOCATION_SOURCES = 100
+
+
 def allocation_rate(port: int, secret: str, count: int) -> float:
     peer = ("127.0.0.1", 9)
     done = []
     start = time.perf_counter()
     for i in range(count):
-        c = Client(port, secret, f"alloc{i}")
+        # Spread over ALLOCATION_SOURCES addresses: each Allocate starts with a 401, and
+        # the relay budgets those per source (turn.unauth_replies_per_s, left on its
+        # default here); many real clients, not one, make an allocation rate.
+        c = Client(port, secret, f"alloc{i}", f"127.0.0.{2 + i % ALLOCATION_SOURCES}")
         c.allocate()
         c.bind(0x4000, peer)
         c.delete()

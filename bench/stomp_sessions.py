@@ -57,7 +57,9 @@ def start_appliance(work: Path, users: int, extra: dict | None = None) -> tuple[
               "http": {"listen": f"127.0.0.1:{port}", "tls": False},
               "admin": {"listen": None},
               "auth": {"mode": "static", "tokens": {f"tok-{i}": f"user{i}" for i in range(users)}},
-              "stomp": {"heartbeat_ms": "0,0"}, **(extra or {})}
+              # send_rate 0: the load sessions query as fast as answers come back, which is
+              # what this measures; the per-session SEND budget would measure itself.
+              "stomp": {"heartbeat_ms": "0,0", "send_rate": 0}, **(extra or {})}
     path = work / "appliance.yaml"
     path.write_text(json.dumps(config))
     proc = subprocess.Popen([sys.executable, "-m", "appliance", "serve", "--config", str(path)],

@@ -6,12 +6,13 @@ import asyncio
 
 from quart import Quart, websocket
 
-from .auth import TokenVerifier
+from .auth import TokenVerifier, UserIdChecked
 from .broker import Broker, MemoryBroker
 from .broker.redis import RedisBroker
 from .calls.cluster import CallCluster
 from .calls.registry import CallRegistry
 from .calls.service import CallService
+from .guard import ClientGuard
 from .http_api import install_envelope_errors
 from .service import SignalingService
 from .sockjs.server import SockJSServer
@@ -22,14 +23,19 @@ from .ws import serve_websocket
 
 def create_app(prefix: str, verifier: TokenVerifier, limits: Limits, max_outbox: int,
                ring_timeout_s: float = 30.0, grace_s: float = 10.0,
-               issue_credentials: Issue | None = None, broker: Broker | None = None) -> Quart:
+               issue_credentials: Issue | None = None, broker: Broker | None = None,
+               guard: ClientGuard | None = None) -> Quart:
     """The signaling app; `issue_credentials(userId)` answers TURN credential requests
     (no such routes without it: a relay-less test app has nothing to hand out).  The
     broker is this process's MemoryBroker unless one spanning nodes (RedisBroker) is
-    given; the app starts and stops it."""
+    given; the app starts and stops it.  `guard` holds the connection and session caps
+    and timeouts (none but the defaults without it); it counts in the service's counters."""
     app = Quart("signaling")
     broker = broker if broker is not None else MemoryBroker()
-    service = SignalingService(broker, verifier)
+    verifier = UserIdChecked(verifier, limits.max_user_id_chars)   # every way in: STOMP and HTTP
+    service = SignalingService(broker, verifier, limits)
+    guard = guard if guard is not None else ClientGuard()
+    guard.count_into(service.counters)
     app.extensions["signaling"] = service
     install_envelope_errors(app)
     calls = CallService(broker, CallRegistry(ring_timeout_s, grace_s), limits.max_frame_bytes)
@@ -61,7 +67,7 @@ def create_app(prefix: str, verifier: TokenVerifier, limits: Limits, max_outbox:
 
     @app.websocket(f"{prefix}/ws")
     async def stomp_websocket():
-        await serve_websocket(websocket._get_current_object(), service, limits, max_outbox)
+        await serve_websocket(websocket._get_current_object(), service, limits, max_outbox, guard)
 
-    SockJSServer(service, limits, max_outbox).install(app, f"{prefix}/ws")
+    SockJSServer(service, limits, max_outbox, guard).install(app, f"{prefix}/ws")
     return app

@@ -3,6 +3,8 @@
 `TokenVerifier` has one method, `verify(token) -> user id | None`; it is
 async because the `http` mode (the customer's introspection endpoint) is a
 network call.  Tokens never reach a log: failures are logged by reason only.
+`UserIdChecked` wraps any of them so that whatever a token names -- a JWT
+`sub`, a static map's value, the IM backend's answer -- is a usable user id.
 """
 
 from __future__ import annotations
@@ -15,6 +17,9 @@ from typing import Callable, Mapping, Protocol
 import httpx
 import jwt
 
+from .client_text import DEFAULT_MAX_USER_ID_CHARS, user_id_problem
+from .errors import SignalingError
+
 log = logging.getLogger("signaling.auth")
 
 JWT_LEEWAY_S = 5
@@ -24,6 +29,30 @@ INTROSPECT_CACHE_ENTRIES = 10000
 
 class TokenVerifier(Protocol):
     async def verify(self, token: str) -> str | None: ...
+
+
+class UserIdChecked:
+    """A verifier whose every answer is a user id fit for logs, headers and keys.
+
+    A token that is genuine but names an id with a control character or over
+    `max_chars` characters is refused with 400 (a SignalingError: an ERROR frame
+    on CONNECT, the envelope over HTTP), not taken for a bad token: the issuer
+    made it, and should hear why it does not work.
+    """
+
+    def __init__(self, inner: TokenVerifier, max_chars: int = DEFAULT_MAX_USER_ID_CHARS) -> None:
+        self.inner = inner
+        self.max_chars = max_chars
+
+    async def verify(self, token: str) -> str | None:
+        user = await self.inner.verify(token)
+        if user is None:
+            return None
+        problem = user_id_problem(user, self.max_chars)
+        if problem is not None:
+            log.info("token refused: its user id %s", problem)
+            raise SignalingError(400, f"bad request: the token's user id {problem}")
+        return user
 
 
 class StaticVerifier:

@@ -3,7 +3,9 @@
 The transport feeds inbound text (`feed`), writes what `take_output`
 returns (one STOMP frame per item), calls `tick` when `next_timer` says, and
 `finish` once at the end.  Authentication of CONNECT happens here, so every
-transport refuses and accepts clients the same way.
+transport refuses and accepts clients the same way -- and the CONNECT
+deadline is here too: a client that has not sent CONNECT `connect_timeout_s`
+after the transport opened gets an ERROR and is closed.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from typing import Callable
 
 from .errors import SignalingError
 from .service import SignalingService
-from .session import Session
+from .session import DEFAULT_MAX_OUTBOX_BYTES, Session
 from .stomp import ConnectRequested, Limits, StompServerConnection
 
 _session_numbers = itertools.count(1)
@@ -24,14 +26,25 @@ def new_session_id() -> str:
     return f"{os.getpid():x}-{next(_session_numbers):x}"
 
 
+def _nothing() -> None:
+    return None
+
+
 class StompEndpoint:
     def __init__(self, service: SignalingService, limits: Limits, max_outbox: int,
-                 claimed_user: str | None, now: float, wake: Callable[[], None]) -> None:
+                 claimed_user: str | None, now: float, wake: Callable[[], None], *,
+                 connect_timeout_s: float | None = None,
+                 max_outbox_bytes: int = DEFAULT_MAX_OUTBOX_BYTES,
+                 overflow: Callable[[], None] = _nothing) -> None:
         self.service = service
         self.claimed_user = claimed_user
         self.max_outbox = max_outbox
+        self.max_outbox_bytes = max_outbox_bytes
         self.wake = wake
+        self.overflow = overflow
         self.conn = StompServerConnection(limits, now=now)
+        self.connect_timeout_s = connect_timeout_s
+        self.connect_deadline = None if connect_timeout_s is None else now + connect_timeout_s
         self.session: Session | None = None
         self._finished = False
 
@@ -45,28 +58,40 @@ class StompEndpoint:
         self._flush()
 
     def tick(self, now: float) -> None:
+        if self.session is None:
+            self._check_connect_deadline(now)
         for event in self.conn.handle_timer(now):
             if self.session is not None:
                 self.service.handle(self.session, event)
         self._flush()
 
     def next_timer(self) -> float | None:
+        if self.session is None:
+            return None if self.conn.closed else self.connect_deadline
         return self.conn.get_timer()
 
     def take_output(self) -> list[bytes]:
         if self.session is None:
             return self.conn.data_to_send()
-        out = list(self.session.outbox)
-        self.session.outbox.clear()
-        return out
+        return self.session.take()
 
     def finish(self) -> None:
-        """The transport is gone: the session leaves the broker (once)."""
+        """The transport is gone: the session leaves the broker (once), and what it had not
+        written is dropped at once."""
         if self._finished:
             return
         self._finished = True
         if self.session is not None:
             self.service.closed(self.session)
+            self.session.discard()
+        else:
+            self.conn.data_to_send()
+
+    def _check_connect_deadline(self, now: float) -> None:
+        if self.conn.closed or self.connect_deadline is None or now < self.connect_deadline:
+            return
+        self.service.counters["connect_timeouts"] += 1
+        self.conn.close_with_error(f"no CONNECT within {self.connect_timeout_s:g} s")
 
     async def _on_event(self, event, now: float) -> None:
         if isinstance(event, ConnectRequested):
@@ -75,7 +100,10 @@ class StompEndpoint:
             except SignalingError as err:
                 self.conn.reject(err.message)
                 return
-            self.session = Session(new_session_id(), user, self.conn, self.wake, self.max_outbox)
+            if self.conn.closed:
+                return            # the deadline (or a shutdown) came while the token was checked
+            self.session = Session(new_session_id(), user, self.conn, self.wake, self.max_outbox,
+                                   self.max_outbox_bytes, self.overflow)
             self.conn.accept(now, session=self.session.id, user_name=user)
             self.session.flush()
             self.service.connected(self.session)

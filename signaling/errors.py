@@ -1,13 +1,15 @@
 """Errors a client's SEND earns: a MESSAGE on its /user/queue/errors, connection kept.
 
 Codes are API.md §2's: below 1000 they mirror HTTP statuses (400 bad
-parameters, 403 forbidden, 404 unknown destination), above 1000 they are
-business errors.
+parameters, 403 forbidden, 404 unknown destination, 429 over the session's SEND
+budget, 500 a bug), above 1000 they are business errors.
 """
 
 from __future__ import annotations
 
 import json
+
+from .json_body import DEFAULT_MAX_DEPTH, JsonBodyError, decode_json
 
 ERRORS_DESTINATION = "/user/queue/errors"
 
@@ -32,8 +34,10 @@ def unavailable() -> SignalingError:
     return SignalingError(503, "signaling backend unavailable, try again")
 
 
-def parse_json(body: bytes):
+def parse_json(body: bytes, max_bytes: int = 65536, max_depth: int = DEFAULT_MAX_DEPTH):
+    """A SEND's or a request's JSON body (None if empty); 400 naming what is wrong with it --
+    too large, not UTF-8, not JSON, nested too deep -- and never anything else."""
     try:
-        return json.loads(body.decode("utf-8")) if body.strip() else None
-    except (UnicodeDecodeError, ValueError):
-        raise bad_request("body is not valid JSON") from None
+        return decode_json(body, max_bytes, max_depth)
+    except JsonBodyError as exc:
+        raise bad_request(str(exc)) from None

@@ -2,8 +2,9 @@
 
 `code` below 1000 equals the HTTP status; business errors (above 1000) go
 out with status 200.  Errors are enveloped too -- unknown paths 404, bad
-JSON 400, a missing or invalid `ide` token 401 -- and an unexpected failure is
-a 500 whose body says nothing about the code (the stack goes to the log).
+JSON 400 (not UTF-8, not JSON, nested too deep), a body over the size bound 413,
+a missing or invalid `ide` token 401 -- and an unexpected failure is a 500
+whose body says nothing about the code (the stack goes to the log).
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from quart import Quart, Response, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from .auth import TokenVerifier
-from .errors import SignalingError
+from .client_text import loggable
+from .errors import SignalingError, parse_json
 
 log = logging.getLogger("signaling.http")
 
@@ -47,6 +49,22 @@ async def authenticated_user(verifier: TokenVerifier) -> str:
     return user
 
 
+async def request_json(max_bytes: int, max_depth: int, empty=None):
+    """The request's JSON body, `empty` if there is none: ApiError 413 as soon as it passes
+    `max_bytes` (a declared length is refused before anything is read), SignalingError
+    400 if it is not UTF-8, not JSON or nested deeper than `max_depth`."""
+    if request.content_length is not None and request.content_length > max_bytes:
+        raise ApiError(413)
+    data = bytearray()
+    async for chunk in request.body:
+        data += chunk
+        if len(data) > max_bytes:
+            raise ApiError(413)
+    if not data.strip():
+        return empty
+    return parse_json(bytes(data), max_bytes, max_depth)
+
+
 def install_envelope_errors(app: Quart) -> None:
     @app.errorhandler(ApiError)
     async def api_error(err: ApiError):
@@ -62,5 +80,5 @@ def install_envelope_errors(app: Quart) -> None:
 
     @app.errorhandler(Exception)
     async def unexpected(err: Exception):
-        log.exception("unhandled error on %s %s", request.method, request.path)
+        log.exception("unhandled error on %s %s", loggable(request.method), loggable(request.path))
         return envelope(500)

@@ -4,7 +4,9 @@ A user is ONLINE while at least one STOMP session of theirs is connected.
 A status query is answered to the asking session only, and registers that
 session as a watcher of those users; when one of them comes online or goes
 offline, only their watchers get a push on /topic/user/status.  Watches end
-with the watching session, so the tables hold nothing for closed sessions.
+with the watching session, so the tables hold nothing for closed sessions,
+and one session watches at most `max_watched` users: without the bound, one
+client querying 500,000 distinct ids grew the server by 200 MB.
 """
 
 from __future__ import annotations
@@ -12,12 +14,13 @@ from __future__ import annotations
 import json
 
 from .broker import Broker
+from .client_text import DEFAULT_MAX_USER_ID_CHARS, user_id_problem
 from .errors import bad_request
 from .session import Session
 
 STATUS_DESTINATION = "/topic/user/status"
 MAX_QUERY_IDS = 200
-MAX_USER_ID_LENGTH = 128
+DEFAULT_MAX_WATCHED = 1000
 
 
 def status_body(entries: list[tuple[str, bool]]) -> bytes:
@@ -26,8 +29,11 @@ def status_body(entries: list[tuple[str, bool]]) -> bytes:
 
 
 class Presence:
-    def __init__(self, broker: Broker) -> None:
+    def __init__(self, broker: Broker, max_watched: int = DEFAULT_MAX_WATCHED,
+                 max_user_id_chars: int = DEFAULT_MAX_USER_ID_CHARS) -> None:
         self.broker = broker
+        self.max_watched = max_watched
+        self.max_user_id_chars = max_user_id_chars
         self._watchers: dict[str, dict[str, Session]] = {}     # watched user -> sessions by id
         self._watching: dict[str, set[str]] = {}               # session id -> watched users
 
@@ -37,10 +43,17 @@ class Presence:
             raise bad_request("body must be a JSON array of userId strings")
         if len(payload) > MAX_QUERY_IDS:
             raise bad_request(f"at most {MAX_QUERY_IDS} userIds per query, got {len(payload)}")
-        if any(not u or len(u) > MAX_USER_ID_LENGTH for u in payload):
-            raise bad_request(f"userIds must be 1-{MAX_USER_ID_LENGTH} characters")
+        if any(user_id_problem(u, self.max_user_id_chars) for u in payload):
+            raise bad_request(f"userIds must be 1-{self.max_user_id_chars} characters, "
+                              "without control characters")
         users = list(dict.fromkeys(payload))
-        watched = self._watching.setdefault(session.id, set())
+        watched = self._watching.get(session.id, set())
+        adding = sum(1 for u in users if u not in watched)
+        if len(watched) + adding > self.max_watched:
+            # Refused whole, before anything is stored: the answer and the watches go together.
+            raise bad_request(f"at most {self.max_watched} watched userIds per session: this "
+                              f"session watches {len(watched)}, the query adds {adding}")
+        watched = self._watching.setdefault(session.id, watched)
         for user in users:
             watched.add(user)
             self._watchers.setdefault(user, {})[session.id] = session

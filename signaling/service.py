@@ -4,21 +4,29 @@ Transport-free: the WebSocket and SockJS handlers create a Session, call
 `authenticate` on CONNECT, `connected` once accepted, `handle` for each
 STOMP event and `closed` at the end.  SENDs to `/app/...` go to the router;
 a handler's SignalingError becomes a MESSAGE on the sender's
-/user/queue/errors and nobody else hears of it.
+/user/queue/errors and nobody else hears of it.  So does a bug (500, counted,
+logged at a bounded rate): one client's message must never end its session
+with a traceback, let alone anyone else's.  Bodies are parsed with the size and
+depth bounds of `Limits`; SENDs over the session's budget get 429.  Client
+text reaches the log only through `loggable`.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections import Counter
 from typing import Callable
 
+from turn.ratelog import RateLimitedLog
+
 from .auth import TokenVerifier
 from .broker import Broker
+from .client_text import loggable, user_id_problem
 from .errors import ERRORS_DESTINATION, SignalingError, parse_json, unavailable
 from .presence import Presence
 from .session import Session
-from .stomp import ConnectRequested, MessageSent, ProtocolError
+from .stomp import ConnectRequested, Limits, MessageSent, ProtocolError, SendRefused
 
 log = logging.getLogger("signaling")
 
@@ -26,14 +34,16 @@ Handler = Callable[["SignalingService", Session, object], None]
 
 
 class SignalingService:
-    def __init__(self, broker: Broker, verifier: TokenVerifier) -> None:
+    def __init__(self, broker: Broker, verifier: TokenVerifier, limits: Limits | None = None) -> None:
         self.broker = broker
         self.verifier = verifier
-        self.presence = Presence(broker)
+        self.limits = limits = limits if limits is not None else Limits()
+        self.presence = Presence(broker, limits.max_watched, limits.max_user_id_chars)
         self.routes: dict[str, Handler] = {"/app/user/status": lambda svc, s, p: svc.presence.query(s, p)}
         self.local_routes: set[str] = set()      # routes that work without the broker's Redis
         self.counters: Counter[str] = Counter()
         self.close_hooks: list[Callable[[Session, bool], None]] = []
+        self._failures = RateLimitedLog(log)
         if hasattr(broker, "on_presence"):
             # A broker spanning nodes reports users coming and going on other nodes.
             broker.on_presence = self.presence.changed
@@ -49,33 +59,52 @@ class SignalingService:
         return getattr(self.broker, "healthy", True)
 
     async def authenticate(self, event: ConnectRequested, claimed_user: str | None) -> str:
-        """The user id the CONNECT's `ide` token belongs to; SignalingError 401/403 otherwise."""
+        """The user id the CONNECT's `ide` token belongs to; SignalingError 400 (an unusable
+        userId, in the URL or the token), 401 or 403 otherwise."""
+        if claimed_user is not None:
+            problem = user_id_problem(claimed_user, self.limits.max_user_id_chars)
+            if problem is not None:
+                self.counters["auth_bad_user_id"] += 1
+                log.info("connect refused: the URL's userId %s (%s)", problem, loggable(claimed_user))
+                raise SignalingError(400, f"bad request: userId {problem}")
         token = event.frame.get("ide")
         if not token:
             self.counters["auth_missing_token"] += 1
             raise SignalingError(401, "unauthorized: no ide token")
-        user = await self.verifier.verify(token)
+        try:
+            user = await self.verifier.verify(token)
+        except SignalingError:
+            self.counters["auth_bad_user_id"] += 1
+            raise
         if user is None:
             self.counters["auth_bad_token"] += 1
             raise SignalingError(401, "unauthorized")
         if claimed_user is not None and user != claimed_user:
             self.counters["auth_wrong_user"] += 1
-            log.info("connect refused: token of user %s used for userId %s", user, claimed_user)
+            log.info("connect refused: token of user %s used for userId %s", loggable(user),
+                     loggable(claimed_user))
             raise SignalingError(403, "forbidden")
         return user
 
     def connected(self, session: Session) -> None:
         first = self.broker.register(session)
-        log.info("session %s of user %s connected", session.id, session.user_id)
+        log.info("session %s of user %s connected", session.id, loggable(session.user_id))
         if first:
             self.presence.changed(session.user_id, True)
 
     def handle(self, session: Session, event) -> None:
         if isinstance(event, MessageSent):
             self._on_send(session, event)
+        elif isinstance(event, SendRefused):
+            self.error(session, SignalingError(429, event.message))
+            if event.close_message is not None:
+                self.counters["send_floods"] += 1
+                log.info("session %s of user %s closed: %s", session.id, loggable(session.user_id),
+                         event.close_message)
+                session.conn.close_with_error(event.close_message)
         elif isinstance(event, ProtocolError):
             self.counters["protocol_errors"] += 1
-            log.info("session %s closed for a protocol error: %s", session.id, event.message)
+            log.info("session %s closed for a protocol error: %s", session.id, loggable(event.message))
         session.flush()
 
     def closed(self, session: Session) -> None:
@@ -84,8 +113,8 @@ class SignalingService:
         if session.slow:
             self.counters["slow_consumers"] += 1
             log.warning("session %s of user %s disconnected: it stopped reading", session.id,
-                        session.user_id)
-        log.info("session %s of user %s closed", session.id, session.user_id)
+                        loggable(session.user_id))
+        log.info("session %s of user %s closed", session.id, loggable(session.user_id))
         for hook in self.close_hooks:
             hook(session, last)
         if last:
@@ -117,6 +146,12 @@ class SignalingService:
                 raise SignalingError(404, f"no such destination {destination[:100]}")
             if not self.broker_healthy and destination not in self.local_routes:
                 raise unavailable()
-            handler(self, session, parse_json(event.frame.body))
+            payload = parse_json(event.frame.body, self.limits.max_frame_bytes, self.limits.max_json_depth)
+            handler(self, session, payload)
         except SignalingError as err:
             self.error(session, err)
+        except Exception:
+            self.counters["internal_errors"] += 1
+            self._failures.exception(time.monotonic(), "internal error on a SEND to %s from session %s",
+                                     loggable(destination), session.id)
+            self.error(session, SignalingError(500, "internal error"))

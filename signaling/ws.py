@@ -1,75 +1,200 @@
-"""STOMP over a native WebSocket (`{prefix}/ws?userId=...`), on Quart.
+"""STOMP over a native WebSocket (`{prefix}/ws?userId=...`), on Quart, and the WebSocket
+lifecycle SockJS's websocket transport shares (`WebSocketCarrier`, with its own Framing).
 
 One task reads messages into the StompEndpoint (which also serves the
-heart-beat timer between messages); one writes its output, one text message
-per STOMP frame (stomp-websocket 2.3 decodes binary messages as Latin-1).
+heart-beat timer and the CONNECT deadline between messages); one writes its
+output, one text message per STOMP frame (stomp-websocket 2.3 decodes binary
+messages as Latin-1).
+
+How a connection ends (issue 14): once the STOMP session is over (an ERROR,
+a refused CONNECT, a DISCONNECT, the CONNECT deadline, shutdown) the writer
+sends what is left, the WebSocket close frame goes out, and the connection
+reads and discards whatever the client still sends until it answers the
+close or `linger_s` passes; only then does the handler return.  Returning at
+once would close the socket with the client's data unread (an RST that can
+destroy the ERROR in flight), and returning while the client floods would
+leave Hypercorn blocked on its per-connection queue (see hypercorn_guard).
+A client that stops reading is cut off: its outbox passing its budget aborts
+the connection at once when the writer is stuck in a send (an ERROR frame
+goes first when the writer is free), and a send that stalls for
+`send_timeout_s` is aborted under the writer by Hypercorn's side.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import dataclass
+from typing import Callable, Iterable
 
 from .endpoint import StompEndpoint
+from .guard import ClientGuard, Refused, SessionTicket
+from .http_api import ApiError
 from .service import SignalingService
 from .stomp import Limits
 
 log = logging.getLogger("signaling.ws")
 
 SUBPROTOCOLS = ("v12.stomp", "v11.stomp", "v10.stomp")     # preference order
-WRITER_DRAIN_S = 5.0
+
+EndpointFactory = Callable[[Callable[[], None], Callable[[], None]], StompEndpoint]
 
 
 def choose_subprotocol(offered: list[str]) -> str | None:
     return next((p for p in SUBPROTOCOLS if p in offered), None)
 
 
-async def serve_websocket(websocket, service: SignalingService, limits: Limits,
-                          max_outbox: int) -> None:
-    """Run one client's WebSocket until it closes (called inside a Quart websocket route)."""
-    await websocket.accept(subprotocol=choose_subprotocol(list(websocket.requested_subprotocols)))
-    loop = asyncio.get_running_loop()
-    wake = asyncio.Event()
-    endpoint = StompEndpoint(service, limits, max_outbox, websocket.args.get("userId"),
-                             loop.time(), wake.set)
+@dataclass(frozen=True)
+class Framing:
+    """How STOMP frames travel in a transport's WebSocket messages."""
 
-    async def write_output() -> None:
+    encode: Callable[[list[bytes]], Iterable[str]]       # STOMP frames -> messages
+    decode: Callable[[str | bytes], list | None]         # a message -> STOMP data; None: hang up
+    opening: str | None = None                           # the first message (SockJS "o")
+    closing: str | None = None                           # the last one (SockJS c[...])
+    idle: tuple[float, str] | None = None                # (seconds, message) when quiet (SockJS h)
+
+
+NATIVE = Framing(encode=lambda frames: (f.decode("utf-8") for f in frames),
+                 decode=lambda data: [data])
+
+
+def admit_session(guard: ClientGuard, client, now: float) -> SessionTicket:
+    """The per-address caps' ticket for a new session; an HTTP 429 (ApiError) if refused --
+    raised before the handshake is accepted, so the client sees the status."""
+    try:
+        return guard.open_session(client, now)
+    except Refused as refusal:
+        raise ApiError(refusal.status, refusal.message) from None
+
+
+async def serve_websocket(websocket, service: SignalingService, limits: Limits,
+                          max_outbox: int, guard: ClientGuard | None = None) -> None:
+    """Run one client's WebSocket until it closes (called inside a Quart websocket route)."""
+    guard = guard if guard is not None else ClientGuard()
+    loop = asyncio.get_running_loop()
+    client = websocket.scope.get("client")
+    ticket = admit_session(guard, client, loop.time())
+    try:
+        await websocket.accept(subprotocol=choose_subprotocol(list(websocket.requested_subprotocols)))
+        policy = guard.policy
+        user = websocket.args.get("userId")
+        carrier = WebSocketCarrier(websocket, guard, NATIVE, lambda wake, overflow: StompEndpoint(
+            service, limits, max_outbox, user, loop.time(), wake,
+            connect_timeout_s=policy.connect_timeout_s, max_outbox_bytes=policy.max_outbox_bytes,
+            overflow=overflow))
+        await carrier.run()
+    finally:
+        ticket.release()
+
+
+class WebSocketCarrier:
+    """One accepted WebSocket carrying one StompEndpoint, from the opening message to the
+    closed connection."""
+
+    def __init__(self, websocket, guard: ClientGuard, framing: Framing,
+                 endpoint_factory: EndpointFactory) -> None:
+        self.websocket = websocket
+        self.guard = guard
+        self.framing = framing
+        self.client = websocket.scope.get("client")
+        self.wake = asyncio.Event()
+        self.sending = False               # the writer is inside a send
+        self.writer: asyncio.Task | None = None
+        self.endpoint = endpoint_factory(self.wake.set, self._overflow)
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self.framing.opening is not None:
+            await self.websocket.send(self.framing.opening)
+        self.writer = writer = loop.create_task(self._write())
+        reader = loop.create_task(self._read())
+        try:
+            await asyncio.wait((reader, writer), return_when=asyncio.FIRST_COMPLETED)
+            if reader.done():
+                reader.result()               # a failure is logged below
+                if self.endpoint.closed:
+                    self.wake.set()           # the ERROR/RECEIPT goes out first
+                else:
+                    writer.cancel()           # the transport hung up (SockJS: broken JSON)
+            await asyncio.wait((writer,), timeout=self.guard.policy.send_timeout_s)
+            reader.cancel()
+            if not writer.done():
+                return     # stuck in a send past the timeout, and not abortable from here
+            if not writer.cancelled():
+                writer.result()
+            self.endpoint.finish()            # the session is over; only the socket lingers
+            await self._close_and_linger()
+        except asyncio.CancelledError:
+            raise
+        except Exception:        # one client must never take the server down with it
+            log.exception("websocket session failed")
+        finally:
+            for task in (reader, writer):
+                if not task.done():
+                    task.cancel()
+            # The writer's frame (with what it was sending) lives on in its task's
+            # CancelledError; the task must not be kept alive by a cycle through us.
+            self.writer = None
+            self.endpoint.finish()
+
+    async def _write(self) -> None:
         while True:
-            await wake.wait()
-            wake.clear()
-            for chunk in endpoint.take_output():
-                await websocket.send(chunk.decode("utf-8"))
-            if endpoint.closed:
+            await self.wake.wait()
+            self.wake.clear()
+            frames = self.endpoint.take_output()
+            if frames:
+                self.sending = True
+                for message in self.framing.encode(frames):
+                    await self.websocket.send(message)
+                self.sending = False
+            del frames
+            # Output queued while we were sending (the frames before an ERROR) goes out first.
+            if self.endpoint.closed and not self.wake.is_set():
+                if self.framing.closing is not None:
+                    await self.websocket.send(self.framing.closing)
                 return
 
-    async def read_input() -> None:
-        while not endpoint.closed:
-            timer = endpoint.next_timer()
+    async def _read(self) -> None:
+        loop = asyncio.get_running_loop()
+        idle = self.framing.idle
+        while not self.endpoint.closed:
+            timer = self.endpoint.next_timer()
             timeout = None if timer is None else max(0.0, timer - loop.time())
+            if idle is not None:
+                timeout = idle[0] if timeout is None else min(idle[0], timeout)
             try:
-                data = await asyncio.wait_for(websocket.receive(), timeout)
+                data = await asyncio.wait_for(self.websocket.receive(), timeout)
             except asyncio.TimeoutError:
-                endpoint.tick(loop.time())
-            else:
-                await endpoint.feed(data, loop.time())
+                self.endpoint.tick(loop.time())
+                if idle is not None and not self.wake.is_set() and not self.sending:
+                    await self.websocket.send(idle[1])
+                continue
+            messages = self.framing.decode(data)
+            if messages is None:
+                return
+            for message in messages:
+                await self.endpoint.feed(message, loop.time())
 
-    # The writer ends when the endpoint closes from our side (an ERROR, a slow
-    # consumer, shutdown), the reader when the client closes or errs; either ends
-    # the connection at once, and the writer always gets to send its last frames.
-    writer = loop.create_task(write_output())
-    reader = loop.create_task(read_input())
-    try:
-        done, _ = await asyncio.wait((reader, writer), return_when=asyncio.FIRST_COMPLETED)
-        if reader in done:
-            reader.result()
-            wake.set()
-            await asyncio.wait_for(writer, WRITER_DRAIN_S)   # the ERROR/RECEIPT goes out first
-    except asyncio.CancelledError:
-        raise
-    except Exception:        # one client must never take the server down with it
-        log.exception("websocket session failed")
-    finally:
-        for task in (reader, writer):
-            if not task.done():
-                task.cancel()
-        endpoint.finish()
+    def _overflow(self) -> None:
+        """The outbox passed its budget.  A writer inside a send will not get the ERROR
+        through: cut the connection off now, which frees what it holds."""
+        if not self.sending:
+            return                            # the writer sends the ERROR and ends
+        if not self.guard.abort(self.client, "overflow") and self.writer is not None:
+            self.writer.cancel()              # not a connection we can abort: stop writing
+
+    async def _close_and_linger(self) -> None:
+        """Close the WebSocket, then read and discard until the client answers the close
+        (Quart then cancels this handler) or linger_s passes."""
+        loop = asyncio.get_running_loop()
+        try:
+            await self.websocket.close(1000)
+        except RuntimeError:
+            return                            # already closed
+        deadline = loop.time() + self.guard.policy.linger_s
+        while (left := deadline - loop.time()) > 0:
+            try:
+                await asyncio.wait_for(self.websocket.receive(), left)
+            except asyncio.TimeoutError:
+                return

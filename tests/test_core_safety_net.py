@@ -57,3 +57,14 @@ def test_a_user_id_with_control_characters_is_logged_escaped(caplog):
         assert client.allocate().cls == stun.SUCCESS
     text = "\n".join(r.getMessage() for r in caplog.records)
     assert "forged" in text and "\nINFO turn: forged" not in text and "\x00" not in text
+
+
+def test_refused_credentials_are_logged_at_a_bounded_rate(caplog):
+    core, _ = make_core(unauth_replies_per_s=0)
+    with caplog.at_level(logging.INFO, logger="turn"):
+        for port in range(1000):
+            client = CoreClient(core, addr=("198.51.100.30", 20000 + port), password="wrong")
+            assert error_code(client.allocate()) == 401
+    lines = [r for r in caplog.records if "auth failure" in r.getMessage()]
+    assert 1 <= len(lines) <= 10
+    assert core.counters["auth_bad_credentials"] == 1000     # every one still counted

@@ -112,6 +112,9 @@ class TurnCore:
         self._reservations: dict[bytes, tuple[RelayPort, float, str]] = {}
         self._next_sweep = 0.0
         self._failures = RateLimitedLog(log)
+        # Refused credentials are logged for the operator, but a client that sends them by
+        # the thousand must not write a line each.
+        self._refusals = RateLimitedLog(log, burst=10)
         # Error replies to sources without an allocation, per source: a UDP source can be
         # forged, and a 401 is five times the Allocate that earns it.
         self.unauth_replies = SourceBudget(settings.unauth_replies_per_s,
@@ -247,8 +250,8 @@ class TurnCore:
                 raise Reject(437, creds.key)
             if creds.expiry < now:
                 self.counters["auth_expired"] += 1
-                log.info("allocate refused: expired username for user %r from %s",
-                         creds.user_id, client_addr[0])
+                self._refusals.info(now, "allocate refused: expired username for user %r from %s",
+                                    creds.user_id, client_addr[0])
                 raise Reject(401, with_nonce=True)
             return self._allocate(msg, creds, client_key, client_addr, transport, now)
         if alloc is None:
@@ -275,7 +278,8 @@ class TurnCore:
             key = self.verifier.key_for(msg, username)
         if key is None:
             self.counters["auth_bad_credentials"] += 1
-            log.info("auth failure from %s: credentials do not verify", client_addr[0])
+            self._refusals.info(now, "auth failure from %s: credentials do not verify",
+                                client_addr[0])
             raise Reject(401, with_nonce=True)
         # A bare "<expiry>" username has no user part: its quota is the username's own.
         return Credentials(username, parsed[1] or username, parsed[0], key)

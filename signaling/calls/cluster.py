@@ -31,6 +31,7 @@ import secrets
 from collections import OrderedDict
 from dataclasses import dataclass
 
+from ..client_text import loggable
 from ..errors import SignalingError, unavailable
 from .registry import CallRegistry, ended_notices
 from .service import CallService
@@ -147,7 +148,7 @@ class CallCluster:
         except SignalingError as err:
             self._fail(item, err)
         except Exception as exc:
-            log.warning("call %s from %s failed: %s", item.op, item.user, type(exc).__name__)
+            log.warning("call %s from %s failed: %s", item.op, loggable(item.user), type(exc).__name__)
             self._fail(item, unavailable())
 
     async def _process(self, item: Pending) -> None:
@@ -324,7 +325,8 @@ class CallCluster:
             if caller and callee:
                 name, *args = self._release_command(call_id, caller, callee, node)
                 await getattr(client, name)(*args)
-                log.warning("call %s: %s -> %s ended, its node %s stopped", call_id, caller, callee, node)
+                log.warning("call %s: %s -> %s ended, its node %s stopped", loggable(call_id),
+                            loggable(caller), loggable(callee), node)
                 self.service.deliver(ended_notices(call_id, caller, callee))
         await client.delete(self._key("calls", node))
 

@@ -25,6 +25,7 @@ from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable
 
+from ..client_text import loggable
 from ..errors import SignalingError, bad_request
 from .machine import CallEvent, CallState, Outcome, Role, transition
 
@@ -140,7 +141,8 @@ class CallRegistry:
         self.live_call_of[caller] = self.live_call_of[callee] = call_id
         self._remember(call_id)
         self._arm(call.ring_deadline, call_id)
-        log.info("call %s: %s -> %s, new -> ringing", call_id, caller, callee)
+        log.info("call %s: %s -> %s, new -> ringing", loggable(call_id), loggable(caller),
+                 loggable(callee))
         return [Notice(callee, "/user/queue/call/request", request)]
 
     def respond(self, user: str, session: str | None, body, now: float) -> list[Notice]:
@@ -281,8 +283,8 @@ class CallRegistry:
         new_state, outcome = result
         outcome = outcome_override or outcome
         if new_state is not call.state:
-            log.info("call %s: %s -> %s, %s -> %s (%s by %s)", call.id, call.caller, call.callee,
-                     call.state.value, new_state.value, event.value, role.value)
+            log.info("call %s: %s -> %s, %s -> %s (%s by %s)", loggable(call.id), loggable(call.caller),
+                     loggable(call.callee), call.state.value, new_state.value, event.value, role.value)
         call.state = new_state
         if outcome is not None:
             self.outcomes[outcome] += 1

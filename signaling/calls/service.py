@@ -13,13 +13,14 @@ import asyncio
 import json
 import time
 
-from quart import Quart, request
+from quart import Quart
 
 from ..broker import Broker
 from ..errors import SignalingError, bad_request
-from ..http_api import authenticated_user, envelope
+from ..http_api import authenticated_user, envelope, request_json
 from ..service import SignalingService
 from ..session import Session
+from ..stomp import Limits
 from .registry import CallRegistry, Notice
 
 TIMER_MAX_WAIT_S = 1.0
@@ -98,10 +99,16 @@ class CallService:
     # ------------------------------------------------------------ HTTP twins
 
     def install_http(self, app: Quart, prefix: str, verifier) -> None:
+        # Bodies are held to what a STOMP SEND may carry: the same size and nesting bounds.
+        max_depth = (self.signaling.limits if self.signaling is not None else Limits()).max_json_depth
+        no_body = object()
+
         async def call_view(op: str, empty_ok: bool = False):
             user = await authenticated_user(verifier)
-            body = await request.get_json(silent=True, force=True)
-            if body is None and not (empty_ok and not await request.get_data()):
+            body = await request_json(self.max_payload_bytes, max_depth, empty=no_body)
+            if body is no_body and empty_ok:
+                body = None
+            elif body is None or body is no_body:
                 raise bad_request("body is not valid JSON")
             await self.perform(op, user, body)
             return envelope()

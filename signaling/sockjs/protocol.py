@@ -14,6 +14,8 @@ import enum
 import json
 import re
 
+from ..json_body import within_depth
+
 HEARTBEAT_S = 25.0
 DISCONNECT_DELAY_S = 5.0
 STREAMING_LIMIT_BYTES = 128 * 1024
@@ -50,6 +52,10 @@ def decode_payload(text: str) -> list[str]:
     """A client's send: a JSON array of strings (or one JSON string)."""
     if not text:
         raise PayloadError("Payload expected.")
+    # A payload is a string or an array of strings: anything nested is broken, and
+    # parsing thousands of levels of it would raise RecursionError (a 500 with a traceback).
+    if not within_depth(text, 1):
+        raise PayloadError("Broken JSON encoding.")
     try:
         value = json.loads(text)
     except ValueError:

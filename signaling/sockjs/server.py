@@ -4,8 +4,16 @@ eventsource transports at `{base}/{server}/{session}/{transport}`.
 Each SockJS session carries one StompEndpoint.  Outbound STOMP frames become
 SockJS messages (a STOMP heart-beat is the message "\\n" inside a["\\n"]: SockJS
 `h` frames never reach stomp.js); inbound SockJS messages are fed to the
-endpoint.  A task per session serves the STOMP timer and ends the session
-when no receiver has come back within the disconnect delay.
+endpoint.  A task per session serves the STOMP timer (and with it the
+CONNECT deadline) and ends the session when no receiver has come back within
+the disconnect delay.
+
+Output stays in the STOMP session's outbox until a receiver takes it, so a
+SockJS client that stops polling (or stops reading its stream) meets the same
+frame and byte budget as a WebSocket one; passing it ends the session and
+aborts the receiving connection if one is stuck writing.  New sessions count
+against the per-address caps (429 when refused).  The websocket transport is
+ws.WebSocketCarrier with SockJS framing.
 """
 
 from __future__ import annotations
@@ -18,10 +26,13 @@ import time
 from quart import Quart, Response, make_response, request, websocket
 
 from ..endpoint import StompEndpoint
+from ..guard import ClientGuard, SessionTicket
 from ..service import SignalingService
 from ..stomp import Limits
-from .protocol import (ANOTHER_CONNECTION, HEARTBEAT_FRAME, HEARTBEAT_S, STREAMING_LIMIT_BYTES,
-                       PayloadError, SockJSSession, State, close_frame, decode_payload, message_frame)
+from ..ws import Framing, WebSocketCarrier, admit_session
+from .protocol import (ANOTHER_CONNECTION, GO_AWAY, HEARTBEAT_FRAME, HEARTBEAT_S, OPEN_FRAME,
+                       STREAMING_LIMIT_BYTES, PayloadError, SockJSSession, State, close_frame,
+                       decode_payload, message_frame)
 
 log = logging.getLogger("signaling.sockjs")
 
@@ -30,21 +41,48 @@ SESSION_TICK_S = 1.0
 MAX_SESSIONS = 20000
 
 
+def _sockjs_decode(data: str | bytes) -> list[str] | None:
+    text = data if isinstance(data, str) else data.decode("utf-8", "replace")
+    if not text:
+        return []
+    try:
+        return decode_payload(text)
+    except PayloadError:
+        return None              # the protocol says: broken JSON closes the connection
+
+
+SOCKJS_WEBSOCKET = Framing(encode=lambda frames: [message_frame([f.decode("utf-8") for f in frames])],
+                           decode=_sockjs_decode,
+                           opening=OPEN_FRAME, closing=close_frame(*GO_AWAY),
+                           idle=(HEARTBEAT_S, HEARTBEAT_FRAME))
+
+
 class Carrier:
     """A SockJS session together with the STOMP client it carries."""
 
-    def __init__(self, session: SockJSSession, endpoint_factory) -> None:
+    def __init__(self, session: SockJSSession, endpoint_factory, guard: ClientGuard | None = None,
+                 ticket: SessionTicket | None = None) -> None:
         self.sockjs = session
+        self.guard = guard
+        self.ticket = ticket
         self.ready = asyncio.Event()          # a frame is waiting for a receiver
-        self.endpoint: StompEndpoint = endpoint_factory(self._on_output)
+        self.receiver = None                  # the attached receiving request's client address
+        self.endpoint: StompEndpoint = endpoint_factory(self.ready.set)
+        self.endpoint.overflow = self._overflow
         self.task: asyncio.Task | None = None
 
-    def _on_output(self) -> None:
+    def _overflow(self) -> None:
+        """Nobody took the output in time: the session is over, and a receiver that is
+        stuck writing is cut off now rather than at the send timeout."""
+        if self.guard is not None and self.receiver is not None:
+            self.guard.abort(self.receiver, "overflow")
+
+    def _pull(self) -> None:
+        """Move the endpoint's output into the SockJS queue, for a receiver about to write."""
         for chunk in self.endpoint.take_output():
             self.sockjs.send(chunk.decode("utf-8"))
         if self.endpoint.closed:
             self.sockjs.close()
-        self.ready.set()
 
     async def wait_frame(self, timeout: float) -> str:
         """The next frame for a receiver; a heart-beat if nothing came within `timeout`."""
@@ -60,6 +98,7 @@ class Carrier:
 
     def next_frame(self) -> str | None:
         """What a receiver should write now: queued messages first, then a close frame."""
+        self._pull()
         frame = self.sockjs.drain()
         if frame is None and self.sockjs.state is State.CLOSED:
             return close_frame(*self.sockjs.close_reason)
@@ -67,23 +106,33 @@ class Carrier:
 
 
 class SockJSServer:
-    def __init__(self, service: SignalingService, limits: Limits, max_outbox: int) -> None:
+    def __init__(self, service: SignalingService, limits: Limits, max_outbox: int,
+                 guard: ClientGuard | None = None) -> None:
         self.service = service
         self.limits = limits
         self.max_outbox = max_outbox
+        self.guard = guard if guard is not None else ClientGuard()
         self.carriers: dict[str, Carrier] = {}
 
     # ------------------------------------------------------------ sessions
 
     def _carrier(self, session_id: str, create: bool) -> Carrier | None:
+        """The session's carrier; a new one if `create` (an HTTP 429 if a per-address cap
+        refuses it)."""
         carrier = self.carriers.get(session_id)
         if carrier is not None or not create or len(self.carriers) >= MAX_SESSIONS:
             return carrier
         now = time.monotonic()
-        user = request.args.get("userId") if request else None
+        loop_now = asyncio.get_running_loop().time()
+        ticket = admit_session(self.guard, request.scope.get("client"), loop_now)
+        user = request.args.get("userId")
+        policy = self.guard.policy
         carrier = Carrier(SockJSSession(session_id, now),
-                          lambda wake: StompEndpoint(self.service, self.limits, self.max_outbox,
-                                                     user, now, wake))
+                          lambda wake: StompEndpoint(
+                              self.service, self.limits, self.max_outbox, user, loop_now, wake,
+                              connect_timeout_s=policy.connect_timeout_s,
+                              max_outbox_bytes=policy.max_outbox_bytes),
+                          self.guard, ticket)
         self.carriers[session_id] = carrier
         carrier.task = asyncio.get_running_loop().create_task(self._watch(carrier))
         return carrier
@@ -101,7 +150,10 @@ class SockJSServer:
                     break
         finally:
             carrier.sockjs.close()
+            carrier.sockjs.drain()              # nobody will receive it: free it now
             carrier.endpoint.finish()
+            if carrier.ticket is not None:
+                carrier.ticket.release()
             self.carriers.pop(carrier.sockjs.id, None)
 
     async def _feed(self, carrier: Carrier, messages: list[str]) -> None:
@@ -167,9 +219,11 @@ class SockJSServer:
             return self._js(first + "\n")
         if not carrier.sockjs.attach(time.monotonic()):
             return self._js(close_frame(*ANOTHER_CONNECTION) + "\n")
+        carrier.receiver = request.scope.get("client")
         try:
             return self._js(await carrier.wait_frame(HEARTBEAT_S) + "\n")
         finally:
+            carrier.receiver = None
             carrier.sockjs.detach(time.monotonic())
 
     async def _receive_send(self, session_id: str) -> Response:
@@ -185,6 +239,7 @@ class SockJSServer:
 
     def _stream(self, session_id: str, prelude: str, wrap, content_type: str) -> Response:
         carrier = self._carrier(session_id, create=True)
+        client = request.scope.get("client")
 
         async def body():
             yield prelude.encode()
@@ -199,6 +254,7 @@ class SockJSServer:
             if not carrier.sockjs.attach(time.monotonic()):
                 yield wrap(close_frame(*ANOTHER_CONNECTION)).encode()
                 return
+            carrier.receiver = client        # stuck writing when the outbox overflows: cut off
             sent = 0
             try:
                 while sent < STREAMING_LIMIT_BYTES:
@@ -209,6 +265,7 @@ class SockJSServer:
                     if frame.startswith("c["):
                         return
             finally:
+                carrier.receiver = None
                 carrier.sockjs.detach(time.monotonic())
 
         response = Response(body(), content_type=content_type)
@@ -217,64 +274,22 @@ class SockJSServer:
 
     async def _websocket(self, session_id: str) -> None:
         # A SockJS websocket is its own session: no other transport may join it.
-        await websocket.accept()
         loop = asyncio.get_running_loop()
-        ready = asyncio.Event()
-        session = SockJSSession(session_id, time.monotonic())
-        endpoint = StompEndpoint(self.service, self.limits, self.max_outbox,
-                                 websocket.args.get("userId"), loop.time(), ready.set)
-        await websocket.send(session.first_frame())
-
-        async def write() -> None:
-            while True:
-                await ready.wait()
-                ready.clear()
-                chunks = [c.decode("utf-8") for c in endpoint.take_output()]
-                if chunks:
-                    await websocket.send(message_frame(chunks))
-                if endpoint.closed:
-                    await websocket.send(close_frame(*session.close_reason))
-                    return
-
-        async def read() -> None:
-            while not endpoint.closed:
-                timer = endpoint.next_timer()
-                timeout = HEARTBEAT_S if timer is None else min(HEARTBEAT_S, max(0.0, timer - loop.time()))
-                try:
-                    data = await asyncio.wait_for(websocket.receive(), timeout)
-                except asyncio.TimeoutError:
-                    endpoint.tick(loop.time())
-                    if not ready.is_set():
-                        await websocket.send(HEARTBEAT_FRAME)
-                    continue
-                text = data if isinstance(data, str) else data.decode("utf-8", "replace")
-                if not text:
-                    continue
-                try:
-                    messages = decode_payload(text)
-                except PayloadError:
-                    return           # the protocol says: broken JSON closes the connection
-                for message in messages:
-                    await endpoint.feed(message, loop.time())
-
-        writer = loop.create_task(write())
-        reader = loop.create_task(read())
+        ticket = admit_session(self.guard, websocket.scope.get("client"), loop.time())
         try:
-            done, _ = await asyncio.wait((reader, writer), return_when=asyncio.FIRST_COMPLETED)
-            if reader in done:
-                reader.result()
-                if endpoint.closed:
-                    ready.set()
-                    await asyncio.wait_for(writer, 5)
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            log.exception("sockjs websocket failed")
+            await websocket.accept()
+            user = websocket.args.get("userId")
+            policy = self.guard.policy
+            carrier = WebSocketCarrier(websocket, self.guard, SOCKJS_WEBSOCKET,
+                                       lambda wake, overflow: StompEndpoint(
+                                           self.service, self.limits, self.max_outbox, user,
+                                           loop.time(), wake,
+                                           connect_timeout_s=policy.connect_timeout_s,
+                                           max_outbox_bytes=policy.max_outbox_bytes,
+                                           overflow=overflow))
+            await carrier.run()
         finally:
-            for task in (reader, writer):
-                if not task.done():
-                    task.cancel()
-            endpoint.finish()
+            ticket.release()
 
     # ------------------------------------------------------------ HTTP details
 

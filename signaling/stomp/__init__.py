@@ -5,10 +5,10 @@ in and write out what the connection returns.
 """
 
 from .connection import (ConnectRequested, DisconnectRequested, Limits, MessageSent, ProtocolError,
-                         StompServerConnection, Subscribed, Unsubscribed)
+                         SendRefused, StompServerConnection, Subscribed, Unsubscribed)
 from .frames import Frame, FrameError
 
 __all__ = [
     "ConnectRequested", "DisconnectRequested", "Frame", "FrameError", "Limits", "MessageSent",
-    "ProtocolError", "StompServerConnection", "Subscribed", "Unsubscribed",
+    "ProtocolError", "SendRefused", "StompServerConnection", "Subscribed", "Unsubscribed",
 ]

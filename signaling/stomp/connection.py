@@ -16,11 +16,13 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
+from .budget import TokenBucket, WindowCount
 from .frames import Frame, FrameError, encode
 from .parser import HEARTBEAT, FrameParser, ParserLimits
 
 SUPPORTED_VERSIONS = ("1.2", "1.1", "1.0")
 HEARTBEAT_GRACE = 2.0       # a peer may be this many intervals late before it is declared gone
+SEND_REFUSAL_WINDOW_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -30,6 +32,16 @@ class Limits:
     max_header_line_bytes: int = 8192
     max_subscriptions: int = 100
     heartbeat_ms: tuple[int, int] = (10000, 10000)   # (we send every, we want every)
+    # The SEND budget: one client must not keep the event loop busy for everyone.  Past it a
+    # SEND is refused (SendRefused: the application answers 429); at this many refusals within
+    # SEND_REFUSAL_WINDOW_S the application ends the session.  A rate of 0: no budget.
+    send_rate: float = 50.0
+    send_burst: int = 200
+    send_refusals_to_close: int = 50
+    # What the application holds a session's messages to (the service, presence, auth).
+    max_watched: int = 1000
+    max_json_depth: int = 32
+    max_user_id_chars: int = 128
 
 
 # ---------------------------------------------------------------- events
@@ -57,6 +69,19 @@ class Unsubscribed:
 class MessageSent:
     destination: str
     frame: Frame
+
+
+@dataclass
+class SendRefused:
+    """A SEND over the session's budget, dropped; `message` says so (safe to show the client).
+
+    With `close_message` it was one refusal too many: the connection reads nothing more
+    and the application, once it has answered, ends the session with
+    `close_with_error(close_message)`.  (Closing here would drop the answers to the
+    refusals that came in the same data: a closed connection sends no MESSAGE.)"""
+    destination: str
+    message: str
+    close_message: str | None = None
 
 
 @dataclass
@@ -111,6 +136,9 @@ class StompServerConnection:
         self._last_received = now
         self._last_sent = now
         self._pending_heartbeat: str | None = None
+        self._send_budget = TokenBucket(limits.send_rate, limits.send_burst, now)
+        self._send_refusals = WindowCount(SEND_REFUSAL_WINDOW_S)
+        self._input_stopped = False       # a SEND flood: the application is ending the session
 
     @property
     def closed(self) -> bool:
@@ -119,7 +147,7 @@ class StompServerConnection:
     # ------------------------------------------------------------ input
 
     def receive_data(self, data: bytes | str, now: float) -> list:
-        if self.closed:
+        if self.closed or self._input_stopped:
             return []
         if isinstance(data, str):
             data = data.encode("utf-8")
@@ -133,14 +161,14 @@ class StompServerConnection:
             if item is HEARTBEAT:
                 continue
             try:
-                events.extend(self._on_frame(item))
+                events.extend(self._on_frame(item, now))
             except FrameError as exc:
                 events.append(self._fail(str(exc)))
-            if self.closed:
+            if self.closed or self._input_stopped:
                 break
         return events
 
-    def _on_frame(self, frame: Frame) -> list:
+    def _on_frame(self, frame: Frame, now: float) -> list:
         command = frame.command
         if self.state is State.AWAITING_CONNECT:
             if command not in ("CONNECT", "STOMP"):
@@ -161,7 +189,10 @@ class StompServerConnection:
         events: list = []
         if command == "SEND":
             destination = self._required(frame, "destination")
-            events.append(MessageSent(destination, frame))
+            if self._send_budget.take(now):
+                events.append(MessageSent(destination, frame))
+            else:
+                events.append(self._refuse_send(destination, now))
         elif command == "SUBSCRIBE":
             destination = self._required(frame, "destination")
             sub_id = frame.get("id") if self.version != "1.0" else frame.get("id", destination)
@@ -197,6 +228,17 @@ class StompServerConnection:
         if receipt is not None:
             self._queue(Frame("RECEIPT", {"receipt-id": receipt}))
         return events
+
+    def _refuse_send(self, destination: str, now: float) -> SendRefused:
+        limits = self.limits
+        refused = SendRefused(destination, f"too many messages: at most {limits.send_rate:g} SEND "
+                                           f"frames a second (burst {limits.send_burst}); slow down")
+        if self._send_refusals.add(now) >= limits.send_refusals_to_close:
+            self._input_stopped = True
+            refused.close_message = (f"too many SEND frames: {limits.send_refusals_to_close} over "
+                                     f"the budget of {limits.send_rate:g}/s (burst "
+                                     f"{limits.send_burst}) within {SEND_REFUSAL_WINDOW_S:g} s")
+        return refused
 
     @staticmethod
     def _required(frame: Frame, header: str) -> str:

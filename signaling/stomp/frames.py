@@ -4,6 +4,9 @@ Outgoing frames are written the way every client we serve can read them: LF
 line ends (the legacy stomp-websocket 2.3 cannot parse CRLF), a
 content-length on every body, UTF-8 text, header values escaped as the
 negotiated version says (never in CONNECTED, per the 1.2 specification).
+Whatever the version, no header leaves with a raw line break or NUL in it: a
+value that cannot be escaped (CONNECTED's, or a CR under 1.1, which has no
+escape for it) is refused rather than allowed to forge a header.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ _ESCAPE_11 = {"\\": "\\\\", "\n": "\\n", ":": "\\c"}
 _ESCAPE_12 = {**_ESCAPE_11, "\r": "\\r"}
 _UNESCAPE_11 = {"\\": "\\", "n": "\n", "c": ":"}
 _UNESCAPE_12 = {**_UNESCAPE_11, "r": "\r"}
+_UNSENDABLE = ("\n", "\r", "\x00")      # would end the header line, or the frame
 
 
 class FrameError(ValueError):
@@ -73,6 +77,8 @@ def encode(frame: Frame, version: str) -> bytes:
             continue
         if escape_headers:
             name, value = escape(name, version), escape(value, version)
+        if any(c in name or c in value for c in _UNSENDABLE):
+            raise FrameError(f"{frame.command} header {name[:40]!r} would carry a line break")
         lines.append(f"{name}:{value}")
     if frame.body or frame.command in ("MESSAGE", "ERROR", "SEND"):
         lines.append(f"content-length:{len(frame.body)}")

@@ -102,6 +102,9 @@ class FrameParser:
             text = head.decode("utf-8")
         except UnicodeDecodeError:
             raise FrameError("frame headers are not UTF-8") from None
+        if "\x00" in text:
+            # No header may hold a NUL: echoed in a RECEIPT or MESSAGE it would end the frame.
+            raise FrameError("NUL in frame headers")
         lines = text.split("\n")
         command = lines[0].rstrip("\r")
         if command not in self.commands:
@@ -115,6 +118,10 @@ class FrameParser:
             if len(line) > self.limits.max_header_line_bytes:
                 raise FrameError(f"header line longer than {self.limits.max_header_line_bytes} bytes")
             line = line[:-1] if line.endswith("\r") else line
+            if "\r" in line:
+                # Only an EOL may hold a raw CR (1.2 escapes one in a value as \r, 1.1 has no
+                # way to write one); kept, it would come back out in a RECEIPT or MESSAGE.
+                raise FrameError("carriage return inside a header line")
             name, sep, value = line.partition(":")
             if not sep:
                 raise FrameError(f"header line without ':' {line[:40]!r}")

@@ -13,6 +13,7 @@ import hashlib
 import hmac
 import json
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -92,7 +93,10 @@ def start_appliance(directory: Path, extra_turn: dict | None = None, workers: in
                     auth: dict | None = None, stomp: dict | None = None,
                     calls: dict | None = None, credentials: dict | None = None,
                     admin: dict | None = None, http: dict | None = None,
-                    broker: dict | None = None) -> RunningRelay:
+                    broker: dict | None = None,
+                    open_files: tuple[int, int] | None = None) -> RunningRelay:
+    """The appliance as an operator runs it; `open_files` (soft, hard) is its RLIMIT_NOFILE
+    at exec, as a shell's ulimit would set it."""
     directory.mkdir(parents=True, exist_ok=True)
     secret = new_secret(time.time())
     save_ring(directory / "secrets.json", SecretRing((secret,)))
@@ -120,8 +124,10 @@ def start_appliance(directory: Path, extra_turn: dict | None = None, workers: in
     config_path.write_text(json.dumps(config))          # JSON is YAML
     log_path = directory / "appliance.log"
     log_file = open(log_path, "wb")
+    limit = None if open_files is None else \
+        (lambda: resource.setrlimit(resource.RLIMIT_NOFILE, open_files))
     proc = subprocess.Popen([sys.executable, "-m", "appliance", "serve", "--config", str(config_path)],
-                            stdout=log_file, stderr=subprocess.STDOUT)
+                            stdout=log_file, stderr=subprocess.STDOUT, preexec_fn=limit)
     log_file.close()
     relay = RunningRelay(proc, "127.0.0.1", port, tls_port, secret.value, cert, log_path, http_port,
                          admin_port, config_path)

@@ -1,0 +1,215 @@
+"""The signaling listener's connections as Hypercorn serves them: admitted or refused at
+accept, cut off when a write stalls or a close hangs, and never left blocked on a
+finished app's queue.  Hypercorn has no hooks for any of this, so:
+
+- `guard_listener(config, guard)` makes Hypercorn build GuardedTCPServer for every
+  connection (the name its accept callback looks up), and ties `config` to the guard.
+  Connections of other listeners in the process (the admin's) get no guard and run as
+  plain Hypercorn ones.
+- GuardedTCPServer counts the connection in the guard's table (refusing it with a bare
+  HTTP/1.1 503 past the total, 429 past the per-address cap), registers its transport so
+  the app can abort it by peer, aborts it when one write waits more than send_timeout_s
+  for the client to read (asyncio's drain has no timeout, so a client that stops
+  reading held its socket and everything queued for it forever), and aborts a close
+  that does not finish in that time (a graceful close waits for unsent data to drain).
+- ReceiveDrain (ASGI middleware) keeps taking what Hypercorn hands the app after the app
+  has returned, until the disconnect; see its docstring.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import weakref
+
+import hypercorn.asyncio.run as hypercorn_run
+from hypercorn.asyncio.tcp_server import TCPServer
+from hypercorn.config import Config
+from hypercorn.events import RawData
+from hypercorn.utils import parse_socket_addr
+
+from .guard import ClientGuard, Refused
+
+log = logging.getLogger("signaling.connections")
+
+_guards: "weakref.WeakKeyDictionary[Config, ClientGuard]" = weakref.WeakKeyDictionary()
+
+REFUSAL_LINGER_S = 0.5          # a refused client gets this long to read its 429
+DRAIN_AFTER_ABORT_S = 2.0
+DRAIN_POLL_S = 0.1             # after a WebSocket's disconnect: is the connection gone yet?
+DISCONNECTS = ("http.disconnect", "websocket.disconnect")
+REASON_PHRASES = {429: "Too Many Requests", 503: "Service Unavailable"}
+
+
+def guard_listener(config: Config, guard: ClientGuard) -> None:
+    """Serve the listener configured by `config` through `guard`."""
+    _guards[config] = guard
+    hypercorn_run.TCPServer = GuardedTCPServer
+
+
+def refusal_response(refusal: Refused) -> bytes:
+    body = (refusal.message + "\n").encode()
+    return (f"HTTP/1.1 {refusal.status} {REASON_PHRASES.get(refusal.status, 'Refused')}\r\n"
+            f"content-type: text/plain; charset=utf-8\r\ncontent-length: {len(body)}\r\n"
+            f"retry-after: 5\r\nconnection: close\r\n\r\n").encode() + body
+
+
+class GuardedTCPServer(TCPServer):
+    def __init__(self, app, loop, config, context, state, reader, writer) -> None:
+        super().__init__(app, loop, config, context, state, reader, writer)
+        self.guard = _guards.get(config)
+        self.cut_off = False
+
+    async def run(self) -> None:
+        if self.guard is None:
+            await super().run()
+            return
+        transport = self.writer.transport
+        try:
+            sock = self.writer.get_extra_info("socket")
+            peer = parse_socket_addr(sock.family, sock.getpeername())
+        except OSError:
+            transport.abort()                 # gone before we looked
+            return
+        key, refusal = self.guard.open_connection(peer, transport)
+        if refusal is not None and refusal.status == 503:
+            # Over the total: not a descriptor more, not a moment longer.
+            transport.write(refusal_response(refusal))
+            transport.abort()
+            return
+        try:
+            if refusal is not None:
+                await self._refuse(refusal)
+            else:
+                await super().run()
+        finally:
+            if refusal is None:
+                self.guard.close_connection(peer, key)
+
+    async def _refuse(self, refusal: Refused) -> None:
+        """Answer a refused connection, and read what it sent so the close is a FIN, not an
+        RST that would destroy the answer; then drop it."""
+        transport = self.writer.transport
+        transport.write(refusal_response(refusal))
+        try:
+            self.writer.write_eof()
+        except (NotImplementedError, OSError, RuntimeError):
+            pass                               # TLS has no half-close
+        try:
+            await asyncio.wait_for(self._discard_until_eof(), REFUSAL_LINGER_S)
+        except (asyncio.TimeoutError, OSError):
+            pass
+        transport.abort()
+
+    async def _discard_until_eof(self) -> None:
+        while await self.reader.read(65536):
+            pass
+
+    async def protocol_send(self, event) -> None:
+        if self.guard is None or not isinstance(event, RawData):
+            await super().protocol_send(event)
+            return
+        if self.cut_off:
+            return                              # aborted: nothing more goes out
+        watchdog = self.loop.call_later(self.guard.policy.send_timeout_s, self._stalled)
+        try:
+            await super().protocol_send(event)
+        finally:
+            watchdog.cancel()
+
+    def _stalled(self) -> None:
+        """A write has waited send_timeout_s for the client to read: drop the connection and
+        what is queued for it.  The pending drain returns, and the read side reports the
+        connection closed to the app."""
+        if self.cut_off:
+            return
+        self.cut_off = True
+        self.guard.count("aborted_send_timeout")
+        self.writer.transport.abort()
+
+    async def _close(self) -> None:
+        if self.guard is None:
+            await super()._close()
+            return
+        closing = asyncio.ensure_future(super()._close())
+        done, _ = await asyncio.wait((closing,), timeout=self.guard.policy.send_timeout_s)
+        if not done:
+            # A graceful close waits until the client has read everything: it never will.
+            if not self.cut_off:
+                self.cut_off = True
+                self.guard.count("aborted_close_timeout")
+            self.writer.transport.abort()
+            await closing
+
+
+class ReceiveDrain:
+    """ASGI middleware: once the app has returned, keep taking what Hypercorn hands it
+    until it is done with the request (or abort the connection if it never is).
+
+    Hypercorn puts each WebSocket message (and HTTP body chunk) a client sends on a
+    per-request queue of max_app_queue_size (10) entries and awaits the put, in the
+    task that reads the connection.  When the app has returned nobody takes from that
+    queue: a client that keeps sending after the server ended its session fills it, and
+    Hypercorn's read loop then waits forever -- it never reads the client's FIN, never
+    closes the socket (CLOSE-WAIT), and the disconnect it would hand the app blocks on
+    the same full queue.  Taking (and dropping) everything lets Hypercorn finish.
+
+    An HTTP request is done at its disconnect (Hypercorn checks the stream is open
+    before each put).  A WebSocket is not: Hypercorn goes on putting the rest of a batch
+    of messages it had already read after the stream closed, so its queue is drained
+    until the connection is gone.
+    """
+
+    def __init__(self, app, guard: ClientGuard) -> None:
+        self.app = app
+        self.guard = guard
+        self.drains: set[asyncio.Task] = set()
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        disconnected = False
+
+        async def watched_receive():
+            nonlocal disconnected
+            message = await receive()
+            if message["type"] in DISCONNECTS:
+                disconnected = True
+            return message
+
+        try:
+            await self.app(scope, watched_receive, send)
+        finally:
+            websocket = scope["type"] == "websocket"
+            if websocket or not disconnected:
+                # Hypercorn hands over the disconnect only after this returns: a task.
+                task = asyncio.get_running_loop().create_task(
+                    self._drain(receive, scope.get("client"), websocket, disconnected))
+                self.drains.add(task)
+                task.add_done_callback(self.drains.discard)
+
+    async def _drain(self, receive, client, websocket: bool, disconnected: bool) -> None:
+        loop = asyncio.get_running_loop()
+        policy = self.guard.policy
+        deadline = loop.time() + policy.linger_s + policy.send_timeout_s
+        aborted = False
+        while True:
+            if disconnected and not (websocket and self.guard.connection_open(client)):
+                return
+            left = deadline - loop.time()
+            if left <= 0:
+                if aborted:
+                    log.warning("connection from %r: not closed after the abort", client)
+                    return
+                aborted = True
+                self.guard.abort(client, "drain")
+                deadline = loop.time() + DRAIN_AFTER_ABORT_S
+                continue
+            try:
+                message = await asyncio.wait_for(receive(), min(left, DRAIN_POLL_S)
+                                                 if disconnected else left)
+            except asyncio.TimeoutError:
+                continue
+            if message["type"] in DISCONNECTS:
+                disconnected = True
