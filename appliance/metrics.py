@@ -29,6 +29,8 @@ SIGNALING_AUTH_FAILURES = {"auth_missing_token": "missing_token", "auth_bad_toke
 # Why the signaling refused a connection or session (signaling.guard), and cut one off:
 # a write stalled past stomp.send_timeout_s, an outbox over its budget while its writer was
 # stuck, a close that did not finish, a finished request whose disconnect never came.
+# Where the relay catches a bug on a packet (TurnCore.internal_error, handle_stun).
+RELAY_PACKET_PATHS = ("stun", "udp_listener", "relay_port", "stream")
 SIGNALING_REFUSALS = ("connections", "connections_per_ip", "sessions_per_ip", "session_rate")
 SIGNALING_ABORTS = ("send_timeout", "overflow", "close_timeout", "drain")
 
@@ -143,6 +145,9 @@ class ApplianceCollector:
         yield _counter("relay_internal_errors", "messages that hit a bug in the relay: answered "
                                                 "500 or dropped, logged at a bounded rate",
                        counters.get("internal_errors", 0))
+        yield _labelled("relay_internal_errors_by_path", "the same, by where the bug was caught",
+                        "path", {path: counters.get(f"internal_errors_{path}", 0)
+                                 for path in RELAY_PACKET_PATHS})
         yield _labelled("relay_auth_failures", "TURN requests refused for their credentials",
                         "reason", {label: counters.get(key, 0)
                                    for key, label in RELAY_AUTH_FAILURES.items()})

@@ -482,3 +482,46 @@ async def test_user_cap_is_shared_by_a_users_allocations_in_the_hot_path():
     finally:
         peer.close()
         await node.stop()
+
+
+class BrokenMeter:
+    """Stands for a bug on the hot path: whatever the relay asks of it raises."""
+
+    def take(self, nbytes, now):
+        raise RuntimeError("a bug on the hot path")
+
+
+@pytest.mark.parametrize("transport", ["udp", "tcp"])
+async def test_a_bug_on_a_packet_path_is_caught_counted_and_the_path_keeps_serving(node, transport,
+                                                                                   caplog):
+    client = await open_client(node, transport)
+    relayed = await client.allocate()
+    peer = peer_socket()
+    assert (await client.channel_bind(0x4001, peer.getsockname())).cls == stun.SUCCESS
+    (alloc,) = node.core.table.by_client.values()
+    alloc.to_peer_meter = alloc.to_client_meter = BrokenMeter()
+    peer.sendto(b"to the client", relayed)
+    await counted(node.core, "internal_errors_relay_port", 1)
+    pad = b"\x00" * 3 if transport == "tcp" else b""
+    await client.send(struct.pack("!HH", 0x4001, 5) + b"abcde" + pad)
+    path = "udp_listener" if transport == "udp" else "stream"
+    await counted(node.core, f"internal_errors_{path}", 1)
+    assert node.core.counters["internal_errors"] == 2
+    assert sum("internal error on the relay's" in r.getMessage() for r in caplog.records) == 2
+    if transport == "udp":
+        # The listener and the relay port still serve: the bug is fixed, traffic flows.
+        alloc.to_peer_meter = alloc.to_client_meter = None
+        await client.send(struct.pack("!HH", 0x4001, 5) + b"again")
+        assert (await peer_recv(peer))[0] == b"again"
+        peer.sendto(b"back", relayed)
+        assert (await client.recv())[4:8] == b"back"
+    else:
+        # A stream whose parse hit a bug has unknown framing: it is aborted, and its
+        # allocation goes with it.
+        for _ in range(200):
+            if not node.core.table.by_client:
+                break
+            await asyncio.sleep(0.01)
+        assert not node.core.table.by_client
+    client.sock.close()
+    peer.close()

@@ -130,6 +130,7 @@ class TurnCore:
         try:
             return self._handle_stun(data, client_key, client_addr, transport, now)
         except Exception:
+            self.counters["internal_errors_stun"] += 1
             self.counters["internal_errors"] += 1
             self._failures.exception(now, "internal error on a STUN message from %s/%s",
                                      transport, client_addr[0])
@@ -179,6 +180,14 @@ class TurnCore:
             return True
         self.counters["unauth_replies_suppressed"] += 1
         return False
+
+    def internal_error(self, now: float, path: str) -> None:
+        """A bug on one of the I/O layer's packet paths (`path`: udp_listener, relay_port,
+        stream), which caught it: counted by path and logged with its traceback at a
+        bounded rate.  Call it from the except block."""
+        self.counters[f"internal_errors_{path}"] += 1
+        self.counters["internal_errors"] += 1
+        self._failures.exception(now, "internal error on the relay's %s path", path)
 
     def data_indication(self, alloc: Allocation, peer: Address, data: bytes) -> bytes:
         """A Data indication carrying `data` from `peer` (no channel bound)."""

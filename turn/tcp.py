@@ -82,6 +82,15 @@ class StreamConnection(asyncio.Protocol):
         self.transport = None
 
     def data_received(self, data: bytes) -> None:
+        # A bug on a stream leaves its framing unknown: the connection is aborted, and
+        # the failure counted and logged at a bounded rate (asyncio would log each one).
+        try:
+            self._parse(data)
+        except Exception:
+            self.core.internal_error(self.clock(), "stream")
+            self.abort()
+
+    def _parse(self, data: bytes) -> None:
         buf = self._buf
         buf += data
         now = self.clock()

@@ -97,6 +97,15 @@ class UdpListener:
         self.sock.close()
 
     def _on_readable(self) -> None:
+        # The safety net of the I/O loop: a bug here must not leave asyncio logging a
+        # traceback per datagram (add_reader callbacks' exceptions go to the loop's
+        # handler, unbounded) while the rest of the batch waits.  Free when nothing raises.
+        try:
+            self._drain()
+        except Exception:
+            self.core.internal_error(self.clock(), "udp_listener")
+
+    def _drain(self) -> None:
         sock, buf, view = self.sock, self._buf, self._view
         allocations = self.core.table.by_client
         now = self.clock()
@@ -181,6 +190,12 @@ class UdpRelayPort:
             self._fd = -1
 
     def _on_readable(self) -> None:
+        try:                      # see UdpListener._on_readable
+            self._drain()
+        except Exception:
+            self.owner.core.internal_error(self.owner.clock(), "relay_port")
+
+    def _drain(self) -> None:
         owner = self.owner
         buf, view, sock = owner.buf, owner.view, self.sock
         into = owner.into
