@@ -155,6 +155,15 @@ def stop_appliance(relay: RunningRelay) -> int:
     return relay.proc.returncode
 
 
+@pytest.fixture
+def fresh_appliance(tmp_path):
+    """An appliance of the test's own (the interop settings), for tests that strain it."""
+    running = start_appliance(tmp_path / "relay")
+    yield running
+    code = stop_appliance(running)
+    assert code == 0, f"appliance exited with {code} on SIGTERM:\n{running.log()}"
+
+
 @pytest.fixture(scope="session")
 def relay(tmp_path_factory):
     running = start_appliance(tmp_path_factory.mktemp("relay"))

@@ -12,32 +12,17 @@ import os
 import resource
 import socket
 
-import pytest
 
 from turn import stun
 from turn.client import ClientCredentials
 
-from .conftest import REALM, start_appliance, stop_appliance
+from .conftest import REALM
 from .test_credentials_admin import admin, metric_samples
+from .test_hostile_stun import ask
 
 SPARE_FDS = 4
 MAX_ATTEMPTS = SPARE_FDS + 40
 
-
-@pytest.fixture
-def appliance(tmp_path):
-    running = start_appliance(tmp_path / "relay")
-    yield running
-    code = stop_appliance(running)
-    assert code == 0, f"appliance exited with {code} on SIGTERM:\n{running.log()}"
-
-
-def ask(sock: socket.socket, data: bytes, address) -> stun.Message | None:
-    sock.sendto(data, address)
-    try:
-        return stun.parse(sock.recv(2048))
-    except TimeoutError:
-        return None
 
 
 def request(sock, creds: ClientCredentials, address, method: int, attrs) -> stun.Message | None:
@@ -54,13 +39,13 @@ def error_code(reply: stun.Message) -> int | None:
     return None if raw is None else stun.decode_error(raw)[0]
 
 
-def test_an_allocate_past_the_open_files_limit_is_answered_508(appliance):
-    pid = appliance.proc.pid
-    address = (appliance.host, appliance.port)
+def test_an_allocate_past_the_open_files_limit_is_answered_508(fresh_appliance):
+    pid = fresh_appliance.proc.pid
+    address = (fresh_appliance.host, fresh_appliance.port)
     highest_fd = max(int(fd) for fd in os.listdir(f"/proc/{pid}/fd"))
     _, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
     resource.prlimit(pid, resource.RLIMIT_NOFILE, (highest_fd + 1 + SPARE_FDS, hard))
-    username, password = appliance.credentials("mallory")
+    username, password = fresh_appliance.credentials("mallory")
     clients: list[tuple[socket.socket, ClientCredentials]] = []
     refused = None
     try:
@@ -86,7 +71,7 @@ def test_an_allocate_past_the_open_files_limit_is_answered_508(appliance):
             reply = request(sock, creds, address, stun.REFRESH,
                             [(stun.LIFETIME, b"\x00\x00\x00\x00")])
             assert reply is not None and reply.cls == stun.SUCCESS
-        samples = metric_samples(admin(appliance, "GET", "/metrics").text)
+        samples = metric_samples(admin(fresh_appliance, "GET", "/metrics").text)
     finally:
         for sock, _ in clients:
             sock.close()
@@ -94,4 +79,4 @@ def test_an_allocate_past_the_open_files_limit_is_answered_508(appliance):
     assert samples[("appliance_relay_fd_exhausted_total", ())] == 1
     assert samples[("appliance_relay_ports_exhausted_total", ())] == 1
     assert samples[("appliance_relay_internal_errors_total", ())] == 0
-    assert "Traceback" not in appliance.log()
+    assert "Traceback" not in fresh_appliance.log()

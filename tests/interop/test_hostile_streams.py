@@ -20,7 +20,7 @@ import pytest
 from turn import stun
 from turn.client import ClientCredentials
 
-from .conftest import REALM, start_appliance, stop_appliance
+from .conftest import REALM
 from .test_credentials_admin import admin, metric_samples
 
 FLOOD_BINDINGS = 400_000
@@ -31,13 +31,6 @@ RSS_GROWTH_BUDGET_KIB = 5 * 1024
 PEER_DATAGRAMS = 30_000
 PEER_PAYLOAD = 1000
 
-
-@pytest.fixture
-def appliance(tmp_path):
-    running = start_appliance(tmp_path / "relay")
-    yield running
-    code = stop_appliance(running)
-    assert code == 0, f"appliance exited with {code} on SIGTERM:\n{running.log()}"
 
 
 def rss_kib(pid: int) -> int:
@@ -147,19 +140,19 @@ def stream_request(sock: socket.socket, creds: ClientCredentials, method: int, a
 
 
 @pytest.mark.parametrize("transport", ["tcp", "tls"])
-def test_a_client_that_floods_bindings_and_never_reads_is_held_to_a_budget(appliance, transport):
-    pid = appliance.proc.pid
+def test_a_client_that_floods_bindings_and_never_reads_is_held_to_a_budget(fresh_appliance, transport):
+    pid = fresh_appliance.proc.pid
     before = rss_kib(pid)
     if transport == "tls":
-        attacker = connect_tls(appliance)
+        attacker = connect_tls(fresh_appliance)
     else:
         attacker = never_reading(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
-        attacker.connect((appliance.host, appliance.port))
+        attacker.connect((fresh_appliance.host, fresh_appliance.port))
     try:
         flood = binding_flood(FLOOD_BINDINGS)
         sent = push(attacker, flood)
-        assert udp_binding_answered(appliance), "a UDP Binding went unanswered during the flood"
-        assert tcp_binding_answered(appliance), "a TCP Binding went unanswered during the flood"
+        assert udp_binding_answered(fresh_appliance), "a UDP Binding went unanswered during the flood"
+        assert tcp_binding_answered(fresh_appliance), "a TCP Binding went unanswered during the flood"
         grown = peak_growth_kib(pid, before)
         assert grown <= RSS_GROWTH_BUDGET_KIB, \
             f"RSS grew {grown} KiB (from {before} KiB) after {sent} of {len(flood)} bytes"
@@ -167,17 +160,17 @@ def test_a_client_that_floods_bindings_and_never_reads_is_held_to_a_budget(appli
         assert sent < len(flood)
     finally:
         attacker.close()
-    assert "Traceback" not in appliance.log()
+    assert "Traceback" not in fresh_appliance.log()
 
 
 @pytest.mark.parametrize("framing", ["channel", "indication"])
-def test_an_allocation_whose_client_never_reads_drops_relayed_data(appliance, framing):
-    pid = appliance.proc.pid
-    username, password = appliance.credentials("mallory")
+def test_an_allocation_whose_client_never_reads_drops_relayed_data(fresh_appliance, framing):
+    pid = fresh_appliance.proc.pid
+    username, password = fresh_appliance.credentials("mallory")
     creds = ClientCredentials(username, REALM, stun.long_term_key(username, REALM, password))
     client = never_reading(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
     client.settimeout(5)
-    client.connect((appliance.host, appliance.port))
+    client.connect((fresh_appliance.host, fresh_appliance.port))
     peer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     peer.bind(("127.0.0.1", 0))
     try:
@@ -199,13 +192,13 @@ def test_an_allocation_whose_client_never_reads_drops_relayed_data(appliance, fr
             peer.sendto(payload, relayed)
             if i % 64 == 63:
                 time.sleep(0.0005)     # at a pace the relay keeps up with: little lost in the kernel
-        assert udp_binding_answered(appliance)
+        assert udp_binding_answered(fresh_appliance)
         grown = peak_growth_kib(pid, before)
         assert grown <= RSS_GROWTH_BUDGET_KIB, \
             f"RSS grew {grown} KiB (from {before} KiB) for {PEER_DATAGRAMS * PEER_PAYLOAD} bytes offered"
-        samples = metric_samples(admin(appliance, "GET", "/metrics").text)
+        samples = metric_samples(admin(fresh_appliance, "GET", "/metrics").text)
         assert samples[("appliance_relay_stream_output_dropped_total", ())] > 0
     finally:
         client.close()
         peer.close()
-    assert "Traceback" not in appliance.log()
+    assert "Traceback" not in fresh_appliance.log()
