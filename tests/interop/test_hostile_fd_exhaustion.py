@@ -12,7 +12,6 @@ import os
 import resource
 import socket
 
-
 from turn import stun
 from turn.client import ClientCredentials
 
