@@ -120,7 +120,8 @@ class SharedLedger:
             raise
         magic, self.processes, self.slots = _HEADER.unpack_from(self._map, 0)
         if magic != _MAGIC or not 0 <= index < self.processes:
-            self.close()
+            self._map.close()
+            os.close(self._fd)
             raise ValueError(f"{path} is not a relay ledger for process {index}")
         self._totals = _HEADER.size
         self._ports = self._totals + 4 * self.processes
@@ -149,11 +150,9 @@ class SharedLedger:
         return cls(Path(name), 0, key=key)
 
     def close(self) -> None:
-        for view in ("_totals_view", "_ports_view", "_view"):
-            if hasattr(self, view):
-                getattr(self, view).release()
-        if hasattr(self, "_map"):
-            self._map.close()
+        for view in (self._totals_view, self._ports_view, self._view):
+            view.release()       # the map cannot close while views of it exist
+        self._map.close()
         os.close(self._fd)
 
     def remove(self) -> None:
