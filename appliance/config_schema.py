@@ -12,6 +12,8 @@ import os
 from dataclasses import MISSING, dataclass, field
 from pathlib import Path
 
+from signaling.origins import origin_problem
+
 from .config_checks import (at_least, attribute_text, between, heartbeat_pair, host_name,
                             http_url, ice_url, ip_of, network, network_or_recommended, one_of, port_range, token_map,
                             redis_url, url_prefix, worker_count)
@@ -195,6 +197,10 @@ class HttpConfig:
     tls_key: Path | None = opt(None, "PEM private key for tls_cert")
     prefix: str = opt("/imserver", "path prefix of every URL", url_prefix)
     demo: bool = opt(True, "serve the call demo page at {prefix}/demo/ (off in production)")
+    allowed_origins: tuple[str, ...] = opt((), "web pages (scheme://host[:port]) that may use "
+                                               "the signaling from a browser besides the "
+                                               "appliance's own; \"*\": any page (unsafe)",
+                                           item_check=origin_problem)
 
     def local_url(self) -> str:
         """The signaling's base URL from this machine: {scheme}://host:port{prefix}."""

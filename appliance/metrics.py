@@ -31,7 +31,8 @@ SIGNALING_AUTH_FAILURES = {"auth_missing_token": "missing_token", "auth_bad_toke
 # stuck, a close that did not finish, a finished request whose disconnect never came.
 # Where the relay catches a bug on a packet (TurnCore.internal_error, handle_stun).
 RELAY_PACKET_PATHS = ("stun", "udp_listener", "relay_port", "stream")
-SIGNALING_REFUSALS = ("connections", "connections_per_ip", "sessions_per_ip", "session_rate")
+SIGNALING_REFUSALS = ("connections", "connections_per_ip", "sessions_per_ip", "session_rate",
+                      "origin", "sockjs_other_address", "sockjs_body_too_large")
 SIGNALING_ABORTS = ("send_timeout", "overflow", "close_timeout", "drain")
 
 
@@ -199,8 +200,11 @@ class ApplianceCollector:
                        counters.get("protocol_errors", 0))
         yield _counter("signaling_slow_consumers", "sessions cut off for not reading",
                        counters.get("slow_consumers", 0))
-        yield _labelled("signaling_refused", "connections and sessions refused at a cap: 503 past "
-                                             "the total, 429 past a per-address one", "reason",
+        yield _labelled("signaling_refused", "connections, sessions and requests refused: 503 "
+                                             "past the total cap, 429 past a per-address one, "
+                                             "403 a web page not in http.allowed_origins, 404 a "
+                                             "SockJS session used from another address, 413 an "
+                                             "xhr_send body over stomp.max_frame_bytes", "reason",
                         {reason: counters.get(f"refused_{reason}", 0)
                          for reason in SIGNALING_REFUSALS})
         yield _counter("signaling_connect_timeouts", "WebSocket and SockJS sessions closed for "

@@ -13,6 +13,7 @@ from signaling.admission import SessionLimits
 from signaling.app import create_app
 from signaling.auth import HttpVerifier, JwtVerifier, StaticVerifier, TokenVerifier, mint_jwt
 from signaling.guard import CapSettings, ClientGuard, LifecyclePolicy
+from signaling.origins import OriginPolicy
 from signaling.stomp import Limits
 
 from .config import AppConfig
@@ -119,7 +120,8 @@ def signaling_app(config: AppConfig, issue_credentials=None):
     guard = client_guard(config)
     app = create_app(config.http.prefix, token_verifier(config), stomp_limits(config),
                      config.stomp.max_outbox, config.calls.ring_timeout_s, config.calls.grace_s,
-                     issue_credentials, broker(config), guard)
+                     issue_credentials, broker(config), guard,
+                     OriginPolicy(config.http.allowed_origins))
     app.asgi_app = ReceiveDrain(app.asgi_app, guard)
     if config.http.demo:
         from .demo_site import install_demo

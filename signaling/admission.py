@@ -20,6 +20,26 @@ REFUSED_RATE = "session_rate"
 MAX_BUCKETS = 65536          # addresses whose recent sessions are remembered; the rest forgotten
 
 
+def peer_ip(host: str | None) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The socket peer's IP address, an IPv4-mapped one as IPv4; None if the peer is not an
+    IP address (a Unix socket)."""
+    if not host:
+        return None
+    try:
+        addr = ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    if addr.version == 6 and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    return addr
+
+
+def exact_address_key(host: str | None) -> str | None:
+    """The peer's whole address (no /64, no exemption): what a SockJS session is bound to."""
+    addr = peer_ip(host)
+    return None if addr is None else str(addr)
+
+
 class AddressPolicy:
     """Which key a peer address counts under, or None if it is exempt from per-address caps."""
 
@@ -27,14 +47,9 @@ class AddressPolicy:
         self.exempt = tuple(ipaddress.ip_network(n, strict=False) for n in exempt)
 
     def key(self, host: str | None) -> str | None:
-        if not host:
+        addr = peer_ip(host)
+        if addr is None:
             return None                   # not an IP peer (a Unix socket): nothing to key on
-        try:
-            addr = ipaddress.ip_address(host)
-        except ValueError:
-            return None
-        if addr.version == 6 and addr.ipv4_mapped is not None:
-            addr = addr.ipv4_mapped
         if any(addr in net for net in self.exempt if net.version == addr.version):
             return None
         if addr.version == 6:

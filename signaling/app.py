@@ -14,6 +14,7 @@ from .calls.registry import CallRegistry
 from .calls.service import CallService
 from .guard import ClientGuard
 from .http_api import install_envelope_errors
+from .origins import OriginPolicy
 from .service import SignalingService
 from .sockjs.server import SockJSServer
 from .stomp import Limits
@@ -24,18 +25,25 @@ from .ws import serve_websocket
 def create_app(prefix: str, verifier: TokenVerifier, limits: Limits, max_outbox: int,
                ring_timeout_s: float = 30.0, grace_s: float = 10.0,
                issue_credentials: Issue | None = None, broker: Broker | None = None,
-               guard: ClientGuard | None = None) -> Quart:
+               guard: ClientGuard | None = None, origins: OriginPolicy | None = None) -> Quart:
     """The signaling app; `issue_credentials(userId)` answers TURN credential requests
     (no such routes without it: a relay-less test app has nothing to hand out).  The
     broker is this process's MemoryBroker unless one spanning nodes (RedisBroker) is
     given; the app starts and stops it.  `guard` holds the connection and session caps
-    and timeouts (none but the defaults without it); it counts in the service's counters."""
+    and timeouts (none but the defaults without it); it counts in the service's counters.
+    `origins` says which web pages may connect from a browser (without it: the appliance's
+    own pages only)."""
     app = Quart("signaling")
+    # Quart takes in whatever body a client sends to any route, up to this, before a handler
+    # looks (16 MB by default, for a long poll as well): no route here takes more than a
+    # frame (the HTTP API answers 413 past it, SockJS's xhr_send is read in front of Quart).
+    app.config["MAX_CONTENT_LENGTH"] = limits.max_frame_bytes
     broker = broker if broker is not None else MemoryBroker()
     verifier = UserIdChecked(verifier, limits.max_user_id_chars)   # every way in: STOMP and HTTP
     service = SignalingService(broker, verifier, limits)
     guard = guard if guard is not None else ClientGuard()
     guard.count_into(service.counters)
+    origins = origins if origins is not None else OriginPolicy()
     app.extensions["signaling"] = service
     install_envelope_errors(app)
     calls = CallService(broker, CallRegistry(ring_timeout_s, grace_s), limits.max_frame_bytes)
@@ -67,7 +75,8 @@ def create_app(prefix: str, verifier: TokenVerifier, limits: Limits, max_outbox:
 
     @app.websocket(f"{prefix}/ws")
     async def stomp_websocket():
-        await serve_websocket(websocket._get_current_object(), service, limits, max_outbox, guard)
+        await serve_websocket(websocket._get_current_object(), service, limits, max_outbox, guard,
+                              origins)
 
-    SockJSServer(service, limits, max_outbox, guard).install(app, f"{prefix}/ws")
+    SockJSServer(service, limits, max_outbox, guard, origins).install(app, f"{prefix}/ws")
     return app

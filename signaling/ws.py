@@ -27,15 +27,18 @@ import logging
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
+from .client_text import loggable
 from .endpoint import StompEndpoint
 from .guard import ClientGuard, Refused, SessionTicket
 from .http_api import ApiError
+from .origins import OriginPolicy
 from .service import SignalingService
 from .stomp import Limits
 
 log = logging.getLogger("signaling.ws")
 
 SUBPROTOCOLS = ("v12.stomp", "v11.stomp", "v10.stomp")     # preference order
+REFUSED_ORIGIN = "refused_origin"                           # counter of refused web pages
 
 EndpointFactory = Callable[[Callable[[], None], Callable[[], None]], StompEndpoint]
 
@@ -59,6 +62,19 @@ NATIVE = Framing(encode=lambda frames: (f.decode("utf-8") for f in frames),
                  decode=lambda data: [data])
 
 
+def admit_origin(origins: OriginPolicy, guard: ClientGuard, headers) -> None:
+    """A handshake from a web page `origins` does not allow: an HTTP 403 (ApiError), raised
+    before the handshake is accepted and counted.  A WebSocket is not held to the same-origin
+    policy by browsers, so without this any page a user visits could open one here."""
+    origin = headers.get("Origin")
+    if origins.allows(origin, headers.get("Host")):
+        return
+    guard.count(REFUSED_ORIGIN)
+    log.debug("WebSocket handshake from origin %s refused", loggable(origin))
+    raise ApiError(403, "origin not allowed: the operator lists allowed pages in "
+                        "http.allowed_origins")
+
+
 def admit_session(guard: ClientGuard, client, now: float) -> SessionTicket:
     """The per-address caps' ticket for a new session; an HTTP 429 (ApiError) if refused --
     raised before the handshake is accepted, so the client sees the status."""
@@ -69,10 +85,12 @@ def admit_session(guard: ClientGuard, client, now: float) -> SessionTicket:
 
 
 async def serve_websocket(websocket, service: SignalingService, limits: Limits,
-                          max_outbox: int, guard: ClientGuard | None = None) -> None:
+                          max_outbox: int, guard: ClientGuard | None = None,
+                          origins: OriginPolicy | None = None) -> None:
     """Run one client's WebSocket until it closes (called inside a Quart websocket route)."""
     guard = guard if guard is not None else ClientGuard()
     loop = asyncio.get_running_loop()
+    admit_origin(origins if origins is not None else OriginPolicy(), guard, websocket.headers)
     client = websocket.scope.get("client")
     ticket = admit_session(guard, client, loop.time())
     try:

@@ -10,6 +10,7 @@ import pytest
 
 from signaling.app import create_app
 from signaling.auth import StaticVerifier
+from signaling.origins import OriginPolicy
 from signaling.sockjs.protocol import (DISCONNECT_DELAY_S, PayloadError, SockJSSession, close_frame,
                                        decode_payload, message_frame, quote)
 from signaling.stomp import Limits
@@ -20,7 +21,8 @@ CONNECT = "CONNECT\naccept-version:1.2\nide:tok-a\n\n\x00"
 
 @pytest.fixture
 def client():
-    app = create_app("/imserver", StaticVerifier({"tok-a": "alice"}), Limits(heartbeat_ms=(0, 0)), 64)
+    app = create_app("/imserver", StaticVerifier({"tok-a": "alice"}), Limits(heartbeat_ms=(0, 0)), 64,
+                     origins=OriginPolicy(["https://app.example"]))
     return app.test_client()
 
 
@@ -47,8 +49,9 @@ async def test_info(client):
 
 
 async def test_info_options(client):
-    response = await client.options(BASE + "/info", headers={"Origin": "https://a.example"})
+    response = await client.options(BASE + "/info", headers={"Origin": "https://app.example"})
     assert response.status_code == 204
+    assert response.headers["Access-Control-Allow-Origin"] == "https://app.example"
     assert "GET" in response.headers["Access-Control-Allow-Methods"]
     assert int(response.headers["Access-Control-Max-Age"]) > 1000
 
@@ -178,6 +181,9 @@ async def test_streaming_response_ends_after_128_kib(client):
     url = BASE + "/000/s7/"
     async with client.request(url + "xhr_streaming?userId=alice", method="POST") as connection:
         await connection.send_complete()
+        received = b""
+        while b"o\n" not in received:         # the session exists once it has opened
+            received += await connection.receive()
         await client.post(url + "xhr_send", data=json.dumps([CONNECT]))
         await client.post(url + "xhr_send", data=json.dumps(
             ["SUBSCRIBE\nid:s\ndestination:/topic/user/status\n\n\x00"]))
@@ -186,7 +192,6 @@ async def test_streaming_response_ends_after_128_kib(client):
         body = json.dumps(ids)
         for _ in range(20):                     # 20 answers of ~9 KiB: past the 128 KiB limit
             await client.post(url + "xhr_send", data=json.dumps([query % (len(body), body)]))
-        received = b""
         while True:
             chunk = await connection.receive()
             if not chunk:

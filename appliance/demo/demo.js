@@ -199,8 +199,10 @@
     if (!callee) { log('who do you want to call?'); return; }
     const type = $('call-type').value;
     demo.call = {id: newCallId(), peer: callee, type, role: 'caller', state: 'calling'};
+    // callerUserName is free text: the callee's page shows it only beside our user id.
+    const name = $('display-name').value.trim() || demo.user;
     send('/app/call/request', {callId: demo.call.id, type, callee,
-                               callerUserName: demo.user, calleeUserName: callee});
+                               callerUserName: name, calleeUserName: callee});
     showCall('calling…');
     log(`calling ${callee} (${type})`);
   }
@@ -209,7 +211,12 @@
     if (demo.call) { log(`ignored a call from ${request.caller}: already in a call`); return; }
     demo.call = {id: request.callId, peer: request.caller, type: request.type || 'VIDEO',
                  role: 'callee', state: 'ringing'};
-    $('ring-from').textContent = request.callerUserName || request.caller;
+    // Who calls is `caller`, the user id the appliance stamps from the caller's token;
+    // callerUserName is whatever the caller typed, so it is only shown beside it, marked.
+    $('ring-from').textContent = request.caller;
+    const name = typeof request.callerUserName === 'string' ? request.callerUserName.trim() : '';
+    $('ring-name-text').textContent = name;
+    show('ring-name', name !== '' && name !== request.caller);
     $('ring-type').textContent = demo.call.type.toLowerCase();
     show('ringing', true);
     show('call-ended', false);

@@ -14,6 +14,15 @@ frame and byte budget as a WebSocket one; passing it ends the session and
 aborts the receiving connection if one is stuck writing.  New sessions count
 against the per-address caps (429 when refused).  The websocket transport is
 ws.WebSocketCarrier with SockJS framing.
+
+Who may use a session (issue 14): a SockJS client picks its session id itself, so the id in
+the URL is no secret the server can make.  A session is therefore bound to the address that
+opened it -- the socket peer's whole address, not its /64 -- and a receiver or an xhr_send
+for it from any other address is answered 404, as for an unknown session, and counted.
+Browsers are held to `origins` (signaling/origins.py): a request carrying a disallowed
+Origin is refused (403, no CORS headers) and allowed ones get their origin echoed.  An
+xhr_send body is read at the ASGI level (request_body.py), never past stomp.max_frame_bytes:
+a larger one gets a 413 that reaches the client, and is dropped as it arrives.
 """
 
 from __future__ import annotations
@@ -21,24 +30,35 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import re
 import time
 
 from quart import Quart, Response, make_response, request, websocket
+from werkzeug.exceptions import NotFound
 
+from ..admission import exact_address_key
+from ..client_text import loggable
 from ..endpoint import StompEndpoint
 from ..guard import ClientGuard, SessionTicket
+from ..origins import OriginPolicy
 from ..service import SignalingService
 from ..stomp import Limits
-from ..ws import Framing, WebSocketCarrier, admit_session
+from ..ws import REFUSED_ORIGIN, Framing, WebSocketCarrier, admit_origin, admit_session
 from .protocol import (ANOTHER_CONNECTION, GO_AWAY, HEARTBEAT_FRAME, HEARTBEAT_S, OPEN_FRAME,
                        STREAMING_LIMIT_BYTES, PayloadError, SockJSSession, State, close_frame,
                        decode_payload, message_frame)
+from .request_body import BodyState, read_body, respond
 
 log = logging.getLogger("signaling.sockjs")
 
 JS = "application/javascript; charset=UTF-8"
+TEXT = "text/plain; charset=UTF-8"
 SESSION_TICK_S = 1.0
 MAX_SESSIONS = 20000
+BODY_TIMEOUT_S = 30.0           # an xhr_send body (or what is left of a refused one) arrives within
+
+REFUSED_OTHER_ADDRESS = "refused_sockjs_other_address"
+REFUSED_BODY_TOO_LARGE = "refused_sockjs_body_too_large"
 
 
 def _sockjs_decode(data: str | bytes) -> list[str] | None:
@@ -61,10 +81,11 @@ class Carrier:
     """A SockJS session together with the STOMP client it carries."""
 
     def __init__(self, session: SockJSSession, endpoint_factory, guard: ClientGuard | None = None,
-                 ticket: SessionTicket | None = None) -> None:
+                 ticket: SessionTicket | None = None, owner: str | None = None) -> None:
         self.sockjs = session
         self.guard = guard
         self.ticket = ticket
+        self.owner = owner                    # the opener's address: the only one served
         self.ready = asyncio.Event()          # a frame is waiting for a receiver
         self.receiver = None                  # the attached receiving request's client address
         self.endpoint: StompEndpoint = endpoint_factory(self.ready.set)
@@ -107,24 +128,39 @@ class Carrier:
 
 class SockJSServer:
     def __init__(self, service: SignalingService, limits: Limits, max_outbox: int,
-                 guard: ClientGuard | None = None) -> None:
+                 guard: ClientGuard | None = None, origins: OriginPolicy | None = None) -> None:
         self.service = service
         self.limits = limits
         self.max_outbox = max_outbox
         self.guard = guard if guard is not None else ClientGuard()
+        self.origins = origins if origins is not None else OriginPolicy()
         self.carriers: dict[str, Carrier] = {}
 
     # ------------------------------------------------------------ sessions
 
+    def _owned(self, carrier: Carrier | None, client) -> Carrier | None:
+        """`carrier` if `client` may use it; None (counted) if it belongs to another address."""
+        if carrier is None or carrier.owner == exact_address_key(client[0] if client else None):
+            return carrier
+        self.guard.count(REFUSED_OTHER_ADDRESS)
+        log.debug("SockJS session %s refused to %r: opened from another address",
+                  loggable(carrier.sockjs.id), client)
+        return None
+
     def _carrier(self, session_id: str, create: bool) -> Carrier | None:
         """The session's carrier; a new one if `create` (an HTTP 429 if a per-address cap
-        refuses it)."""
+        refuses it).  A session another address opened is a 404 (NotFound)."""
+        client = request.scope.get("client")
         carrier = self.carriers.get(session_id)
-        if carrier is not None or not create or len(self.carriers) >= MAX_SESSIONS:
+        if carrier is not None:
+            if self._owned(carrier, client) is None:
+                raise NotFound()
             return carrier
+        if not create or len(self.carriers) >= MAX_SESSIONS:
+            return None
         now = time.monotonic()
         loop_now = asyncio.get_running_loop().time()
-        ticket = admit_session(self.guard, request.scope.get("client"), loop_now)
+        ticket = admit_session(self.guard, client, loop_now)
         user = request.args.get("userId")
         policy = self.guard.policy
         carrier = Carrier(SockJSSession(session_id, now),
@@ -132,7 +168,7 @@ class SockJSServer:
                               self.service, self.limits, self.max_outbox, user, loop_now, wake,
                               connect_timeout_s=policy.connect_timeout_s,
                               max_outbox_bytes=policy.max_outbox_bytes),
-                          self.guard, ticket)
+                          self.guard, ticket, exact_address_key(client[0] if client else None))
         self.carriers[session_id] = carrier
         carrier.task = asyncio.get_running_loop().create_task(self._watch(carrier))
         return carrier
@@ -164,7 +200,10 @@ class SockJSServer:
     # ------------------------------------------------------------ routes
 
     def install(self, app: Quart, base: str) -> None:
+        """The SockJS routes under `base`; xhr_send's POST is served in front of Quart (see
+        serve_xhr_send), so the app's asgi_app is wrapped."""
         session_url = base + "/<server_id>/<session_id>"
+        app.asgi_app = self._xhr_send_in_front(app.asgi_app, base)
 
         @app.route(base, methods=["GET"])
         @app.route(base + "/", methods=["GET"])
@@ -173,6 +212,9 @@ class SockJSServer:
 
         @app.route(base + "/info", methods=["GET", "OPTIONS"])
         async def info():
+            refusal = self._refuse_origin()
+            if refusal is not None:
+                return refusal
             if request.method == "OPTIONS":
                 return self._options("OPTIONS, GET")
             response = await make_response({"websocket": True, "origins": ["*:*"],
@@ -183,14 +225,19 @@ class SockJSServer:
         async def xhr_streaming(session_id: str) -> Response:
             return self._stream(session_id, "h" * 2048 + "\n", lambda f: f + "\n", JS)
 
-        for transport, serve in (("xhr", self._poll), ("xhr_send", self._receive_send),
-                                 ("xhr_streaming", xhr_streaming)):
+        for transport, serve in (("xhr", self._poll), ("xhr_streaming", xhr_streaming)):
             app.add_url_rule(session_url + "/" + transport, f"sockjs_{transport}",
                              self._xhr_route(serve), methods=["POST", "OPTIONS"])
+        # Its POST never reaches Quart (_xhr_send_in_front); the preflight does.
+        app.add_url_rule(session_url + "/xhr_send", "sockjs_xhr_send", self._xhr_route(None),
+                         methods=["OPTIONS"])
 
         @app.route(session_url + "/eventsource", methods=["GET"])
         async def eventsource(server_id: str, session_id: str):
             self._check_ids(server_id, session_id)
+            refusal = self._refuse_origin()
+            if refusal is not None:
+                return refusal
             return self._stream(session_id, "\r\n", lambda f: f"data: {f}\r\n\r\n",
                                 "text/event-stream; charset=UTF-8")
 
@@ -200,13 +247,27 @@ class SockJSServer:
             await self._websocket(session_id)
 
     def _xhr_route(self, serve):
-        """An XHR transport's view: CORS preflight, session URL check, then `serve`."""
+        """An XHR transport's view: the Origin check, CORS preflight, session URL check,
+        then `serve`."""
         async def view(server_id: str, session_id: str):
+            refusal = self._refuse_origin()
+            if refusal is not None:
+                return refusal
             if request.method == "OPTIONS":
                 return self._options("OPTIONS, POST")
             self._check_ids(server_id, session_id)
             return await serve(session_id)
         return view
+
+    def _refuse_origin(self) -> Response | None:
+        """A 403 (without CORS headers, so a page cannot even read it) if the request comes
+        from a page the origin policy does not allow; None if it may go on."""
+        origin = request.headers.get("Origin")
+        if self.origins.allows(origin, request.headers.get("Host")):
+            return None
+        self.guard.count(REFUSED_ORIGIN)
+        log.debug("SockJS request from origin %s refused", loggable(origin))
+        return Response("Origin not allowed.\n", status=403, content_type=TEXT)
 
     # ------------------------------------------------------------ transports
 
@@ -226,16 +287,68 @@ class SockJSServer:
             carrier.receiver = None
             carrier.sockjs.detach(time.monotonic())
 
-    async def _receive_send(self, session_id: str) -> Response:
-        carrier = self.carriers.get(session_id)
+    def _xhr_send_in_front(self, app, base: str):
+        """ASGI middleware: POST {base}/{server}/{session}/xhr_send goes to serve_xhr_send,
+        everything else to `app`."""
+        path = re.compile(re.escape(base) + r"/([^/]+)/([^/]+)/xhr_send")
+
+        async def asgi(scope, receive, send) -> None:
+            match = path.fullmatch(scope.get("path", "")) if scope["type"] == "http" else None
+            if match is None or scope.get("method") != "POST":
+                await app(scope, receive, send)
+                return
+            await self.serve_xhr_send(scope, receive, send, match.group(1), match.group(2))
+        return asgi
+
+    async def serve_xhr_send(self, scope, receive, send, server_id: str, session_id: str) -> None:
+        """A client's messages for its session.  Every refusal is answered before the body is
+        read (and the body then dropped as it arrives); the body itself is read only up to
+        stomp.max_frame_bytes."""
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1")
+                   for k, v in reversed(scope.get("headers", []))}      # the first one wins
+        origin, host = headers.get("origin"), headers.get("host")
+        client = scope.get("client")
+        # CORS headers only for an allowed page: a refused one cannot even read its 403.
+        answer = {"Content-Type": TEXT, "Vary": "Origin", **self.origins.cors_headers(origin, host)}
+
+        async def answer_early(status: int, text: str) -> None:
+            if not await respond(send, status, answer, text, receive, BODY_TIMEOUT_S):
+                self.guard.abort(client, "drain")     # it sends on and on: cut it off
+
+        if not server_id or not session_id or "." in server_id or "." in session_id:
+            return await answer_early(404, "")
+        if not self.origins.allows(origin, host):
+            self.guard.count(REFUSED_ORIGIN)
+            log.debug("SockJS xhr_send from origin %s refused", loggable(origin))
+            return await answer_early(403, "Origin not allowed.\n")
+        carrier = self._owned(self.carriers.get(session_id), client)
         if carrier is None:
-            return Response("", status=404)
+            return await answer_early(404, "")
         try:
-            messages = decode_payload((await request.get_data()).decode("utf-8", "replace"))
+            declared = int(headers["content-length"]) if "content-length" in headers else None
+        except ValueError:
+            declared = None                     # h11 refuses such a request before us
+        body = await read_body(receive, self.limits.max_frame_bytes, declared, BODY_TIMEOUT_S)
+        if body.state is BodyState.TOO_LARGE:
+            self.guard.count(REFUSED_BODY_TOO_LARGE)
+            text = f"Payload too large (more than {self.limits.max_frame_bytes} bytes)."
+            if body.finished:
+                return await respond(send, 413, answer, text)
+            return await answer_early(413, text)
+        if body.state is BodyState.TIMEOUT:
+            return await respond(send, 408, answer, "Payload not received in time.")
+        if body.state is BodyState.GONE:
+            return
+        try:
+            messages = decode_payload(body.data.decode("utf-8", "replace"))
         except PayloadError as exc:
-            return self._cors(Response(str(exc), status=500, content_type="text/plain; charset=UTF-8"))
-        await self._feed(carrier, messages)
-        return self._cors(Response("", status=204, content_type="text/plain; charset=UTF-8"))
+            return await respond(send, 500, answer, str(exc))
+        try:
+            await self._feed(carrier, messages)
+        except Exception:        # a bug must not take the connection's answer with it
+            log.exception("SockJS xhr_send for session %s failed", loggable(session_id))
+            return await respond(send, 500, answer, "Internal error.")
+        await respond(send, 204, answer, "")
 
     def _stream(self, session_id: str, prelude: str, wrap, content_type: str) -> Response:
         carrier = self._carrier(session_id, create=True)
@@ -275,6 +388,7 @@ class SockJSServer:
     async def _websocket(self, session_id: str) -> None:
         # A SockJS websocket is its own session: no other transport may join it.
         loop = asyncio.get_running_loop()
+        admit_origin(self.origins, self.guard, websocket.headers)
         ticket = admit_session(self.guard, websocket.scope.get("client"), loop.time())
         try:
             await websocket.accept()
@@ -295,7 +409,6 @@ class SockJSServer:
 
     @staticmethod
     def _check_ids(server_id: str, session_id: str) -> None:
-        from werkzeug.exceptions import NotFound
         if not server_id or not session_id or "." in server_id or "." in session_id:
             raise NotFound()
 
@@ -304,13 +417,15 @@ class SockJSServer:
         response.headers["Cache-Control"] = "no-store, no-cache, no-transform, must-revalidate, max-age=0"
         return response
 
-    @staticmethod
-    def _cors(response: Response) -> Response:
-        origin = request.headers.get("Origin")
-        response.headers["Access-Control-Allow-Origin"] = origin if origin and origin != "null" else "*"
-        response.headers["Access-Control-Allow-Credentials"] = "true"
-        if request.headers.get("Access-Control-Request-Headers"):
-            response.headers["Access-Control-Allow-Headers"] = request.headers["Access-Control-Request-Headers"]
+    def _cors(self, response: Response) -> Response:
+        """The CORS headers of an allowed page's request (none for a request without Origin:
+        no browser reads across origins without sending one)."""
+        response.headers["Vary"] = "Origin"
+        cors = self.origins.cors_headers(request.headers.get("Origin"), request.headers.get("Host"))
+        if cors:
+            response.headers.update(cors)
+            if request.headers.get("Access-Control-Request-Headers"):
+                response.headers["Access-Control-Allow-Headers"] = request.headers["Access-Control-Request-Headers"]
         return response
 
     def _options(self, methods: str) -> Response:

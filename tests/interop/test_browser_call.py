@@ -1,7 +1,8 @@
 """A real call between two headless Chromium browsers (Debian's /usr/bin/chromium, driven by
 playwright-core under Node) through the demo page, our signaling and our relay: A calls B,
 B has two tabs, both ring, the second answers and the first stops ringing, both sides connect
-relay-only over our TURN and decode video, A hangs up and B sees it.  Once over a native
+relay-only over our TURN and decode video, A hangs up and B sees it.  A poses as "carol" in the
+free-text callerUserName: B's page shows A's authenticated user id, the pose only beside it.  Once over a native
 WebSocket and once over SockJS with WebSocket disabled.  Screenshots of both sides go to
 $TEST_ARTIFACTS (default test-artifacts/)."""
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -45,6 +47,8 @@ def test_browser_call_relay_only(relay, transport):
     assert done.returncode == 0, f"{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["sawBobOnline"] and result["bothTabsRang"]
+    assert result["ringFrom"] == "alice", result               # the id the appliance stamped
+    assert result["ringName"] == "calls itself “carol” (self-declared, not verified)", result
     assert result["otherTabEnded"] == "Call ended: answered on another device"
     assert result["policy"] == "relay" and result["relayOnly"]
     for side in ("alice", "bob"):
@@ -61,3 +65,16 @@ def test_browser_call_relay_only(relay, transport):
     assert allocations_created(relay) >= before + 2       # both browsers allocated on our relay
     for who in ("alice", "bob"):
         assert (ARTIFACTS / f"{who}-{transport}.png").stat().st_size > 1000
+    # The browsers are gone, but a SockJS session lingers for its disconnect delay (5 s):
+    # later tests on this shared appliance expect alice and bob to come online afresh.
+    wait_until_no_sessions(relay)
+
+
+def wait_until_no_sessions(relay, timeout_s: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        samples = metric_samples(admin(relay, "GET", "/metrics").text)
+        if samples.get(("appliance_signaling_sessions", ())) == 0:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"signaling sessions still open {timeout_s} s after the browsers closed")

@@ -1,7 +1,8 @@
 // A real call in headless Chromium (Debian's /usr/bin/chromium, driven by playwright-core)
 // through the appliance's demo page: user A in one browser context, user B in another with
-// two tabs.  A calls B relay-only; both of B's tabs ring; the second answers and the first
-// stops ringing; both sides connect and decode video; A hangs up and B sees it.
+// two tabs.  A calls B relay-only, posing as "carol" in the free-text callerUserName; both of
+// B's tabs ring, showing A's real user id with the pose beside it, marked self-declared; the
+// second answers and the first stops ringing; both sides connect and decode video; A hangs up and B sees it.
 //
 // usage: node browser_call.js BASE_URL TRANSPORT OUT_DIR TOKEN_A TOKEN_B
 // Prints one JSON line with what each side saw; the pytest side asserts on it.
@@ -78,12 +79,16 @@ async function main() {
     result.sawBobOnline = true;
 
     await alice.fill('#callee', 'bob');
+    await alice.fill('#display-name', 'carol');          // a caller posing as someone else
     await alice.selectOption('#call-type', 'VIDEO');
     result.relayOnly = await alice.isChecked('#relay-only');
     await alice.click('#call');
     await bobTab1.waitForSelector('#ringing:not([hidden])', { timeout: STEP_MS });
     await bobTab2.waitForSelector('#ringing:not([hidden])', { timeout: STEP_MS });
     result.bothTabsRang = true;
+    result.ringFrom = await bobTab1.textContent('#ring-from');
+    result.ringName = (await bobTab1.isVisible('#ring-name'))
+      ? (await bobTab1.textContent('#ring-name')).replace(/\s+/g, ' ').trim() : null;
 
     await bobTab2.click('#accept');
     await bobTab1.waitForSelector('#ringing', { state: 'hidden', timeout: STEP_MS });
