@@ -41,9 +41,25 @@ def libraries_installed(directory: Path = DEMO_DIR) -> bool:
 
 
 def local_request() -> bool:
-    """The current request comes from this machine: a loopback peer, not relayed by a proxy."""
+    """The current request comes from this machine: a loopback peer, not relayed by a proxy,
+    and addressed to a loopback name.  The last part stops DNS rebinding: a page of
+    evil.example whose name the attacker points at 127.0.0.1 reaches this port from the
+    user's own browser (a loopback peer, and its own origin), but its Host is evil.example."""
     return is_loopback_address(request.remote_addr or "") \
-        and not any(name in request.headers for name in PROXY_HEADERS)
+        and not any(name in request.headers for name in PROXY_HEADERS) \
+        and loopback_host(request.headers.get("Host", ""))
+
+
+def loopback_host(host: str) -> bool:
+    """A Host header (name[:port]) that names this machine's loopback: localhost or a
+    loopback address literal."""
+    if host.startswith("["):             # [::1]:8443
+        name = host[1:host.find("]")] if "]" in host else ""
+    elif host.count(":") == 1:           # 127.0.0.1:8443, localhost:8443
+        name = host.split(":", 1)[0]
+    else:                                # no port (or a bare IPv6 literal, invalid anyway)
+        name = host
+    return name.lower() == "localhost" or is_loopback_address(name)
 
 
 def install_demo(app: Quart, prefix: str, mint_token: Callable[[str], str] | None,

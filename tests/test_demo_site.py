@@ -140,3 +140,17 @@ async def test_demo_off_serves_nothing(tmp_path):
     client = signaling_app(config_of(tmp_path, "http: {demo: false}\n")).test_client()
     assert (await client.get("/imserver/demo/")).status_code == 404
     assert (await client.post("/imserver/demo/token", json={"userId": "a"})).status_code == 404
+
+
+@pytest.mark.parametrize("host, mints", [
+    ("127.0.0.1:8443", True), ("localhost:8443", True), ("[::1]:8443", True), ("LOCALHOST", True),
+    ("evil.example:8443", False), ("evil.example", False), ("127.0.0.1.evil.example:8443", False),
+    ("", False),
+])
+async def test_dev_tokens_not_for_a_rebound_name(tmp_path, host, mints):
+    # DNS rebinding: a page of evil.example, its name pointed at 127.0.0.1, reaches the
+    # appliance from the user's browser on this machine; only its Host gives it away.
+    client = signaling_app(config_of(tmp_path)).test_client()
+    answer = await client.post("/imserver/demo/token", json={"userId": "alice"},
+                               headers={"Host": host}, scope_base=LOCAL)
+    assert answer.status_code == (200 if mints else 403)
