@@ -81,4 +81,23 @@ def decode_json(body: bytes | str, max_bytes: int, max_depth: int = DEFAULT_MAX_
         raise JsonBodyError("body is not valid JSON") from None
     if deep:
         raise JsonBodyError(f"JSON nested deeper than {max_depth} levels")
+    if has_unpaired_surrogate(text, value):
+        raise JsonBodyError("body has an unpaired surrogate escape (\\ud800-\\udfff)")
     return value
+
+
+_SURROGATE_ESCAPE = re.compile(r"\\[uU][dD][89a-fA-F]")
+
+
+def has_unpaired_surrogate(text: str, value) -> bool:
+    """Does the parsed `value` hold a lone surrogate?  JSON lets `"\\ud800"` through
+    json.loads as a str no UTF-8 encoder accepts, so echoing it to another client (a
+    status, an OFFER) raised UnicodeEncodeError.  Only a text with such an escape is
+    checked, by encoding the value once; pairs (an emoji) are joined by the parser."""
+    if "\\" not in text or _SURROGATE_ESCAPE.search(text) is None:
+        return False
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False

@@ -14,7 +14,7 @@ import enum
 import json
 import re
 
-from ..json_body import within_depth
+from ..json_body import has_unpaired_surrogate, within_depth
 
 HEARTBEAT_S = 25.0
 DISCONNECT_DELAY_S = 5.0
@@ -61,8 +61,9 @@ def decode_payload(text: str) -> list[str]:
     except ValueError:
         raise PayloadError("Broken JSON encoding.") from None
     if isinstance(value, str):
-        return [value]
-    if not isinstance(value, list) or not all(isinstance(m, str) for m in value):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(m, str) for m in value) or \
+            has_unpaired_surrogate(text, value):
         raise PayloadError("Broken JSON encoding.")
     return value
 

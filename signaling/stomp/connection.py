@@ -150,7 +150,9 @@ class StompServerConnection:
         if self.closed or self._input_stopped:
             return []
         if isinstance(data, str):
-            data = data.encode("utf-8")
+            # surrogatepass: a str from a decoded JSON envelope may hold a lone surrogate;
+            # as bytes it is invalid UTF-8, which the parser and body decoder refuse.
+            data = data.encode("utf-8", "surrogatepass")
         self._last_received = now
         try:
             items = self._parser.feed(data)

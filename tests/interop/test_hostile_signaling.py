@@ -132,13 +132,19 @@ NESTED = b"[" * 30000 + b"]" * 30000                             # fits a 64 KiB
 NESTED_CALL = b'{"callId":"c1","callee":"bob","callerUserName":"a","calleeUserName":"b","x":' + \
     b"[" * 20000 + b"]" * 20000 + b"}"
 NOT_UTF8 = b'["\xff\xfe"]'
+# Valid JSON, but "\ud800" decodes to a lone surrogate that no UTF-8 encoder takes: echoed
+# in a status or an OFFER it raised UnicodeEncodeError (found by bench/fuzz_signaling.py).
+LONE_SURROGATE = b'["\\ud800"]'
+LONE_SURROGATE_CALL = b'{"callId":"c3","callee":"bob","callerUserName":"\\udcc0"}'
 
 
 def test_nested_json_and_invalid_utf8_on_stomp_are_400_and_the_session_lives(relay):
     ws = stomp_session(relay.http_port)
     try:
         for destination, body in (("/app/user/status", NESTED), ("/app/call/request", NESTED_CALL),
-                                  ("/app/user/status", NOT_UTF8)):
+                                  ("/app/user/status", NOT_UTF8),
+                                  ("/app/user/status", LONE_SURROGATE),
+                                  ("/app/call/request", LONE_SURROGATE_CALL)):
             ws.send_binary(send_frame(destination, body))
             dest, answer = next_message(ws)
             assert dest == "/user/queue/errors" and answer["code"] == 400, answer
@@ -165,16 +171,20 @@ def test_nested_json_inside_sockjs_xhr_send_is_400_not_500(relay):
     (message,) = json.loads(post("xhr")[1][1:])
     _, headers, body = frame_of(message)
     assert headers["destination"] == "/user/queue/errors" and json.loads(body)["code"] == 400
-    # A nested envelope is SockJS's "Broken JSON encoding." (a 500 by that protocol), not a crash.
-    with pytest.raises(urllib.error.HTTPError) as refused:
-        urllib.request.urlopen(urllib.request.Request(f"{base}/xhr_send", data=NESTED, method="POST"),
-                               timeout=5)
-    assert refused.value.read() == b"Broken JSON encoding."
+    # A nested envelope, or one whose string holds a lone surrogate (which became a str
+    # that the STOMP layer could not encode), is SockJS's "Broken JSON encoding." (a 500
+    # by that protocol), not a crash.
+    for envelope in (NESTED, b'["SEND\\ndestination:/app/user/status\\n\\n[\\"\\udcc0\\"]\\u0000"]'):
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(urllib.request.Request(f"{base}/xhr_send", data=envelope,
+                                                          method="POST"), timeout=5)
+        assert refused.value.read() == b"Broken JSON encoding."
     assert_no_traceback(relay)
 
 
-@pytest.mark.parametrize("body", [NESTED_CALL, b'{"callId":"c2","callee":"\xff"}'],
-                         ids=["nested", "not-utf8"])
+@pytest.mark.parametrize("body", [NESTED_CALL, b'{"callId":"c2","callee":"\xff"}',
+                                  LONE_SURROGATE_CALL],
+                         ids=["nested", "not-utf8", "lone-surrogate"])
 def test_nested_json_and_invalid_utf8_over_http_are_400(relay, body):
     status, envelope = http(relay.http_port, "POST", "/call/request", "tok-alice", body)
     assert (status, envelope["code"]) == (400, 400), envelope
