@@ -100,8 +100,12 @@ class StompEndpoint:
             except SignalingError as err:
                 self.conn.reject(err.message)
                 return
-            if self.conn.closed:
-                return            # the deadline (or a shutdown) came while the token was checked
+            if self.conn.closed or self._finished:
+                # The deadline (or a shutdown) came while the token was checked, or the
+                # transport is gone: finish() has run, and a session registered now would
+                # never be closed (a reader that asyncio let finish its receive after the
+                # cancel gets here; found by bench/fuzz_signaling.py).
+                return
             self.session = Session(new_session_id(), user, self.conn, self.wake, self.max_outbox,
                                    self.max_outbox_bytes, self.overflow)
             self.conn.accept(now, session=self.session.id, user_name=user)
