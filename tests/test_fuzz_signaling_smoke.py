@@ -22,7 +22,7 @@ SCRIPT = Path(__file__).resolve().parent.parent / "bench" / "fuzz_signaling.py"
 # A CONNECT split over six WebSocket messages, SENDs, then the client's close: the reader
 # registered a session after the transport had finished its endpoint, and the session
 # stayed registered (its user ONLINE) for good.  It leaked on every replay before the fix.
-SESSION_LEAK_CASE = Path(__file__).resolve().parent / "data" / "fuzz_signaling_session_leak.json"
+SESSION_LEAK_CASE = Path(__file__).resolve().parent / "cases" / "fuzz_signaling_session_leak.json"
 KNOWN_FAILURES = ("fuzz sessions still registered at the end",)
 
 
