@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import heapq
 import itertools
-from collections import Counter
 from typing import Hashable, Protocol
 
 from .bandwidth import Meter
@@ -112,11 +111,10 @@ class Allocation:
 
 
 class AllocationTable:
-    """Allocations by client 5-tuple key, with per-user counts and expiry."""
+    """Allocations by client 5-tuple key, with expiry (quotas are the ledger's: turn/ledger.py)."""
 
     def __init__(self) -> None:
         self.by_client: dict[Hashable, Allocation] = {}
-        self.per_user: Counter[str] = Counter()
         self._heap: list[tuple[float, int, Allocation]] = []
         self._seq = itertools.count()
 
@@ -128,7 +126,6 @@ class AllocationTable:
 
     def add(self, alloc: Allocation) -> None:
         self.by_client[alloc.client_key] = alloc
-        self.per_user[alloc.user_id] += 1
         self.schedule(alloc)
 
     def schedule(self, alloc: Allocation) -> None:
@@ -150,9 +147,6 @@ class AllocationTable:
         alloc.closed = True
         if self.by_client.get(alloc.client_key) is alloc:
             del self.by_client[alloc.client_key]
-        self.per_user[alloc.user_id] -= 1
-        if self.per_user[alloc.user_id] <= 0:
-            del self.per_user[alloc.user_id]
         if len(self._heap) > 2 * len(self.by_client) + 64:
             self._compact()
 
