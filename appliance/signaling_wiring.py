@@ -15,6 +15,7 @@ from signaling.auth import HttpVerifier, JwtVerifier, StaticVerifier, TokenVerif
 from signaling.guard import CapSettings, ClientGuard, LifecyclePolicy
 from signaling.origins import OriginPolicy
 from signaling.stomp import Limits
+from signaling.ws import max_message_bytes
 
 from .config import AppConfig
 from .tls_reload import CertificateReloader, reloadable_hypercorn_config
@@ -167,6 +168,7 @@ def hypercorn_config(config: AppConfig, bind: str, cert: Path | None, key: Path 
     # A TLS handshake holds a descriptor before the guard sees the connection: give it
     # no longer than a client has for CONNECT (Hypercorn's default is 60 s).
     hc.ssl_handshake_timeout = config.stomp.connect_timeout_s
+    hc.websocket_max_message_size = max_message_bytes(config.stomp.max_frame_bytes)
     hc.bind = [bind]
     hc.accesslog = None
     hc.errorlog = None            # our logging, not hypercorn's

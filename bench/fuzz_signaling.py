@@ -2109,10 +2109,13 @@ class LogDigest:
 
 
 def only_leaks_left(run: Run) -> bool:
-    """The fuzz sessions still registered all connected more than --session-grace ago (with
-    their connections long gone: leaked), or there are none."""
+    """No fuzz session is registered but those already reported as leaked.  Called once every
+    fuzz connection is closed: a session may take the SockJS disconnect delay (5 s) and a tick
+    to end after its last connection went, so what is still here --session-grace seconds after
+    the closes has leaked.  (How long ago a session connected says nothing: a long job's
+    session is old when its client leaves.)"""
     count = signaling_metrics(run.relay.admin_port).get("appliance_signaling_sessions", -1) - len(BYSTANDERS)
-    return count <= len(run.sessions.leaked(time.time() - run.args.session_grace))
+    return count <= len(run.leaks_seen & run.sessions.leaked(time.time()).keys())
 
 
 async def settle(check, grace: float) -> tuple[bool, float]:

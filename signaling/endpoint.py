@@ -53,8 +53,12 @@ class StompEndpoint:
         return self.conn.closed or (self.session is not None and self.session.closed)
 
     async def feed(self, data: str | bytes, now: float) -> None:
-        for event in self.conn.receive_data(data, now):
-            await self._on_event(event, now)
+        events = self.conn.receive_data(data, now)
+        while events:
+            for event in events:
+                await self._on_event(event, now)
+            # Frames behind a CONNECT waited for its answer: their turn now.
+            events = self.conn.receive_data(b"", now)
         self._flush()
 
     def tick(self, now: float) -> None:

@@ -29,6 +29,7 @@ from hypercorn.events import RawData
 from hypercorn.utils import parse_socket_addr
 
 from .guard import ClientGuard, Refused
+from .sockjs.request_body import DRAIN_MAX_BYTES
 
 log = logging.getLogger("signaling.connections")
 
@@ -142,6 +143,39 @@ class GuardedTCPServer(TCPServer):
             await closing
 
 
+class RequestBodyProgress:
+    """How much of a request's body the app has been handed, and whether it has ended."""
+
+    def __init__(self) -> None:
+        self.ended = False
+        self.received = 0
+        self._changed = asyncio.Event()
+
+    def saw(self, message: dict) -> None:
+        if message["type"] == "http.request":
+            self.received += len(message.get("body", b""))
+            self.ended = not message.get("more_body", False)
+        elif message["type"] in DISCONNECTS:
+            self.ended = True
+        self._changed.set()
+
+    async def wait_end(self, timeout_s: float, max_bytes: int) -> bool:
+        """True once the body has ended (or the client left) within `timeout_s` and before
+        `max_bytes` more arrived."""
+        loop = asyncio.get_running_loop()
+        deadline, limit = loop.time() + timeout_s, self.received + max_bytes
+        while not self.ended:
+            left = deadline - loop.time()
+            if left <= 0 or self.received > limit:
+                return False
+            self._changed.clear()
+            try:
+                await asyncio.wait_for(self._changed.wait(), left)
+            except asyncio.TimeoutError:
+                return False
+        return True
+
+
 class ReceiveDrain:
     """ASGI middleware: once the app has returned, keep taking what Hypercorn hands it
     until it is done with the request (or abort the connection if it never is).
@@ -170,14 +204,18 @@ class ReceiveDrain:
             await self.app(scope, receive, send)
             return
         disconnected = False
+        body = RequestBodyProgress()
 
         async def watched_receive():
             nonlocal disconnected
             message = await receive()
             if message["type"] in DISCONNECTS:
                 disconnected = True
+            body.saw(message)
             return message
 
+        if scope["type"] == "http" and scope.get("http_version") in ("1.0", "1.1"):
+            send = self._answer_before_the_body_ends(send, body, scope.get("client"))
         try:
             await self.app(scope, watched_receive, send)
         finally:
@@ -188,6 +226,27 @@ class ReceiveDrain:
                     self._drain(receive, scope.get("client"), websocket, disconnected))
                 self.drains.add(task)
                 task.add_done_callback(self.drains.discard)
+
+    def _answer_before_the_body_ends(self, send, body: "RequestBodyProgress", client):
+        """`send`, except that the end of a response given before the request's body has
+        arrived (a 413, or any early answer) waits for that body: Hypercorn closes an
+        HTTP/1.1 connection the moment a response ends with the request unfinished, and the
+        client, still sending, meets a reset instead of reading its answer.  The answer goes
+        out whole (its length is declared), the app's own receiver (Quart's reads on until
+        it is cancelled) takes the rest of the body, and the response ends then; a body that
+        does not end within the linger and send timeout, or DRAIN_MAX_BYTES, is cut off."""
+        async def send_after_the_body(message) -> None:
+            if (message["type"] != "http.response.body" or message.get("more_body", False)
+                    or body.ended):
+                await send(message)
+                return
+            await send({**message, "more_body": True})
+            policy = self.guard.policy
+            if await body.wait_end(policy.linger_s + policy.send_timeout_s, DRAIN_MAX_BYTES):
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+            else:
+                self.guard.abort(client, "drain")
+        return send_after_the_body
 
     async def _drain(self, receive, client, websocket: bool, disconnected: bool) -> None:
         loop = asyncio.get_running_loop()

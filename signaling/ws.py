@@ -52,14 +52,25 @@ class Framing:
     """How STOMP frames travel in a transport's WebSocket messages."""
 
     encode: Callable[[list[bytes]], Iterable[str]]       # STOMP frames -> messages
-    decode: Callable[[str | bytes], list | None]         # a message -> STOMP data; None: hang up
+    # A message -> the STOMP stream data it carries, in one piece (a SockJS envelope's
+    # elements joined: fed one by one, 200,000 one-byte elements held the loop for seconds);
+    # None: hang up.
+    decode: Callable[[str | bytes], str | bytes | None]
     opening: str | None = None                           # the first message (SockJS "o")
     closing: str | None = None                           # the last one (SockJS c[...])
     idle: tuple[float, str] | None = None                # (seconds, message) when quiet (SockJS h)
 
 
+def max_message_bytes(max_frame_bytes: int) -> int:
+    """The largest WebSocket message a client may send (Hypercorn closes a larger one with
+    1009 before it is buffered whole): one STOMP frame, JSON-quoted for SockJS, where a
+    character takes at most six bytes (\\u0000).  stomp.js sends a frame per message, and
+    splits larger ones.  Hypercorn's default, 16 MiB, let one message hold the loop."""
+    return 6 * max_frame_bytes + 64
+
+
 NATIVE = Framing(encode=lambda frames: (f.decode("utf-8") for f in frames),
-                 decode=lambda data: [data])
+                 decode=lambda data: data)
 
 
 def admit_origin(origins: OriginPolicy, guard: ClientGuard, headers) -> None:
@@ -188,11 +199,11 @@ class WebSocketCarrier:
                 if idle is not None and not self.wake.is_set() and not self.sending:
                     await self.websocket.send(idle[1])
                 continue
-            messages = self.framing.decode(data)
-            if messages is None:
+            stream_data = self.framing.decode(data)
+            if stream_data is None:
                 return
-            for message in messages:
-                await self.endpoint.feed(message, loop.time())
+            if stream_data:
+                await self.endpoint.feed(stream_data, loop.time())
 
     def _overflow(self) -> None:
         """The outbox passed its budget.  A writer inside a send will not get the ERROR

@@ -76,10 +76,35 @@ def test_send_before_connect_is_error_then_closed():
     assert frames(conn)[0][0] == "ERROR" and conn.closed
 
 
-def test_frames_before_the_application_accepts_are_errors():
+PIPELINED = (b"CONNECT\naccept-version:1.2\n\n\x00SUBSCRIBE\nid:1\ndestination:/x\n\n\x00"
+             b"SEND\ndestination:/app/x\n\n{}\x00")
+
+
+def test_frames_behind_a_connect_wait_for_the_application_s_answer():
+    # As a server that checks the token before reading on would see them (Spring does).
     conn = StompServerConnection()
-    events = conn.receive_data(b"CONNECT\naccept-version:1.2\n\n\x00SUBSCRIBE\nid:1\ndestination:/x\n\n\x00", 0)
-    assert isinstance(events[0], ConnectRequested) and isinstance(events[1], ProtocolError)
+    (event,) = conn.receive_data(PIPELINED, 0)
+    assert isinstance(event, ConnectRequested)
+    assert conn.receive_data(b"", 0) == [] and conn.state is State.CONNECTING
+    conn.accept(0)
+    subscribed, sent = conn.receive_data(b"", 0)
+    assert isinstance(subscribed, Subscribed) and isinstance(sent, MessageSent)
+    assert [f[0] for f in frames(conn)] == ["CONNECTED"]
+
+
+def test_frames_behind_a_rejected_connect_are_dropped():
+    conn = StompServerConnection()
+    conn.receive_data(PIPELINED, 0)
+    conn.reject("forbidden")
+    assert conn.receive_data(b"", 0) == [] and [f[0] for f in frames(conn)] == ["ERROR"]
+
+
+def test_what_waits_behind_a_connect_is_bounded():
+    conn = StompServerConnection(Limits(max_frame_bytes=1024))
+    conn.receive_data(b"CONNECT\naccept-version:1.2\n\n\x00", 0)
+    assert conn.receive_data(b"SEND\ndestination:/app/x\n\n{}\x00" * 30, 0) == []
+    (event,) = conn.receive_data(b"SEND\ndestination:/app/x\n\n{}\x00" * 10, 0)
+    assert isinstance(event, ProtocolError) and "before CONNECTED" in event.message and conn.closed
 
 
 def test_reject_sends_error_and_closes():

@@ -147,19 +147,28 @@ class StompServerConnection:
     # ------------------------------------------------------------ input
 
     def receive_data(self, data: bytes | str, now: float) -> list:
+        """The events of the frames `data` completes.  Frames that follow a CONNECT wait,
+        unparsed, until the application has accepted or rejected it (as a server that checks
+        tokens synchronously would read them): call again with b"" after `accept` to get
+        theirs.  What waits is bounded by max_frame_bytes."""
         if self.closed or self._input_stopped:
             return []
-        if isinstance(data, str):
-            # surrogatepass: a str from a decoded JSON envelope may hold a lone surrogate;
-            # as bytes it is invalid UTF-8, which the parser and body decoder refuse.
-            data = data.encode("utf-8", "surrogatepass")
-        self._last_received = now
-        try:
-            items = self._parser.feed(data)
-        except FrameError as exc:
-            return [self._fail(str(exc))]
+        if data:
+            if isinstance(data, str):
+                # surrogatepass: a str from a decoded JSON envelope may hold a lone surrogate;
+                # as bytes it is invalid UTF-8, which the parser and body decoder refuse.
+                data = data.encode("utf-8", "surrogatepass")
+            self._last_received = now
+            self._parser.add(data)
         events: list = []
-        for item in items:
+        while self.state is not State.CONNECTING:
+            try:
+                item = self._parser.next()
+            except FrameError as exc:
+                events.append(self._fail(str(exc)))
+                break
+            if item is None:
+                break
             if item is HEARTBEAT:
                 continue
             try:
@@ -168,6 +177,8 @@ class StompServerConnection:
                 events.append(self._fail(str(exc)))
             if self.closed or self._input_stopped:
                 break
+        if self.state is State.CONNECTING and self._parser.buffered > self.limits.max_frame_bytes:
+            events.append(self._fail(f"more than {self.limits.max_frame_bytes} bytes sent before CONNECTED"))
         return events
 
     def _on_frame(self, frame: Frame, now: float) -> list:
@@ -184,8 +195,6 @@ class StompServerConnection:
             negotiate_heartbeat(self._pending_heartbeat, self.limits.heartbeat_ms)   # validate now
             self.state = State.CONNECTING
             return [ConnectRequested(frame, version)]
-        if self.state is State.CONNECTING:
-            raise FrameError(f"{command} before CONNECTED")
         if command in ("CONNECT", "STOMP"):
             raise FrameError("already connected")
         events: list = []

@@ -32,67 +32,98 @@ class FrameParser:
         self.commands = commands
         self.version = "1.2"          # how header values are unescaped; set on CONNECT
         self._buf = bytearray()
+        # The frame being received: (raw headers, body start, version read with, Frame) once
+        # its headers are complete, and how far its buffer has been searched.
+        self._head: tuple[bytes, int, str, Frame] | None = None
+        self._scanned = 0
 
     def feed(self, data: bytes) -> list:
-        """Frames (and HEARTBEAT markers) completed by `data`; FrameError on a violation."""
-        self._buf += data
+        """Frames (and HEARTBEAT markers) completed by `data`; FrameError on a violation.
+
+        Linear in what arrives: the searches for the end of the headers and for the body's
+        NUL resume where the last feed left off, and a frame's headers are parsed once (a
+        frame sent a byte at a time used to be rescanned from its start on every byte)."""
+        self.add(data)
         out: list = []
         while True:
-            item = self._next()
+            item = self.next()
             if item is None:
                 return out
             out.append(item)
 
-    def _next(self):
+    def add(self, data: bytes) -> None:
+        """Data to parse; `next` takes the frames out of it one at a time."""
+        self._buf += data
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received and not yet returned as a frame."""
+        return len(self._buf)
+
+    def next(self):
+        """The next frame (or HEARTBEAT marker) of what was added, or None until more comes;
+        FrameError on a violation."""
         buf = self._buf
-        start = 0
-        n = len(buf)
-        while start < n and buf[start] in (0x0A, 0x0D):
-            if buf[start] == 0x0D and (start + 1 >= n or buf[start + 1] != 0x0A):
-                if start + 1 >= n:
-                    break                    # a lone CR may be the start of CRLF
-                raise FrameError("stray carriage return between frames")
-            start += 1
-        if start:
-            del buf[:start]
-            return HEARTBEAT
-        if not buf:
-            return None
-        head_end, body_start = self._find_header_end(buf)
-        if head_end < 0:
-            if len(buf) > self.limits.max_frame_bytes:
-                raise FrameError(f"frame larger than {self.limits.max_frame_bytes} bytes")
-            return None
-        frame = self._parse_head(bytes(buf[:head_end]))
+        if self._head is None:
+            start = 0
+            n = len(buf)
+            while start < n and buf[start] in (0x0A, 0x0D):
+                if buf[start] == 0x0D and (start + 1 >= n or buf[start + 1] != 0x0A):
+                    if start + 1 >= n:
+                        break                    # a lone CR may be the start of CRLF
+                    raise FrameError("stray carriage return between frames")
+                start += 1
+            if start:
+                del buf[:start]
+                return HEARTBEAT
+            if not buf:
+                return None
+            head_end, body_start = self._find_header_end(buf, self._scanned)
+            if head_end < 0:
+                self._check_size(len(buf))
+                self._scanned = max(0, len(buf) - 2)      # a marker may straddle the feeds
+                return None
+            self._head = (bytes(buf[:head_end]), body_start, self.version,
+                          self._parse_head(bytes(buf[:head_end])))
+            self._scanned = body_start
+        head, body_start, version, frame = self._head
+        if version != self.version:               # CONNECT came in between: re-read them
+            frame = self._parse_head(head)
+            self._head = (head, body_start, self.version, frame)
         length = frame.headers.get("content-length")
         if length is not None:
             if not length.isdigit() or len(length) > 9:
                 raise FrameError(f"bad content-length {length[:20]!r}")
             end = body_start + int(length)
-            if end + 1 > self.limits.max_frame_bytes:
-                raise FrameError(f"frame larger than {self.limits.max_frame_bytes} bytes")
+            self._check_size(end + 1)
             if len(buf) < end + 1:
                 return None
             if buf[end] != 0:
                 raise FrameError("frame body is not followed by NUL")
         else:
-            end = buf.find(b"\x00", body_start)
+            end = buf.find(b"\x00", self._scanned)
             if end < 0:
-                if len(buf) > self.limits.max_frame_bytes:
-                    raise FrameError(f"frame larger than {self.limits.max_frame_bytes} bytes")
+                self._check_size(len(buf))
+                self._scanned = len(buf)
                 return None
-            if end + 1 > self.limits.max_frame_bytes:
-                raise FrameError(f"frame larger than {self.limits.max_frame_bytes} bytes")
+            self._check_size(end + 1)
         frame.body = bytes(buf[body_start:end])
         del buf[:end + 1]
+        self._head = None
+        self._scanned = 0
         return frame
 
+    def _check_size(self, size: int) -> None:
+        if size > self.limits.max_frame_bytes:
+            raise FrameError(f"frame larger than {self.limits.max_frame_bytes} bytes")
+
     @staticmethod
-    def _find_header_end(buf: bytearray) -> tuple[int, int]:
-        """(end of the header block, start of the body), or (-1, -1) if incomplete."""
+    def _find_header_end(buf: bytearray, start: int) -> tuple[int, int]:
+        """(end of the header block, start of the body), or (-1, -1) if incomplete; the
+        search starts at `start`."""
         best = (-1, -1)
         for marker in (b"\n\n", b"\n\r\n"):
-            i = buf.find(marker)
+            i = buf.find(marker, start)
             if i >= 0 and (best[0] < 0 or i < best[0]):
                 best = (i, i + len(marker))
         return best

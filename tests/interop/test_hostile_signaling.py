@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import statistics
 import sys
 import time
@@ -197,6 +198,38 @@ def test_an_oversized_http_body_is_refused(relay):
     assert status == envelope["code"] == 413
 
 
+def _upload(port: int, size: int, chunked: bool) -> bytes:
+    """POST `size` bytes to the HTTP API as fast as the server takes them, then read what
+    came back; a reset on the way fails."""
+    framing = "Transfer-Encoding: chunked" if chunked else f"Content-Length: {size}"
+    piece = b"x" * (256 * 1024)
+    with socket.create_connection(("127.0.0.1", port), timeout=20) as sock:
+        sock.sendall(f"POST /imserver/call/request HTTP/1.1\r\nHost: 127.0.0.1\r\nide: tok-alice\r\n"
+                     f"Content-Type: application/json\r\n{framing}\r\n\r\n".encode())
+        for _ in range(size // len(piece)):
+            sock.sendall(b"%x\r\n%s\r\n" % (len(piece), piece) if chunked else piece)
+        if chunked:
+            sock.sendall(b"0\r\n\r\n")
+        answer = b""
+        while b"\n}" not in answer and b'"}' not in answer:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            answer += chunk
+        return answer
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+def test_a_client_sending_on_after_its_413_reads_the_answer_without_a_reset(relay, chunked):
+    """Hypercorn closes an HTTP/1.1 connection as soon as a response ends with the request's
+    body unfinished: a client still uploading met a reset (BrokenPipeError) and never read
+    its 413.  The answer now goes out first and the response ends with the body."""
+    answer = _upload(relay.http_port, 16 << 20, chunked)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 413 "), answer[:300]
+    assert json.loads(body) == {"code": 413, "msg": "request too large", "data": None}
+
+
 # ---------------------------------------------------------------- item 6: injection
 
 
@@ -349,4 +382,55 @@ async def test_a_send_flood_gets_429_then_a_disconnect_and_a_bystander_keeps_its
     # The issue asks for 2x the idle figure (measured: about 1.8x); the machine is shared,
     # so the bound is generous.
     assert loaded_ms <= max(5 * idle_ms, 5.0), (idle_ms, loaded_ms)
+    assert_no_traceback(relay)
+
+
+# ---------------------------------------------------------------- one huge message
+
+
+def _send_envelope(port: int, name: str, elements: int) -> tuple[str, object]:
+    """A SockJS websocket client that sends one message: an envelope of `elements` one-byte
+    strings (a SEND's head and then "x" after "x").  What came back: ("close", code) or
+    ("frame", the first STOMP frame)."""
+    ws = websocket.create_connection(f"ws://127.0.0.1:{port}/imserver/ws/000/{name}/websocket",
+                                     timeout=10)
+    try:
+        assert ws.recv() == "o"
+        ws.send('["SEND\\ndestination:/app/user/status\\n\\n",' + '"x",' * (elements - 1) + '"x"]')
+        while True:
+            opcode, data = ws.recv_data(control_frame=True)
+            if opcode == websocket.ABNF.OPCODE_CLOSE:
+                return "close", int.from_bytes(data[:2], "big")
+            text = data.decode()
+            if text.startswith("a["):
+                return "frame", json.loads(text[1:])[0]
+    finally:
+        ws.close()
+
+
+async def test_a_huge_sockjs_websocket_envelope_never_holds_the_loop(relay):
+    """One SockJS websocket message of 200,000 one-byte elements (800 KB) used to be fed to the
+    STOMP parser element by element, each rescanning the frame so far: everyone waited about
+    3 s.  Now a message over 6 x max_frame_bytes is refused by Hypercorn (1009) before it is
+    buffered, and one just under that is fed in one piece and refused as one frame too large."""
+    bystander = await _ws_session(relay.http_port, "bob", "tok-bob")
+    try:
+        idle = [await _round_trip(bystander) for _ in range(20)]
+        loop = asyncio.get_running_loop()
+        attacks = [loop.run_in_executor(None, _send_envelope, relay.http_port, "huge1", 200_000),
+                   loop.run_in_executor(None, _send_envelope, relay.http_port, "huge2", 97_000)]
+        loaded = []
+        while not all(a.done() for a in attacks):
+            loaded.append(await _round_trip(bystander))
+            await asyncio.sleep(0.002)
+        too_big, just_under = [await a for a in attacks]
+    finally:
+        await bystander.close()
+    print(f"\nbystander status round trip: idle max {max(idle) * 1000:.1f} ms; during the huge "
+          f"envelopes max {max(loaded) * 1000:.1f} ms ({len(loaded)} samples)")
+    assert too_big == ("close", 1009), too_big
+    assert just_under[0] == "frame" and just_under[1].startswith("ERROR\n"), just_under
+    assert "frame larger than 65536 bytes" in just_under[1], just_under
+    # Before the fix the bystander waited 3.3 s; now the work is a few milliseconds.
+    assert max(loaded) < 1.0, loaded
     assert_no_traceback(relay)

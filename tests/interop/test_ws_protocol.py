@@ -41,6 +41,20 @@ def assert_error_then_close(ws, fragment: str) -> None:
                 raise websocket.WebSocketConnectionClosedException()
 
 
+def test_frames_sent_behind_connect_in_one_message_are_served_after_connected(relay):
+    """CONNECT, SUBSCRIBE and SEND in one message (a client that does not wait for
+    CONNECTED): the token is checked first, then the rest is read, as Spring reads it."""
+    ws = open_ws(relay)
+    ws.send(CONNECT.format(token="tok-alice")
+            + "SUBSCRIBE\nid:s\ndestination:/topic/user/status\n\n\x00"
+            + 'SEND\ndestination:/app/user/status\ncontent-length:9\n\n["carol"]\x00')
+    assert ws.recv().startswith("CONNECTED\n")
+    command, headers, body = frame_of(ws.recv())
+    assert (command, headers["destination"]) == ("MESSAGE", "/topic/user/status"), headers
+    assert json.loads(body) == [{"userId": "carol", "status": "OFFLINE"}]
+    ws.close()
+
+
 @pytest.mark.parametrize("offered, chosen", [(["v10.stomp", "v12.stomp"], "v12.stomp"),
                                              (["v11.stomp", "v10.stomp"], "v11.stomp"),
                                              (["v10.stomp"], "v10.stomp")])
