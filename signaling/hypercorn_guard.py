@@ -28,12 +28,16 @@ from hypercorn.config import Config
 from hypercorn.events import RawData
 from hypercorn.utils import parse_socket_addr
 
+from turn.ratelog import RateLimitedLog
+
+from .client_text import loggable
 from .guard import ClientGuard, Refused
 from .sockjs.request_body import DRAIN_MAX_BYTES
 
 log = logging.getLogger("signaling.connections")
 
 _guards: "weakref.WeakKeyDictionary[Config, ClientGuard]" = weakref.WeakKeyDictionary()
+_server_errors = RateLimitedLog(log, burst=3, interval_s=10.0)
 
 REFUSAL_LINGER_S = 0.5          # a refused client gets this long to read its 429
 DRAIN_AFTER_ABORT_S = 2.0
@@ -83,6 +87,15 @@ class GuardedTCPServer(TCPServer):
                 await self._refuse(refusal)
             else:
                 await super().run()
+        except Exception as exc:
+            # Hypercorn's own code failed on what this client sent (its WebSocket buffer
+            # takes a binary frame into a text message's buffer after a 1009, a TypeError):
+            # this connection ends, nobody else notices, and the log gets a bounded few
+            # lines, each naming the error and where it was raised.
+            self.guard.count("aborted_server_error")
+            _server_errors.warning(self.loop.time(), "connection from %r ended by an error in "
+                                   "Hypercorn: %s", peer, describe_failure(exc))
+            transport.abort()
         finally:
             if refusal is None:
                 self.guard.close_connection(peer, key)
@@ -141,6 +154,20 @@ class GuardedTCPServer(TCPServer):
                 self.guard.count("aborted_close_timeout")
             self.writer.transport.abort()
             await closing
+
+
+def describe_failure(exc: BaseException) -> str:
+    """One line for an exception (the first one inside an ExceptionGroup): its type, message
+    and the file and line it was raised at."""
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    where = ""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    if tb is not None:
+        where = f" at {tb.tb_frame.f_code.co_filename.rsplit('/', 1)[-1]}:{tb.tb_lineno}"
+    return loggable(f"{type(exc).__name__}: {exc}{where}")
 
 
 class RequestBodyProgress:

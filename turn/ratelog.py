@@ -26,6 +26,10 @@ class RateLimitedLog:
         True if it was logged."""
         return self._log(logging.ERROR, now, message, args, exc_info=True)
 
+    def warning(self, now: float, message: str, *args) -> bool:
+        """Log `message` at WARNING (no traceback), if the budget allows; True if it was logged."""
+        return self._log(logging.WARNING, now, message, args, exc_info=False)
+
     def info(self, now: float, message: str, *args) -> bool:
         """Log `message` at INFO, if the budget allows; True if it was logged."""
         return self._log(logging.INFO, now, message, args, exc_info=False)

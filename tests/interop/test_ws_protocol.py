@@ -41,6 +41,30 @@ def assert_error_then_close(ws, fragment: str) -> None:
                 raise websocket.WebSocketConnectionClosedException()
 
 
+def test_a_message_over_the_size_limit_then_a_binary_frame_ends_only_that_connection(relay):
+    """A text message over the limit (6 x stomp.max_frame_bytes) gets 1009; a binary frame
+    right behind it made Hypercorn write bytes into the text message's buffer (TypeError)
+    and its connection task died with a traceback in the log.  Now that is one bounded
+    warning line, and everyone else is served as before."""
+    bystander = connect(relay, "bob", "tok-bob")
+    ws = open_ws(relay)
+    big = websocket.ABNF.create_frame("x" * (6 * 65536 + 100), websocket.ABNF.OPCODE_TEXT)
+    binary = websocket.ABNF.create_frame(b"yy", websocket.ABNF.OPCODE_BINARY)
+    ws.sock.sendall(big.format() + binary.format())
+    opcode, payload = ws.recv_data(control_frame=True)
+    assert (opcode, int.from_bytes(payload[:2], "big")) == (websocket.ABNF.OPCODE_CLOSE, 1009)
+    ws.close()
+    bystander.send("SUBSCRIBE\nid:s\ndestination:/topic/user/status\n\n\x00"
+                   'SEND\ndestination:/app/user/status\ncontent-length:9\n\n["carol"]\x00')
+    assert frame_of(bystander.recv())[0] == "MESSAGE"
+    bystander.close()
+    deadline = time.monotonic() + 5
+    while "ended by an error in Hypercorn" not in relay.log() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert "ended by an error in Hypercorn: \"TypeError" in relay.log()
+    assert "Traceback" not in relay.log()
+
+
 def test_frames_sent_behind_connect_in_one_message_are_served_after_connected(relay):
     """CONNECT, SUBSCRIBE and SEND in one message (a client that does not wait for
     CONNECTED): the token is checked first, then the rest is read, as Spring reads it."""
