@@ -16,18 +16,17 @@ import argparse
 import asyncio
 import itertools
 import json
-import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-import websockets
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from stomp_sessions import rss_kib, start_appliance  # noqa: E402
+from proc_stats import rss_kib  # noqa: E402
+from stomp_sessions import appliance_running, open_session, p50_p99_ms, ramp  # noqa: E402
 
 HOPS = ["request", "accept", "offer", "answer", "hangup"]
+CALL_QUEUES = ["/user/queue/call/request", "/user/queue/call/response",
+               "/user/queue/call/hangup", "/user/queue/rtc/signaling"]
 call_ids = itertools.count()
 
 
@@ -36,15 +35,10 @@ def send_frame(destination: str, body: dict) -> str:
     return f"SEND\ndestination:{destination}\ncontent-length:{len(data.encode())}\n\n{data}\x00"
 
 
-async def connect(port: int, i: int):
-    ws = await websockets.connect(f"ws://127.0.0.1:{port}/imserver/ws?userId=user{i}",
-                                  subprotocols=["v12.stomp"], max_queue=None, ping_interval=None)
-    await ws.send(f"CONNECT\naccept-version:1.2\nide:tok-{i}\nheart-beat:0,0\n\n\x00")
-    assert (await ws.recv()).startswith("CONNECTED")
-    for n, d in enumerate(["/user/queue/call/request", "/user/queue/call/response",
-                           "/user/queue/call/hangup", "/user/queue/rtc/signaling"]):
-        await ws.send(f"SUBSCRIBE\nid:{n}\ndestination:{d}\n\n\x00")
-    return ws
+async def connect_users(ports: list[int], users: int) -> list:
+    """user0..user{users-1} connected, user i to ports[i % len(ports)] (so with two nodes
+    each pair's caller and callee sit on different ones), subscribed to the call queues."""
+    return await ramp(users, lambda i: open_session(ports[i % len(ports)], i, CALL_QUEUES))
 
 
 async def expect(ws, destination: str) -> None:
@@ -80,36 +74,42 @@ async def pair_loop(caller, callee, callee_id: int, end: float, hops: dict[str, 
     return done
 
 
+async def run_calls(sockets: list, seconds: float) -> tuple[int, dict[str, list[float]]]:
+    """Pairs (user 2k calling user 2k+1) calling back to back for `seconds`: the calls
+    completed, and each hop's latencies in seconds."""
+    hops: dict[str, list[float]] = {h: [] for h in HOPS}
+    end = time.perf_counter() + seconds
+    counts = await asyncio.gather(*(pair_loop(sockets[i], sockets[i + 1], i + 1, end, hops)
+                                    for i in range(0, len(sockets) - 1, 2)))
+    return sum(counts), hops
+
+
+def add_load_options(parser: argparse.ArgumentParser) -> None:
+    """The size of the call load (bench/signaling_nodes.py runs the same load on each set-up)."""
+    parser.add_argument("--users", type=int, default=1000)
+    parser.add_argument("--seconds", type=float, default=10.0)
+
+
 async def bench(args) -> None:
-    work = Path(tempfile.mkdtemp(prefix="bench-calls-"))
-    proc, port = start_appliance(work, args.users)
-    try:
+    with appliance_running("bench-calls-", args.users) as (proc, port):
         await asyncio.sleep(1)
-        sockets = []
-        for start in range(0, args.users, 100):
-            sockets += await asyncio.gather(*(connect(port, i) for i in range(start, min(args.users, start + 100))))
-        print(f"{args.users} users connected; server RSS {rss_kib(proc.pid)} KiB", flush=True)
-        hops: dict[str, list[float]] = {h: [] for h in HOPS}
-        end = time.perf_counter() + args.seconds
-        counts = await asyncio.gather(*(pair_loop(sockets[i], sockets[i + 1], i + 1, end, hops)
-                                        for i in range(0, args.users - 1, 2)))
-        total = sum(counts)
+        sockets = await connect_users([port], args.users)
+        print(f"{args.users} users connected; server RSS {rss_kib([proc.pid])} KiB", flush=True)
+        # A SUBSCRIBE is sent without waiting for a receipt: a call request to a callee
+        # whose SUBSCRIBEs are still on the wire is delivered to no one, and its pair hangs.
+        await asyncio.sleep(1)
+        total, hops = await run_calls(sockets, args.seconds)
         print(f"{total} calls set up and hung up in {args.seconds:.0f} s by {args.users // 2} pairs: "
               f"{total / args.seconds:.0f} calls/s", flush=True)
         for hop in HOPS:
-            ms = sorted(x * 1000 for x in hops[hop])
-            print(f"  {hop:8} p50 {statistics.median(ms):6.1f} ms   p99 {ms[int(len(ms) * 0.99)]:6.1f} ms",
-                  flush=True)
+            p50, p99 = p50_p99_ms(hops[hop])
+            print(f"  {hop:8} p50 {p50:6.1f} ms   p99 {p99:6.1f} ms", flush=True)
         await asyncio.gather(*(ws.close() for ws in sockets))
-    finally:
-        proc.terminate()
-        proc.wait(15)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--users", type=int, default=1000)
-    parser.add_argument("--seconds", type=float, default=10.0)
+    add_load_options(parser)
     args = parser.parse_args()
     asyncio.run(bench(args))
     return 0

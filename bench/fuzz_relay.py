@@ -60,7 +60,6 @@ import json
 import multiprocessing
 import os
 import random
-import re
 import selectors
 import shutil
 import socket
@@ -71,7 +70,6 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -80,9 +78,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from prometheus_client.parser import text_string_to_metric_families
-
-from tests.interop.conftest import ADMIN_TOKEN, REALM, start_appliance, stop_appliance
+from fuzzkit import LogWatch, add_common_options, metrics, report_memory, run_or_replay, verdict, write_case
+from proc_stats import cpu_seconds, fd_count, process_tree, rss_kib
+from tests.interop.conftest import REALM, start_appliance, stop_appliance
 from tests.netports import free_port_pair
 from turn import stun
 from turn.auth import rest_password
@@ -95,7 +93,6 @@ SINK_IP = "127.0.0.250"               # the peer the fuzz allocations bind chann
 STRANGER_IP = "127.0.0.251"           # a peer no allocation permits
 LEGIT_IP = "127.0.0.1"                # the legitimate client, and its echo peer
 MAX_UDP = 65507
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 NETNS_ENV = "FUZZ_RELAY_IN_NETNS"
 KNOWN_TYPES = (stun.MAPPED_ADDRESS, stun.USERNAME, stun.MESSAGE_INTEGRITY, stun.ERROR_CODE,
                stun.UNKNOWN_ATTRIBUTES, stun.CHANNEL_NUMBER, stun.LIFETIME, stun.XOR_PEER_ADDRESS,
@@ -612,43 +609,6 @@ class Generator:
 
 # ------------------------------------------------------------------ the appliance as a process
 
-def process_tree(pid: int) -> list[int]:
-    pids, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        pids.append(p)
-        with contextlib.suppress(OSError):
-            for task in os.listdir(f"/proc/{p}/task"):
-                with open(f"/proc/{p}/task/{task}/children") as f:
-                    todo.extend(int(c) for c in f.read().split())
-    return pids
-
-
-def rss_kib(pids: list[int]) -> int:
-    total = 0
-    for pid in pids:
-        with contextlib.suppress(OSError, IndexError, ValueError), open(f"/proc/{pid}/status") as f:
-            total += int(f.read().split("VmRSS:")[1].split()[0])
-    return total
-
-
-def cpu_seconds(pids: list[int]) -> float:
-    total = 0.0
-    for pid in pids:
-        with contextlib.suppress(OSError, IndexError, ValueError), open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-            total += (int(fields[11]) + int(fields[12])) / CLK_TCK
-    return total
-
-
-def fd_count(pids: list[int]) -> int:
-    total = 0
-    for pid in pids:
-        with contextlib.suppress(OSError):
-            total += len(os.listdir(f"/proc/{pid}/fd"))
-    return total
-
-
 def listener_queue(port: int) -> tuple[int, int]:
     """(bytes queued, datagrams dropped) summed over the UDP sockets bound to 127.0.0.1:port."""
     local = f"0100007F:{port:04X}"
@@ -661,61 +621,6 @@ def listener_queue(port: int) -> tuple[int, int]:
                 queued += int(fields[4].split(":")[1], 16)
                 drops += int(fields[-1])
     return queued, drops
-
-
-def metrics(admin_port: int) -> dict:
-    req = urllib.request.Request(f"http://127.0.0.1:{admin_port}/metrics",
-                                 headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
-    with urllib.request.urlopen(req, timeout=10) as resp:
-        text = resp.read().decode()
-    out: dict = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            key = s.name + "".join(f"{{{k}={v}}}" for k, v in sorted(s.labels.items()))
-            out[key] = s.value
-    return out
-
-
-LOG_RECORD = re.compile(r"^\d{4}-\d\d-\d\d ")
-
-
-class LogWatch:
-    """Reads what the appliance's log gained since the last look."""
-
-    MARKERS = ("Traceback", "exited with", "Fatal error")
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.offset = 0
-        self.tracebacks = 0
-        self.worker_exits = 0
-        self.excerpts: dict[str, str] = {}      # the exception's last line -> the first block
-        self.last_signature = ""
-
-    def poll(self) -> int:
-        """New traceback-like events since the last poll."""
-        with open(self.path, "rb") as f:
-            f.seek(self.offset)
-            chunk = f.read()
-        cut = chunk.rfind(b"\n") + 1
-        self.offset += cut
-        text = chunk[:cut].decode(errors="replace")
-        found = 0
-        if any(m in text for m in self.MARKERS):
-            lines = text.splitlines()
-            for i, line in enumerate(lines):
-                if any(m in line for m in self.MARKERS):
-                    found += 1
-                    self.worker_exits += "relay worker" in line and "exited with" in line
-                    end = i + 1
-                    while end < len(lines) and not LOG_RECORD.match(lines[end]):
-                        end += 1                 # a traceback runs to the next log record
-                    block = lines[max(0, i - 1):end]
-                    self.last_signature = block[-1].strip()
-                    if len(self.excerpts) < 10:
-                        self.excerpts.setdefault(self.last_signature, "\n".join(block))
-        self.tracebacks += found
-        return found
 
 
 # ------------------------------------------------------------------ peers
@@ -1350,14 +1255,11 @@ def replay_sockets(sources: list[UdpSource] | None, count: int) -> dict:
 
 
 def save_case(out: Path, name: str, kind: str, items: list, note: str) -> Path:
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"{name}.json"
     if kind == "udp":
         body = [[str(s), d, data.hex()] for s, d, data in items]
     else:
         body = [piece.hex() for piece in items]
-    path.write_text(json.dumps({"kind": kind, "note": note, "items": body}, indent=1))
-    return path
+    return write_case(out, name, {"kind": kind, "note": note, "items": body})
 
 
 def locate_udp(suspects: list, sources: list[UdpSource], targets: Targets, logwatch: LogWatch,
@@ -1574,9 +1476,6 @@ def summarize(args, rows: list[BatchRow], logwatch: LogWatch, m: dict, code: int
     if not rows:
         print("no batch completed")
         return 1
-    rss = [r.rss_kib for r in rows]
-    warm = rows[min(args.warmup, len(rows)) - 1].rss_kib
-    limit = warm * 1.10 + args.rss_growth_mib * 1024
     legit_total = sum(len(r.legit) for r in rows)
     legit_ok = sum(v == "ok" for r in rows for v in r.legit.values())
     datagrams = sum(r.datagrams for r in rows)
@@ -1596,10 +1495,7 @@ def summarize(args, rows: list[BatchRow], logwatch: LogWatch, m: dict, code: int
     errors = {k.split("code=")[1].rstrip("}"): v for k, v in m.items()
               if k.startswith("appliance_relay_errors_total{")}
     print("error replies by code: " + ", ".join(f"{k} {v:.0f}" for k, v in sorted(errors.items())))
-    print(f"RSS first {rss[0] / 1024:.1f} MiB, after warm-up (batch {min(args.warmup, len(rows))}) "
-          f"{warm / 1024:.1f} MiB, last {rss[-1] / 1024:.1f} MiB, max {max(rss) / 1024:.1f} MiB; "
-          f"limit {limit / 1024:.1f} MiB (warm-up x1.10 + {args.rss_growth_mib} MiB)")
-    print(f"fds first {rows[0].fds}, last {rows[-1].fds}, max {max(r.fds for r in rows)}")
+    rss_past_limit = report_memory(rows, args.warmup, args.rss_growth_mib)
     print(f"tracebacks in the log: {logwatch.tracebacks}; relay workers that died: {dead_workers}; "
           f"legit checks passed: {legit_ok}/{legit_total}; exit code on SIGTERM: {code}; "
           f"took {seconds:.0f} s")
@@ -1621,10 +1517,9 @@ def summarize(args, rows: list[BatchRow], logwatch: LogWatch, m: dict, code: int
         failures.append("a legitimate check failed")
     if code != 0:
         failures.append(f"appliance exit code {code} on SIGTERM")
-    if len(rows) > args.warmup and rows[-1].rss_kib > limit:
+    if rss_past_limit:
         failures.append("RSS grew past the limit")
-    print("FAIL: " + "; ".join(failures) if failures else "PASS", flush=True)
-    return 1 if failures else 0
+    return verdict(failures)
 
 
 def replay(args) -> int:
@@ -1678,8 +1573,6 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--datagrams", type=int, default=1_000_000)
     parser.add_argument("--frames", type=int, default=100_000)
-    parser.add_argument("--batches", type=int, default=10)
-    parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--workers", type=int, default=1, help="the appliance's turn.workers")
     parser.add_argument("--sources", type=int, default=32, help="UDP source addresses (two sockets each)")
     parser.add_argument("--senders", type=int, default=2, help="processes sending the datagrams")
@@ -1688,12 +1581,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--never-read", type=int, default=2, help="never-reading allocations per batch")
     parser.add_argument("--flood", type=int, default=2000,
                         help="peer datagrams per batch to each never-reading allocation")
-    parser.add_argument("--warmup", type=int, default=1, help="batches before RSS must stay flat")
-    parser.add_argument("--rss-growth-mib", type=float, default=24.0)
-    parser.add_argument("--out", default=None, help="where reproducer cases are saved")
-    parser.add_argument("--quick", action="store_true", help="a smoke run of a few seconds")
     parser.add_argument("--no-netns", action="store_true", help="stay in this network namespace")
-    parser.add_argument("--replay", default=None, help="send a saved case to a fresh appliance")
+    add_common_options(parser, rss_growth_mib=24.0)
     parser.add_argument("--probe-netns", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.probe_netns:           # can a new namespace get a working loopback here?
@@ -1714,10 +1603,7 @@ def main(argv: list[str] | None = None) -> int:
         args.sources = min(args.sources, 8)
         args.slowloris = min(args.slowloris, 4)
         args.flood = min(args.flood, 300)
-    args.batches = max(1, args.batches)
-    if args.replay:
-        return replay(args)
-    return run(args)
+    return run_or_replay(args, run, replay)
 
 
 if __name__ == "__main__":

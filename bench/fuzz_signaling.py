@@ -17,7 +17,7 @@ Batch after batch, jobs of these kinds run concurrently until the batch's share 
 - STOMP sessions over the native WebSocket, SockJS's websocket transport and SockJS
   xhr_send with an xhr, xhr_streaming or eventsource receiver (one source address per
   SockJS session): CONNECT with good and bad tokens, SUBSCRIBEs, SENDs to every /app
-  destination of API.md with JSON bodies (presence queries, call request/response/hangup,
+  destination of docs/api.md with JSON bodies (presence queries, call request/response/hangup,
   rtc signaling, TURN credentials), and pairs of sessions that really call each other;
   mixed in: JSON mutations (types, missing fields, deep nesting, huge strings and arrays,
   invalid UTF-8, lone surrogates, 5000-digit numbers, truncation), header mutations
@@ -92,14 +92,8 @@ sys.path.insert(0, str(ROOT))
 
 import jwt
 
-from bench.fuzz_relay import (
-    LogWatch,
-    cpu_seconds,
-    fd_count,
-    metrics,
-    process_tree,
-    rss_kib,
-)
+from fuzzkit import LogTail, LogWatch, add_common_options, metrics, report_memory, run_or_replay, verdict, write_case
+from proc_stats import cpu_seconds, fd_count, process_tree, rss_kib
 from tests.interop.conftest import start_appliance, stop_appliance
 
 HOST = "127.0.0.1"
@@ -851,6 +845,12 @@ class Client:
             self.ended = True
         self.activity.set()
 
+    def note(self, status: int) -> None:
+        """The HTTP status of a handshake or SockJS request: counted, and refusals too."""
+        self.job.statuses[status] += 1
+        if status in (429, 503):
+            self.job.refused += 1
+
     def hung_up(self) -> None:
         self.ended = True
         self.gone.set()
@@ -913,9 +913,7 @@ class NativeWs(Client):
     async def open(self, request: bytes | None = None) -> bool:
         await self.conn.open()
         status = await self.ws.handshake(request or ws_handshake(self.path(), self.protocols()))
-        self.job.statuses[status] += 1
-        if status in (429, 503):
-            self.job.refused += 1
+        self.note(status)
         if status != 101:
             self.conn.close()
             return False
@@ -928,7 +926,7 @@ class NativeWs(Client):
             while True:
                 op, payload = await self.ws.recv(3600)
                 if op in (OP_TEXT, OP_BINARY):
-                    self.heard(payload.decode("utf-8", "replace"))
+                    self.heard_message(payload.decode("utf-8", "replace"))
                 elif op == OP_CLOSE:
                     self.job.server["ws-close"] += 1
                     self.hung_up()
@@ -940,6 +938,11 @@ class NativeWs(Client):
                         await self.ws.send(OP_PONG, payload)
         except (TimeoutError, Closed):
             self.hung_up()
+
+    def heard_message(self, text: str) -> None:
+        """A text or binary message from the server: one STOMP frame here, SockJS frames
+        on SockJsWs."""
+        self.heard(text)
 
     async def send(self, frames: list[bytes]) -> None:
         r = self.r
@@ -1038,23 +1041,8 @@ class SockJsWs(NativeWs):
     def protocols(self) -> list[str] | None:
         return None
 
-    async def _read(self) -> None:
-        try:
-            while True:
-                op, payload = await self.ws.recv(3600)
-                if op in (OP_TEXT, OP_BINARY):
-                    heard_sockjs(self, payload.decode("utf-8", "replace"))
-                elif op == OP_CLOSE:
-                    self.job.server["ws-close"] += 1
-                    self.hung_up()
-                    with contextlib.suppress(Closed):
-                        await self.ws.send(OP_CLOSE, payload[:2])
-                    return
-                elif op == OP_PING:
-                    with contextlib.suppress(Closed):
-                        await self.ws.send(OP_PONG, payload)
-        except (TimeoutError, Closed):
-            self.hung_up()
+    def heard_message(self, text: str) -> None:
+        heard_sockjs(self, text)
 
     async def send(self, frames: list[bytes]) -> None:
         r = self.r
@@ -1175,28 +1163,17 @@ class SockJsXhr(Client):
         else:
             request = http_request("POST", f"{self.base}/{kind}{self.query()}", headers=self.origin())
         await conn.write(request)
-        if self.receiver == "none":
+        if self.receiver in ("none", "xhr"):
             status, body = await read_response(conn, READ_TIMEOUT_S)
             self.note(status)
             if status != 200:
                 return False
             heard_sockjs(self, body.decode("utf-8", "replace"))
-            return True
-        if self.receiver == "xhr":
-            status, body = await read_response(conn, READ_TIMEOUT_S)
-            self.note(status)
-            if status != 200:
-                return False
-            heard_sockjs(self, body.decode("utf-8", "replace"))
-            self.spawn(self._poll(conn))
+            if self.receiver == "xhr":
+                self.spawn(self._poll(conn))
             return True
         self.spawn(self._stream(conn))
         return await self.wait_for("o", READ_TIMEOUT_S) and not self.ended
-
-    def note(self, status: int) -> None:
-        self.job.statuses[status] += 1
-        if status in (429, 503):
-            self.job.refused += 1
 
     async def _poll(self, conn: Conn) -> None:
         try:
@@ -2046,14 +2023,13 @@ SESSION_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) .*session 
                           r"(connected|closed)$")
 
 
-class LogDigest:
+class LogDigest(LogTail):
     """What the appliance's log says, read as it grows: the sessions it connected and has not
     (yet) said closed -- who leaked one, and when (service.py logs both ends of every session)
     -- and where each traceback came from (its exception and innermost frame)."""
 
     def __init__(self, path: Path) -> None:
-        self.path = path
-        self.offset = 0
+        super().__init__(path)
         self.open: dict[str, tuple[str, float]] = {}      # session id -> (user, when connected)
         self.lines: dict[str, list[str]] = {}             # its log lines, while it is open
         self.sites: Counter = Counter()                   # "Error at file:line" -> tracebacks
@@ -2061,12 +2037,7 @@ class LogDigest:
         self._frame: str | None = None                    # inside a traceback: the last frame
 
     def poll(self) -> None:
-        with open(self.path, "rb") as f:
-            f.seek(self.offset)
-            chunk = f.read()
-        cut = chunk.rfind(b"\n") + 1
-        self.offset += cut
-        for line in chunk[:cut].decode(errors="replace").splitlines():
+        for line in self.read_new().splitlines():
             if line == "Traceback (most recent call last):":
                 self._frame = "?"
                 continue
@@ -2171,12 +2142,9 @@ async def play_tape(steps: list, port: int, pause_cap: float = 0.3) -> None:
 
 
 def save_case(out: Path, name: str, job: Job, note: str) -> Path:
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"{name}.json"
     steps = [[n, source, delay, op, data.hex()] for n, source, delay, op, data in job.tape.steps]
-    path.write_text(json.dumps({"kind": job.kind, "batch": job.batch, "job": job.index, "note": note,
-                                "steps": steps}, indent=1))
-    return path
+    return write_case(out, name, {"kind": job.kind, "batch": job.batch, "job": job.index, "note": note,
+                                  "steps": steps})
 
 
 def describe_case(path: Path, limit: int = 6) -> str:
@@ -2505,10 +2473,6 @@ def summarize(run: Run, idle: Latency, during: Latency, m: dict, code: int | Non
         server.update(row.server)
         statuses.update(row.statuses)
         kinds.update(row.kinds)
-    rss = [r.rss_kib for r in rows]
-    warm_batch = min(args.warmup, len(rows))
-    warm = rows[warm_batch - 1].rss_kib
-    limit = warm * 1.10 + args.rss_growth_mib * 1024
     print()
     print(f"frames written: {sum(frames.values())} (native WebSocket {frames['ws']}, SockJS websocket "
           f"{frames['sockjs-ws']}, SockJS xhr_send {frames['sockjs-xhr']}), "
@@ -2523,10 +2487,7 @@ def summarize(run: Run, idle: Latency, during: Latency, m: dict, code: int | Non
     print("signaling metrics: " + ", ".join(f"{k} {v:.0f}" for k, v in sorted(sig.items()) if v))
     print(f"held connections (slowloris, never reading, never CONNECTing): {run.held['total']}, "
           f"{run.held['cut_off']} of them ended by the server before their batch did")
-    print(f"RSS first {rss[0] / 1024:.1f} MiB, after warm-up (batch {warm_batch}) {warm / 1024:.1f} MiB, last "
-          f"{rss[-1] / 1024:.1f} MiB, max {max(rss) / 1024:.1f} MiB; limit {limit / 1024:.1f} MiB "
-          f"(warm-up x1.10 + {args.rss_growth_mib:g} MiB)")
-    print(f"fds first {rows[0].fds}, last {rows[-1].fds}, max {max(r.fds for r in rows)}")
+    rss_past_limit = report_memory(rows, args.warmup, args.rss_growth_mib)
     print(f"CLOSE-WAIT right after a batch: max {max(r.close_wait_end for r in rows)}; after the grace "
           f"({args.grace:g} s): max {max(r.close_wait_after for r in rows)}; fuzz sessions left at the end: "
           f"{'-' if sessions_left is None else f'{sessions_left:.0f}'}")
@@ -2563,12 +2524,11 @@ def summarize(run: Run, idle: Latency, during: Latency, m: dict, code: int | Non
         failures.append("the bystander missed round trips")
     if code != 0:
         failures.append(f"appliance exit code {code} on SIGTERM")
-    if len(rows) > args.warmup and rows[-1].rss_kib > limit:
+    if rss_past_limit:
         failures.append("RSS grew past the limit")
     if sum(frames.values()) < args.frames:
         failures.append(f"only {sum(frames.values())} of {args.frames} frames written")
-    print("FAIL: " + "; ".join(dict.fromkeys(failures)) if failures else "PASS", flush=True)
-    return 1 if failures else 0
+    return verdict(failures)
 
 
 def replay(args: argparse.Namespace) -> int:
@@ -2601,8 +2561,6 @@ def replay(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--frames", type=int, default=100_000, help="STOMP frames to write, in all")
-    parser.add_argument("--batches", type=int, default=10)
-    parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--concurrency", type=int, default=32, help="jobs running at once")
     parser.add_argument("--slowloris", type=int, default=12, help="slow connections held each batch")
     parser.add_argument("--deaf", type=int, default=4, help="never-reading sessions each batch")
@@ -2612,15 +2570,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--grace", type=float, default=15.0, help="seconds CLOSE-WAIT may take to clear")
     parser.add_argument("--session-grace", type=float, default=12.0,
                         help="seconds the sessions of a batch may take to end (SockJS: 5 s without a receiver)")
-    parser.add_argument("--warmup", type=int, default=1, help="batches before RSS must stay flat")
-    parser.add_argument("--rss-growth-mib", type=float, default=32.0)
     parser.add_argument("--locate-s", type=float, default=120.0,
                         help="time to look for a reproducer, per batch and kind of failure")
-    parser.add_argument("--out", default=None, help="where reproducer cases are saved")
-    parser.add_argument("--quick", action="store_true", help="a smoke run of a few seconds")
-    parser.add_argument("--replay", default=None, help="send a saved case to a fresh appliance")
     parser.add_argument("--replay-pause", type=float, default=1.0,
                         help="longest pause kept between a case's writes on --replay")
+    add_common_options(parser, rss_growth_mib=32.0)
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     if args.quick:
         args.frames = min(args.frames, 3000)
@@ -2632,10 +2586,7 @@ def main(argv: list[str] | None = None) -> int:
         args.idle_rounds = min(args.idle_rounds, 5)
         args.session_grace = min(args.session_grace, 8.0)
         args.locate_s = min(args.locate_s, 15.0)
-    args.batches = max(1, args.batches)
-    if args.replay:
-        return replay(args)
-    return run(args)
+    return run_or_replay(args, run, replay)
 
 
 if __name__ == "__main__":

@@ -37,11 +37,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from proc_stats import cpu_seconds, process_tree  # noqa: E402
 from turn import stun  # noqa: E402
 from turn.client import ClientCredentials  # noqa: E402
 
 REALM = "bench.local"
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 # ------------------------------------------------------------------ servers
@@ -53,7 +53,7 @@ class Server:
     port: int
 
     def cpu_seconds(self) -> float:
-        return sum(_proc_cpu(pid) for pid in _tree(self.proc.pid))
+        return cpu_seconds(process_tree(self.proc.pid))
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -63,36 +63,6 @@ class Server:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(5)
-
-
-def _tree(pid: int) -> list[int]:
-    """`pid` and its descendants, from every process's parent in /proc/*/stat (not every
-    kernel has /proc/PID/task/*/children, and the relay workers would go uncounted)."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                parent = int(f.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        children.setdefault(parent, []).append(int(entry))
-    pids, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        pids.append(p)
-        todo.extend(children.get(p, ()))
-    return pids
-
-
-def _proc_cpu(pid: int) -> float:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / CLK_TCK
-    except (OSError, IndexError, ValueError):
-        return 0.0
 
 
 def free_port() -> int:

@@ -21,15 +21,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import secrets
-import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from calls import HOPS, connect, pair_loop  # noqa: E402
-from stomp_sessions import rss_kib, start_appliance  # noqa: E402
+from calls import add_load_options, connect_users, run_calls  # noqa: E402
+from proc_stats import rss_kib  # noqa: E402
+from stomp_sessions import p50_p99_ms, start_appliance  # noqa: E402
 
 
 async def run_setup(name: str, nodes: int, redis: str | None, args) -> dict:
@@ -40,24 +40,17 @@ async def run_setup(name: str, nodes: int, redis: str | None, args) -> dict:
     procs, ports = [p for p, _ in started], [port for _, port in started]
     try:
         await asyncio.sleep(1.5)
-        base = sum(rss_kib(p.pid) for p in procs)
+        base = rss_kib([p.pid for p in procs])
         t0 = time.perf_counter()
-        sockets = []
-        for start in range(0, args.users, 100):
-            # user i on node i % nodes: each pair (i, i+1) has its caller and callee apart
-            sockets += await asyncio.gather(*(connect(ports[i % nodes], i)
-                                              for i in range(start, min(args.users, start + 100))))
+        sockets = await connect_users(ports, args.users)
         connect_s = time.perf_counter() - t0
         await asyncio.sleep(1.5)                  # presence settles on every node
-        loaded = sum(rss_kib(p.pid) for p in procs)
-        hops: dict[str, list[float]] = {h: [] for h in HOPS}
-        end = time.perf_counter() + args.seconds
-        counts = await asyncio.gather(*(pair_loop(sockets[i], sockets[i + 1], i + 1, end, hops)
-                                        for i in range(0, args.users - 1, 2)))
+        loaded = rss_kib([p.pid for p in procs])
+        calls, hops = await run_calls(sockets, args.seconds)
         await asyncio.gather(*(ws.close() for ws in sockets))
         result = {"name": name, "connects": args.users / connect_s,
-                  "kib": (loaded - base) / args.users, "calls": sum(counts) / args.seconds,
-                  "hops": {h: sorted(x * 1000 for x in v) for h, v in hops.items()}}
+                  "kib": (loaded - base) / args.users, "calls": calls / args.seconds,
+                  "hops": {h: p50_p99_ms(v) for h, v in hops.items()}}
         print(f"{name:16} {result['connects']:7.0f} connects/s  {result['kib']:5.1f} KiB/session  "
               f"{result['calls']:6.0f} calls/s", flush=True)
         return result
@@ -88,16 +81,14 @@ async def bench(args) -> None:
     base = rows[0]
     print("\nratios to 1 node, memory (higher is better; per-hop latency p50/p99 in ms)")
     for row in rows:
-        latency = "  ".join(f"{h} {statistics.median(row['hops'][h]):.0f}/"
-                            f"{row['hops'][h][int(len(row['hops'][h]) * 0.99)]:.0f}" for h in HOPS)
+        latency = "  ".join(f"{h} {p50:.0f}/{p99:.0f}" for h, (p50, p99) in row["hops"].items())
         print(f"{row['name']:16} connects x{row['connects'] / base['connects']:.2f}  "
               f"calls x{row['calls'] / base['calls']:.2f}   {latency}")
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--users", type=int, default=1000)
-    parser.add_argument("--seconds", type=float, default=10.0)
+    add_load_options(parser)
     parser.add_argument("--redis", default="redis://127.0.0.1:6379/0")
     args = parser.parse_args()
     args.users -= args.users % 2

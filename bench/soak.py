@@ -25,15 +25,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from proc_stats import rss_kib  # noqa: E402
 from turn import stun  # noqa: E402
 from turn.client import ClientCredentials  # noqa: E402
 
 REALM = "soak.local"
-
-
-def rss_kib(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        return int(f.read().split("VmRSS:")[1].split()[0])
 
 
 def allocation_cycles(port: int, secret: str, count: int) -> None:
@@ -97,16 +93,16 @@ def main() -> int:
                              str(work / "appliance.yaml")], cwd=ROOT, stderr=subprocess.DEVNULL)
     try:
         time.sleep(2)
-        print(f"start            RSS {rss_kib(proc.pid):7d} KiB")
+        print(f"start            RSS {rss_kib([proc.pid]):7d} KiB")
         allocation_cycles(port, secret, args.cycles // 4)
         garbage(port, args.garbage // 4)
-        warm = rss_kib(proc.pid)
+        warm = rss_kib([proc.pid])
         print(f"after warm-up    RSS {warm:7d} KiB")
         started = time.perf_counter()
         allocation_cycles(port, secret, args.cycles)
         garbage(port, args.garbage)
         time.sleep(1)
-        end = rss_kib(proc.pid)
+        end = rss_kib([proc.pid])
         print(f"after {args.cycles} allocation cycles and {args.garbage} garbage datagrams "
               f"({time.perf_counter() - started:.1f} s): RSS {end:7d} KiB, growth {end - warm:+d} KiB")
     finally:

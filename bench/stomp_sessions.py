@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import socket
@@ -30,14 +31,12 @@ from pathlib import Path
 
 import websockets
 
+from proc_stats import rss_kib
+
 ROOT = Path(__file__).resolve().parent.parent
 CONNECT_CONCURRENCY = 100
 WINDOW = 4
-
-
-def rss_kib(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        return int(f.read().split("VmRSS:")[1].split()[0])
+STATUS_TOPIC = ["/topic/user/status"]
 
 
 def free_port() -> int:
@@ -75,24 +74,45 @@ def start_appliance(work: Path, users: int, extra: dict | None = None) -> tuple[
     raise RuntimeError("appliance did not start")
 
 
-async def open_session(port: int, i: int):
+@contextlib.contextmanager
+def appliance_running(prefix: str, users: int):
+    """start_appliance in a fresh temporary directory (named `prefix`...): (proc, port) for
+    the body of the `with`, the appliance terminated after it."""
+    proc, port = start_appliance(Path(tempfile.mkdtemp(prefix=prefix)), users)
+    try:
+        yield proc, port
+    finally:
+        proc.terminate()
+        proc.wait(15)
+
+
+def p50_p99_ms(latencies: list[float]) -> tuple[float, float]:
+    """The median and 99th percentile of latencies in seconds, in milliseconds."""
+    ms = sorted(x * 1000 for x in latencies)
+    return statistics.median(ms), ms[int(len(ms) * 0.99)]
+
+
+async def open_session(port: int, i: int, destinations: list[str]):
+    """user{i} over WebSocket, CONNECTed with its token and subscribed to `destinations`."""
     ws = await websockets.connect(f"ws://127.0.0.1:{port}/imserver/ws?userId=user{i}",
                                   subprotocols=["v12.stomp"], max_queue=None, ping_interval=None)
     await ws.send(f"CONNECT\naccept-version:1.2\nide:tok-{i}\nheart-beat:0,0\n\n\x00")
     reply = await ws.recv()
     if not reply.startswith("CONNECTED"):
         raise RuntimeError(reply[:200])
-    await ws.send("SUBSCRIBE\nid:s\ndestination:/topic/user/status\n\n\x00")
+    for n, destination in enumerate(destinations):
+        await ws.send(f"SUBSCRIBE\nid:{n}\ndestination:{destination}\n\n\x00")
     return ws
 
 
-async def ramp(port: int, n: int) -> list:
+async def ramp(n: int, open_one) -> list:
+    """`await open_one(i)` for i in 0..n-1, CONNECT_CONCURRENCY at a time; the results in order."""
     sessions: list = [None] * n
     semaphore = asyncio.Semaphore(CONNECT_CONCURRENCY)
 
     async def one(i: int) -> None:
         async with semaphore:
-            sessions[i] = await open_session(port, i)
+            sessions[i] = await open_one(i)
 
     await asyncio.gather(*(one(i) for i in range(n)))
     return sessions
@@ -120,30 +140,25 @@ async def query_load(sessions: list, seconds: float) -> list[float]:
 
 
 async def bench(args) -> None:
-    work = Path(tempfile.mkdtemp(prefix="bench-signaling-"))
-    proc, port = start_appliance(work, args.sessions)
-    try:
+    with appliance_running("bench-signaling-", args.sessions) as (proc, port):
         await asyncio.sleep(1)
-        base = rss_kib(proc.pid)
+        base = rss_kib([proc.pid])
         started = time.perf_counter()
-        sessions = await ramp(port, args.sessions)
+        sessions = await ramp(args.sessions, lambda i: open_session(port, i, STATUS_TOPIC))
         ramp_s = time.perf_counter() - started
         await asyncio.sleep(1)
-        loaded = rss_kib(proc.pid)
+        loaded = rss_kib([proc.pid])
         print(f"sessions {args.sessions}: connected in {ramp_s:.1f} s = "
               f"{args.sessions / ramp_s:.0f} connects/s; server RSS {base} -> {loaded} KiB = "
               f"{(loaded - base) / args.sessions:.1f} KiB per idle session", flush=True)
         latencies = await query_load(sessions[:args.active], args.seconds)
-        ms = sorted(x * 1000 for x in latencies)
+        p50, p99 = p50_p99_ms(latencies)
         print(f"status queries from {args.active} sessions (window {WINDOW}): "
-              f"{len(ms) / args.seconds:.0f} answers/s, latency p50 {statistics.median(ms):.1f} ms, "
-              f"p99 {ms[int(len(ms) * 0.99)]:.1f} ms", flush=True)
+              f"{len(latencies) / args.seconds:.0f} answers/s, latency p50 {p50:.1f} ms, "
+              f"p99 {p99:.1f} ms", flush=True)
         await asyncio.gather(*(ws.close() for ws in sessions))
         await asyncio.sleep(2)
-        print(f"after disconnecting all: server RSS {rss_kib(proc.pid)} KiB", flush=True)
-    finally:
-        proc.terminate()
-        proc.wait(15)
+        print(f"after disconnecting all: server RSS {rss_kib([proc.pid])} KiB", flush=True)
 
 
 def main() -> int:
