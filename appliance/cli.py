@@ -11,15 +11,29 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import sys
 import time
 from pathlib import Path
 
-from .config import AppConfig, ConfigError, HostPort, load_config
-from .ephemeral_ports import warn_relay_ports_in_ephemeral_range
-from .listeners import ListenerError
-from .ring_store import ring_store, safe_url
-from .secret_ring import Secret, SecretRing, SecretRingError, prune, rotate
+from turn import stun
+
+from .config.ephemeral_ports import warn_relay_ports_in_ephemeral_range
+from .config.loader import load_config
+from .config.schema import AppConfig, ConfigError, HostPort
+from .credentials.coturn import coturn_config_lines
+from .credentials.ice_servers import CredentialIssuer, handed_out_urls
+from .credentials.ring import Secret, SecretRing, SecretRingError, prune, rotate
+from .credentials.store import ring_store, safe_url
+from .process.listeners import ListenerError
+from .tls.files import TlsFiles
+
+# Imported where they are used, for measured reasons: process.supervisor (the signaling,
+# Quart and Hypercorn: about 0.3 s), wiring.auth and signaling.auth (PyJWT and httpx: about
+# 70 ms), tls.devcert (cryptography: about 25 ms), and for the probe alone aiortc (an
+# optional extra) and asyncio with ssl (about 30 ms).
+# No other command needs them (the container's healthcheck runs every 30 s), nor does a
+# spawned relay worker, which imports this module again as its __main__'s.
 
 CONFIG_ENV = "APPLIANCE_CONFIG"     # the container's mounted file, used when --config is absent
 
@@ -80,7 +94,6 @@ def cmd_check_config(args) -> int:
     print(f"  realm:       {config.realm}")
     print(f"  secrets:     {_ring_where(config)} (grace {_duration(config.credentials.grace_s())}, "
           f"activation {config.credentials.activation_s} s)")
-    from .ice_servers import handed_out_urls
     print(f"  ice servers: {', '.join(handed_out_urls(config)) or 'none'}")
     h, a = config.http, config.admin
     scheme = "https" if h.tls else "http"
@@ -106,7 +119,7 @@ def cmd_serve(args) -> int:
           f"current {ring.current().id})", file=sys.stderr)
     cert, key = _tls_files(config, "turn", config.turn.tls is not None)
     http_cert, http_key = _tls_files(config, "http", config.http.listen is not None and config.http.tls)
-    from .server import TlsFiles, run    # lazily: the other commands need none of the servers
+    from .process.supervisor import run
     return run(config, TlsFiles(cert, key, http_cert, http_key))
 
 
@@ -116,7 +129,7 @@ def _tls_files(config: AppConfig, section: str, needed: bool):
         return None, None
     cert, key = getattr(config, section).tls_cert, getattr(config, section).tls_key
     if cert is None:
-        from .devcert import ensure_dev_certificate
+        from .tls.devcert import ensure_dev_certificate
         cert, key, made = ensure_dev_certificate(config.data_dir / "certs")
         print(f"{section} TLS: development certificate {cert} ({'created' if made else 'reused'}); "
               f"set {section}.tls_cert/tls_key for production", file=sys.stderr)
@@ -127,7 +140,6 @@ def _tls_files(config: AppConfig, section: str, needed: bool):
 
 def _answers(listener: HostPort) -> bool:
     """Something accepts TCP connections on the listener (reached from this machine)."""
-    import socket
     try:
         with socket.create_connection((listener.local_host(), listener.port), timeout=0.5):
             return True
@@ -139,7 +151,7 @@ def _signing_key(config: AppConfig) -> str:
     """The HS256 key tokens are signed with.  A development key created here rather than by
     `appliance serve` means this command looks at another data_dir than the server that
     made its key, so tokens signed with it would be refused there (401): say so."""
-    from .signaling_wiring import DEV_JWT_KEY_FILE, jwt_signing_key
+    from .wiring.auth import DEV_JWT_KEY_FILE, jwt_signing_key
 
     key, created = jwt_signing_key(config)
     if created:
@@ -185,8 +197,6 @@ def _existing_ring(config: AppConfig) -> SecretRing:
 
 def cmd_credentials(args) -> int:
     """What the signaling would hand this user now: the REST pair and the iceServers."""
-    from .ice_servers import CredentialIssuer
-
     config = _load(args.config)
     ring = _existing_ring(config)
     issuer = CredentialIssuer.from_config(config, lambda: ring)
@@ -252,8 +262,6 @@ def cmd_secret_prune(args) -> int:
 
 
 def cmd_coturn_config(args) -> int:
-    from .coturn import coturn_config_lines
-
     config = _load(args.config)
     print("\n".join(coturn_config_lines(config, _existing_ring(config), time.time(),
                                          ring_store(config).where)))
@@ -300,7 +308,7 @@ def _probe_target(config: AppConfig, args) -> tuple[str, Path | None]:
 
 def cmd_probe(args) -> int:
     try:
-        from .probe import run_probe
+        from .probe.self_test import run_probe
     except ImportError as exc:
         print(f"error: the probe needs aiortc and websockets ({exc.name} is missing): "
               "pip install 'appliance[probe]'", file=sys.stderr)
@@ -325,10 +333,6 @@ def cmd_probe(args) -> int:
 
 def cmd_healthcheck(args) -> int:
     """STUN Binding to the relay's own listener: the container health check."""
-    import socket
-
-    from turn import stun
-
     t = _load(args.config).turn
     target = t.udp or t.tcp
     if target is None:

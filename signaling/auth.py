@@ -1,4 +1,4 @@
-"""Who a token belongs to (API.md §1): the `ide` header on CONNECT and on HTTP.
+"""Who a token belongs to (docs/api.md §1): the `ide` header on CONNECT and on HTTP.
 
 `TokenVerifier` has one method, `verify(token) -> user id | None`; it is
 async because the `http` mode (the customer's introspection endpoint) is a

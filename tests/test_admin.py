@@ -7,11 +7,11 @@ from __future__ import annotations
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from appliance.admin import AdminContext, create_admin_app
-from appliance.metrics import ApplianceCollector, metrics_registry
-from appliance.ring_store import FileRingStore
-from appliance.ring_watcher import RingWatcher
-from appliance.secret_ring import Secret, SecretRing, load_ring, save_ring
+from appliance.credentials.ring import Secret, SecretRing, load_ring, save_ring
+from appliance.credentials.store import FileRingStore
+from appliance.credentials.watcher import RingWatcher
+from appliance.ops.admin import AdminContext, create_admin_app
+from appliance.ops.metrics import ApplianceCollector, metrics_registry
 
 NOW = 1_900_000_000.0
 TOKEN = "t" * 24

@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 
 from appliance.cli import main
-from appliance.config import load_config
-from appliance.secret_ring import Secret, SecretRing, ensure_ring, load_ring, save_ring
+from appliance.config.loader import load_config
+from appliance.credentials.ring import Secret, SecretRing, ensure_ring, load_ring, save_ring
 
 from .netports import distinct_port_pairs
 
@@ -120,8 +120,8 @@ def test_check_config_warns_when_the_development_key_is_reachable(tmp_path, caps
 
 
 def test_serve_warns_at_start_when_the_development_key_is_reachable(tmp_path, capsys, monkeypatch):
-    import appliance.server
-    monkeypatch.setattr(appliance.server, "run", lambda config, tls_files: 0)   # no servers
+    import appliance.process.supervisor
+    monkeypatch.setattr(appliance.process.supervisor, "run", lambda config, tls_files: 0)   # no servers
     exposed = write_config(tmp_path, "turn: {tls: null}\nhttp: {listen: '0.0.0.0:8443', tls: false}\n")
     assert main(["serve", "--config", exposed]) == 0
     warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
@@ -136,7 +136,7 @@ def ephemeral_range(tmp_path, text: str) -> Path:
 
 
 def test_relay_ports_in_the_ephemeral_range_get_one_warning(tmp_path, capsys):
-    from appliance.ephemeral_ports import warn_relay_ports_in_ephemeral_range as warn
+    from appliance.config.ephemeral_ports import warn_relay_ports_in_ephemeral_range as warn
 
     linux_default = ephemeral_range(tmp_path, "32768\t60999\n")
     for ports, warned in (("49152-65535", True), ("32768-32768", True), ("60999-61010", True),
@@ -162,13 +162,13 @@ def test_check_config_and_serve_warn_about_the_ephemeral_range(tmp_path, capsys,
     import functools
 
     import appliance.cli
-    import appliance.server
-    from appliance.ephemeral_ports import warn_relay_ports_in_ephemeral_range as warn
+    import appliance.process.supervisor
+    from appliance.config.ephemeral_ports import warn_relay_ports_in_ephemeral_range as warn
 
     wide = ephemeral_range(tmp_path, "1024 65535\n")
     monkeypatch.setattr(appliance.cli, "warn_relay_ports_in_ephemeral_range",
                         functools.partial(warn, range_file=wide))
-    monkeypatch.setattr(appliance.server, "run", lambda config, tls_files: 0)   # no servers
+    monkeypatch.setattr(appliance.process.supervisor, "run", lambda config, tls_files: 0)   # no servers
     config = write_config(tmp_path, "turn: {tls: null}\n")
     for argv in (["check-config", config], ["serve", "--config", config]):
         assert main(argv) == 0
@@ -385,7 +385,7 @@ def probe_args(*argv):
 
 def test_probe_mints_tokens_with_the_development_key(tmp_path, capsys):
     from appliance.cli import _probe_target, _probe_users
-    from appliance.signaling_wiring import token_verifier
+    from appliance.wiring.auth import token_verifier
     import asyncio
 
     config = load_config(write_config(tmp_path), {})

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from appliance.config import (AppConfig, ConfigError, CredentialsConfig, HostPort, TurnConfig,
-                              describe, load_config)
+from appliance.config.loader import describe, load_config
+from appliance.config.schema import AppConfig, ConfigError, CredentialsConfig, HostPort, TurnConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = ROOT / "config" / "appliance.yaml"

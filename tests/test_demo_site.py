@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import pytest
 
-from appliance.config import load_config
-from appliance.demo_site import LIBRARIES, install_demo, libraries_installed
-from appliance.signaling_wiring import dev_token_minter, signaling_app, token_verifier
+from appliance.config.loader import load_config
+from appliance.demo.site import LIBRARIES, install_demo, libraries_installed
+from appliance.wiring.auth import dev_token_minter, token_verifier
+from appliance.wiring.signaling import signaling_app
 from signaling.app import create_app
 from signaling.auth import StaticVerifier
 from signaling.stomp import Limits

@@ -14,7 +14,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from appliance.devcert import VALID_DAYS, ensure_dev_certificate
+from appliance.tls.devcert import VALID_DAYS, ensure_dev_certificate
 
 UTC = datetime.timezone.utc
 

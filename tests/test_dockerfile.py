@@ -15,8 +15,9 @@ import pytest
 from docker.utils.build import exclude_paths
 
 from appliance.cli import main
-from appliance.config import ConfigError, HostPort, load_config
-from appliance.signaling_wiring import dev_token_minter
+from appliance.config.loader import load_config
+from appliance.config.schema import ConfigError, HostPort
+from appliance.wiring.auth import dev_token_minter
 
 from .ci_harness import fresh_root
 

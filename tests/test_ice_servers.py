@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from appliance.config import load_config
-from appliance.ice_servers import CredentialIssuer, embedded_urls, handed_out_urls
-from appliance.secret_ring import Secret, SecretRing
+from appliance.config.loader import load_config
+from appliance.credentials.ice_servers import CredentialIssuer, embedded_urls, handed_out_urls
+from appliance.credentials.ring import Secret, SecretRing
 from turn.auth import rest_password
 
 NOW = 1_900_000_000.0

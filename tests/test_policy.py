@@ -194,8 +194,8 @@ def test_any_ipv6_gets_a_verdict(value, port):
 
 
 def test_the_appliances_signaling_and_admin_ports_are_never_relay_targets(tmp_path):
-    from appliance.config import load_config
-    from appliance.relay_wiring import peer_policy
+    from appliance.config.loader import load_config
+    from appliance.wiring.relay import peer_policy
 
     path = tmp_path / "appliance.yaml"
     path.write_text("turn: {allow_peers: [127.0.0.1]}\nhttp: {listen: 127.0.0.1:8443}\n"

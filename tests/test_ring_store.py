@@ -10,9 +10,9 @@ import time
 
 import pytest
 
-from appliance.ring_store import FileRingStore, RedisRingStore, safe_url
-from appliance.ring_watcher import RingWatcher
-from appliance.secret_ring import SecretRingError, prune, rotate
+from appliance.credentials.ring import SecretRingError, prune, rotate
+from appliance.credentials.store import FileRingStore, RedisRingStore, safe_url
+from appliance.credentials.watcher import RingWatcher
 
 NOW = 1_900_000_000.0
 

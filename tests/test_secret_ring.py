@@ -10,9 +10,9 @@ import stat
 
 import pytest
 
-import appliance.secret_ring as secret_ring
-from appliance.secret_ring import (Secret, SecretRing, SecretRingError, ensure_ring, load_ring,
-                                   new_secret, prune_ring, rotate_ring, save_ring)
+import appliance.credentials.ring as secret_ring
+from appliance.credentials.ring import (Secret, SecretRing, SecretRingError, ensure_ring,
+                                         load_ring, new_secret, prune_ring, rotate_ring, save_ring)
 
 NOW = 1_900_000_000
 

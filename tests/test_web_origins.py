@@ -7,8 +7,8 @@ import asyncio
 
 import pytest
 
-from appliance.config import load_config
-from appliance.config_schema import ConfigError
+from appliance.config.loader import load_config
+from appliance.config.schema import ConfigError
 from signaling.origins import OriginPolicy, origin_problem
 from signaling.sockjs.request_body import BodyState, read_body, respond
 

@@ -1,4 +1,4 @@
-// The appliance's call demo: the client contract (API.md) driven by the libraries customers use,
+// The appliance's call demo: the client contract (docs/api.md) driven by the libraries customers use,
 // @stomp/stompjs and sockjs-client, and the browser's own WebRTC.
 //
 // Flow: log in (STOMP CONNECT with the `ide` token), watch users' status, call one of them;

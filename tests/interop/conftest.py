@@ -24,8 +24,8 @@ from pathlib import Path
 
 import pytest
 
-from appliance.devcert import ensure_dev_certificate
-from appliance.secret_ring import SecretRing, new_secret, save_ring
+from appliance.credentials.ring import SecretRing, new_secret, save_ring
+from appliance.tls.devcert import ensure_dev_certificate
 
 from .. import external
 from ..netports import distinct_port_pairs, free_port_pair

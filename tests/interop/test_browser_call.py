@@ -36,7 +36,7 @@ def test_browser_call_relay_only(relay, transport):
     require_program("chromium", "apt-get install chromium")
     if not (JS_DIR / "node_modules" / "playwright-core").is_dir():
         unavailable("playwright-core missing: npm ci --prefix tests/js")
-    from appliance.demo_site import libraries_installed
+    from appliance.demo.site import libraries_installed
     if not libraries_installed():
         unavailable("demo libraries missing: npm ci --prefix appliance/demo")
     ARTIFACTS.mkdir(parents=True, exist_ok=True)

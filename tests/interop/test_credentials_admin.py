@@ -22,8 +22,8 @@ from aioice import stun as aioice_stun
 from aioice.turn import create_turn_endpoint
 from prometheus_client.parser import text_string_to_metric_families
 
-from appliance.devcert import ensure_dev_certificate
-from appliance.secret_ring import load_ring
+from appliance.credentials.ring import load_ring
+from appliance.tls.devcert import ensure_dev_certificate
 from turn.auth import rest_password
 
 from ..netports import free_port_pair

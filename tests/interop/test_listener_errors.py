@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from appliance.devcert import ensure_dev_certificate
+from appliance.tls.devcert import ensure_dev_certificate
 
 from ..external import require_program
 from ..netports import distinct_port_pairs

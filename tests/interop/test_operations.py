@@ -13,7 +13,7 @@ import time
 import pytest
 from aioice import stun as aioice_stun
 
-from appliance.secret_ring import Secret, SecretRing, load_ring, new_secret, save_ring
+from appliance.credentials.ring import Secret, SecretRing, load_ring, new_secret, save_ring
 
 from .conftest import rest_credentials, start_appliance, stop_appliance
 from .test_aioice import EchoPeer, open_endpoint, wait_for_count

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from appliance.ring_store import RedisRingStore
+from appliance.credentials.store import RedisRingStore
 from turn.auth import rest_password
 
 from .conftest import start_appliance, stop_appliance

@@ -5,7 +5,7 @@
 // The third argument puts the phone on another appliance node (one Redis behind both).
 // Alice calls Bob, who is logged in on a phone and a laptop: both ring, the phone answers,
 // the laptop is told call/down, offer/answer/candidate flow between Alice and the phone only,
-// Alice hangs up and only the phone hears it.  Exits 0 only if every message is as API.md says.
+// Alice hangs up and only the phone hears it.  Exits 0 only if every message is as docs/api.md says.
 'use strict';
 
 const WebSocket = require('ws');

@@ -9,7 +9,7 @@
 //
 // Alice connects, subscribes, asks about Bob and 张三, sees Bob come ONLINE and go OFFLINE,
 // gets a 403 on /user/queue/errors for a SEND outside /app, and disconnects.  Prints one
-// JSON line per step; exits 0 only if every step saw exactly what API.md promises.
+// JSON line per step; exits 0 only if every step saw exactly what docs/api.md promises.
 'use strict';
 
 const WebSocket = require('ws');

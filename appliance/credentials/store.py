@@ -1,6 +1,6 @@
 """Where the secret ring lives: a file (one machine) or a Redis key (several nodes).
 
-Both stores hold the same JSON document (secret_ring.ring_document) and offer
+Both stores hold the same JSON document (ring.ring_document) and offer
 the same four operations: a cheap `stamp` that changes whenever the ring does
 (the watchers poll it), `load`, `ensure` (create a one-secret ring if there is
 none, never replacing a broken one) and `update(change)`, an atomic
@@ -18,9 +18,9 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from .config import AppConfig
-from .secret_ring import (SecretRing, SecretRingError, ensure_ring, load_ring, new_secret,
-                          parse_ring, ring_document, update_ring)
+from ..config.schema import AppConfig
+from .ring import (SecretRing, SecretRingError, ensure_ring, load_ring, new_secret, parse_ring,
+                   ring_document, update_ring)
 
 Change = Callable[[SecretRing], SecretRing]
 

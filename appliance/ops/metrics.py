@@ -18,7 +18,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from signaling.calls.machine import Outcome
 
-from .ring_watcher import RingWatcher
+from ..credentials.watcher import RingWatcher
 
 P = "appliance_"
 

@@ -1,4 +1,5 @@
-"""The TURN REST shared-secret ring, kept in one JSON file.
+"""The TURN REST shared-secret ring, and the ring kept in one JSON file (store.py keeps the
+same document in a Redis key for several nodes).
 
 The current secret signs new credentials; retired secrets stay accepted for a
 grace period so credentials already handed out keep working across a

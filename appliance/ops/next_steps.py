@@ -7,7 +7,7 @@ Nothing secret is printed: tokens and keys are only named, never shown.
 
 from __future__ import annotations
 
-from .config import AppConfig
+from ..config.schema import AppConfig
 
 
 def _token_hint(config: AppConfig) -> str:

@@ -14,7 +14,7 @@ from turn.core import RelaySettings
 from turn.node import Endpoint, NodeSettings
 from turn.policy import RelayPortsInUse, build_policy
 
-from .config import AppConfig, HostPort
+from ..config.schema import AppConfig, HostPort
 
 
 def _endpoint(hp: HostPort | None) -> Endpoint | None:

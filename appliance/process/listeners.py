@@ -10,7 +10,7 @@ from __future__ import annotations
 import errno
 import socket
 
-from .config import HostPort
+from ..config.schema import HostPort, TurnConfig
 
 
 def _family(address: HostPort) -> socket.AddressFamily:
@@ -67,13 +67,23 @@ def check_unshared(key: str, address: HostPort, kind: socket.SocketKind) -> None
     _bound(key, address, kind).close()
 
 
+def check_relay_unshared(turn: TurnConfig) -> None:
+    """check_unshared for every relay listener: what the supervisor does before its relay
+    binds, when relay workers will join the ports."""
+    for transport, address, kind in (("udp", turn.udp, socket.SOCK_DGRAM),
+                                     ("tcp", turn.tcp, socket.SOCK_STREAM),
+                                     ("tls", turn.tls, socket.SOCK_STREAM)):
+        if address is not None:
+            check_unshared(f"turn.{transport}", address, kind)
+
+
 def hypercorn_bind(key: str, address: HostPort) -> str:
     """Bind `address` for Hypercorn and return the `bind` entry that hands it the socket.
 
     Hypercorn binds only once its serving task runs, and its failure then comes back
     without saying which listener; worse, a server already listening there would answer
-    the readiness check (wait_listening) in its place.  Binding here fails at once, with
-    the key.
+    the readiness check (supervisor.wait_listening) in its place.  Binding here fails at
+    once, with the key.
     """
     sock = _bound(key, address, socket.SOCK_STREAM)
     return f"fd://{sock.detach()}"       # Hypercorn owns the descriptor from here on

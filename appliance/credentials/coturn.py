@@ -15,8 +15,8 @@ import time
 
 from turn.policy import EMBEDDED_IPV4_NETWORKS, parse_networks
 
-from .config import AppConfig
-from .secret_ring import SecretRing
+from ..config.schema import AppConfig
+from .ring import SecretRing
 
 
 def _range(network) -> str:

@@ -16,7 +16,7 @@ import logging
 import time
 from typing import Callable
 
-from .secret_ring import SecretRing, SecretRingError
+from .ring import SecretRing, SecretRingError
 
 log = logging.getLogger("appliance")
 
@@ -84,6 +84,12 @@ class RingWatcher:
     async def poll(self, force: bool = False) -> bool:
         """Re-read the store in a thread, then install the result on the loop."""
         return self._install(await asyncio.to_thread(self._fetch, force))
+
+    def deliver_to(self, apply: Apply) -> None:
+        """From now on hand `apply` (the relay node's set_secrets) the accepted secrets
+        whenever that set changes; the node was built with the set in force now."""
+        self.apply = apply
+        self.refresh()
 
     def refresh(self) -> None:
         """Hand the relay the secrets accepted now, when that set changed."""

@@ -28,8 +28,8 @@ from quart import Quart, Response, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from .metrics import render
-from .ring_watcher import RingWatcher
-from .secret_ring import SecretRing, SecretRingError, prune, rotate
+from ..credentials.watcher import RingWatcher
+from ..credentials.ring import SecretRing, SecretRingError, prune, rotate
 
 log = logging.getLogger("appliance.admin")
 
@@ -38,11 +38,11 @@ PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
 
 @dataclass
 class AdminContext:
-    """What the admin API reads and acts on, provided by the server."""
+    """What the admin API reads and acts on, provided by the supervisor (process.supervisor)."""
 
     token: str | None
     watcher: RingWatcher
-    store: object                            # ring_store.FileRingStore | RedisRingStore
+    store: object                            # credentials.store.FileRingStore | RedisRingStore
     grace_s: int
     activation_s: int
     registry: object                         # prometheus CollectorRegistry

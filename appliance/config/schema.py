@@ -1,7 +1,7 @@
 """The configuration's schema: every section as a frozen dataclass, every option
 with its default, documentation and validator (see `opt`).
 
-The loader (config.py) reads YAML and the environment into these classes;
+The loader (loader.py) reads YAML and the environment into these classes;
 keeping the schema apart lets a new section be read in one place.
 """
 
@@ -14,9 +14,9 @@ from pathlib import Path
 
 from signaling.origins import origin_problem
 
-from .config_checks import (at_least, attribute_text, between, heartbeat_pair, host_name,
-                            http_url, ice_url, ip_of, network, network_or_recommended, one_of, port_range, token_map,
-                            redis_url, url_prefix, worker_count)
+from .validators import (at_least, attribute_text, between, heartbeat_pair, host_name, http_url,
+                         ice_url, ip_of, network, network_or_recommended, one_of, port_range,
+                         redis_url, token_map, url_prefix, worker_count)
 
 
 class ConfigError(Exception):
@@ -266,7 +266,7 @@ class StompConfig:
 
 @dataclass(frozen=True)
 class CallsConfig:
-    """Call timing (API.md §5)."""
+    """Call timing (docs/api.md §5)."""
 
     ring_timeout_s: int = opt(30, "seconds a call rings before call/timeout", between(1, 600))
     grace_s: int = opt(10, "seconds a dropped party may take to come back", between(0, 600))

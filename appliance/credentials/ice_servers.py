@@ -1,4 +1,4 @@
-"""What `/app/turn/get-turn-credentials` answers (API.md §6): the iceServers list.
+"""What `/app/turn/get-turn-credentials` answers (docs/api.md §6): the iceServers list.
 
 The URLs come from the configuration -- by default one STUN URL and a TURN
 URL per enabled relay listener, on `credentials.host` or the advertised
@@ -14,8 +14,8 @@ from typing import Callable
 
 from turn.auth import make_credential
 
-from .config import AppConfig, HostPort
-from .secret_ring import SecretRing
+from ..config.schema import AppConfig, HostPort
+from .ring import SecretRing
 
 _WILDCARDS = ("0.0.0.0", "::")
 
@@ -58,7 +58,7 @@ def handed_out_urls(config: AppConfig) -> list[str]:
 class CredentialIssuer:
     """Makes the iceServers answer for a user from the live secret ring.
 
-    `ring` returns the ring currently in force (the server's RingWatcher keeps
+    `ring` returns the ring currently in force (the supervisor's RingWatcher keeps
     it), so a rotation changes what is handed out without a restart.
     """
 

@@ -1,9 +1,9 @@
 """The call demo page at `{prefix}/demo/` (`http.demo`).
 
-Our own page files live in appliance/demo/; the client libraries it loads
-(@stomp/stompjs, sockjs-client) are the npm packages customers use, installed
-by `npm ci --prefix appliance/demo` and served straight from node_modules, so
-nothing third-party is copied into the repository.
+Our own page files live next to this module, in appliance/demo/; the client libraries
+it loads (@stomp/stompjs, sockjs-client) are the npm packages customers use, installed by
+`npm ci --prefix appliance/demo` and served straight from node_modules, so nothing
+third-party is copied into the repository.
 
 `POST {prefix}/demo/token` mints a token for a user only in a development
 setup (auth.mode jwt with the generated development key, http.listen on
@@ -21,9 +21,9 @@ from quart import Quart, redirect, request, send_file
 from signaling.errors import bad_request
 from signaling.http_api import ApiError, envelope
 
-from .config_schema import is_loopback_address
+from ..config.schema import is_loopback_address
 
-DEMO_DIR = Path(__file__).parent / "demo"
+DEMO_DIR = Path(__file__).parent      # the page files sit next to this module
 PAGE_FILES = {"index.html": "text/html; charset=utf-8", "demo.js": "text/javascript; charset=utf-8",
               "demo.css": "text/css; charset=utf-8"}
 LIBRARIES = {

@@ -43,16 +43,3 @@ class CertificateReloader:
                 log.info("%s certificate reloaded from %s", name, cert)
         return failed
 
-
-def reloadable_hypercorn_config(reloader: CertificateReloader, name: str):
-    """A Hypercorn Config whose TLS contexts are tracked by `reloader`."""
-    from hypercorn.config import Config
-
-    class TrackedConfig(Config):
-        def create_ssl_context(self):
-            ctx = super().create_ssl_context()
-            if ctx is not None:
-                reloader.track(name, ctx, Path(self.certfile), Path(self.keyfile))
-            return ctx
-
-    return TrackedConfig()

@@ -25,7 +25,7 @@ import statistics
 import time
 from dataclasses import dataclass, field
 
-from .probe_stomp import StompClient, StompRefused
+from .stomp_client import StompClient, StompRefused
 
 STEP_TIMEOUT_S = 10.0
 CONNECT_TIMEOUT_S = 25.0

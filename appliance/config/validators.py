@@ -10,6 +10,7 @@ draws on the same small set.
 from __future__ import annotations
 
 import ipaddress
+import os
 from typing import Any, Callable
 
 MAX_ATTRIBUTE_TEXT = 127    # REALM and SOFTWARE must be fewer than 128 characters (RFC 8489 §14)
@@ -185,7 +186,6 @@ def ice_url(value: str) -> str | None:
 def worker_count(value: Any) -> int:
     """Relay processes: a number, or "auto" for one per core this machine has."""
     if value == "auto":
-        import os
         return max(1, min(64, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
                           else (os.cpu_count() or 1)))
     if isinstance(value, bool) or not isinstance(value, int):

@@ -1,10 +1,10 @@
 """Typed, strict configuration: one YAML file plus APPLIANCE__SECTION__KEY overrides.
 
-Each section is a frozen dataclass.  A field's type hint says how its YAML
+Each section is a frozen dataclass (schema.py).  A field's type hint says how its YAML
 value is read; its `opt(...)` metadata carries the documentation, the
 validator (`check`, or `item_check` for each element of a list) and an
 optional text parser.  Adding a section (http, auth, ...) means declaring a
-dataclass and a field of that type on `AppConfig`; the loader needs no change.
+dataclass and a field of that type on `AppConfig`; this loader needs no change.
 
 Anything wrong stops the start with the key's dotted path and the reason, so
 an operator fixes the right line the first time.  Relative paths written in a
@@ -27,12 +27,7 @@ from typing import Any, Mapping
 
 import yaml
 
-from .config_schema import (AdminConfig, AppConfig, AuthConfig, BrokerConfig, CallsConfig, ConfigError,
-                            CredentialsConfig, HostPort, HttpConfig, StompConfig, TurnConfig, opt)
-
-__all__ = ["AdminConfig", "AppConfig", "AuthConfig", "BrokerConfig", "CallsConfig", "ConfigError",
-           "CredentialsConfig", "HostPort", "HttpConfig", "StompConfig", "TurnConfig", "opt",
-           "describe", "load_config"]
+from .schema import AppConfig, ConfigError, HostPort
 
 ENV_PREFIX = "APPLIANCE__"
 

@@ -1,0 +1,108 @@
+"""A relay worker: one of the `turn.workers - 1` processes the supervisor starts
+(worker_pool.py), each running a relay node on the same ports as the supervisor's through
+SO_REUSEPORT, and nothing else.
+
+It follows the secret ring with a RingWatcher of its own, so a rotation reaches it through
+the store alone; it verifies nonces with the key the supervisor handed it at spawn, so a
+nonce from one process verifies in another; it counts quotas and relay ports in the
+ledger shared with every relay process of the node; and it sends its relay figures up
+`stats_pipe` every STATS_EVERY_S for the supervisor's /metrics.  SIGHUP re-reads the ring
+and reloads the certificate; SIGTERM drains its allocations as the supervisor does.
+
+This module is what a spawned worker imports: it stays clear of the signaling, Quart and
+Hypercorn, which the worker never runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from multiprocessing.connection import Connection
+from pathlib import Path
+
+from turn.ledger import SharedLedger
+
+from ..config.schema import AppConfig
+from ..credentials.store import ring_store
+from ..credentials.watcher import RingWatcher
+from ..tls.files import TlsFiles
+from ..tls.reload import CertificateReloader
+from .bootstrap import configure_logging, install_uvloop
+from .local_relay import LocalRelay, ledger_key
+from .signals import ProcessSignals
+
+log = logging.getLogger("appliance")
+
+STATS_EVERY_S = 1.0
+
+
+class RelayWorker:
+    def __init__(self, config: AppConfig, files: TlsFiles, nonce_key: bytes, ledger_path: Path,
+                 process_index: int, stats_pipe: Connection) -> None:
+        self.config = config
+        self.files = files
+        self.nonce_key = nonce_key
+        self.ledger_path = ledger_path
+        self.process_index = process_index
+        self.stats_pipe = stats_pipe
+        self.certificates = CertificateReloader()
+        self.watcher = RingWatcher(ring_store(config), config.credentials.grace_s())
+        self.signals = ProcessSignals()
+        self.relay: LocalRelay | None = None
+        self.ledger: SharedLedger | None = None
+        self._tasks: list[asyncio.Task] = []
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        if not self.watcher.load(force=True) and self.watcher.ring is None:
+            raise OSError(f"cannot start: the secret ring ({self.watcher.store.where}) did not load")
+        self.signals.install(on_hup=self._on_hup)
+        try:
+            self.ledger = SharedLedger(self.ledger_path, self.process_index,
+                                       key=ledger_key(self.nonce_key))
+            self.relay = LocalRelay(self.config, self.files, self.nonce_key, self.ledger,
+                                    self.watcher, self.certificates)
+            await self.relay.start()
+            self._tasks.append(loop.create_task(self._report_stats()))
+            self._tasks.append(loop.create_task(self.watcher.run()))
+            await self.signals.stop.wait()
+            log.info("stopping: draining for up to %d s", self.config.turn.drain_s)
+            await self.relay.drain(self.config.turn.drain_s, self.signals.hurry)
+        finally:
+            await self._stop_everything()
+        return 0
+
+    async def _report_stats(self) -> None:
+        """Send the relay's figures to the supervisor."""
+        while True:
+            await asyncio.sleep(STATS_EVERY_S)
+            try:
+                self.stats_pipe.send(self.relay.stats())
+            except (OSError, ValueError):
+                return           # the supervisor is gone or stopping
+
+    def _on_hup(self) -> None:
+        log.info("SIGHUP: reloading the secret ring and certificates")
+        self._tasks.append(asyncio.get_running_loop().create_task(self.watcher.poll(force=True)))
+        self.certificates.reload()
+
+    async def _stop_everything(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        if self.relay is not None:
+            await self.relay.stop()
+        if self.ledger is not None:
+            self.ledger.close()
+        log.info("stopped")
+
+
+def worker_main(config: AppConfig, files: TlsFiles, nonce_key: bytes, ledger_path: Path,
+                process_index: int, stats_pipe: Connection) -> None:
+    """What a spawned relay worker runs (worker_pool.RelayWorkers starts it)."""
+    configure_logging(config.log_level)
+    install_uvloop()
+    try:
+        asyncio.run(RelayWorker(config, files, nonce_key, ledger_path, process_index,
+                                stats_pipe).run())
+    except KeyboardInterrupt:
+        pass

@@ -1,0 +1,259 @@
+"""The main process of `appliance serve`: the supervisor.
+
+It runs one event loop with a relay node of its own (unless every relay listener is off),
+the signaling service (Hypercorn), the admin listener and a RingWatcher.  `turn.workers: N`
+starts N-1 relay workers (relay_worker.py, through worker_pool.py) that bind the same ports
+with SO_REUSEPORT, each with its own RingWatcher, so a rotation reaches every process
+through the store alone; the nonce key is handed to each worker at spawn so a nonce from
+one verifies in another.
+
+Signals (signals.py):
+- SIGHUP: re-read the secret ring and reload TLS certificates (established
+  connections keep theirs), in every process.
+- SIGTERM/SIGINT: drain.  /readyz turns false, STOMP sessions get an ERROR
+  frame and are closed (SockJS adds its close frame), Hypercorn stops
+  accepting, the relay refuses new allocations (508) and new TCP/TLS
+  connections while live allocations keep relaying for up to `turn.drain_s`
+  or until none is left; then everything stops and the exit code is 0.  A
+  second signal cuts the drain short.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import time
+
+from hypercorn.asyncio import serve
+from hypercorn.config import Config
+
+from turn.ledger import LocalLedger, SharedLedger, user_slots
+
+from ..config.schema import AppConfig, HostPort
+from ..credentials.ice_servers import CredentialIssuer
+from ..credentials.store import ring_store
+from ..credentials.watcher import RingWatcher
+from ..ops.admin import AdminContext, create_admin_app
+from ..ops.metrics import ApplianceCollector, combine_stats, metrics_registry
+from ..ops.next_steps import next_steps
+from ..tls.files import TlsFiles
+from ..tls.reload import CertificateReloader
+from ..wiring.signaling import hypercorn_config, signaling_app
+from .bootstrap import configure_logging, install_uvloop
+from .listeners import check_relay_unshared, hypercorn_bind
+from .local_relay import LocalRelay, ledger_key, relay_enabled
+from .open_files import raise_open_files_limit
+from .signals import ProcessSignals
+from .worker_pool import RelayWorkers
+
+log = logging.getLogger("appliance")
+
+CHILD_STOP_MARGIN_S = 5.0
+HTTP_STOP_TIMEOUT_S = 10.0
+LISTEN_WAIT_S = 10.0
+
+
+async def wait_listening(listener: HostPort, task: asyncio.Task, name: str) -> None:
+    """Return once `listener` accepts TCP connections; raise if its server task ended."""
+    host = listener.local_host()
+    deadline = time.monotonic() + LISTEN_WAIT_S
+    while time.monotonic() < deadline:
+        if task.done():
+            exc = task.exception()
+            raise OSError(f"{name} listener {listener} did not start: {exc}")
+        try:
+            _, writer = await asyncio.open_connection(host, listener.port)
+        except OSError:
+            await asyncio.sleep(0.05)
+            continue
+        writer.close()
+        return
+    raise OSError(f"{name} listener {listener} is not accepting connections")
+
+
+class Supervisor:
+    def __init__(self, config: AppConfig, files: TlsFiles, nonce_key: bytes) -> None:
+        self.config = config
+        self.files = files
+        self.nonce_key = nonce_key
+        self.certificates = CertificateReloader()
+        self.watcher = RingWatcher(ring_store(config), config.credentials.grace_s())
+        self.signals = ProcessSignals()
+        self.ledger: LocalLedger | SharedLedger | None = None
+        self.relay: LocalRelay | None = None
+        self.workers: RelayWorkers | None = None
+        self.draining = False
+        self.signaling_app = None
+        self._http_stop = asyncio.Event()
+        self._admin_stop = asyncio.Event()
+        self._tasks: list[asyncio.Task] = []
+        self._http_task: asyncio.Task | None = None
+        self._admin_task: asyncio.Task | None = None
+
+    # ------------------------------------------------------------ start
+
+    async def _start_relay(self) -> None:
+        t = self.config.turn
+        self.ledger = self._open_ledger()
+        self.relay = LocalRelay(self.config, self.files, self.nonce_key, self.ledger,
+                                self.watcher, self.certificates)
+        if t.workers > 1:
+            check_relay_unshared(t)      # before any SO_REUSEPORT bind: see check_unshared
+        await self.relay.start()
+
+    def _open_ledger(self) -> LocalLedger | SharedLedger:
+        """Quotas and relay ports in use, shared by every relay process of this node."""
+        t = self.config.turn
+        if t.workers == 1:
+            return LocalLedger()
+        return SharedLedger.create(t.workers, user_slots(t.total_quota), ledger_key(self.nonce_key))
+
+    async def _start_signaling(self) -> None:
+        c, f = self.config, self.files
+        bind = hypercorn_bind("http.listen", c.http.listen)
+        issuer = CredentialIssuer.from_config(c, self.watcher.current_ring)
+        self.signaling_app = signaling_app(c, issuer.issue)
+        hc = hypercorn_config(c, bind, f.http_cert or f.turn_cert, f.http_key or f.turn_key,
+                              self.certificates)
+        self._http_task = asyncio.get_running_loop().create_task(
+            serve(self.signaling_app, hc, shutdown_trigger=self._http_stop.wait))
+        await wait_listening(c.http.listen, self._http_task, "http")
+        log.info("signaling ready: %s://%s%s/ws", "https" if c.http.tls else "http",
+                 c.http.listen, c.http.prefix)
+
+    async def _start_admin(self) -> None:
+        c = self.config
+        bind = hypercorn_bind("admin.listen", c.admin.listen)
+        ext = self.signaling_app.extensions if self.signaling_app is not None else {}
+        collector = ApplianceCollector(
+            relay_stats=self.relay_stats if self.relay is not None else None,
+            signaling=ext.get("signaling"), calls=ext.get("calls"),
+            credentials=ext.get("turn_credentials"), watcher=self.watcher,
+            draining=lambda: self.draining)
+        app = create_admin_app(AdminContext(
+            token=c.admin.token, watcher=self.watcher, store=self.watcher.store,
+            grace_s=c.credentials.grace_s(),
+            activation_s=c.credentials.activation_s, registry=metrics_registry(collector),
+            readiness=self.readiness, secrets_changed=self.reload_secrets))
+        hc = Config()
+        hc.bind = [bind]
+        hc.accesslog = hc.errorlog = None
+        hc.graceful_timeout = 1
+        self._admin_task = asyncio.get_running_loop().create_task(
+            serve(app, hc, shutdown_trigger=self._admin_stop.wait))
+        await wait_listening(c.admin.listen, self._admin_task, "admin")
+        log.info("admin ready: http://%s (token %s)", c.admin.listen,
+                 "required" if c.admin.token else "not set: /admin/secrets disabled")
+
+    def _start_workers(self) -> None:
+        """Workers only once every listener here is bound: one that cannot bind
+        (ListenerError) stops the start before any worker exists, and workers join the
+        relay's ports through SO_REUSEPORT, which the kernel grants this user once the
+        supervisor holds them."""
+        if self.relay is None or not isinstance(self.ledger, SharedLedger):
+            return                        # no relay here, or turn.workers is 1
+        self.workers = RelayWorkers(self.config.turn.workers - 1, self.config, self.files,
+                                    self.nonce_key, self.ledger)
+        self.workers.start()
+        self._tasks.append(asyncio.get_running_loop().create_task(self.workers.watch()))
+
+    def relay_stats(self) -> dict:
+        """This process's relay figures plus the workers' latest (ops.metrics.combine_stats)."""
+        workers = self.workers.snapshots() if self.workers is not None else []
+        return combine_stats([self.relay.stats(), *workers])
+
+    def readiness(self) -> dict[str, bool]:
+        checks = {"secret_ring": self.watcher.ring is not None, "accepting": not self.draining}
+        if relay_enabled(self.config):
+            checks["relay"] = self.relay is not None and self.relay.ready
+        if self.workers is not None:
+            checks["relay_workers"] = self.workers.all_alive()
+        if self._http_task is not None:
+            checks["signaling"] = not self._http_task.done()
+            broker = self.signaling_app.extensions["signaling"].broker
+            if hasattr(broker, "healthy"):
+                checks["broker"] = broker.healthy          # Redis reachable
+        return checks
+
+    # ------------------------------------------------------------ signals
+
+    async def reload_secrets(self) -> None:
+        """Read the ring again here now, and have every relay worker do the same."""
+        await self.watcher.poll(force=True)
+        if self.workers is not None:
+            self.workers.signal_all(signal.SIGHUP)
+
+    def _on_hup(self) -> None:
+        log.info("SIGHUP: reloading the secret ring and certificates")
+        self._tasks.append(asyncio.get_running_loop().create_task(self.reload_secrets()))
+        self.certificates.reload()
+
+    # ------------------------------------------------------------ run
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        if not self.watcher.load(force=True) and self.watcher.ring is None:
+            raise OSError(f"cannot start: the secret ring ({self.watcher.store.where}) did not load")
+        self.signals.install(on_hup=self._on_hup)
+        try:
+            if relay_enabled(self.config):
+                await self._start_relay()
+            if self.config.http.listen is not None:
+                await self._start_signaling()
+            if self.config.admin.listen is not None:
+                await self._start_admin()
+            self._start_workers()
+            log.info("%s", next_steps(self.config))      # every listener is up now
+            self._tasks.append(loop.create_task(self.watcher.run()))
+            await self.signals.stop.wait()
+            await self._drain()
+        finally:
+            await self._stop_everything()
+        return 0
+
+    async def _drain(self) -> None:
+        self.draining = True
+        drain_s = self.config.turn.drain_s
+        log.info("stopping: draining for up to %d s", drain_s)
+        if self.workers is not None:
+            self.workers.begin_stop()
+        if self.signaling_app is not None:
+            self.signaling_app.extensions["signaling"].shutdown()
+            self._http_stop.set()
+        if self.relay is not None:
+            await self.relay.drain(drain_s, self.signals.hurry)
+
+    async def _stop_everything(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        self._http_stop.set()
+        if self._http_task is not None:
+            try:
+                await asyncio.wait_for(self._http_task, HTTP_STOP_TIMEOUT_S)
+            except (asyncio.TimeoutError, Exception):
+                log.warning("signaling did not stop cleanly")
+        if self.relay is not None:
+            await self.relay.stop()
+        if self.workers is not None:
+            self.workers.begin_stop()
+            await self.workers.join(self.config.turn.drain_s + CHILD_STOP_MARGIN_S)
+        if isinstance(self.ledger, SharedLedger):
+            self.ledger.remove()       # every worker is gone: nobody maps it any more
+        self._admin_stop.set()
+        if self._admin_task is not None:
+            try:
+                await asyncio.wait_for(self._admin_task, HTTP_STOP_TIMEOUT_S)
+            except (asyncio.TimeoutError, Exception):
+                pass
+        log.info("stopped")
+
+
+def run(config: AppConfig, files: TlsFiles) -> int:
+    """`appliance serve`: the supervisor's event loop until it has stopped (exit code)."""
+    configure_logging(config.log_level)
+    loop_kind = install_uvloop()
+    log.info("event loop: %s", loop_kind)
+    raise_open_files_limit()
+    return asyncio.run(Supervisor(config, files, os.urandom(32)).run())
