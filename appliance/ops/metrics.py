@@ -33,7 +33,7 @@ SIGNALING_AUTH_FAILURES = {"auth_missing_token": "missing_token", "auth_bad_toke
 RELAY_PACKET_PATHS = ("stun", "udp_listener", "relay_port", "stream")
 SIGNALING_REFUSALS = ("connections", "connections_per_ip", "sessions_per_ip", "session_rate",
                       "origin", "sockjs_other_address", "sockjs_body_too_large")
-SIGNALING_ABORTS = ("send_timeout", "overflow", "close_timeout", "drain")
+SIGNALING_ABORTS = ("send_timeout", "overflow", "close_timeout", "drain", "server_error")
 
 
 # Relay snapshot fields that only grow: kept from a worker that exited, so totals never fall.

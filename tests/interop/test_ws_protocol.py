@@ -63,6 +63,9 @@ def test_a_message_over_the_size_limit_then_a_binary_frame_ends_only_that_connec
         time.sleep(0.05)
     assert "ended by an error in Hypercorn: \"TypeError" in relay.log()
     assert "Traceback" not in relay.log()
+    from .test_credentials_admin import admin, metric_samples   # it imports this module
+    samples = metric_samples(admin(relay, "GET", "/metrics").text)
+    assert samples[("appliance_signaling_connections_aborted_total", (("reason", "server_error"),))] >= 1
 
 
 def test_frames_sent_behind_connect_in_one_message_are_served_after_connected(relay):
