@@ -8,8 +8,7 @@ from quart import Quart, websocket
 
 from .auth import TokenVerifier, UserIdChecked
 from .broker import Broker, MemoryBroker
-from .broker.redis import RedisBroker
-from .calls.cluster import CallCluster
+from .calls.cluster import calls_across_nodes
 from .calls.registry import CallRegistry
 from .calls.service import CallService
 from .guard import ClientGuard
@@ -29,8 +28,9 @@ def create_app(prefix: str, verifier: TokenVerifier, limits: Limits, max_outbox:
     """The signaling app; `issue_credentials(userId)` answers TURN credential requests
     (no such routes without it: a relay-less test app has nothing to hand out).  The
     broker is this process's MemoryBroker unless one spanning nodes (RedisBroker) is
-    given; the app starts and stops it.  `guard` holds the connection and session caps
-    and timeouts (none but the defaults without it); it counts in the service's counters.
+    given; the app starts and stops it, and calls span the nodes when it has a node bus.
+    `guard` holds the connection and session caps and timeouts (none but the defaults
+    without it); it counts in the service's counters.
     `origins` says which web pages may connect from a browser (without it: the appliance's
     own pages only)."""
     app = Quart("signaling")
@@ -46,11 +46,14 @@ def create_app(prefix: str, verifier: TokenVerifier, limits: Limits, max_outbox:
     origins = origins if origins is not None else OriginPolicy()
     app.extensions["signaling"] = service
     install_envelope_errors(app)
-    calls = CallService(broker, CallRegistry(ring_timeout_s, grace_s), limits.max_frame_bytes)
+    registry = CallRegistry(ring_timeout_s, grace_s)
+    bus = broker.node_bus
+    # One node runs calls itself; nodes sharing a bus run each call on the node that owns it.
+    calls = (CallService(broker, registry, limits.max_frame_bytes) if bus is None
+             else calls_across_nodes(broker, bus, registry, limits.max_frame_bytes))
     calls.install(service)
     calls.install_http(app, prefix, verifier)
     app.extensions["calls"] = calls
-    cluster = CallCluster(calls, broker) if isinstance(broker, RedisBroker) else None
     if issue_credentials is not None:
         credentials = TurnCredentialService(issue_credentials)
         credentials.install(service)
@@ -60,18 +63,15 @@ def create_app(prefix: str, verifier: TokenVerifier, limits: Limits, max_outbox:
 
     @app.before_serving
     async def start_calls():
-        if cluster is not None:
-            await broker.start()
-            cluster.start()
+        await broker.start()
         timers.append(asyncio.get_running_loop().create_task(calls.run_timers()))
 
     @app.after_serving
     async def stop_calls():
         for task in timers:
             task.cancel()
-        if cluster is not None:
-            await cluster.stop()
-            await broker.stop()
+        await calls.stop()           # across nodes: its calls end while the bus still works
+        await broker.stop()
 
     @app.websocket(f"{prefix}/ws")
     async def stomp_websocket():

@@ -1,6 +1,6 @@
 """Errors a client's SEND earns: a MESSAGE on its /user/queue/errors, connection kept.
 
-Codes are API.md §2's: below 1000 they mirror HTTP statuses (400 bad
+Codes are docs/api.md §2's: below 1000 they mirror HTTP statuses (400 bad
 parameters, 403 forbidden, 404 unknown destination, 429 over the session's SEND
 budget, 500 a bug), above 1000 they are business errors.
 """

@@ -1,4 +1,4 @@
-"""The HTTP API's envelope (API.md §2): every response is {"code", "msg", "data"}.
+"""The HTTP API's envelope (docs/api.md §2): every response is {"code", "msg", "data"}.
 
 `code` below 1000 equals the HTTP status; business errors (above 1000) go
 out with status 200.  Errors are enveloped too -- unknown paths 404, bad

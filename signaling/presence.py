@@ -1,4 +1,4 @@
-"""Online status (API.md §4).
+"""Online status (docs/api.md §4).
 
 A user is ONLINE while at least one STOMP session of theirs is connected.
 A status query is answered to the asking session only, and registers that

@@ -1,8 +1,10 @@
 """The signaling core: what happens when a STOMP session connects, sends and leaves.
 
-Transport-free: the WebSocket and SockJS handlers create a Session, call
-`authenticate` on CONNECT, `connected` once accepted, `handle` for each
-STOMP event and `closed` at the end.  SENDs to `/app/...` go to the router;
+Transport-free: a StompEndpoint (endpoint.py, one per client, whichever
+transport carries it) calls `authenticate` on CONNECT, creates the Session and
+calls `connected` once accepted, `handle` for each STOMP event and `closed` at
+the end.  SENDs to `/app/...` go to the handler `route` registered for the
+destination (presence's here, calls' and TURN credentials' by their services);
 a handler's SignalingError becomes a MESSAGE on the sender's
 /user/queue/errors and nobody else hears of it.  So does a bug (500, counted,
 logged at a bounded rate): one client's message must never end its session
@@ -44,9 +46,8 @@ class SignalingService:
         self.counters: Counter[str] = Counter()
         self.close_hooks: list[Callable[[Session, bool], None]] = []
         self._failures = RateLimitedLog(log)
-        if hasattr(broker, "on_presence"):
-            # A broker spanning nodes reports users coming and going on other nodes.
-            broker.on_presence = self.presence.changed
+        # Users coming and going on other nodes (this node's own: connected and closed).
+        broker.watch_presence(self.presence.changed)
 
     def route(self, destination: str, handler: Handler, needs_broker: bool = True) -> None:
         self.routes[destination] = handler
@@ -56,7 +57,7 @@ class SignalingService:
     @property
     def broker_healthy(self) -> bool:
         """False while a broker spanning nodes cannot reach its Redis."""
-        return getattr(self.broker, "healthy", True)
+        return self.broker.healthy
 
     async def authenticate(self, event: ConnectRequested, claimed_user: str | None) -> str:
         """The user id the CONNECT's `ide` token belongs to; SignalingError 400 (an unusable

@@ -1,4 +1,4 @@
-"""TURN credentials on the wire (API.md §6): STOMP `/app/turn/get-turn-credentials`,
+"""TURN credentials on the wire (docs/api.md §6): STOMP `/app/turn/get-turn-credentials`,
 answered to the asking session only on `/user/queue/turn/get-turn-credentials`,
 and its HTTP twin `GET {prefix}/turn/get-turn-credentials` in the envelope.
 

@@ -11,8 +11,10 @@ import json
 import time
 
 import pytest
+from redis.exceptions import ResponseError
 
 from signaling.broker import MemoryBroker
+from signaling.broker.bus import Delete, Get, HGet, Kind, Script, StoreUnavailable
 from signaling.session import Session
 from signaling.stomp import StompServerConnection
 
@@ -42,12 +44,12 @@ def bodies(s: Session) -> list:
 
 def knows_of(node, user: str, other) -> bool:
     """Has `node` heard that `other` holds sessions of `user`? (One node: trivially.)"""
-    return node is other or getattr(other, "node", None) in getattr(node, "remote", {}).get(user, {})
+    return node is other or other.node in node.remote.get(user, {})
 
 
 def forgot(node, user: str, other) -> bool:
     """Has `node` heard that `other` holds no more sessions of `user`?"""
-    return node is other or getattr(other, "node", None) not in node.remote.get(user, {})
+    return node is other or other.node not in node.remote.get(user, {})
 
 
 async def eventually(predicate, timeout: float = 5.0) -> None:
@@ -90,6 +92,40 @@ async def redis_nodes(request):
     await b.stop()
 
 
+async def test_every_broker_has_the_whole_protocol(nodes):
+    """Health, presence listeners, start and stop, and the node bus: on one node there is
+    no bus, across nodes the broker is the bus."""
+    a, b = nodes
+    for broker in (a, b):
+        assert broker.healthy is True
+        broker.watch_presence(lambda user, online: None)
+    if a is b:
+        assert a.node_bus is None
+        await a.start()
+        await a.stop()
+    else:
+        assert a.node_bus is a and b.node_bus is b
+
+
+async def test_the_node_bus_delivers_by_kind_and_runs_typed_commands(redis_nodes):
+    a, b = redis_nodes
+    heard = []
+    b.subscribe(Kind.CALL, heard.append)
+    a.send(b.node, Kind.CALL, {"n": 1})
+    a.send(b.node, Kind.CALL_RESULT, {"n": 2})          # nobody on b takes this kind
+    await eventually(lambda: heard == [{"kind": "call", "n": 1}])
+    key = f"{a.prefix}bus-test"
+    assert await a.run(Script("return redis.call('HSET', KEYS[1], 'f', ARGV[1])", (key,), ("v",)),
+                       HGet(key, "f"), Get(f"{a.prefix}absent")) == [1, b"v", None]
+    assert await b.query(HGet(key, "f"), Delete(key)) == [b"v", 1]
+    # An error reply is the store failing, in the redis exception's own class.
+    with pytest.raises(StoreUnavailable) as failed:
+        await a.run(Script("return redis.error_reply('no')", (), ()))
+    assert isinstance(failed.value.__cause__, ResponseError)
+    with pytest.raises(StoreUnavailable):
+        await a.query(Script("return redis.error_reply('no')", (), ()))
+
+
 async def test_a_user_is_online_everywhere_while_any_session_is(nodes):
     a, b = nodes
     s1, s2 = session("alice", "a-1"), session("alice", "b-1")
@@ -125,7 +161,7 @@ async def test_user_destinations_cross_nodes_with_id_filters(nodes):
 async def test_presence_changes_are_reported_on_the_other_node(redis_nodes):
     a, b = redis_nodes
     seen = []
-    b.on_presence = lambda user, online: seen.append((user, online))
+    b.watch_presence(lambda user, online: seen.append((user, online)))
     s = session("dave", "a-1")
     a.register(s)
     await eventually(lambda: seen == [("dave", True)])
@@ -136,7 +172,7 @@ async def test_presence_changes_are_reported_on_the_other_node(redis_nodes):
 async def test_a_dead_node_stops_counting_within_its_ttl(redis_nodes):
     a, b = redis_nodes
     seen = []
-    b.on_presence = lambda user, online: seen.append((user, online))
+    b.watch_presence(lambda user, online: seen.append((user, online)))
     a.register(session("erin", "a-1"))
     await eventually(lambda: b.is_online("erin"))
     for task in a._tasks:               # a crash: no goodbye, the heartbeat just stops

@@ -1,7 +1,7 @@
 """Calls across two signaling nodes sharing a real Redis (CallCluster + RedisBroker).
 
 Each node is the real stack minus the sockets: RedisBroker, SignalingService,
-CallService with its CallCluster and its timer task.  Sessions are STOMP
+the CallCluster (built by calls_across_nodes, as create_app does) and its timer task.  Sessions are STOMP
 connections fed SEND frames, so every message takes the path a client's does.
 Alice sits on node one; Bob has a phone on node one and a laptop on node two.
 """
@@ -17,9 +17,9 @@ import pytest
 
 from signaling.auth import StaticVerifier
 from signaling.broker.redis import RedisBroker
-from signaling.calls.cluster import CallCluster
+from signaling.calls.cluster import CallCluster, calls_across_nodes
 from signaling.calls.registry import CallRegistry
-from signaling.calls.service import CallService
+from signaling.calls.service import CallOp
 from signaling.service import SignalingService
 from signaling.session import Session
 
@@ -34,8 +34,7 @@ CALL_DESTINATIONS = ("/user/queue/call/request", "/user/queue/call/response", "/
 class Node:
     broker: RedisBroker
     signaling: SignalingService
-    calls: CallService
-    cluster: CallCluster
+    calls: CallCluster
     timers: asyncio.Task
 
     def connect(self, user: str, sid: str) -> Session:
@@ -51,7 +50,7 @@ class Node:
     async def stop(self, cleanly: bool = True) -> None:
         self.timers.cancel()
         if cleanly:
-            await self.cluster.stop()
+            await self.calls.stop()
             await self.broker.stop()
         else:                        # a crash: no goodbye, heartbeats and queues just stop
             for task in self.broker._tasks:
@@ -62,11 +61,9 @@ async def make_node(url: str, prefix: str, name: str, ring_timeout_s: float = 30
     broker = RedisBroker(url, prefix, name, NODE_TTL_S)
     await broker.start()
     signaling = SignalingService(broker, StaticVerifier({}))
-    calls = CallService(broker, CallRegistry(ring_timeout_s, 10.0), 65536)
+    calls = calls_across_nodes(broker, broker, CallRegistry(ring_timeout_s, 10.0), 65536)
     calls.install(signaling)
-    cluster = CallCluster(calls, broker)
-    cluster.start()
-    return Node(broker, signaling, calls, cluster, asyncio.get_running_loop().create_task(calls.run_timers()))
+    return Node(broker, signaling, calls, asyncio.get_running_loop().create_task(calls.run_timers()))
 
 
 def messages(s: Session) -> list[tuple[str, object]]:
@@ -118,6 +115,19 @@ async def until_free(node: Node, user: str, timeout: float = 3.0) -> None:
     while await busy_in_redis(node, user) is not None:
         assert time.monotonic() < deadline, f"{user} stayed busy in Redis"
         await asyncio.sleep(0.02)
+
+
+def test_create_app_runs_calls_across_nodes_when_the_broker_has_a_node_bus():
+    from signaling.app import create_app
+    from signaling.broker import MemoryBroker
+    from signaling.calls.service import CallService
+    from signaling.stomp import Limits
+
+    spanning = RedisBroker("redis://127.0.0.1:1/0", "app-test:", "app-node")   # never started
+    calls = create_app("/im", StaticVerifier({}), Limits(), 100, broker=spanning).extensions["calls"]
+    assert isinstance(calls, CallCluster) and calls.bus is spanning
+    alone = create_app("/im", StaticVerifier({}), Limits(), 100, broker=MemoryBroker())
+    assert type(alone.extensions["calls"]) is CallService
 
 
 async def test_a_call_between_nodes_rings_answers_signals_and_hangs_up(two_nodes):
@@ -216,14 +226,14 @@ async def test_http_twins_wait_for_the_owner_and_get_its_errors(two_nodes):
 
     one, two = two_nodes
     alice, bob = await ringing(one, two)
-    await two.calls.perform("respond", "bob", {"callId": "c1", "type": "ACCEPT"})
+    await two.calls.perform(CallOp.RESPOND, "bob", {"callId": "c1", "type": "ACCEPT"})
     assert await got(alice) == [("response", {"callId": "c1", "type": "ACCEPT"})]
     with pytest.raises(SignalingError) as refused:
-        await two.calls.perform("respond", "bob", {"callId": "c1", "type": "ACCEPT"})
+        await two.calls.perform(CallOp.RESPOND, "bob", {"callId": "c1", "type": "ACCEPT"})
     assert refused.value.code == 1004                   # answered already: the owner says so
-    await two.calls.perform("hangup", "bob", None)      # empty body: every call of bob's
+    await two.calls.perform(CallOp.HANGUP, "bob", None)      # empty body: every call of bob's
     assert await got(alice) == [("hangup", {"callId": "c1"})]
-    await two.calls.perform("hangup", "bob", None)      # nothing left: fine
+    await two.calls.perform(CallOp.HANGUP, "bob", None)      # nothing left: fine
 
 
 async def test_calls_of_a_dead_node_end_and_free_their_parties(redis_url, redis_prefix):
@@ -249,7 +259,7 @@ async def test_calls_of_a_dead_node_end_and_free_their_parties(redis_url, redis_
 async def test_a_node_that_stops_cleanly_ends_its_calls(two_nodes):
     one, two = two_nodes
     alice, bob = await ringing(one, two)
-    await one.cluster.stop()
+    await one.calls.stop()
     assert await got(bob) == [("hangup", {"callId": "c1"})]
     await until_free(two, "bob")
 
@@ -282,7 +292,7 @@ async def test_without_redis_call_messages_get_503(two_nodes):
 async def quiet(nodes) -> None:
     """Until nothing waits on Redis anywhere and published messages have arrived."""
     for _ in range(3):
-        await eventually(lambda: all(not n.cluster._chains and n.broker._pending.empty()
+        await eventually(lambda: all(not n.calls._chains and n.broker._pending.empty()
                                      and not n.broker._writing for n in nodes))
         await asyncio.sleep(0.05)
 

@@ -1,19 +1,22 @@
-"""Calls, sans-I/O: the whole transition table, every API.md §5 rule with its code,
+"""Calls, sans-I/O: the whole transition table, every docs/api.md §5 rule with its code,
 multi-device routing, timers on a float clock, and random event sequences that
 keep the invariants."""
 
 from __future__ import annotations
 
 import itertools
+import re
 from collections import Counter
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import signaling
 from signaling.calls.machine import (CALL_NOT_FOUND, NOT_ALLOWED, TRANSITIONS, CallEvent, CallState,
                                      Outcome, Role, transition)
-from signaling.calls.registry import CallRegistry, Notice
+from signaling.calls.registry import CallEnded, CallRegistry, Notice
 from signaling.errors import SignalingError
 
 ONLINE = {"alice", "bob", "carol"}
@@ -48,6 +51,53 @@ def test_the_table_never_leaves_ended_and_only_ends_with_an_outcome():
         assert state is not CallState.ENDED
         if new_state is CallState.ENDED:
             assert outcome is not None
+
+
+def test_calls_are_born_and_the_last_device_leaving_ends_them_by_rows_of_the_table():
+    assert transition(CallState.NEW, CallEvent.REQUEST, Role.CALLER) == (CallState.RINGING, None)
+    assert transition(CallState.RINGING, CallEvent.LAST_SESSION_CLOSED, Role.CALLEE) == (
+        CallState.ENDED, Outcome.DROPPED)
+    # Only a ringing callee's last device ends the call at once; anybody else gets a grace.
+    assert [key for key in TRANSITIONS if key[1] is CallEvent.LAST_SESSION_CLOSED] == [
+        (CallState.RINGING, CallEvent.LAST_SESSION_CLOSED, Role.CALLEE)]
+    reg = CallRegistry()
+    reg.request("alice", "a1", request(), 0.0, online)
+    assert reg.calls["c1"].state is CallState.RINGING
+
+
+class Ends:
+    """A CallEndedListener that keeps what it hears."""
+
+    def __init__(self) -> None:
+        self.heard: list[CallEnded] = []
+
+    def call_ended(self, ended: CallEnded) -> None:
+        self.heard.append(ended)
+
+
+def test_every_way_a_call_ends_is_announced_once():
+    reg = CallRegistry(ring_timeout_s=30, grace_s=10)
+    ends = Ends()
+    reg.listen(ends)
+    reg.request("alice", "a1", request("rejected"), 0.0, online)
+    reg.respond("bob", "b1", {"callId": "rejected", "type": "REJECT"}, 1.0)
+    reg.request("alice", "a1", request("timed-out"), 2.0, online)
+    reg.handle_timer(32.0)
+    reg.request("alice", "a1", request("callee-left"), 40.0, online)
+    reg.session_lost("bob", "b1", True, 41.0)
+    reg.request("alice", "a1", request("shut-down"), 50.0, online)
+    reg.respond("bob", "b2", {"callId": "shut-down", "type": "ACCEPT"}, 51.0)
+    code_of(reg.request, "carol", "c1", request("refused", callee="alice"), 52.0, online)   # busy
+    reg.drop_all(53.0)
+    assert ends.heard == [CallEnded(call_id, "alice", "bob")
+                          for call_id in ("rejected", "timed-out", "callee-left", "shut-down")]
+
+
+def test_business_codes_are_written_as_numbers_in_machine_py_only():
+    root = Path(signaling.__file__).parent
+    for path in root.rglob("*.py"):
+        if path != root / "calls" / "machine.py":
+            assert not re.search(r"\b100[1-6]\b", path.read_text()), path
 
 
 def test_accept_flow_routes_to_the_bound_sessions_only():
@@ -177,9 +227,12 @@ action = st.one_of(
 @given(st.lists(action, max_size=40))
 def test_random_sequences_keep_the_invariants(actions):
     reg = CallRegistry(ring_timeout_s=30, grace_s=10)
+    ends = Ends()
+    reg.listen(ends)
     now = 0.0
     ended_notices: dict[str, Counter] = {}
     participants: dict[str, set[str]] = {}
+    created: set[str] = set()
     for kind, a, b, c in actions:
         now += 1.0
         try:
@@ -210,6 +263,10 @@ def test_random_sequences_keep_the_invariants(actions):
         for user, call_id in reg.live_call_of.items():
             assert user in (reg.calls[call_id].caller, reg.calls[call_id].callee)
         assert len(reg.live_call_of) == 2 * len(reg.calls)
+        # Every call that left the registry was announced, once (callIds are single use).
+        created |= set(reg.calls)
+        ended = [e.call_id for e in ends.heard]
+        assert len(ended) == len(set(ended)) and set(ended) == created - set(reg.calls)
     for call_id, counts in ended_notices.items():
         assert all(n == 1 for n in counts.values()), (call_id, counts)
 

@@ -187,7 +187,7 @@ class ApplianceCollector:
         yield _gauge("signaling_sessions", "STOMP sessions connected to this node", broker.session_count())
         yield _gauge("signaling_online_users", "users with at least one session (on any node)",
                      broker.user_count())
-        if hasattr(broker, "healthy"):
+        if broker.node_bus is not None:
             yield _gauge("signaling_broker_up", "1 while the Redis the nodes share answers",
                          1 if broker.healthy else 0)
         yield _labelled("signaling_auth_failures", "CONNECTs and HTTP calls refused", "reason",

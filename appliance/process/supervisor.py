@@ -173,7 +173,7 @@ class Supervisor:
         if self._http_task is not None:
             checks["signaling"] = not self._http_task.done()
             broker = self.signaling_app.extensions["signaling"].broker
-            if hasattr(broker, "healthy"):
+            if broker.node_bus is not None:
                 checks["broker"] = broker.healthy          # Redis reachable
         return checks
 

@@ -2,17 +2,42 @@
 
 `Broker` is the interface the services use; `MemoryBroker` serves one node,
 `redis.RedisBroker` several nodes sharing a user base (a local MemoryBroker
-plus a replica of the other nodes' sessions, kept through Redis).
+plus a replica of the other nodes' sessions, kept through Redis).  A broker
+that spans nodes also offers a `node_bus` (bus.py), which calls across nodes
+need; on one node it is None.
 """
 
 from __future__ import annotations
 
-from typing import Collection, Protocol
+from typing import Callable, Collection, Protocol
 
 from ..session import Session
+from .bus import NodeBus
+
+PresenceListener = Callable[[str, bool], object]      # (user id, online); any result is ignored
 
 
 class Broker(Protocol):
+    @property
+    def healthy(self) -> bool:
+        """False while a broker spanning nodes cannot reach what they share (Redis):
+        the services answer 503 and readiness is false."""
+
+    @property
+    def node_bus(self) -> NodeBus | None:
+        """The way to the other nodes; None when this broker serves one node alone."""
+
+    def watch_presence(self, listener: PresenceListener) -> None:
+        """Have `listener(user, online)` called when a user comes online or goes offline
+        through sessions on other nodes.  (This node's own sessions are reported by
+        `register` and `unregister`.)"""
+
+    async def start(self) -> None:
+        """Before the first session: join the other nodes, if any."""
+
+    async def stop(self) -> None:
+        """After the last session: leave the other nodes, if any."""
+
     def register(self, session: Session) -> bool:
         """Add a connected session; True if it is its user's first (the user came online)."""
 
@@ -37,8 +62,32 @@ class Broker(Protocol):
 
 
 class MemoryBroker:
+    """The sessions of this process; with no other node, this is everybody."""
+
     def __init__(self) -> None:
         self._by_user: dict[str, dict[str, Session]] = {}
+
+    @property
+    def healthy(self) -> bool:
+        return True                  # nothing outside this process to lose
+
+    @property
+    def node_bus(self) -> None:
+        return None
+
+    def watch_presence(self, listener: PresenceListener) -> None:
+        """No other node: every change is a local one, which `register` and
+        `unregister` report."""
+
+    async def start(self) -> None:
+        pass
+
+    async def stop(self) -> None:
+        pass
+
+    def users(self) -> list[str]:
+        """Every user with a session in this process."""
+        return list(self._by_user)
 
     def register(self, session: Session) -> bool:
         sessions = self._by_user.setdefault(session.user_id, {})

@@ -17,17 +17,18 @@ node holding sessions of the user, one PUBLISH on that node's own channel:
 never a broadcast to every node.  A node that dies stops refreshing its
 heartbeat; within node_ttl_s every other node drops it from its replica (its
 users go OFFLINE where nobody else holds them) and one of them, holding a
-short lock, removes its entries from Redis and runs the `node_gone` hooks
-(the call cluster ends the dead node's calls there).  A node that was only
-stalled finds its heartbeat key gone when it wakes: it writes its sessions
-again and runs the `revived` hooks (the cluster drops the calls the others
-have ended).
+short lock, removes its entries from Redis and tells its NodeWatchers
+`node_gone` (the call cluster ends the dead node's calls there).  A node that
+was only stalled finds its heartbeat key gone when it wakes: it writes its
+sessions again and tells its watchers `taken_for_dead` (the cluster drops the
+calls the others have ended).
 
-Other services share the node's channel and its ordered writer: `handlers`
-maps a message "kind" to a callback, `send_to_node` publishes to one node and
-`run` sends Redis commands in order with this node's other writes.  Writes
-go out in pipelines: whatever waits when the writer is free travels in one
-round trip.
+The broker is also the nodes' NodeBus (bus.py): other services share the
+node's channel and its ordered writer -- `send` publishes a message of some
+Kind to one node, `subscribe` takes this node's messages of a Kind, `run`
+sends Redis commands in order with this node's other writes.  Writes go out in
+pipelines: whatever waits when the writer is free travels in one round trip.
+A failing Redis fails a command with StoreUnavailable.
 
 A Redis outage makes `healthy` false (the service answers 503 and readiness
 turns false); the node keeps retrying, and when Redis is back it writes its
@@ -40,10 +41,16 @@ import asyncio
 import json
 import logging
 import secrets
-from typing import Awaitable, Callable, Collection
+from dataclasses import dataclass
+from typing import Collection
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
 
 from ..session import Session
-from . import MemoryBroker
+from . import MemoryBroker, PresenceListener
+from .bus import (Command, Delete, Get, HGet, HGetAll, Kind, MessageHandler, NodeWatcher, Script,
+                  SMembers, StoreUnavailable)
 
 log = logging.getLogger("signaling.broker")
 
@@ -51,6 +58,63 @@ RETRY_S = 1.0
 MAX_PENDING = 100_000
 STOP_DRAIN_S = 2.0
 MAX_BATCH = 500              # writes per pipeline round trip
+
+
+# What waits for the writer, in order: a message to publish, a user's session count
+# on this node (written to the user's hash and announced), or a service's commands.
+
+@dataclass(slots=True)
+class _Publish:
+    channel: str
+    data: str
+
+
+@dataclass(slots=True)
+class _Count:
+    user: str
+    count: int
+
+
+@dataclass(slots=True)
+class _Run:
+    commands: tuple[Command, ...]
+    future: asyncio.Future
+
+
+_Write = _Publish | _Count | _Run
+
+
+def _queue_command(pipe, command: Command) -> None:
+    match command:
+        case Get(key):
+            pipe.get(key)
+        case HGet(key, field):
+            pipe.hget(key, field)
+        case HGetAll(key):
+            pipe.hgetall(key)
+        case SMembers(key):
+            pipe.smembers(key)
+        case Delete(key):
+            pipe.delete(key)
+        case Script(source, keys, args):
+            pipe.eval(source, len(keys), *keys, *args)
+
+
+def _store_failure(exc: BaseException) -> BaseException:
+    """What a command's caller gets for `exc`: Redis failing in any way (an error reply,
+    a lost connection, a timeout) is StoreUnavailable; anything else is a bug, kept as is."""
+    if isinstance(exc, (RedisError, OSError)):
+        failure = StoreUnavailable(f"{type(exc).__name__}: {exc}")
+        failure.__cause__ = exc
+        return failure
+    return exc
+
+
+def _error_name(exc: BaseException) -> str:
+    """The name of the error Redis gave, under StoreUnavailable's wrapping."""
+    if isinstance(exc, StoreUnavailable) and exc.__cause__ is not None:
+        return type(exc.__cause__).__name__
+    return type(exc).__name__
 
 
 class RedisBroker:
@@ -62,18 +126,18 @@ class RedisBroker:
         self.node_ttl_s = node_ttl_s
         self.local = MemoryBroker()
         self.remote: dict[str, dict[str, int]] = {}      # user -> {other node: sessions}
-        self.on_presence: Callable[[str, bool], None] | None = None
         self.healthy = False
-        self._pending: asyncio.Queue = asyncio.Queue(MAX_PENDING)
+        self._pending: asyncio.Queue[_Write] = asyncio.Queue(MAX_PENDING)
         self._tasks: list[asyncio.Task] = []
         self._client = None
         self._pubsub = None
         self._generation = 0                 # bumped by every recovery
         self._recovering = asyncio.Lock()
         self._writing = False
-        self.handlers: dict[str, Callable[[dict], None]] = {"deliver": self._on_deliver}
-        self.node_gone: list[Callable[[object, str], Awaitable[None]]] = []
-        self.revived: list[Callable[[], None]] = []
+        self._presence_listeners: list[PresenceListener] = []
+        self._watchers: list[NodeWatcher] = []
+        self._handlers: dict[str, MessageHandler] = {}     # Kind's value -> its handler
+        self.subscribe(Kind.DELIVER, self._on_deliver)
 
     # ------------------------------------------------------------ keys
 
@@ -122,7 +186,7 @@ class RedisBroker:
         return self.local.session_count()
 
     def user_count(self) -> int:
-        return len(set(self.local._by_user) | set(self.remote))
+        return len(set(self.local.users()) | set(self.remote))
 
     def is_online(self, user_id: str) -> bool:
         return self.local.is_online(user_id) or bool(self.remote.get(user_id))
@@ -132,34 +196,53 @@ class RedisBroker:
         delivered = self.local.to_user(user_id, destination, body, only, exclude)
         nodes = self.remote.get(user_id)
         if nodes:
-            message = {"kind": "deliver", "user": user_id, "destination": destination,
-                       "body": body.decode("utf-8"),
+            message = {"user": user_id, "destination": destination, "body": body.decode("utf-8"),
                        "only": None if only is None else sorted(only), "exclude": sorted(exclude)}
             for node in nodes:
-                self.send_to_node(node, message)
+                self.send(node, Kind.DELIVER, message)
         return delivered
 
-    # ------------------------------------------------------------ for other services
+    @property
+    def node_bus(self) -> RedisBroker:
+        return self
 
-    def send_to_node(self, node: str, message: dict) -> None:
-        """Publish `message` (with a "kind" some node's `handlers` knows) to one node."""
-        self._enqueue(("publish", self._node_channel(node), json.dumps(message)))
+    def watch_presence(self, listener: PresenceListener) -> None:
+        self._presence_listeners.append(listener)
 
-    def run(self, *commands: tuple) -> asyncio.Future:
-        """Redis commands such as ("get", key) or ("eval", script, 1, key), sent in order
-        with this node's other writes (pipelined with whatever else is waiting); the
-        future gets their results as a list, or the first command's error."""
-        future = asyncio.get_running_loop().create_future()
-        if not self._enqueue(("run", commands, future)):
-            future.set_exception(ConnectionError("redis broker overloaded"))
+    # ------------------------------------------------------------ the NodeBus protocol
+
+    def send(self, node: str, kind: Kind, message: dict) -> None:
+        self._enqueue(_Publish(self._node_channel(node), json.dumps({"kind": kind.value, **message})))
+
+    def subscribe(self, kind: Kind, handler: MessageHandler) -> None:
+        self._handlers[kind.value] = handler
+
+    def run(self, *commands: Command) -> asyncio.Future[list]:
+        """Pipelined with whatever else waits for the writer."""
+        future: asyncio.Future[list] = asyncio.get_running_loop().create_future()
+        if not self._enqueue(_Run(commands, future)):
+            future.set_exception(StoreUnavailable("redis broker overloaded"))
         return future
+
+    async def query(self, *commands: Command) -> list:
+        """At once, in one round trip of their own."""
+        pipe = self._client.pipeline(transaction=False)
+        for command in commands:
+            _queue_command(pipe, command)
+        try:
+            return await pipe.execute()
+        except (RedisError, OSError) as exc:
+            raise _store_failure(exc) from exc
+
+    def watch_nodes(self, watcher: NodeWatcher) -> None:
+        self._watchers.append(watcher)
 
     # ------------------------------------------------------------ local changes -> Redis
 
     def _count_changed(self, user: str) -> None:
-        self._enqueue(("count", user, len(self.local.sessions_of(user))))
+        self._enqueue(_Count(user, len(self.local.sessions_of(user))))
 
-    def _enqueue(self, item) -> bool:
+    def _enqueue(self, item: _Write) -> bool:
         try:
             self._pending.put_nowait(item)
             return True
@@ -168,43 +251,43 @@ class RedisBroker:
             log.error("redis broker: %d writes pending; dropping", MAX_PENDING)
             return False
 
-    def _queue_commands(self, pipe, item) -> None:
-        kind = item[0]
-        if kind == "publish":
-            pipe.publish(item[1], item[2])
-        elif kind == "run":
-            for name, *args in item[1]:
-                getattr(pipe, name)(*args)
-        else:
-            _, user, count = item
-            if count:
-                pipe.hset(self._user_key(user), self.node, count)
-                pipe.sadd(self._node_users_key(self.node), user)
-            else:
-                pipe.hdel(self._user_key(user), self.node)
-                pipe.srem(self._node_users_key(self.node), user)
-            pipe.publish(self._presence_channel,
-                         json.dumps({"node": self.node, "user": user, "count": count}))
+    def _queue_commands(self, pipe, item: _Write) -> None:
+        match item:
+            case _Publish(channel, data):
+                pipe.publish(channel, data)
+            case _Run(commands):
+                for command in commands:
+                    _queue_command(pipe, command)
+            case _Count(user, count):
+                if count:
+                    pipe.hset(self._user_key(user), self.node, count)
+                    pipe.sadd(self._node_users_key(self.node), user)
+                else:
+                    pipe.hdel(self._user_key(user), self.node)
+                    pipe.srem(self._node_users_key(self.node), user)
+                pipe.publish(self._presence_channel,
+                             json.dumps({"node": self.node, "user": user, "count": count}))
 
-    async def _write(self, batch: list) -> None:
+    async def _write(self, batch: list[_Write]) -> None:
         """One round trip for everything waiting: a pipeline keeps the order, and each
         `run` item gets the results of its own commands."""
         pipe = self._client.pipeline(transaction=False)
-        spans = []
+        runs = []
         for item in batch:
             first = len(pipe)
             self._queue_commands(pipe, item)
-            spans.append((item, first, len(pipe)))
+            if isinstance(item, _Run):
+                runs.append((item.future, first, len(pipe)))
         results = await pipe.execute(raise_on_error=False)
-        for item, first, last in spans:
-            if item[0] != "run" or item[2].done():
+        for future, first, last in runs:
+            if future.done():
                 continue
             mine = results[first:last]
             error = next((r for r in mine if isinstance(r, Exception)), None)
             if error is None:
-                item[2].set_result(mine)
+                future.set_result(mine)
             else:
-                item[2].set_exception(error)
+                future.set_exception(_store_failure(error))
 
     async def _writer(self) -> None:
         while True:
@@ -219,8 +302,8 @@ class RedisBroker:
                 raise
             except Exception as exc:
                 for item in batch:
-                    if item[0] == "run" and not item[2].done():
-                        item[2].set_exception(exc)
+                    if isinstance(item, _Run) and not item.future.done():
+                        item.future.set_exception(_store_failure(exc))
                 # Recovery rewrites every count of ours, so a lost count is covered; a lost
                 # delivery is lost (its sender got 503 while Redis was away).
                 await self._recover(exc, generation)
@@ -239,8 +322,9 @@ class RedisBroker:
         if not nodes:
             del self.remote[user]
         now_online = self.is_online(user)
-        if now_online != was_online and self.on_presence is not None:
-            self.on_presence(user, now_online)
+        if now_online != was_online:
+            for listener in self._presence_listeners:
+                listener(user, now_online)
 
     def _on_message(self, channel: str, data: bytes) -> None:
         try:
@@ -252,7 +336,7 @@ class RedisBroker:
             if message.get("node") != self.node:
                 self._set_remote(message["node"], message["user"], int(message["count"]))
             return
-        handler = self.handlers.get(message.get("kind"))
+        handler = self._handlers.get(message.get("kind"))
         if handler is None:
             log.warning("redis broker: message of unknown kind %r", message.get("kind"))
             return
@@ -302,7 +386,8 @@ class RedisBroker:
                 self._set_remote(node, user, remote.get(user, {}).get(node, 0))
 
     async def _publish_own(self) -> None:
-        counts = [("count", user, len(self.local.sessions_of(user))) for user in list(self.local._by_user)]
+        counts: list[_Write] = [
+            _Count(user, len(self.local.sessions_of(user))) for user in self.local.users()]
         for i in range(0, len(counts), MAX_BATCH):
             await self._write(counts[i:i + MAX_BATCH])
 
@@ -331,8 +416,8 @@ class RedisBroker:
         log.warning("redis broker: node %s was taken for dead; announcing its sessions again",
                     self.node)
         await self._publish_own()
-        for hook in self.revived:
-            hook()
+        for watcher in self._watchers:
+            watcher.taken_for_dead()
 
     async def _reap(self) -> None:
         """Forget nodes whose heartbeat expired; one node cleans up after each."""
@@ -354,8 +439,8 @@ class RedisBroker:
                     pipe.hdel(self._user_key(user.decode()), node)
                 pipe.delete(self._node_users_key(node))
                 await pipe.execute()
-                for hook in self.node_gone:
-                    await hook(self._client, node)
+                for watcher in self._watchers:
+                    await watcher.node_gone(node)
                 await self._client.srem(self._nodes_key, node)
 
     async def _recover(self, exc: Exception, generation: int) -> None:
@@ -367,7 +452,7 @@ class RedisBroker:
             if generation != self._generation:
                 return
             if self.healthy:
-                log.error("redis broker: Redis unavailable (%s); retrying", type(exc).__name__)
+                log.error("redis broker: Redis unavailable (%s); retrying", _error_name(exc))
             self.healthy = False
             while True:
                 await asyncio.sleep(RETRY_S)
@@ -400,8 +485,6 @@ class RedisBroker:
         """Join the other nodes.  A Redis that does not answer yet is an outage like any
         other: the node serves (503 to what needs Redis, readiness false) and joins when
         Redis answers, rather than failing to start."""
-        import redis.asyncio as aioredis
-
         self._client = aioredis.from_url(self.url, socket_timeout=5, socket_connect_timeout=5,
                                          health_check_interval=10)
         try:
@@ -431,7 +514,7 @@ class RedisBroker:
         if self._client is None:
             return
         try:
-            await self._write([("count", user, 0) for user in list(self.local._by_user)])
+            await self._write([_Count(user, 0) for user in self.local.users()])
             await self._client.delete(self._alive_key(self.node), self._node_users_key(self.node))
             await self._client.srem(self._nodes_key, self.node)
         except Exception as exc:

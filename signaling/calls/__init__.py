@@ -1,1 +1,1 @@
-"""Calls (API.md §5): the state table, and the registry that applies it."""
+"""Calls (docs/api.md §5): the state table, and the registry that applies it."""

@@ -1,19 +1,25 @@
 """Live calls, sans-I/O: requests, answers, hang-ups, RTC signaling, timers.
 
-Every method takes the acting user and session and `now`, validates, runs the
-call's transition (machine.py) and returns the Notices to deliver -- who gets
-which destination with which body.  The transport layer only delivers them.
-Answers to lookups the service needs ("is this user busy", "which calls is
-this session in") are dictionary reads.
+A party's message (request, respond, hangup, signal) takes the acting user, the
+session it came from (None over HTTP), its JSON body and `now`; it validates
+the body (400 naming the field), applies one row of machine.py's table (or
+raises the row's refusal code) and returns the Notices to deliver -- who gets
+which destination with which body.  Dropped sessions (`session_lost`), timers
+(`handle_timer`) and a node going away (`drop_all`) go through the same table.
+The transport layer only delivers the Notices.  Whatever else must happen when
+a call ends (another node's record of it) listens for `CallEnded`.  Whether a
+user is busy, and which call is whose, are dictionary reads (`live_call_of`,
+`calls`).
 
-Routing (API.md §5, ours): before the answer the callee rings on every
+Routing (docs/api.md §5.7): before the answer the callee rings on every
 session; after it, messages for the callee go only to the accepting session
 and messages for the caller to the calling session (all caller sessions when
 the call was placed over HTTP).  A bound session that drops starts a grace
 period; a new session of the same user that sends any call message for that
 call takes its place; otherwise the other party gets a hangup.  When the
 callee's last session drops while the call still rings, nobody can answer:
-the caller gets call/timeout, as if the ring had run out.
+the caller gets call/timeout, as if the ring had run out (the outcome counts
+it as dropped).
 """
 
 from __future__ import annotations
@@ -23,11 +29,12 @@ import itertools
 import logging
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Protocol
 
 from ..client_text import loggable
 from ..errors import SignalingError, bad_request
-from .machine import CallEvent, CallState, Outcome, Role, transition
+from .machine import (CALL_ID_USED, CALL_NOT_FOUND, CALLEE_BUSY, CALLEE_OFFLINE, CALLER_BUSY,
+                      NOT_ALLOWED, REFUSALS, CallEvent, CallState, Outcome, Role, transition)
 
 log = logging.getLogger("signaling.calls")
 
@@ -37,7 +44,10 @@ CALL_TYPES = ("VIDEO", "AUDIO")
 RESPONSE_TYPES = ("ACCEPT", "REJECT")
 SIGNAL_TYPES = ("OFFER", "ANSWER", "ICE_CANDIDATE")
 
-BUSY, OFFLINE, CALL_ID_USED, CALLER_BUSY = 1001, 1002, 1005, 1006
+
+def refused(code: int) -> SignalingError:
+    """The error a business code sends the client, with the message machine.py gives it."""
+    return SignalingError(code, REFUSALS[code])
 
 
 @dataclass(frozen=True)
@@ -59,7 +69,7 @@ class Call:
     ring_deadline: float
     caller_sessions: frozenset[str] | None       # None: placed over HTTP, all caller sessions
     callee_session: str | None = None
-    state: CallState = CallState.RINGING
+    state: CallState = CallState.NEW
     grace: dict[Role, float] = field(default_factory=dict)
 
     def role_of(self, user: str) -> Role | None:
@@ -73,6 +83,19 @@ class Call:
         if role is Role.CALLER:
             return self.caller_sessions
         return frozenset({self.callee_session}) if self.callee_session else None
+
+
+@dataclass(frozen=True)
+class CallEnded:
+    """A call left the registry, whichever row ended it."""
+    call_id: str
+    caller: str
+    callee: str
+
+
+class CallEndedListener(Protocol):
+    def call_ended(self, ended: CallEnded) -> None:
+        """Called as the call ends, before the Notices that say so are returned."""
 
 
 def ended_notices(call_id: str, *users: str) -> list[Notice]:
@@ -105,7 +128,11 @@ class CallRegistry:
         self._used_ids: OrderedDict[str, None] = OrderedDict()
         self._timers: list[tuple[float, int, str]] = []
         self._seq = itertools.count()
-        self.on_end: Callable[[Call], None] | None = None      # e.g. release shared claims
+        self._listeners: list[CallEndedListener] = []
+
+    def listen(self, listener: CallEndedListener) -> None:
+        """Have `listener` hear of every call that ends from now on."""
+        self._listeners.append(listener)
 
     # ------------------------------------------------------------ requests
 
@@ -124,25 +151,24 @@ class CallRegistry:
             raise bad_request("a user cannot call themselves")
         return call_id, callee, {**body, "type": call_type, "caller": caller}
 
-    def request(self, caller: str, session: str | None, body, now: float, online) -> list[Notice]:
+    def request(self, caller: str, session: str | None, body, now: float,
+                online: Callable[[str], bool]) -> list[Notice]:
         call_id, callee, request = self.parse_request(caller, body)
-        call_type = request["type"]
         if call_id in self.calls or call_id in self._used_ids:
-            raise SignalingError(CALL_ID_USED, "callId already used")
+            raise refused(CALL_ID_USED)
         if caller in self.live_call_of:
-            raise SignalingError(CALLER_BUSY, "caller already in a call")
+            raise refused(CALLER_BUSY)
         if callee in self.live_call_of:
-            raise SignalingError(BUSY, "callee busy")
+            raise refused(CALLEE_BUSY)
         if not online(callee):
-            raise SignalingError(OFFLINE, "callee offline")
-        call = Call(call_id, call_type, caller, callee, request, now + self.ring_timeout_s,
+            raise refused(CALLEE_OFFLINE)
+        call = Call(call_id, request["type"], caller, callee, request, now + self.ring_timeout_s,
                     frozenset({session}) if session else None)
+        self._step(call, CallEvent.REQUEST, Role.CALLER, now)
         self.calls[call_id] = call
         self.live_call_of[caller] = self.live_call_of[callee] = call_id
         self._remember(call_id)
         self._arm(call.ring_deadline, call_id)
-        log.info("call %s: %s -> %s, new -> ringing", loggable(call_id), loggable(caller),
-                 loggable(callee))
         return [Notice(callee, "/user/queue/call/request", request)]
 
     def respond(self, user: str, session: str | None, body, now: float) -> list[Notice]:
@@ -212,7 +238,7 @@ class CallRegistry:
         if role is Role.CALLEE and call.state is CallState.RINGING:
             if not last_of_user:
                 return []               # another device still rings
-            self._step(call, CallEvent.RING_TIMEOUT, Role.SERVER, now, Outcome.DROPPED)
+            self._step(call, CallEvent.LAST_SESSION_CLOSED, Role.CALLEE, now)
             return [Notice(call.caller, "/user/queue/call/timeout", {"callId": call.id},
                            call.caller_sessions)]
         bound = call.sessions_of(role)
@@ -259,10 +285,10 @@ class CallRegistry:
     def _party(self, user: str, call_id: str) -> tuple[Call, Role]:
         call = self.calls.get(call_id)
         if call is None:
-            raise SignalingError(1003, "call not found or already ended")
+            raise refused(CALL_NOT_FOUND)
         role = call.role_of(user)
         if role is None:
-            raise SignalingError(1004, "not a participant of this call")
+            raise refused(NOT_ALLOWED)
         return call, role
 
     def _rebind(self, call: Call, role: Role, session: str | None) -> None:
@@ -274,14 +300,14 @@ class CallRegistry:
             elif role is Role.CALLEE and call.callee_session is not None:
                 call.callee_session = session
 
-    def _step(self, call: Call, event: CallEvent, role: Role, now: float,
-              outcome_override: Outcome | None = None) -> None:
+    def _step(self, call: Call, event: CallEvent, role: Role, now: float) -> None:
         result = transition(call.state, event, role)
         if isinstance(result, int):
-            raise SignalingError(result, "call not found or already ended" if result == 1003
-                                 else f"{event.value} is not allowed while the call is {call.state.value}")
+            if result == NOT_ALLOWED:
+                raise SignalingError(result, f"{event.value} is not allowed while the call is "
+                                             f"{call.state.value}")
+            raise refused(result)
         new_state, outcome = result
-        outcome = outcome_override or outcome
         if new_state is not call.state:
             log.info("call %s: %s -> %s, %s -> %s (%s by %s)", loggable(call.id), loggable(call.caller),
                      loggable(call.callee), call.state.value, new_state.value, event.value, role.value)
@@ -296,8 +322,9 @@ class CallRegistry:
         for user in (call.caller, call.callee):
             if self.live_call_of.get(user) == call.id:
                 del self.live_call_of[user]
-        if self.on_end is not None:
-            self.on_end(call)
+        ended = CallEnded(call.id, call.caller, call.callee)
+        for listener in self._listeners:
+            listener.call_ended(ended)
 
     def _remember(self, call_id: str) -> None:
         self._used_ids[call_id] = None

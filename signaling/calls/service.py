@@ -2,14 +2,15 @@
 dropped sessions and timers -- all feeding the sans-I/O CallRegistry and
 delivering the Notices it returns through the broker.
 
-Every call message is one of a few operations (`run_local` names them).  On one
-node they run here at once; with a `cluster` (calls across nodes, cluster.py)
-they go to the node that owns the call.
+Every call message is one of a few operations (`CallOp`).  On one node they
+run here at once; CallCluster (cluster.py), the CallService of nodes that share
+a Redis, sends each to the node that owns the call instead.
 """
 
 from __future__ import annotations
 
 import asyncio
+import enum
 import json
 import time
 
@@ -26,6 +27,15 @@ from .registry import CallRegistry, Notice
 TIMER_MAX_WAIT_S = 1.0
 
 
+class CallOp(enum.Enum):
+    """What a call message asks; its value travels between nodes."""
+    REQUEST = "request"
+    RESPOND = "respond"
+    HANGUP = "hangup"                # a None body: every call of the user (HTTP)
+    SIGNAL = "signal"
+    LOST = "lost"                    # a session of the user dropped
+
+
 class CallService:
     def __init__(self, broker: Broker, registry: CallRegistry, max_payload_bytes: int,
                  clock=time.monotonic) -> None:
@@ -34,7 +44,6 @@ class CallService:
         self.max_payload_bytes = max_payload_bytes
         self.clock = clock
         self.signaling: SignalingService | None = None
-        self.cluster = None            # a CallCluster when calls span nodes
 
     def deliver(self, notices: list[Notice]) -> None:
         for n in notices:
@@ -42,57 +51,60 @@ class CallService:
             self.broker.to_user(n.user, n.destination, body, only=n.sessions,
                                 exclude=n.except_sessions)
 
-    def run_local(self, op: str, user: str, session: str | None, body, now: float,
+    def run_local(self, op: CallOp, user: str, session: str | None, body, now: float,
                   last: bool = False) -> list[Notice]:
-        """One operation on this node's registry: request, respond, hangup (a None body:
-        every call of the user), signal, or lost (a session of the user dropped)."""
+        """One operation on this node's registry (`last`: for LOST, the session was the
+        user's last one)."""
         reg = self.registry
-        if op == "request":
-            return reg.request(user, session, body, now, self.broker.is_online)
-        if op == "respond":
-            return reg.respond(user, session, body, now)
-        if op == "hangup":
-            return reg.hangup_all(user, now) if body is None else reg.hangup(user, session, body, now)
-        if op == "signal":
-            return reg.signal(user, session, body, now, self.max_payload_bytes)
-        if op == "lost":
-            return reg.session_lost(user, session, last, now)
-        raise ValueError(f"unknown call operation {op!r}")
+        match op:
+            case CallOp.REQUEST:
+                return reg.request(user, session, body, now, self.broker.is_online)
+            case CallOp.RESPOND:
+                return reg.respond(user, session, body, now)
+            case CallOp.HANGUP if body is None:
+                return reg.hangup_all(user, now)
+            case CallOp.HANGUP:
+                return reg.hangup(user, session, body, now)
+            case CallOp.SIGNAL:
+                return reg.signal(user, session, body, now, self.max_payload_bytes)
+            case CallOp.LOST:
+                return reg.session_lost(user, session, last, now)
 
-    def submit(self, op: str, user: str, session: str | None, body, last: bool = False) -> None:
+    def run(self, op: CallOp, user: str, session: str | None, body, last: bool = False) -> None:
+        """Run one operation here, now, and deliver what it says; errors raise."""
+        self.deliver(self.run_local(op, user, session, body, self.clock(), last))
+
+    def submit(self, op: CallOp, user: str, session: str | None, body, last: bool = False) -> None:
         """A call message from a STOMP session (or a dropped session); errors raise."""
-        if self.cluster is not None:
-            self.cluster.submit(op, user, session, body, last)
-        else:
-            self.deliver(self.run_local(op, user, session, body, self.clock(), last))
+        self.run(op, user, session, body, last)
 
-    async def perform(self, op: str, user: str, body) -> None:
+    async def perform(self, op: CallOp, user: str, body) -> None:
         """A call message over HTTP; returns when it is done, errors raise."""
-        if self.cluster is not None:
-            await self.cluster.perform(op, user, body)
-        else:
-            self.deliver(self.run_local(op, user, None, body, self.clock()))
+        self.run(op, user, None, body)
+
+    async def stop(self) -> None:
+        """One node: its calls live in its registry only, and end with its sessions."""
 
     # ------------------------------------------------------------ STOMP
 
     def install(self, signaling: SignalingService) -> None:
         self.signaling = signaling
-        routes = {"/app/call/request": "request", "/app/call/response": "respond",
-                  "/app/call/hangup": "hangup", "/app/rtc/signaling": "signal"}
+        routes = {"/app/call/request": CallOp.REQUEST, "/app/call/response": CallOp.RESPOND,
+                  "/app/call/hangup": CallOp.HANGUP, "/app/rtc/signaling": CallOp.SIGNAL}
         for destination, op in routes.items():
             signaling.route(destination, self._stomp_handler(op))
         signaling.close_hooks.append(self.session_closed)
 
-    def _stomp_handler(self, op: str):
+    def _stomp_handler(self, op: CallOp):
         def handler(_service, session: Session, payload) -> None:
-            if op == "hangup" and payload is None:
+            if op is CallOp.HANGUP and payload is None:
                 raise bad_request("body must be a JSON object")
             self.submit(op, session.user_id, session.id, payload)
         return handler
 
     def session_closed(self, session: Session, last_of_user: bool) -> None:
         try:
-            self.submit("lost", session.user_id, session.id, None, last_of_user)
+            self.submit(CallOp.LOST, session.user_id, session.id, None, last_of_user)
         except SignalingError:
             pass                     # nobody to tell: the session is gone
 
@@ -103,7 +115,7 @@ class CallService:
         max_depth = (self.signaling.limits if self.signaling is not None else Limits()).max_json_depth
         no_body = object()
 
-        async def call_view(op: str, empty_ok: bool = False):
+        async def call_view(op: CallOp, empty_ok: bool = False):
             user = await authenticated_user(verifier)
             body = await request_json(self.max_payload_bytes, max_depth, empty=no_body)
             if body is no_body and empty_ok:
@@ -115,15 +127,15 @@ class CallService:
 
         @app.post(f"{prefix}/call/request")
         async def http_call_request():
-            return await call_view("request")
+            return await call_view(CallOp.REQUEST)
 
         @app.post(f"{prefix}/call/response")
         async def http_call_response():
-            return await call_view("respond")
+            return await call_view(CallOp.RESPOND)
 
         @app.post(f"{prefix}/call/hangup")
         async def http_call_hangup():
-            return await call_view("hangup", empty_ok=True)
+            return await call_view(CallOp.HANGUP, empty_ok=True)
 
     # ------------------------------------------------------------ time
 
