@@ -408,6 +408,48 @@ def test_malformed_attribute_values_are_400():
     assert error_code(reply) == 400
 
 
+UDP = (stun.REQUESTED_TRANSPORT, b"\x11\0\0\0")
+BAD_PEER = (stun.XOR_PEER_ADDRESS, b"\0\1\0")
+
+
+@pytest.mark.parametrize("method, attrs, code, integrity", [
+    # Allocate: checked in the RFC's order; a malformed LIFETIME is the one 400 without
+    # integrity (it is read where any malformed attribute may be).
+    (stun.ALLOCATE, [], 400, True),
+    (stun.ALLOCATE, [(stun.REQUESTED_TRANSPORT, b"\x11\0\0")], 400, True),
+    (stun.ALLOCATE, [(stun.REQUESTED_TRANSPORT, b"\x06\0\0\0")], 442, True),
+    (stun.ALLOCATE, [(stun.REQUESTED_TRANSPORT, b"\x06\0\0\0"),
+                     (stun.REQUESTED_ADDRESS_FAMILY, b"\x01")], 442, True),
+    (stun.ALLOCATE, [UDP, (stun.RESERVATION_TOKEN, b"T" * 8), (stun.EVEN_PORT, b"\0")], 400, True),
+    (stun.ALLOCATE, [UDP, (stun.REQUESTED_ADDRESS_FAMILY, b"\x01\0")], 400, True),
+    (stun.ALLOCATE, [UDP, (stun.EVEN_PORT, b"\x80\0")], 400, True),
+    (stun.ALLOCATE, [UDP, (stun.LIFETIME, b"\0\1")], 400, False),
+    (stun.ALLOCATE, [UDP, (stun.REQUESTED_ADDRESS_FAMILY, b"\x07\0\0\0")], 440, True),
+    (stun.ALLOCATE, [UDP, (stun.REQUESTED_ADDRESS_FAMILY, b"\x00\0\0\0")], 440, True),
+    (stun.ALLOCATE, [UDP, (stun.REQUESTED_ADDRESS_FAMILY, b"\x07\0\0\0"),
+                     (stun.LIFETIME, b"\0\1")], 400, False),
+    (stun.ALLOCATE, [UDP, (stun.RESERVATION_TOKEN, b"x")], 508, True),
+    # On a live allocation:
+    (stun.REFRESH, [(stun.REQUESTED_ADDRESS_FAMILY, b"\x01")], 443, True),
+    (stun.REFRESH, [(stun.REQUESTED_ADDRESS_FAMILY, b"\x02\0\0\0")], 443, True),
+    (stun.CHANNEL_BIND, [(stun.CHANNEL_NUMBER, b"\x40\0"), peer_attr(PEER)], 400, True),
+    (stun.CHANNEL_BIND, [channel_attr(0x4000), BAD_PEER], 400, False),
+    (stun.CHANNEL_BIND, [channel_attr(0x3FFF), BAD_PEER], 400, True),
+    (stun.CHANNEL_BIND, [BAD_PEER], 400, True),
+    (stun.CREATE_PERMISSION, [peer_attr(("10.0.0.1", 1)), BAD_PEER], 403, True),
+    (stun.CREATE_PERMISSION, [BAD_PEER, peer_attr(("10.0.0.1", 1))], 400, False),
+])
+def test_which_error_a_bad_request_gets_and_whether_it_carries_integrity(method, attrs, code,
+                                                                         integrity):
+    core, _ = make_core()
+    client = CoreClient(core)
+    if method != stun.ALLOCATE:
+        client.allocate()
+    reply = client.send(method, attrs)
+    assert error_code(reply) == code
+    assert (stun.MESSAGE_INTEGRITY in reply.attrs) == integrity
+
+
 def test_garbage_is_counted_not_answered():
     core, _ = make_core()
     client = CoreClient(core)

@@ -12,7 +12,7 @@ import pytest
 from turn import stun
 
 from .test_core_safety_net import BrokenOpener
-from .turn_fakes import T0, CoreClient, error_code, make_core
+from .turn_fakes import T0, CoreClient, FakeClientLink, error_code, make_core
 
 ATTACKER = ("203.0.113.66", 50000)
 
@@ -38,7 +38,8 @@ def binding() -> bytes:
 
 
 def flood(core, data_for, count: int, addr=ATTACKER, now: float = T0) -> list[bytes | None]:
-    return [core.handle_stun(data_for(), addr, addr, "udp", now) for _ in range(count)]
+    link = FakeClientLink(addr, addr)
+    return [core.handle_stun(data_for(), link, now) for _ in range(count)]
 
 
 @pytest.mark.parametrize("name, data_for, code", [

@@ -32,7 +32,7 @@ def lowest_free_fd() -> int:
 def test_an_opener_out_of_descriptors_gives_up_at_once_and_leaks_nothing():
     core, _ = make_core()
     opener = UdpRelayOpener(NoLoop(), lambda: core, {stun.FAMILY_IPV4: "127.0.0.1"},
-                            (56000, 56999), None)
+                            (56000, 56999))
     free = lowest_free_fd()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (free + 1, hard))

@@ -145,10 +145,10 @@ def test_relayed_data_past_the_budget_is_dropped_and_counted():
     assert taken == OUTPUT_BUDGET_BYTES // 1004
     assert core.counters["stream_output_dropped"] == 400 - taken
     indication = b"\x00\x17" + b"i" * 998
-    conn.send(indication)                       # a Data indication is relayed data too
+    conn.send_data_indication(indication)                       # a Data indication is relayed data too
     assert core.counters["stream_output_dropped"] == 400 - taken + 1
     transport.drain()
-    conn.send(indication)
+    conn.send_data_indication(indication)
     assert transport.writes[-1] == indication   # room again once the client read
 
 
@@ -158,7 +158,7 @@ def test_nothing_is_written_to_a_closing_connection():
     transport.closing = True
     frame = channel_data(10)
     conn.send_channel_data(frame, len(frame))
-    conn.send(b"\x00\x17\x00\x00")
+    conn.send_data_indication(b"\x00\x17\x00\x00")
     assert transport.writes == []
     assert core.counters["stream_output_dropped"] == 2
 

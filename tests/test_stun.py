@@ -145,6 +145,66 @@ def test_malformed_addresses_are_bad_attributes(value):
         stun.xor_address(value, bytes(12))
 
 
+def request_with(*attrs) -> stun.Message:
+    b = stun.Builder(stun.ALLOCATE, stun.REQUEST, bytes(range(12)))
+    for atype, value in attrs:
+        b.add(atype, value)
+    return stun.parse(b.encode())
+
+
+def test_typed_attribute_getters_read_values():
+    tid = bytes(range(12))
+    peers = [("203.0.113.9", 7), ("2001:db8::1", 3478)]
+    msg = request_with(
+        (stun.LIFETIME, struct.pack("!I", 3600)),
+        (stun.REQUESTED_TRANSPORT, b"\x11\xff\xff\xff"),        # RFFU bytes are ignored
+        (stun.REQUESTED_ADDRESS_FAMILY, b"\x02\x00\x00\x00"),
+        (stun.EVEN_PORT, b"\x80"),
+        (stun.RESERVATION_TOKEN, b"T" * 8),
+        (stun.CHANNEL_NUMBER, b"\x40\x01\xff\xff"),
+        *[(stun.XOR_PEER_ADDRESS, stun.encode_xor_address(p, tid)) for p in peers],
+        (stun.DATA_ATTR, b"payload"))
+    assert msg.lifetime() == 3600
+    assert msg.requested_transport() == 17
+    assert msg.requested_address_family() == stun.FAMILY_IPV6
+    assert msg.even_port() is True
+    assert request_with((stun.EVEN_PORT, b"\x00")).even_port() is False
+    assert msg.reservation_token() == b"T" * 8
+    assert msg.channel_number() == 0x4001
+    assert msg.xor_peer_address() == peers[0]
+    assert list(msg.xor_peer_addresses()) == peers
+    assert msg.data() == b"payload"
+
+
+def test_typed_attribute_getters_absent_and_malformed():
+    empty = request_with()
+    for getter in (empty.lifetime, empty.requested_transport, empty.requested_address_family,
+                   empty.even_port, empty.reservation_token, empty.channel_number,
+                   empty.xor_peer_address, empty.data):
+        assert getter() is None, getter
+    assert list(empty.xor_peer_addresses()) == []
+    malformed = request_with(
+        (stun.LIFETIME, b"\x00\x01"), (stun.REQUESTED_TRANSPORT, b"\x11\x00\x00"),
+        (stun.REQUESTED_ADDRESS_FAMILY, b"\x01"), (stun.EVEN_PORT, b"\x80\x00"),
+        (stun.CHANNEL_NUMBER, b"\x40\x00"), (stun.XOR_PEER_ADDRESS, b"\x00\x01\x00"))
+    for getter in (malformed.lifetime, malformed.requested_transport,
+                   malformed.requested_address_family, malformed.even_port,
+                   malformed.channel_number, malformed.xor_peer_address):
+        with pytest.raises(stun.BadAttribute):
+            getter()
+    assert request_with((stun.RESERVATION_TOKEN, b"x")).reservation_token() == b"x"
+
+
+def test_peer_addresses_are_decoded_one_by_one():
+    tid = bytes(range(12))
+    msg = request_with((stun.XOR_PEER_ADDRESS, stun.encode_xor_address(("203.0.113.9", 7), tid)),
+                       (stun.XOR_PEER_ADDRESS, b"\x00\x01\x00"))
+    peers = msg.xor_peer_addresses()
+    assert next(peers) == ("203.0.113.9", 7)       # the malformed second one is not read yet
+    with pytest.raises(stun.BadAttribute):
+        next(peers)
+
+
 def test_error_code_round_trip():
     for code in (400, 401, 420, 437, 438, 441, 442, 443, 486, 508):
         assert stun.decode_error(stun.encode_error(code)) == (code, stun.REASONS[code])

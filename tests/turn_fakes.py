@@ -76,6 +76,25 @@ def error_code(msg: stun.Message) -> int | None:
     return None if raw is None else stun.decode_error(raw)[0]
 
 
+class FakeClientLink:
+    """A client as the I/O layer presents it to the core (allocation.ClientLink);
+    records what the relay sends it."""
+
+    def __init__(self, key, address, transport_name: str = "udp") -> None:
+        self.key = key
+        self.address = address
+        self.transport_name = transport_name
+        self.sent: list[bytes] = []
+
+    def send_channel_data(self, view, size) -> bool:
+        self.sent.append(bytes(view[:size]))
+        return True
+
+    def send_data_indication(self, message) -> bool:
+        self.sent.append(bytes(message))
+        return True
+
+
 class CoreClient:
     """One client 5-tuple talking to a TurnCore."""
 
@@ -84,8 +103,9 @@ class CoreClient:
                  password: str | None = None, fingerprint: bool = True) -> None:
         self.core = core
         self.addr = addr
-        self.key_id = addr if transport == "udp" else ("conn", addr)
+        self.key_id = addr if transport == "udp" else f"{transport}#{addr}"
         self.transport = transport
+        self.link = FakeClientLink(self.key_id, addr, transport)
         username = f"{int(T0) + 3600 if expiry is None else expiry}:{user}"
         self.creds = ClientCredentials(username, REALM, stun.long_term_key(
             username, REALM, password or rest_password(secret, username)))
@@ -93,7 +113,7 @@ class CoreClient:
         self.now = T0
 
     def raw(self, data: bytes) -> bytes | None:
-        return self.core.handle_stun(data, self.key_id, self.addr, self.transport, self.now)
+        return self.core.handle_stun(data, self.link, self.now)
 
     def build(self, method: int, attrs=(), tid: bytes | None = None, auth: bool = True) -> bytes:
         if not auth:

@@ -5,14 +5,20 @@ channel number or peer whose binding expired stays unusable for another
 300 s (§12) so late packets cannot reach a new peer.  Times are floats on the
 caller's clock; nothing here reads a clock.
 
-The hot path (turn/udp.py, turn/tcp.py) reads `permissions`, `channels` and
-`channel_of_peer` directly, so their shapes are part of this module's
-contract: permissions map peer IP string -> expiry; channels map number ->
-(peer address, expiry); channel_of_peer maps peer address -> number.
+Two contracts with the I/O layer (turn/udp.py, turn/tcp.py) live here:
+
+- The relay rule, "may this packet pass, and how": decided by `Allocation`
+  alone (see "the relay rule" in it) and read by every packet path as a route
+  with an expiry, or as `Allocation.permits`; tests/test_relay_rule.py runs one
+  table of cases against every path.
+- `ClientLink`: who an allocation's client is and how the relay sends to it.
+  The allocation is found by the link's plain, hashable `key`; relayed data
+  goes out through the link.
+
 `to_peer_meter` and `to_client_meter` (turn/bandwidth.py) are None when no
 bandwidth cap applies, else `meter.take(payload bytes, now)` says whether a
 packet going that way may pass (and charges it); the hot path checks them
-after the permission and channel checks and drops what they refuse.
+after the relay rule and drops what they refuse.
 """
 
 from __future__ import annotations
@@ -47,6 +53,28 @@ class RelayPort(Protocol):
     def close(self) -> None: ...
 
 
+class ClientLink(Protocol):
+    """One client as the I/O layer sees it: who it is, and how the relay sends it data.
+
+    turn/udp.py's UdpClientLink (datagrams from the listener's socket to the client's
+    address) and turn/tcp.py's StreamConnection (one TCP or TLS connection) are the two.
+    """
+
+    # The allocation table's key for the client's 5-tuple: plain and hashable (UDP: the
+    # source address as recvfrom gave it; a stream: its connection's name).
+    key: Hashable
+    address: Address          # the client's (ip, port), IPv4-mapped IPv6 shown as IPv4
+    transport_name: str       # "udp", "tcp" or "tls"
+
+    def send_channel_data(self, view: memoryview, size: int) -> bool:
+        """Send the ChannelData framed in `view[:size]` (a stream pads it to 4 bytes).
+        False when the socket refused it, for the caller to count as dropped; what a
+        stream drops past its output budget it counts itself, and returns True."""
+
+    def send_data_indication(self, message: bytes) -> bool:
+        """Send a Data indication; False and True as for send_channel_data."""
+
+
 class RelayOpener(Protocol):
     def open(self, family: int, even_port: bool, reserve_next: bool
              ) -> tuple[RelayPort, RelayPort | None] | None:
@@ -56,27 +84,30 @@ class RelayOpener(Protocol):
 
 class Allocation:
     __slots__ = (
-        "client_key", "client_addr", "transport", "username", "user_id", "family",
+        "client", "client_key", "username", "user_id", "family",
         "relay", "relayed_address", "expires", "permissions", "channels",
-        "channel_of_peer", "txid", "response", "fingerprint", "closed",
-        "to_peer_meter", "to_client_meter",
+        "channel_of_peer", "channel_routes", "peer_routes", "txid", "response",
+        "fingerprint", "closed", "to_peer_meter", "to_client_meter",
     )
 
-    def __init__(self, client_key: Hashable, client_addr: Address, transport: str,
-                 username: str, user_id: str, family: int, relay: RelayPort,
-                 relayed_address: Address, expires: float, fingerprint: bool) -> None:
-        self.client_key = client_key
-        self.client_addr = client_addr
-        self.transport = transport
+    def __init__(self, client: ClientLink, username: str, user_id: str, family: int,
+                 relay: RelayPort, relayed_address: Address, expires: float,
+                 fingerprint: bool) -> None:
+        self.client = client
+        self.client_key = client.key
         self.username = username
         self.user_id = user_id
         self.family = family
         self.relay = relay
         self.relayed_address = relayed_address
         self.expires = expires
+        # peer IP -> expiry; channel number -> (peer address, expiry); peer address -> number.
         self.permissions: dict[str, float] = {}
         self.channels: dict[int, tuple[Address, float]] = {}
         self.channel_of_peer: dict[Address, int] = {}
+        # The relay rule's answers for channels (see below): what the hot paths read.
+        self.channel_routes: dict[int, tuple[Address, float]] = {}
+        self.peer_routes: dict[Address, tuple[int, float]] = {}
         self.txid = b""
         self.response = b""
         self.fingerprint = fingerprint
@@ -84,6 +115,44 @@ class Allocation:
         # Set by BandwidthCaps.attach when a cap applies (client->peer, peer->client).
         self.to_peer_meter: Meter | None = None
         self.to_client_meter: Meter | None = None
+
+    # ------------------------------------------------------------ the relay rule
+    #
+    # When relayed data may pass (RFC 8656 §9, §12), decided here and nowhere else.
+    #
+    # A permission (a peer IP, any port) is live while now < its expiry, and so is a
+    # channel binding (a number <-> one peer ip:port): at the expiry instant it is gone.
+    # Data either way needs a live permission for the peer's IP (`permits`); ChannelData
+    # needs a live channel as well, so a channel carries data until the earlier of its
+    # own and its permission's expiry.  `_route` writes that instant into two routes,
+    # which the packet paths read with one lookup and one comparison, "until > now":
+    #
+    #   channel_routes[number] = (peer, until)   ChannelData the client sends on
+    #       `number` goes to `peer`; else it is dropped (udp.UdpListener, tcp.py).
+    #   peer_routes[peer] = (number, until)      data from `peer` goes to the client as
+    #       ChannelData on `number`; else as a Data indication if `permits`, else
+    #       nowhere (udp.UdpRelayPort).
+    #
+    # They are kept by the only methods that change permissions or channels (permit,
+    # bind_channel, sweep).  An expired binding's cool-down keeps ChannelBind from
+    # reusing its number or peer (core._channel_bind); for data it is simply gone.
+    # A route, not a call, because the hot path pays for a Python call per packet.
+
+    def permits(self, ip: str, now: float) -> bool:
+        """Whether data to or from `ip` may pass without a channel (a Send indication, a
+        Data indication)."""
+        return self.permissions.get(ip, 0.0) > now
+
+    def _route(self, ip: str) -> None:
+        """Recompute the routes of the channels to peers at `ip`, whose permission changed."""
+        permitted_until = self.permissions.get(ip, 0.0)
+        for number, (peer, bound_until) in self.channels.items():
+            if peer[0] == ip:
+                until = min(bound_until, permitted_until)
+                self.channel_routes[number] = (peer, until)
+                self.peer_routes[peer] = (number, until)
+
+    # ------------------------------------------------------------ state changes
 
     def live_permissions(self, now: float) -> int:
         return sum(1 for exp in self.permissions.values() if exp > now)
@@ -93,6 +162,7 @@ class Allocation:
 
     def permit(self, ip: str, now: float) -> None:
         self.permissions[ip] = now + PERMISSION_LIFETIME_S
+        self._route(ip)
 
     def bind_channel(self, number: int, peer: Address, now: float) -> None:
         self.channels[number] = (peer, now + CHANNEL_LIFETIME_S)
@@ -106,12 +176,15 @@ class Allocation:
         for number in [n for n, (_, exp) in self.channels.items()
                        if exp + CHANNEL_COOLDOWN_S <= now]:
             peer = self.channels.pop(number)[0]
+            del self.channel_routes[number]
             if self.channel_of_peer.get(peer) == number:
                 del self.channel_of_peer[peer]
+                del self.peer_routes[peer]
 
 
 class AllocationTable:
-    """Allocations by client 5-tuple key, with expiry (quotas are the ledger's: turn/ledger.py)."""
+    """Allocations by their client's key (ClientLink.key), with expiry (quotas are the
+    ledger's: turn/ledger.py)."""
 
     def __init__(self) -> None:
         self.by_client: dict[Hashable, Allocation] = {}

@@ -1,8 +1,8 @@
 """The relay's sans-I/O core: STUN/TURN requests in, responses out.
 
-`TurnCore.handle_stun(data, client_key, client_addr, transport, now)` takes
-one STUN message from a client and returns the bytes to send back to that
-client (or None).  Relay ports are opened through an injected `RelayOpener`,
+`TurnCore.handle_stun(data, client, now)` takes one STUN message from a client
+(a `ClientLink`, allocation.py) and returns the bytes to send back to it (or
+None).  Relay ports are opened through an injected `RelayOpener`,
 so this module never touches a socket or a clock; tests drive it with fake
 relays and a float `now`.
 
@@ -17,12 +17,13 @@ import logging
 import secrets
 import struct
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Hashable
+from typing import Hashable, Iterator
 
 from . import stun
 from .allocation import (CHANNEL_MAX, CHANNEL_MIN, DEFAULT_LIFETIME_S, Allocation,
-                         AllocationTable, RelayOpener, RelayPort)
+                         AllocationTable, ClientLink, RelayOpener, RelayPort)
 from .auth import NonceBook, RestVerifier, parse_rest_username
 from .bandwidth import BandwidthCaps
 from .ledger import Ledger, LocalLedger
@@ -70,6 +71,16 @@ class Reject(Exception):
         self.key = key
         self.with_nonce = with_nonce
         self.unknown = unknown
+
+
+@contextmanager
+def malformed_is(code: int, key: bytes, detail: str = "") -> Iterator[None]:
+    """Answer a malformed attribute read inside the block with `code`, with integrity.
+    (Outside such a block BadAttribute reaches _handle_stun: a 400 without integrity.)"""
+    try:
+        yield
+    except BadAttribute as exc:
+        raise Reject(code, key, detail=detail or str(exc)) from None
 
 
 @dataclass
@@ -122,29 +133,27 @@ class TurnCore:
 
     # ------------------------------------------------------------ entry points
 
-    def handle_stun(self, data: bytes, client_key: Hashable, client_addr: Address,
-                    transport: str, now: float) -> bytes | None:
+    def handle_stun(self, data: bytes, client: ClientLink, now: float) -> bytes | None:
         """The answer to one STUN message, or None.  Never raises: a message that hits a
         bug is counted, logged at a bounded rate and answered 500 (if it is a request),
         so one client's crafted bytes cannot stop the loop every other client shares."""
         try:
-            return self._handle_stun(data, client_key, client_addr, transport, now)
+            return self._handle_stun(data, client, now)
         except Exception:
             self.counters["internal_errors_stun"] += 1
             self.counters["internal_errors"] += 1
             self._failures.exception(now, "internal error on a STUN message from %s/%s",
-                                     transport, client_addr[0])
+                                     client.transport_name, client.address[0])
         try:
             msg = stun.parse(data)
-            if msg.cls == stun.REQUEST and self._may_send_error(client_key, client_addr, now):
+            if msg.cls == stun.REQUEST and self._may_send_error(client, now):
                 self.counters["error_500"] += 1
-                return self._error(msg, Reject(500), client_addr, now)
+                return self._error(msg, Reject(500), client.address, now)
         except Exception:
             pass                      # not even an error response can be made: stay silent
         return None
 
-    def _handle_stun(self, data: bytes, client_key: Hashable, client_addr: Address,
-                     transport: str, now: float) -> bytes | None:
+    def _handle_stun(self, data: bytes, client: ClientLink, now: float) -> bytes | None:
         try:
             msg = stun.parse(data)
         except stun.StunParseError:
@@ -152,31 +161,33 @@ class TurnCore:
             return None
         if msg.cls == stun.REQUEST:
             try:
-                return self._request(msg, client_key, client_addr, transport, now)
+                return self._request(msg, client, now)
             except Reject as rej:
-                if not self._may_send_error(client_key, client_addr, now):
+                if not self._may_send_error(client, now):
                     return None
                 self.counters[f"error_{rej.code}"] += 1
                 if log.isEnabledFor(logging.DEBUG):
                     log.debug("%s from %s/%s: %d (%s)", METHOD_NAMES.get(msg.method, msg.method),
-                              transport, client_addr[0], rej.code, rej.detail or stun.REASONS.get(rej.code))
-                return self._error(msg, rej, client_addr, now)
+                              client.transport_name, client.address[0], rej.code,
+                              rej.detail or stun.REASONS.get(rej.code))
+                return self._error(msg, rej, client.address, now)
             except BadAttribute:
-                if not self._may_send_error(client_key, client_addr, now):
+                if not self._may_send_error(client, now):
                     return None
                 self.counters["error_400"] += 1
-                return self._error(msg, Reject(400), client_addr, now)
+                return self._error(msg, Reject(400), client.address, now)
         if msg.cls == stun.INDICATION and msg.method == stun.SEND:
-            self._send_indication(msg, client_key, now)
+            self._send_indication(msg, client.key, now)
         else:
             self.counters["ignored"] += 1
         return None
 
-    def _may_send_error(self, client_key: Hashable, client_addr: Address, now: float) -> bool:
+    def _may_send_error(self, client: ClientLink, now: float) -> bool:
         """Whether an error response may go out: always to a client with an allocation
         (it authenticated, so its address is real), else while its source's budget lasts.
         Checked before the reply is built, so a suppressed one costs no nonce or HMAC."""
-        if self.table.get(client_key) is not None or self.unauth_replies.allow(client_addr[0], now):
+        if self.table.get(client.key) is not None or \
+                self.unauth_replies.allow(client.address[0], now):
             return True
         self.counters["unauth_replies_suppressed"] += 1
         return False
@@ -231,19 +242,19 @@ class TurnCore:
 
     # ------------------------------------------------------------ requests
 
-    def _request(self, msg: Message, client_key, client_addr: Address, transport: str,
-                 now: float) -> bytes:
+    def _request(self, msg: Message, client: ClientLink, now: float) -> bytes:
         if msg.method == stun.BINDING:
             unknown = msg.unknown_required()
             if unknown:
                 raise Reject(420, unknown=unknown)
             self.counters["binding"] += 1
             b = Builder(stun.BINDING, stun.SUCCESS, msg.transaction_id)
-            b.add(stun.XOR_MAPPED_ADDRESS, stun.encode_xor_address(client_addr, msg.transaction_id))
+            b.add(stun.XOR_MAPPED_ADDRESS,
+                  stun.encode_xor_address(client.address, msg.transaction_id))
             return self._finish(b, None, msg.has_fingerprint)
         if msg.method not in self._handlers:
             raise Reject(400)
-        creds = self._authenticate(msg, client_addr, now)
+        creds = self._authenticate(msg, client.address, now)
         unknown = msg.unknown_required()
         if unknown:
             raise Reject(420, creds.key, unknown=unknown)
@@ -251,7 +262,7 @@ class TurnCore:
             # (an expired Allocate is refused below in either mode)
             self.counters["auth_expired"] += 1
             raise Reject(401, with_nonce=True)
-        alloc = self.table.get(client_key)
+        alloc = self.table.get(client.key)
         if msg.method == stun.ALLOCATE:
             if alloc is not None:
                 if alloc.txid == msg.transaction_id:
@@ -260,9 +271,9 @@ class TurnCore:
             if creds.expiry < now:
                 self.counters["auth_expired"] += 1
                 self._refusals.info(now, "allocate refused: expired username for user %r from %s",
-                                    creds.user_id, client_addr[0])
+                                    creds.user_id, client.address[0])
                 raise Reject(401, with_nonce=True)
-            return self._allocate(msg, creds, client_key, client_addr, transport, now)
+            return self._allocate(msg, creds, client, now)
         if alloc is None:
             raise Reject(437, creds.key)
         if alloc.username != creds.username:
@@ -294,77 +305,97 @@ class TurnCore:
         return Credentials(username, parsed[1] or username, parsed[0], key)
 
     def _lifetime(self, msg: Message) -> int:
-        raw = msg.get(stun.LIFETIME)
-        if raw is None:
+        """The lifetime LIFETIME asks for, within the configured bounds; 0 stays 0."""
+        requested = msg.lifetime()
+        if requested is None:
             return DEFAULT_LIFETIME_S
-        requested = stun.u32(raw)
         if requested == 0:
             return 0
         return max(min(requested, self.settings.max_lifetime_s), DEFAULT_LIFETIME_S)
 
-    def _allocate(self, msg: Message, creds: Credentials, client_key, client_addr: Address,
-                  transport: str, now: float) -> bytes:
+    def _within_credentials(self, lifetime: int, creds: Credentials, now: float) -> int:
+        """With strict_expiry, an allocation does not outlive its username."""
+        if self.settings.strict_expiry:
+            return max(1, min(lifetime, int(creds.expiry - now)))
+        return lifetime
+
+    def _allocate(self, msg: Message, creds: Credentials, client: ClientLink,
+                  now: float) -> bytes:
+        """A new allocation for `client` (RFC 8656 §7.2)."""
         key = creds.key
         if self.draining:
             # Shutting down: existing allocations keep relaying, new ones go elsewhere
             # (508: the client may try another server).
             self.counters["refused_draining"] += 1
             raise Reject(508, key)
-        raw_transport = msg.get(stun.REQUESTED_TRANSPORT)
-        if raw_transport is None or len(raw_transport) != 4:
-            raise Reject(400, key)
-        if raw_transport[0] != UDP_TRANSPORT:
-            raise Reject(442, key)
-        token = msg.get(stun.RESERVATION_TOKEN)
-        even_port = msg.get(stun.EVEN_PORT)
-        raw_family = msg.get(stun.REQUESTED_ADDRESS_FAMILY)
-        if token is not None and (even_port is not None or raw_family is not None):
-            raise Reject(400, key)
-        family = stun.FAMILY_IPV4
-        if raw_family is not None:
-            if len(raw_family) != 4:
-                raise Reject(400, key)
-            family = raw_family[0]
-        if even_port is not None and len(even_port) != 1:
-            raise Reject(400, key)
-        s = self.settings
-        lifetime = self._lifetime(msg) or DEFAULT_LIFETIME_S
-        if s.strict_expiry:
-            lifetime = max(1, min(lifetime, int(creds.expiry - now)))
-        reserved = None
+        with malformed_is(400, key):
+            protocol = msg.requested_transport()
+            if protocol is None:
+                raise Reject(400, key, detail="REQUESTED-TRANSPORT missing")
+            if protocol != UDP_TRANSPORT:
+                raise Reject(442, key)
+            token = msg.reservation_token()
+            family = msg.requested_address_family()
+            even_port = msg.even_port()
+        if token is not None and (family is not None or even_port is not None):
+            raise Reject(400, key, detail="a RESERVATION-TOKEN already names the port")
+        # A malformed LIFETIME is answered by _handle_stun (400 without integrity).
+        lifetime = self._within_credentials(self._lifetime(msg) or DEFAULT_LIFETIME_S,
+                                            creds, now)
         if token is not None:
-            held = self._reservations.get(token)
-            if held is None:
-                raise Reject(508, key)
-            relay, _, holder = held
-            # The reservation already counts against its holder; another user who
-            # presents the token takes the count over.
-            if holder != creds.user_id:
-                self._admit(creds.user_id, 1, key)
-                self.ledger.release(holder)
-            del self._reservations[token]
+            relay, reserved = self._claim_reservation(token, creds), None
             family = stun.address_family(relay.address[0])
         else:
-            if family not in (stun.FAMILY_IPV4, stun.FAMILY_IPV6) or family not in s.families:
-                raise Reject(440, key)
-            reserve_next = even_port is not None and bool(even_port[0] & 0x80)
-            # A reserved port counts like an allocation: it holds a port just the same.
-            count = 2 if reserve_next else 1
-            self._admit(creds.user_id, count, key)
-            try:
-                opened = self.relays.open(family, even_port is not None, reserve_next)
-            except BaseException:
-                self.ledger.release(creds.user_id, count)
-                raise
-            if opened is None:
-                self.ledger.release(creds.user_id, count)
-                self.counters["relay_ports_exhausted"] += 1
-                raise Reject(508, key)
-            relay, reserved = opened
+            family = stun.FAMILY_IPV4 if family is None else family
+            relay, reserved = self._open_relay(family, even_port, creds)
+        return self._add_allocation(msg, creds, client, family, relay, reserved, lifetime, now)
+
+    def _claim_reservation(self, token: bytes, creds: Credentials) -> RelayPort:
+        """The port an earlier Allocate's EVEN-PORT R bit held under `token`."""
+        held = self._reservations.get(token)
+        if held is None:
+            raise Reject(508, creds.key)
+        relay, _, holder = held
+        # The reservation already counts against its holder; another user who
+        # presents the token takes the count over.
+        if holder != creds.user_id:
+            self._admit(creds.user_id, 1, creds.key)
+            self.ledger.release(holder)
+        del self._reservations[token]
+        return relay
+
+    def _open_relay(self, family: int, even_port: bool | None,
+                    creds: Credentials) -> tuple[RelayPort, RelayPort | None]:
+        """A fresh relay port (even when EVEN-PORT was sent), and the next one held too
+        when its R bit was set; counted against the user's quota."""
+        key = creds.key
+        if family not in (stun.FAMILY_IPV4, stun.FAMILY_IPV6) or \
+                family not in self.settings.families:
+            raise Reject(440, key)
+        reserve_next = bool(even_port)
+        # A reserved port counts like an allocation: it holds a port just the same.
+        count = 2 if reserve_next else 1
+        self._admit(creds.user_id, count, key)
+        try:
+            opened = self.relays.open(family, even_port is not None, reserve_next)
+        except BaseException:
+            self.ledger.release(creds.user_id, count)
+            raise
+        if opened is None:
+            self.ledger.release(creds.user_id, count)
+            self.counters["relay_ports_exhausted"] += 1
+            raise Reject(508, key)
+        return opened
+
+    def _add_allocation(self, msg: Message, creds: Credentials, client: ClientLink,
+                        family: int, relay: RelayPort, reserved: RelayPort | None,
+                        lifetime: int, now: float) -> bytes:
+        """Register the allocation and answer the Allocate (kept for retransmissions)."""
+        s = self.settings
         advertised_ip = (s.external_ip if family == stun.FAMILY_IPV4 else s.external_ip6) \
             or relay.address[0]
-        alloc = Allocation(client_key, client_addr, transport, creds.username, creds.user_id,
-                           family, relay, (advertised_ip, relay.address[1]), now + lifetime,
+        alloc = Allocation(client, creds.username, creds.user_id, family, relay,
+                           (advertised_ip, relay.address[1]), now + lifetime,
                            msg.has_fingerprint)
         relay.allocation = alloc
         self.bandwidth.attach(alloc, now)
@@ -374,17 +405,17 @@ class TurnCore:
         b = Builder(stun.ALLOCATE, stun.SUCCESS, tid)
         b.add(stun.XOR_RELAYED_ADDRESS, stun.encode_xor_address(alloc.relayed_address, tid))
         b.add(stun.LIFETIME, struct.pack("!I", lifetime))
-        b.add(stun.XOR_MAPPED_ADDRESS, stun.encode_xor_address(client_addr, tid))
+        b.add(stun.XOR_MAPPED_ADDRESS, stun.encode_xor_address(client.address, tid))
         if reserved is not None:
             new_token = secrets.token_bytes(8)
             self._reservations[new_token] = (reserved, now + RESERVATION_LIFETIME_S,
                                              creds.user_id)
             b.add(stun.RESERVATION_TOKEN, new_token)
         alloc.txid = tid
-        alloc.response = self._finish(b, key, msg.has_fingerprint)
+        alloc.response = self._finish(b, creds.key, msg.has_fingerprint)
         self.counters["allocations_created"] += 1
         log.info("allocation %s for user %r from %s/%s, lifetime %ds", relay.address,
-                 creds.user_id, transport, client_addr[0], lifetime)
+                 creds.user_id, client.transport_name, client.address[0], lifetime)
         return alloc.response
 
     def _admit(self, user_id: str, count: int, key: bytes) -> None:
@@ -395,40 +426,40 @@ class TurnCore:
             raise Reject(refusal, key)
 
     def _refresh(self, msg: Message, creds: Credentials, alloc: Allocation, now: float) -> bytes:
-        raw_family = msg.get(stun.REQUESTED_ADDRESS_FAMILY)
-        if raw_family is not None and (len(raw_family) != 4 or raw_family[0] != alloc.family):
+        with malformed_is(443, creds.key):      # a malformed family matches no allocation's
+            family = msg.requested_address_family()
+        if family is not None and family != alloc.family:
             raise Reject(443, creds.key)
         lifetime = self._lifetime(msg)
         if lifetime == 0:
             self._delete(alloc, "refreshed to 0")
         else:
-            if self.settings.strict_expiry:
-                lifetime = max(1, min(lifetime, int(creds.expiry - now)))
+            lifetime = self._within_credentials(lifetime, creds, now)
             alloc.expires = now + lifetime
             self.table.schedule(alloc)
         b = Builder(stun.REFRESH, stun.SUCCESS, msg.transaction_id)
         b.add(stun.LIFETIME, struct.pack("!I", lifetime))
         return self._finish(b, creds.key, msg.has_fingerprint)
 
-    def _peer(self, value: bytes, msg: Message, alloc: Allocation, key: bytes) -> Address:
-        peer = stun.xor_address(value, msg.transaction_id)
+    def _peer(self, peer: Address, alloc: Allocation, key: bytes) -> Address:
+        """`peer`, if it is of the allocation's address family (else 443)."""
         if stun.address_family(peer[0]) != alloc.family:
             raise Reject(443, key)
         return peer
 
     def _create_permission(self, msg: Message, creds: Credentials, alloc: Allocation,
                            now: float) -> bytes:
-        values = msg.get_all(stun.XOR_PEER_ADDRESS)
-        if not values:
-            raise Reject(400, creds.key)
         ips = []
-        for value in values:
-            ip = self._peer(value, msg, alloc, creds.key)[0]
+        # Peers are decoded and judged one by one: the first bad one decides the answer.
+        for peer in msg.xor_peer_addresses():
+            ip = self._peer(peer, alloc, creds.key)[0]
             if not self.policy.permits_ip(ip):
                 self.counters["peer_denied"] += 1
                 raise Reject(403, creds.key)
             ips.append(ip)
-        new = {ip for ip in ips if alloc.permissions.get(ip, 0.0) <= now}
+        if not ips:
+            raise Reject(400, creds.key, detail="XOR-PEER-ADDRESS required")
+        new = {ip for ip in ips if not alloc.permits(ip, now)}
         if new and alloc.live_permissions(now) + len(new) > self.settings.max_permissions:
             raise Reject(508, creds.key)
         for ip in ips:
@@ -439,14 +470,16 @@ class TurnCore:
     def _channel_bind(self, msg: Message, creds: Credentials, alloc: Allocation,
                       now: float) -> bytes:
         key = creds.key
-        raw_number = msg.get(stun.CHANNEL_NUMBER)
         raw_peer = msg.get(stun.XOR_PEER_ADDRESS)
-        if raw_number is None or raw_peer is None or len(raw_number) != 4:
+        with malformed_is(400, key):
+            number = msg.channel_number()
+        if number is None or raw_peer is None:
             raise Reject(400, key, detail="CHANNEL-NUMBER and XOR-PEER-ADDRESS required")
-        number = struct.unpack_from("!H", raw_number)[0]
         if not CHANNEL_MIN <= number <= CHANNEL_MAX:
             raise Reject(400, key, detail=f"channel 0x{number:04x} out of range")
-        peer = self._peer(raw_peer, msg, alloc, key)
+        # Decoded only once the number passed: a malformed peer is then a 400 without
+        # integrity (BadAttribute reaches _handle_stun).
+        peer = self._peer(stun.xor_address(raw_peer, msg.transaction_id), alloc, key)
         if not self.policy.permits(peer[0], peer[1]):
             self.counters["peer_denied"] += 1
             raise Reject(403, key)
@@ -474,19 +507,15 @@ class TurnCore:
 
     # ------------------------------------------------------------ indications
 
-    def _send_indication(self, msg: Message, client_key, now: float) -> None:
+    def _send_indication(self, msg: Message, client_key: Hashable, now: float) -> None:
         alloc = self.table.get(client_key)
-        raw_peer = msg.get(stun.XOR_PEER_ADDRESS)
-        data = msg.get(stun.DATA_ATTR)
-        if alloc is None or raw_peer is None or data is None:
-            self.counters["send_dropped"] += 1
-            return
+        data = msg.data()
         try:
-            peer = stun.xor_address(raw_peer, msg.transaction_id)
+            peer = msg.xor_peer_address()
         except BadAttribute:
-            self.counters["send_dropped"] += 1
-            return
-        if alloc.permissions.get(peer[0], 0.0) <= now or \
+            peer = None
+        if alloc is None or peer is None or data is None or \
+                not alloc.permits(peer[0], now) or \
                 stun.address_family(peer[0]) != alloc.family or \
                 not self.policy.permits(peer[0], peer[1]):
             self.counters["send_dropped"] += 1

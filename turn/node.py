@@ -81,8 +81,7 @@ class RelayNode:
                 udp_sock = open_udp_listener(s.udp.host, s.udp.port, s.reuse_port)
             except OSError as exc:
                 raise ListenerBindError("udp", s.udp, exc) from exc
-        opener = UdpRelayOpener(loop, lambda: self.core, s.relay_ips, s.relay_ports,
-                                udp_sock, self.clock)
+        opener = UdpRelayOpener(loop, lambda: self.core, s.relay_ips, s.relay_ports, self.clock)
         self.core = TurnCore(s.relay, self.verifier, self.nonces, self.policy, opener, self.ledger)
         try:
             if udp_sock is not None:

@@ -14,6 +14,7 @@ import hmac
 import ipaddress
 import struct
 from dataclasses import dataclass, field
+from typing import Iterator
 
 MAGIC_COOKIE = 0x2112A442
 MAGIC_COOKIE_BYTES = struct.pack("!I", MAGIC_COOKIE)
@@ -158,6 +159,62 @@ class Message:
     def get_all(self, attr: int) -> list[bytes]:
         return [v for t, v in self.items if t == attr]
 
+    # Typed attribute values, for the attributes the relay acts on.  Each is None when
+    # the attribute is absent and raises BadAttribute when its value is malformed; the
+    # handler decides which error code that deserves.
+
+    def lifetime(self) -> int | None:
+        """LIFETIME in seconds (RFC 8656 §18.2)."""
+        raw = self.attrs.get(LIFETIME)
+        return None if raw is None else u32(raw)
+
+    def requested_transport(self) -> int | None:
+        """The IP protocol number REQUESTED-TRANSPORT asks for, 17 for UDP (RFC 8656 §18.11)."""
+        return _first_byte_of_word(self.attrs.get(REQUESTED_TRANSPORT), "REQUESTED-TRANSPORT")
+
+    def requested_address_family(self) -> int | None:
+        """FAMILY_IPV4 or FAMILY_IPV6, or whatever other family byte was sent (RFC 8656 §18.8)."""
+        return _first_byte_of_word(self.attrs.get(REQUESTED_ADDRESS_FAMILY),
+                                   "REQUESTED-ADDRESS-FAMILY")
+
+    def even_port(self) -> bool | None:
+        """EVEN-PORT: None when absent, else whether its R bit asks for the next port to be
+        reserved too (RFC 8656 §18.9)."""
+        raw = self.attrs.get(EVEN_PORT)
+        if raw is None:
+            return None
+        if len(raw) != 1:
+            raise BadAttribute("EVEN-PORT is not 1 byte")
+        return bool(raw[0] & 0x80)
+
+    def reservation_token(self) -> bytes | None:
+        """RESERVATION-TOKEN as sent.  Its length is not checked: a token of any other
+        length is simply one the relay never issued."""
+        return self.attrs.get(RESERVATION_TOKEN)
+
+    def channel_number(self) -> int | None:
+        """CHANNEL-NUMBER (RFC 8656 §18.1); the range is the handler's to check."""
+        raw = self.attrs.get(CHANNEL_NUMBER)
+        if raw is None:
+            return None
+        if len(raw) != 4:
+            raise BadAttribute("CHANNEL-NUMBER is not 4 bytes")
+        return (raw[0] << 8) | raw[1]
+
+    def xor_peer_address(self) -> Address | None:
+        """The first XOR-PEER-ADDRESS."""
+        raw = self.attrs.get(XOR_PEER_ADDRESS)
+        return None if raw is None else xor_address(raw, self.transaction_id)
+
+    def xor_peer_addresses(self) -> Iterator[Address]:
+        """Every XOR-PEER-ADDRESS in wire order, each decoded only when reached: a handler
+        that refuses the first peer answers that before a later one is even looked at."""
+        return (xor_address(raw, self.transaction_id) for raw in self.get_all(XOR_PEER_ADDRESS))
+
+    def data(self) -> bytes | None:
+        """DATA (RFC 8656 §18.4)."""
+        return self.attrs.get(DATA_ATTR)
+
     def verify_integrity(self, key: bytes) -> bool:
         """Check MESSAGE-INTEGRITY (HMAC-SHA1) against `key` (RFC 8489 §14.5)."""
         off = self.integrity_offset
@@ -253,12 +310,13 @@ def encode_xor_address(addr: Address, transaction_id: bytes) -> bytes:
     return struct.pack("!BBHI", 0, FAMILY_IPV4, xport, raw)
 
 
-def encode_address(addr: Address) -> bytes:
-    """A plain (non-XOR) address value, as in MAPPED-ADDRESS."""
-    ip, port = addr
-    if ":" in ip:
-        return struct.pack("!BBH", 0, FAMILY_IPV6, port) + ipaddress.IPv6Address(ip).packed
-    return struct.pack("!BBH", 0, FAMILY_IPV4, port) + ipaddress.IPv4Address(ip).packed
+def _first_byte_of_word(value: bytes | None, name: str) -> int | None:
+    """The leading byte of a 4-byte attribute whose other three are RFFU."""
+    if value is None:
+        return None
+    if len(value) != 4:
+        raise BadAttribute(f"{name} is not 4 bytes")
+    return value[0]
 
 
 def u32(value: bytes) -> int:

@@ -2,13 +2,15 @@
 
 A stream carries STUN messages and ChannelData back to back; ChannelData is
 padded to a multiple of four bytes on streams in both directions.  Each
-connection is its own client 5-tuple: the connection object itself is the
-allocation's client key, and closing the connection ends its allocation.
+connection is its own client 5-tuple and its allocation's ClientLink
+(allocation.py): it is keyed by a name of its own ("tcp#12"), relayed data
+goes out through it, and closing it ends its allocation.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from typing import Callable
 
@@ -33,16 +35,24 @@ PAUSE_AT_BYTES = 64 * 1024
 OUTPUT_BUDGET_BYTES = 256 * 1024
 STALLED_WRITE_S = 30.0
 
+# Numbers connections for their keys: never reused in a process, so a late close of an
+# old connection cannot end a new one's allocation.
+_connection_numbers = itertools.count(1)
+
 
 class StreamConnection(asyncio.Protocol):
+    """One TCP or TLS client connection: its parser, its relay paths, and its
+    allocation's ClientLink."""
+
     def __init__(self, core: TurnCore, transport_name: str,
                  connections: set, clock: Callable[[], float] = time.time) -> None:
         self.core = core
         self.transport_name = transport_name
+        self.key = f"{transport_name}#{next(_connection_numbers)}"
         self.connections = connections
         self.clock = clock
         self.transport: asyncio.Transport | None = None
-        self.peer = ("", 0)
+        self.address = ("", 0)
         self.opened_at = clock()
         self.write_paused_since: float | None = None
         self.closed_at: float | None = None
@@ -52,7 +62,7 @@ class StreamConnection(asyncio.Protocol):
 
     def connection_made(self, transport) -> None:
         self.transport = transport
-        self.peer = plain_address(transport.get_extra_info("peername"))
+        self.address = plain_address(transport.get_extra_info("peername"))
         # Explicit, so TCP and TLS pause alike (asyncio's TLS default is 512 KiB).
         transport.set_write_buffer_limits(high=PAUSE_AT_BYTES)
         self.connections.add(self)
@@ -78,7 +88,7 @@ class StreamConnection(asyncio.Protocol):
 
     def connection_lost(self, exc) -> None:
         self.connections.discard(self)
-        self.core.client_gone(self)
+        self.core.client_gone(self.key)
         self.transport = None
 
     def data_received(self, data: bytes) -> None:
@@ -105,8 +115,7 @@ class StreamConnection(asyncio.Protocol):
                 total = STUN_HEADER + length
                 if n - pos < total:
                     break
-                reply = self.core.handle_stun(bytes(buf[pos:pos + total]), self, self.peer,
-                                              self.transport_name, now)
+                reply = self.core.handle_stun(bytes(buf[pos:pos + total]), self, now)
                 if reply is not None and self.transport is not None:
                     self.transport.write(reply)
             elif first <= 0x7F:    # ChannelData, see allocation.CHANNEL_MAX
@@ -130,15 +139,13 @@ class StreamConnection(asyncio.Protocol):
     # --------------------------------------------------------- relay paths
 
     def _relay_channel_data(self, buf: bytearray, pos: int, length: int, now: float) -> None:
-        alloc = self.core.table.by_client.get(self)
+        alloc = self.core.table.by_client.get(self.key)
         if alloc is None:
             return
-        channel = alloc.channels.get((buf[pos] << 8) | buf[pos + 1])
-        if channel is None or channel[1] <= now:
+        route = alloc.channel_routes.get((buf[pos] << 8) | buf[pos + 1])
+        if route is None or route[1] <= now:     # see "the relay rule", allocation.py
             return
-        peer = channel[0]
-        if alloc.permissions.get(peer[0], 0.0) <= now:
-            return
+        peer = route[0]
         meter = alloc.to_peer_meter
         if meter is not None and not meter.take(length, now):
             self.core.counters["bandwidth_dropped_to_peer"] += 1
@@ -153,18 +160,24 @@ class StreamConnection(asyncio.Protocol):
         traffic.to_peer_packets += 1
         traffic.to_peer_bytes += length
 
-    def send_channel_data(self, view: memoryview, size: int) -> None:
-        """Write ChannelData already framed in `view[:size]`, padded to 4 bytes."""
+    # --------------------------------------------------------- ClientLink
+
+    def send_channel_data(self, view: memoryview, size: int) -> bool:
+        """Write ChannelData already framed in `view[:size]`, padded to 4 bytes.  Past the
+        output budget it is dropped and counted here (stream_output_dropped); True either
+        way, as the transport never refuses a write."""
         pad = -size & 3
         transport = self._room_for(size + pad)
         if transport is not None:
             transport.write(bytes(view[:size]) + b"\x00" * pad if pad else bytes(view[:size]))
+        return True
 
-    def send(self, message: bytes) -> None:
-        """Write a Data indication (relayed data, so it may be dropped like ChannelData)."""
+    def send_data_indication(self, message: bytes) -> bool:
+        """Write a Data indication (relayed data, so dropped past the budget like ChannelData)."""
         transport = self._room_for(len(message))
         if transport is not None:
             transport.write(message)
+        return True
 
     def _room_for(self, size: int) -> asyncio.Transport | None:
         """The transport, if `size` more relayed bytes fit in the output budget; else None,
@@ -202,7 +215,7 @@ def close_idle_unallocated(connections: set, core: TurnCore, now: float) -> int:
     """Abort connections that never allocated within UNALLOCATED_IDLE_S; returns how many.
     Aborted, not closed: a client that does not read would keep a closing one open."""
     idle = [c for c in connections if c.transport is not None
-            and now - c.opened_at > UNALLOCATED_IDLE_S and core.table.get(c) is None]
+            and now - c.opened_at > UNALLOCATED_IDLE_S and core.table.get(c.key) is None]
     for conn in idle:
         conn.abort()
     return len(idle)

@@ -4,7 +4,9 @@ This is the hot path.  Both directions read with `loop.add_reader` +
 `recvfrom_into` a preallocated buffer (DESIGN.md: asyncio's
 DatagramProtocol allocates a `bytes` per datagram and is 4-6x slower here).
 A ChannelData packet from a client costs a 4-byte header read, two dict
-lookups and a `sendto`; a datagram from a peer is received at offset 4 of the
+lookups (the allocation, then its channel's route: the relay rule's answer,
+allocation.py) and a `sendto`; a datagram from a peer costs a route lookup and a
+send through the allocation's `ClientLink`, and is received at offset 4 of the
 buffer so its ChannelData header is written in front of it without a copy.
 Bandwidth caps cost one `is not None` test per packet when off (the
 allocation's meters are None) and one token-bucket charge each when on.
@@ -76,6 +78,33 @@ def open_udp_listener(host: str, port: int, reuse_port: bool) -> socket.socket:
     return sock
 
 
+class UdpClientLink:
+    """A UDP client (allocation.ClientLink): datagrams from the listener's socket to the
+    address the client sends from, which is also its allocation's key."""
+
+    __slots__ = ("sock", "key", "address")
+    transport_name = "udp"
+
+    def __init__(self, sock: socket.socket, source: tuple) -> None:
+        self.sock = sock
+        self.key = source            # as recvfrom gave it: what the listener looks up
+        self.address = stun.plain_address(source)
+
+    def send_channel_data(self, view: memoryview, size: int) -> bool:
+        try:
+            self.sock.sendto(view[:size], self.key)
+        except OSError:
+            return False
+        return True
+
+    def send_data_indication(self, message: bytes) -> bool:
+        try:
+            self.sock.sendto(message, self.key)
+        except OSError:
+            return False
+        return True
+
+
 class UdpListener:
     """Client-facing UDP socket: STUN to the core, ChannelData straight to peers."""
 
@@ -107,6 +136,7 @@ class UdpListener:
 
     def _drain(self) -> None:
         sock, buf, view = self.sock, self._buf, self._view
+        # Source address (a UdpClientLink's key) -> Allocation: the AllocationTable's dict.
         allocations = self.core.table.by_client
         now = self.clock()
         packets = octets = throttled = 0
@@ -125,14 +155,11 @@ class UdpListener:
                 if alloc is None or 4 + length > n:
                     self.dropped += 1
                     continue
-                channel = alloc.channels.get((first << 8) | buf[1])
-                if channel is None or channel[1] <= now:
+                route = alloc.channel_routes.get((first << 8) | buf[1])
+                if route is None or route[1] <= now:    # "the relay rule", allocation.py
                     self.dropped += 1
                     continue
-                peer = channel[0]
-                if alloc.permissions.get(peer[0], 0.0) <= now:
-                    self.dropped += 1
-                    continue
+                peer = route[0]
                 meter = alloc.to_peer_meter
                 if meter is not None and not meter.take(length, now):
                     throttled += 1
@@ -145,8 +172,7 @@ class UdpListener:
                 packets += 1
                 octets += length
             elif first < 0x40 and n >= stun.HEADER_LENGTH:
-                reply = self.core.handle_stun(bytes(view[:n]), addr, stun.plain_address(addr),
-                                              "udp", now)
+                reply = self.core.handle_stun(bytes(view[:n]), UdpClientLink(sock, addr), now)
                 if reply is not None:
                     try:
                         sock.sendto(reply, addr)
@@ -211,39 +237,31 @@ class UdpRelayPort:
             alloc = self.allocation
             if alloc is None:
                 continue   # a reserved port (EVEN-PORT R bit) not yet claimed
-            ip = addr[0]
-            if alloc.permissions.get(ip, 0.0) <= now:
+            peer = addr if len(addr) == 2 else addr[:2]
+            route = alloc.peer_routes.get(peer)       # "the relay rule", allocation.py
+            if route is not None and route[1] > now:
+                number = route[0]
+            elif alloc.permits(peer[0], now):
+                number = 0            # no live channel: a Data indication
+            else:
                 owner.dropped += 1
                 continue
             meter = alloc.to_client_meter
             if meter is not None and not meter.take(n, now):
                 throttled += 1
                 continue
-            peer = addr if len(addr) == 2 else addr[:2]
-            number = alloc.channel_of_peer.get(peer)
-            if number is not None and alloc.channels[number][1] > now:
+            if number:
                 buf[0] = number >> 8
                 buf[1] = number & 0xFF
                 buf[2] = n >> 8
                 buf[3] = n & 0xFF
-                if alloc.transport == "udp":
-                    try:
-                        owner.client_sock.sendto(view[:4 + n], alloc.client_key)
-                    except OSError:
-                        owner.dropped += 1
-                        continue
-                else:
-                    alloc.client_key.send_channel_data(view, 4 + n)
+                sent = alloc.client.send_channel_data(view, 4 + n)
             else:
-                message = owner.core.data_indication(alloc, peer, bytes(view[4:4 + n]))
-                if alloc.transport == "udp":
-                    try:
-                        owner.client_sock.sendto(message, alloc.client_key)
-                    except OSError:
-                        owner.dropped += 1
-                        continue
-                else:
-                    alloc.client_key.send(message)
+                sent = alloc.client.send_data_indication(
+                    owner.core.data_indication(alloc, peer, bytes(view[4:4 + n])))
+            if not sent:
+                owner.dropped += 1
+                continue
             packets += 1
             octets += n
         if packets:
@@ -262,13 +280,11 @@ class UdpRelayOpener:
     """
 
     def __init__(self, loop, core_ref: Callable[[], TurnCore], relay_ips: dict[int, str],
-                 port_range: tuple[int, int], client_sock: socket.socket | None,
-                 clock: Callable[[], float] = time.time) -> None:
+                 port_range: tuple[int, int], clock: Callable[[], float] = time.time) -> None:
         self.loop = loop
         self._core_ref = core_ref
         self.relay_ips = relay_ips
         self.low, self.high = port_range
-        self.client_sock = client_sock
         self.clock = clock
         self.buf = bytearray(MAX_DATAGRAM + 4)
         self.view = memoryview(self.buf)
