@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 
 from turn import stun
-from turn.ratelog import RateLimitedLog
+from ratelog import RateLimitedLog
 
 from .turn_fakes import T0, CoreClient, error_code, make_core
 

@@ -27,7 +27,7 @@ from .allocation import (CHANNEL_MAX, CHANNEL_MIN, DEFAULT_LIFETIME_S, Allocatio
 from .auth import NonceBook, RestVerifier, parse_rest_username
 from .bandwidth import BandwidthCaps
 from .ledger import Ledger, LocalLedger
-from .ratelog import RateLimitedLog
+from ratelog import RateLimitedLog
 from .source_budget import SourceBudget
 from .stun import Address, BadAttribute, Builder, Message
 
