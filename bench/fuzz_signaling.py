@@ -2187,6 +2187,20 @@ async def locate(jobs: list[Job], suspects: set[int], port: int, digest: LogDige
     return found
 
 
+def suspect_clients(jobs: list[Job], user: str, when: float) -> list[str]:
+    """The clients that were `user` around `when`: job kind, transport, receiver, and when
+    they opened and closed relative to `when` (what a leak's cause is looked for in)."""
+    found = []
+    for job in jobs:
+        for c in job.clients:
+            if c.user == user and c.opened_at - 1 <= when <= (c.closed_at or time.time()) + 1:
+                receiver = f"/{c.receiver}" if isinstance(c, SockJsXhr) else ""
+                closed = "open" if c.closed_at is None else f"closed {c.closed_at - when:+.2f} s"
+                found.append(f"{job.kind} job {job.index}: {c.transport}{receiver}, opened "
+                             f"{c.opened_at - when:+.2f} s, {closed}, ended={c.ended}")
+    return found or ["none found"]
+
+
 async def locate_leak(jobs: list[Job], leaked: dict[str, tuple[str, float]], port: int, sessions: LogDigest,
                       out: Path, batch: int, budget_s: float, grace: float) -> list[str]:
     """Replay the jobs whose clients were that user at that time; save the first whose input
@@ -2372,8 +2386,10 @@ async def fuzz(run: Run) -> None:
             run.reasons.append(f"{states[TCP_CLOSE_WAIT]} connections still in CLOSE-WAIT {args.grace:g} s "
                                f"after batch {batch}")
         if new_leaks:
-            for sid, (user, _) in list(new_leaks.items())[:3]:
+            for sid, (user, when) in list(new_leaks.items())[:3]:
                 print(f"      leaked session {sid} of {user!r}: " + " | ".join(run.sessions.lines.get(sid, [])[1:4]),
+                      flush=True)
+                print("        its user's clients then: " + "; ".join(suspect_clients(everything, user, when)),
                       flush=True)
         run.sessions.poll()
         new_sites = {site for site, n in run.sessions.sites.items() if n > sites0[site]}

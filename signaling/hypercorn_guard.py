@@ -28,7 +28,7 @@ from hypercorn.config import Config
 from hypercorn.events import RawData
 from hypercorn.utils import parse_socket_addr
 
-from turn.ratelog import RateLimitedLog
+from ratelog import RateLimitedLog
 
 from .client_text import loggable
 from .guard import ClientGuard, Refused
@@ -231,23 +231,56 @@ class ReceiveDrain:
             await self.app(scope, receive, send)
             return
         disconnected = False
+        gone = False            # Hypercorn dropped the connection without telling the app
+        receiving: asyncio.Task | None = None
+        disconnect = {"type": "http.disconnect"} if scope["type"] == "http" else \
+            {"type": "websocket.disconnect", "code": 1006}
         body = RequestBodyProgress()
 
         async def watched_receive():
-            nonlocal disconnected
-            message = await receive()
+            nonlocal disconnected, receiving
+            if gone:
+                return disconnect
+            receiving = asyncio.current_task()
+            try:
+                message = await receive()
+            except asyncio.CancelledError:
+                if not gone or receiving is None:
+                    raise
+                receiving.uncancel()        # the cancel was ours: tell the app it is over
+                message = disconnect
+            finally:
+                receiving = None
             if message["type"] in DISCONNECTS:
                 disconnected = True
             body.saw(message)
             return message
 
+        async def send_while_connected(message) -> None:
+            if not gone:
+                await send(message)
+
         if scope["type"] == "http" and scope.get("http_version") in ("1.0", "1.1"):
             send = self._answer_before_the_body_ends(send, body, scope.get("client"))
+        app = asyncio.ensure_future(self.app(scope, watched_receive, send_while_connected))
         try:
-            await self.app(scope, watched_receive, send)
+            await asyncio.shield(app)
+        except asyncio.CancelledError:
+            # Hypercorn cancels the app when its connection task dies (an exception inside
+            # Hypercorn, see GuardedTCPServer.run) or at a forced shutdown.  Quart would leave
+            # its handler running, waiting for a message that can never come -- a session
+            # registered for good.  The app is told the client is gone instead, and given
+            # the linger to end; then it is cancelled in any case.
+            gone = True
+            if receiving is not None:
+                receiving.cancel()
+            await asyncio.wait((app,), timeout=self.guard.policy.linger_s)
+            if not app.done():
+                app.cancel()
+            raise
         finally:
             websocket = scope["type"] == "websocket"
-            if websocket or not disconnected:
+            if not gone and (websocket or not disconnected):
                 # Hypercorn hands over the disconnect only after this returns: a task.
                 task = asyncio.get_running_loop().create_task(
                     self._drain(receive, scope.get("client"), websocket, disconnected))

@@ -41,31 +41,40 @@ def assert_error_then_close(ws, fragment: str) -> None:
                 raise websocket.WebSocketConnectionClosedException()
 
 
-def test_a_message_over_the_size_limit_then_a_binary_frame_ends_only_that_connection(relay):
-    """A text message over the limit (6 x stomp.max_frame_bytes) gets 1009; a binary frame
-    right behind it made Hypercorn write bytes into the text message's buffer (TypeError)
-    and its connection task died with a traceback in the log.  Now that is one bounded
-    warning line, and everyone else is served as before."""
+@pytest.mark.parametrize("size", [6 * 65536 + 100, 18 * 65536], ids=["just-over", "three-times"])
+def test_a_message_over_the_size_limit_then_a_binary_frame_ends_only_that_connection(relay, size):
+    """A text message over the limit (6 x stomp.max_frame_bytes) gets 1009.  A binary frame
+    right behind it made Hypercorn write bytes into the text message's buffer (TypeError):
+    its connection task died with a traceback in the log, its task group cancelled the
+    app, and Quart's handler lived on, waiting for a message that could never come -- the
+    session stayed registered for good (found by the fuzz run).  Now Hypercorn's failure is
+    one bounded warning line, the session ends with its connection, and everyone else is
+    served as before."""
+    from .test_credentials_admin import admin, metric_samples   # it imports this module
+
+    def sessions() -> float:
+        return metric_samples(admin(relay, "GET", "/metrics").text)[("appliance_signaling_sessions", ())]
+
     bystander = connect(relay, "bob", "tok-bob")
-    ws = open_ws(relay)
-    big = websocket.ABNF.create_frame("x" * (6 * 65536 + 100), websocket.ABNF.OPCODE_TEXT)
-    binary = websocket.ABNF.create_frame(b"yy", websocket.ABNF.OPCODE_BINARY)
-    ws.sock.sendall(big.format() + binary.format())
+    before = sessions()
+    ws = connect(relay)                 # a session: it must end with its connection
+    assert sessions() == before + 1
+    big = websocket.ABNF.create_frame("x" * size, websocket.ABNF.OPCODE_TEXT)
+    binary = websocket.ABNF.create_frame(b"y" * 300, websocket.ABNF.OPCODE_BINARY)
+    close = websocket.ABNF.create_frame(b"\x03\xe8", websocket.ABNF.OPCODE_CLOSE)
+    ws.sock.sendall(big.format() + binary.format() + binary.format() + close.format())
     opcode, payload = ws.recv_data(control_frame=True)
     assert (opcode, int.from_bytes(payload[:2], "big")) == (websocket.ABNF.OPCODE_CLOSE, 1009)
-    ws.close()
+    ws.sock.close()
     bystander.send("SUBSCRIBE\nid:s\ndestination:/topic/user/status\n\n\x00"
                    'SEND\ndestination:/app/user/status\ncontent-length:9\n\n["carol"]\x00')
     assert frame_of(bystander.recv())[0] == "MESSAGE"
-    bystander.close()
     deadline = time.monotonic() + 5
-    while "ended by an error in Hypercorn" not in relay.log() and time.monotonic() < deadline:
+    while sessions() > before and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert "ended by an error in Hypercorn: \"TypeError" in relay.log()
+    assert sessions() == before
+    bystander.close()
     assert "Traceback" not in relay.log()
-    from .test_credentials_admin import admin, metric_samples   # it imports this module
-    samples = metric_samples(admin(relay, "GET", "/metrics").text)
-    assert samples[("appliance_signaling_connections_aborted_total", (("reason", "server_error"),))] >= 1
 
 
 def test_frames_sent_behind_connect_in_one_message_are_served_after_connected(relay):
