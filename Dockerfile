@@ -29,6 +29,7 @@ COPY pyproject.toml README.md ./
 COPY appliance ./appliance
 COPY turn ./turn
 COPY signaling ./signaling
+COPY ratelog ./ratelog
 COPY config ./config
 COPY --from=demo-libraries /opt/appliance/appliance/demo/node_modules ./appliance/demo/node_modules
 RUN pip install --no-cache-dir '.[probe]'

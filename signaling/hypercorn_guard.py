@@ -27,6 +27,7 @@ from hypercorn.asyncio.tcp_server import TCPServer
 from hypercorn.config import Config
 from hypercorn.events import RawData
 from hypercorn.utils import parse_socket_addr
+from wsproto.frame_protocol import CloseReason
 
 from ratelog import RateLimitedLog
 
@@ -234,7 +235,7 @@ class ReceiveDrain:
         gone = False            # Hypercorn dropped the connection without telling the app
         receiving: asyncio.Task | None = None
         disconnect = {"type": "http.disconnect"} if scope["type"] == "http" else \
-            {"type": "websocket.disconnect", "code": 1006}
+            {"type": "websocket.disconnect", "code": int(CloseReason.ABNORMAL_CLOSURE)}
         body = RequestBodyProgress()
 
         async def watched_receive():

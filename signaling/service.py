@@ -4,7 +4,7 @@ Transport-free: a StompEndpoint (endpoint.py, one per client, whichever
 transport carries it) calls `authenticate` on CONNECT, creates the Session and
 calls `connected` once accepted, `handle` for each STOMP event and `closed` at
 the end.  SENDs to `/app/...` go to the handler `route` registered for the
-destination (presence's here, calls' and TURN credentials' by their services);
+destination (the table is stomp_routes.py's: presence, calls, TURN credentials);
 a handler's SignalingError becomes a MESSAGE on the sender's
 /user/queue/errors and nobody else hears of it.  So does a bug (500, counted,
 logged at a bounded rate): one client's message must never end its session
@@ -20,7 +20,7 @@ import time
 from collections import Counter
 from typing import Callable
 
-from turn.ratelog import RateLimitedLog
+from ratelog import RateLimitedLog
 
 from .auth import TokenVerifier
 from .broker import Broker
@@ -28,11 +28,12 @@ from .client_text import loggable, user_id_problem
 from .errors import ERRORS_DESTINATION, SignalingError, parse_json, unavailable
 from .presence import Presence
 from .session import Session
-from .stomp import ConnectRequested, Limits, MessageSent, ProtocolError, SendRefused
+from .stomp import ConnectionFailed, ConnectRequested, Limits, MessageSent, SendRefused
 
 log = logging.getLogger("signaling")
 
-Handler = Callable[["SignalingService", Session, object], None]
+Handler = Callable[[Session, object], None]              # (sender, its parsed JSON body)
+CloseListener = Callable[[Session, bool], None]          # (session, it was its user's last)
 
 
 class SignalingService:
@@ -41,18 +42,25 @@ class SignalingService:
         self.verifier = verifier
         self.limits = limits = limits if limits is not None else Limits()
         self.presence = Presence(broker, limits.max_watched, limits.max_user_id_chars)
-        self.routes: dict[str, Handler] = {"/app/user/status": lambda svc, s, p: svc.presence.query(s, p)}
+        self.routes: dict[str, Handler] = {}
         self.local_routes: set[str] = set()      # routes that work without the broker's Redis
         self.counters: Counter[str] = Counter()
-        self.close_hooks: list[Callable[[Session, bool], None]] = []
+        self._close_listeners: list[CloseListener] = []
         self._failures = RateLimitedLog(log)
         # Users coming and going on other nodes (this node's own: connected and closed).
         broker.watch_presence(self.presence.changed)
 
     def route(self, destination: str, handler: Handler, needs_broker: bool = True) -> None:
+        """SENDs to `destination` go to `handler(session, body)`; a handler that needs
+        nothing of the broker's Redis (`needs_broker` False) keeps working while it is down."""
         self.routes[destination] = handler
         if not needs_broker:
             self.local_routes.add(destination)
+
+    def on_session_closed(self, listener: CloseListener) -> None:
+        """Have `listener(session, last_of_user)` called when a session is gone, after the
+        broker has dropped it and before its user's OFFLINE goes out."""
+        self._close_listeners.append(listener)
 
     @property
     def broker_healthy(self) -> bool:
@@ -103,7 +111,7 @@ class SignalingService:
                 log.info("session %s of user %s closed: %s", session.id, loggable(session.user_id),
                          event.close_message)
                 session.conn.close_with_error(event.close_message)
-        elif isinstance(event, ProtocolError):
+        elif isinstance(event, ConnectionFailed):
             self.counters["protocol_errors"] += 1
             log.info("session %s closed for a protocol error: %s", session.id, loggable(event.message))
         session.flush()
@@ -116,8 +124,8 @@ class SignalingService:
             log.warning("session %s of user %s disconnected: it stopped reading", session.id,
                         loggable(session.user_id))
         log.info("session %s of user %s closed", session.id, loggable(session.user_id))
-        for hook in self.close_hooks:
-            hook(session, last)
+        for listener in self._close_listeners:
+            listener(session, last)
         if last:
             self.presence.changed(session.user_id, False)
 
@@ -148,7 +156,7 @@ class SignalingService:
             if not self.broker_healthy and destination not in self.local_routes:
                 raise unavailable()
             payload = parse_json(event.frame.body, self.limits.max_frame_bytes, self.limits.max_json_depth)
-            handler(self, session, payload)
+            handler(session, payload)
         except SignalingError as err:
             self.error(session, err)
         except Exception:

@@ -29,8 +29,8 @@ from typing import Callable, Iterable
 
 from .client_text import loggable
 from .endpoint import StompEndpoint
+from .errors import SignalingError
 from .guard import ClientGuard, Refused, SessionTicket
-from .http_api import ApiError
 from .origins import OriginPolicy
 from .service import SignalingService
 from .stomp import Limits
@@ -74,7 +74,7 @@ NATIVE = Framing(encode=lambda frames: (f.decode("utf-8") for f in frames),
 
 
 def admit_origin(origins: OriginPolicy, guard: ClientGuard, headers) -> None:
-    """A handshake from a web page `origins` does not allow: an HTTP 403 (ApiError), raised
+    """A handshake from a web page `origins` does not allow: an HTTP 403 (SignalingError), raised
     before the handshake is accepted and counted.  A WebSocket is not held to the same-origin
     policy by browsers, so without this any page a user visits could open one here."""
     origin = headers.get("Origin")
@@ -82,17 +82,17 @@ def admit_origin(origins: OriginPolicy, guard: ClientGuard, headers) -> None:
         return
     guard.count(REFUSED_ORIGIN)
     log.debug("WebSocket handshake from origin %s refused", loggable(origin))
-    raise ApiError(403, "origin not allowed: the operator lists allowed pages in "
+    raise SignalingError(403, "origin not allowed: the operator lists allowed pages in "
                         "http.allowed_origins")
 
 
 def admit_session(guard: ClientGuard, client, now: float) -> SessionTicket:
-    """The per-address caps' ticket for a new session; an HTTP 429 (ApiError) if refused --
+    """The per-address caps' ticket for a new session; an HTTP 429 (SignalingError) if refused --
     raised before the handshake is accepted, so the client sees the status."""
     try:
         return guard.open_session(client, now)
     except Refused as refusal:
-        raise ApiError(refusal.status, refusal.message) from None
+        raise SignalingError(refusal.status, refusal.message) from None
 
 
 async def serve_websocket(websocket, service: SignalingService, limits: Limits,

@@ -20,8 +20,10 @@ from signaling.broker.redis import RedisBroker
 from signaling.calls.cluster import CallCluster, calls_across_nodes
 from signaling.calls.registry import CallRegistry
 from signaling.calls.service import CallOp
+from signaling.lifecycle import run_call_timers
 from signaling.service import SignalingService
 from signaling.session import Session
+from signaling.stomp_routes import install_stomp_routes
 
 from .test_broker_contract import NODE_TTL_S, eventually, session
 
@@ -61,9 +63,10 @@ async def make_node(url: str, prefix: str, name: str, ring_timeout_s: float = 30
     broker = RedisBroker(url, prefix, name, NODE_TTL_S)
     await broker.start()
     signaling = SignalingService(broker, StaticVerifier({}))
-    calls = calls_across_nodes(broker, broker, CallRegistry(ring_timeout_s, 10.0), 65536)
-    calls.install(signaling)
-    return Node(broker, signaling, calls, asyncio.get_running_loop().create_task(calls.run_timers()))
+    calls = calls_across_nodes(broker, broker, CallRegistry(ring_timeout_s, 10.0), 65536,
+                               signaling.error)
+    install_stomp_routes(signaling, calls)
+    return Node(broker, signaling, calls, asyncio.get_running_loop().create_task(run_call_timers(calls)))
 
 
 def messages(s: Session) -> list[tuple[str, object]]:
@@ -124,10 +127,10 @@ def test_create_app_runs_calls_across_nodes_when_the_broker_has_a_node_bus():
     from signaling.stomp import Limits
 
     spanning = RedisBroker("redis://127.0.0.1:1/0", "app-test:", "app-node")   # never started
-    calls = create_app("/im", StaticVerifier({}), Limits(), 100, broker=spanning).extensions["calls"]
+    calls = create_app("/im", StaticVerifier({}), Limits(), 100, broker=spanning).calls
     assert isinstance(calls, CallCluster) and calls.bus is spanning
     alone = create_app("/im", StaticVerifier({}), Limits(), 100, broker=MemoryBroker())
-    assert type(alone.extensions["calls"]) is CallService
+    assert type(alone.calls) is CallService
 
 
 async def test_a_call_between_nodes_rings_answers_signals_and_hangs_up(two_nodes):

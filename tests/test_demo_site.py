@@ -30,7 +30,7 @@ def config_of(tmp_path, text: str = ""):
 
 
 def bare_app(tmp_path, minter=None, directory=None):
-    app = create_app("/imserver", StaticVerifier({"t": "alice"}), Limits(), 64)
+    app = create_app("/imserver", StaticVerifier({"t": "alice"}), Limits(), 64).web
     kwargs = {"directory": directory} if directory else {}
     install_demo(app, "/imserver", minter, **kwargs)
     return app.test_client()
@@ -72,7 +72,7 @@ async def test_dev_tokens_are_minted_only_with_the_development_key(tmp_path):
     dev = config_of(tmp_path)
     minter = dev_token_minter(dev)
     assert minter is not None
-    client = signaling_app(dev).test_client()
+    client = signaling_app(dev).web.test_client()
     config = await (await client.get("/imserver/demo/config.json", scope_base=LOCAL)).get_json()
     assert config["data"] == {"prefix": "/imserver", "devTokens": True,
                               "librariesInstalled": libraries_installed()}
@@ -84,7 +84,7 @@ async def test_dev_tokens_are_minted_only_with_the_development_key(tmp_path):
 
     own_key = config_of(tmp_path, "auth: {jwt_key: " + "k" * 40 + "}\n")
     assert dev_token_minter(own_key) is None
-    refused = await signaling_app(own_key).test_client().post("/imserver/demo/token",
+    refused = await signaling_app(own_key).web.test_client().post("/imserver/demo/token",
                                                               json={"userId": "alice"},
                                                               scope_base=LOCAL)
     assert refused.status_code == 403
@@ -96,7 +96,7 @@ async def test_dev_tokens_are_minted_only_with_the_development_key(tmp_path):
 async def test_dev_tokens_need_a_loopback_listener(tmp_path, listen, mints):
     config = config_of(tmp_path, f"http: {{listen: {listen}}}\n")
     assert (dev_token_minter(config) is not None) is mints
-    client = signaling_app(config).test_client()
+    client = signaling_app(config).web.test_client()
     page = await (await client.get("/imserver/demo/config.json", scope_base=LOCAL)).get_json()
     assert page["data"]["devTokens"] is mints             # the page offers only what works
     answer = await client.post("/imserver/demo/token", json={"userId": "alice"}, scope_base=LOCAL)
@@ -112,7 +112,7 @@ async def test_dev_tokens_need_a_loopback_listener(tmp_path, listen, mints):
     ("2001:db8::1", False), ("<local>", False),       # Quart's stand-in when the peer is unknown
 ])
 async def test_dev_tokens_only_for_requests_from_loopback(tmp_path, address, local):
-    client = signaling_app(config_of(tmp_path)).test_client()
+    client = signaling_app(config_of(tmp_path)).web.test_client()
     page = await (await client.get("/imserver/demo/config.json", scope_base=peer(address))).get_json()
     assert page["data"]["devTokens"] is local
     answer = await client.post("/imserver/demo/token", json={"userId": "alice"},
@@ -127,7 +127,7 @@ async def test_dev_tokens_only_for_requests_from_loopback(tmp_path, address, loc
 
 
 async def test_dev_tokens_not_for_proxied_or_spoofed_requests(tmp_path):
-    client = signaling_app(config_of(tmp_path)).test_client()
+    client = signaling_app(config_of(tmp_path)).web.test_client()
     for headers in ({"X-Forwarded-For": "203.0.113.9"}, {"Forwarded": "for=203.0.113.9"}):
         proxied = await client.post("/imserver/demo/token", json={"userId": "alice"},
                                     headers=headers, scope_base=LOCAL)   # a proxy on this machine
@@ -138,7 +138,7 @@ async def test_dev_tokens_not_for_proxied_or_spoofed_requests(tmp_path):
 
 
 async def test_demo_off_serves_nothing(tmp_path):
-    client = signaling_app(config_of(tmp_path, "http: {demo: false}\n")).test_client()
+    client = signaling_app(config_of(tmp_path, "http: {demo: false}\n")).web.test_client()
     assert (await client.get("/imserver/demo/")).status_code == 404
     assert (await client.post("/imserver/demo/token", json={"userId": "a"})).status_code == 404
 
@@ -151,7 +151,7 @@ async def test_demo_off_serves_nothing(tmp_path):
 async def test_dev_tokens_not_for_a_rebound_name(tmp_path, host, mints):
     # DNS rebinding: a page of evil.example, its name pointed at 127.0.0.1, reaches the
     # appliance from the user's browser on this machine; only its Host gives it away.
-    client = signaling_app(config_of(tmp_path)).test_client()
+    client = signaling_app(config_of(tmp_path)).web.test_client()
     answer = await client.post("/imserver/demo/token", json={"userId": "alice"},
                                headers={"Host": host}, scope_base=LOCAL)
     assert answer.status_code == (200 if mints else 403)

@@ -1,17 +1,24 @@
 """The HTTP envelope: unknown paths, wrong methods and failures all answer
-{"code", "msg", "data"} with the matching status and no stack trace."""
+{"code", "msg", "data"} with the matching status and no stack trace; the one error type
+(SignalingError) reads the same in the envelope and on a STOMP client's errors queue."""
 
 from __future__ import annotations
 
+import json
+
+import pytest
+
 from signaling.app import create_app
 from signaling.auth import StaticVerifier
-from signaling.http_api import ApiError, authenticated_user, envelope
-from signaling.stomp import Limits
+from signaling.errors import SignalingError
+from signaling.http_api import authenticated_user, envelope
+from signaling.session import Session
+from signaling.stomp import Limits, StompServerConnection
 
 
 def make_app():
     verifier = StaticVerifier({"tok-a": "alice"})
-    app = create_app("/imserver", verifier, Limits(), 64)
+    app = create_app("/imserver", verifier, Limits(), 64).web
 
     @app.route("/imserver/test/whoami")
     async def whoami():
@@ -23,7 +30,7 @@ def make_app():
 
     @app.route("/imserver/test/busy")
     async def busy():
-        raise ApiError(1001, "callee busy")
+        raise SignalingError(1001, "callee busy")
 
     return app
 
@@ -61,3 +68,35 @@ async def test_business_errors_go_out_with_status_200():
     response = await make_app().test_client().get("/imserver/test/busy")
     assert response.status_code == 200
     assert await response.get_json() == {"code": 1001, "msg": "callee busy", "data": None}
+
+
+@pytest.mark.parametrize("code, message", [(401, "unauthorized"), (404, "not found"),
+                                           (413, "request too large"), (500, "internal error")])
+def test_an_error_without_a_message_carries_its_code_s_standard_one(code, message):
+    err = SignalingError(code)
+    assert (err.code, err.message) == (code, message)
+    assert json.loads(err.body()) == {"code": code, "message": message}
+
+
+async def test_a_refused_call_says_the_same_over_http_and_stomp():
+    signaling = create_app("/imserver", StaticVerifier({"tok-a": "alice", "tok-b": "bob"}),
+                           Limits(), 64)
+    client = signaling.web.test_client()
+    request = {"callId": "c1", "callee": "bob", "callerUserName": "A", "calleeUserName": "B",
+               "type": "AUDIO"}
+    # Bob is offline: the call is refused with a business code.
+    response = await client.post("/imserver/call/request", json=request, headers={"ide": "tok-a"})
+    enveloped = await response.get_json()
+    conn = StompServerConnection()
+    conn.receive_data(b"CONNECT\naccept-version:1.2\n\n\x00", 0)
+    conn.accept(0)
+    alice = Session("a1", "alice", conn)
+    signaling.service.connected(alice)
+    raw = (b"SUBSCRIBE\nid:e\ndestination:/user/queue/errors\n\n\x00SEND\ndestination:"
+           b"/app/call/request\n\n" + json.dumps(request).encode() + b"\x00")
+    for event in conn.receive_data(raw, 0):
+        signaling.service.handle(alice, event)
+    *_, message = alice.take()
+    queued = json.loads(message.partition(b"\n\n")[2][:-1])
+    assert response.status_code == 200 and enveloped["code"] > 1000
+    assert queued == {"code": enveloped["code"], "message": enveloped["msg"]}

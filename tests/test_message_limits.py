@@ -24,6 +24,7 @@ from signaling.stomp import ConnectRequested, Limits, MessageSent, SendRefused
 from signaling.stomp.budget import TokenBucket, WindowCount
 from signaling.stomp.connection import StompServerConnection
 from signaling.stomp.frames import Frame, FrameError, encode
+from signaling.stomp_routes import install_stomp_routes
 
 TOKENS = {"tok-a": "alice", "tok-b": "bob", "tok-nl": "eve\nuser-name:admin", "tok-long": "e" * 129}
 
@@ -213,7 +214,9 @@ def test_refusals_far_apart_do_not_end_the_session():
 
 
 def service(limits: Limits | None = None) -> SignalingService:
-    return SignalingService(MemoryBroker(), UserIdChecked(StaticVerifier(TOKENS)), limits)
+    svc = SignalingService(MemoryBroker(), UserIdChecked(StaticVerifier(TOKENS)), limits)
+    install_stomp_routes(svc)
+    return svc
 
 
 def open_session(svc: SignalingService, user: str, sid: str) -> Session:
@@ -294,7 +297,7 @@ def test_a_send_flood_gets_429_then_an_error_frame(caplog):
 def test_a_handler_bug_is_500_for_the_sender_and_nothing_else():
     svc = service()
 
-    def broken(_svc, _session, _payload):
+    def broken(_session, _payload):
         raise RuntimeError("a bug")
 
     svc.route("/app/broken", broken, needs_broker=False)
@@ -341,7 +344,7 @@ def http_app(max_frame_bytes: int = 65536):
     (json.dumps({"callId": "c", "pad": "x" * 70000}).encode(), 413),
 ])
 async def test_http_bodies_are_bounded(body, status, caplog):
-    client = http_app().test_client()
+    client = http_app().web.test_client()
     with caplog.at_level(logging.ERROR):
         response = await client.post("/imserver/call/request", data=body, headers={"ide": "tok-a"})
     assert response.status_code == status and (await response.get_json())["code"] == status
@@ -349,7 +352,7 @@ async def test_http_bodies_are_bounded(body, status, caplog):
 
 
 async def test_http_refuses_tokens_naming_unusable_ids():
-    client = http_app().test_client()
+    client = http_app().web.test_client()
     for token in ("tok-nl", "tok-long"):
         response = await client.get("/imserver/turn/get-turn-credentials", headers={"ide": token})
         assert response.status_code == 400 and (await response.get_json())["code"] == 400

@@ -15,12 +15,15 @@ from signaling.errors import SignalingError
 from signaling.service import SignalingService
 from signaling.session import Session
 from signaling.stomp import ConnectRequested, StompServerConnection
+from signaling.stomp_routes import install_stomp_routes
 
 TOKENS = {"tok-a": "alice", "tok-b": "bob", "tok-c": "carol"}
 
 
-def make_service() -> SignalingService:
-    return SignalingService(MemoryBroker(), StaticVerifier(TOKENS))
+def make_service(credentials=None) -> SignalingService:
+    service = SignalingService(MemoryBroker(), StaticVerifier(TOKENS))
+    install_stomp_routes(service, credentials=credentials)
+    return service
 
 
 def open_session(service, user: str, sid: str, subscribe=("/topic/user/status", "/user/queue/errors"),
@@ -230,7 +233,6 @@ async def test_http_introspection_verifier_asks_caches_and_fails_closed():
 
 def credential_service():
     from signaling.turn_credentials import TurnCredentialService
-    service = make_service()
     asked = []
 
     def issue(user):
@@ -238,8 +240,7 @@ def credential_service():
         return {"iceServers": [{"urls": "turn:t", "url": "turn:t", "username": f"9:{user}",
                                 "credential": "c"}], "ttl": 9}
 
-    TurnCredentialService(issue).install(service)
-    return service, asked
+    return make_service(TurnCredentialService(issue)), asked
 
 
 def test_turn_credentials_answer_only_the_asking_session():

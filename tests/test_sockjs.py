@@ -4,15 +4,20 @@ HandlingClose, JSONEncoding), plus STOMP carried over it."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import pytest
+from quart import Quart
 
 from signaling.app import create_app
 from signaling.auth import StaticVerifier
+from signaling.broker import MemoryBroker
 from signaling.origins import OriginPolicy
 from signaling.sockjs.protocol import (DISCONNECT_DELAY_S, PayloadError, SockJSSession, close_frame,
                                        decode_payload, message_frame, quote)
+from signaling.service import SignalingService
+from signaling.sockjs.server import SockJSServer
 from signaling.stomp import Limits
 
 BASE = "/imserver/ws"
@@ -23,7 +28,7 @@ CONNECT = "CONNECT\naccept-version:1.2\nide:tok-a\n\n\x00"
 def client():
     app = create_app("/imserver", StaticVerifier({"tok-a": "alice"}), Limits(heartbeat_ms=(0, 0)), 64,
                      origins=OriginPolicy(["https://app.example"]))
-    return app.test_client()
+    return app.web.test_client()
 
 
 async def text(response) -> str:
@@ -155,8 +160,8 @@ async def test_stomp_heartbeats_travel_as_an_eol_message_inside_an_a_frame():
     from signaling.sockjs.server import Carrier
 
     service = SignalingService(MemoryBroker(), StaticVerifier({"tok-a": "alice"}))
-    carrier = Carrier(SockJSSession("s", 0.0), lambda wake: StompEndpoint(
-        service, Limits(heartbeat_ms=(1000, 0)), 64, "alice", 0.0, wake))
+    carrier = Carrier(SockJSSession("s", 0.0), lambda wake, overflow: StompEndpoint(
+        service, Limits(heartbeat_ms=(1000, 0)), 64, "alice", 0.0, wake, overflow=overflow))
     await carrier.endpoint.feed("CONNECT\naccept-version:1.2\nide:tok-a\nheart-beat:0,1000\n\n\x00", 0.0)
     assert carrier.next_frame().startswith('a["CONNECTED')
     assert carrier.endpoint.next_timer() == 1.0
@@ -201,3 +206,41 @@ async def test_streaming_response_ends_after_128_kib(client):
     # The session survives the closed stream: the next poll carries on.
     frame = await text(await client.post(url + "xhr"))
     assert frame.startswith('a["MESSAGE')
+
+
+class ShiftedClockLoop(asyncio.SelectorEventLoop):
+    """An event loop whose clock reads a day ahead of time.monotonic(): whatever keeps time
+    on another clock shows up a day off."""
+
+    def time(self) -> float:
+        return super().time() + 86400.0
+
+
+def test_a_sockjs_session_keeps_time_on_the_event_loop_s_clock():
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        service = SignalingService(MemoryBroker(), StaticVerifier({"tok-a": "alice"}))
+        sockjs = SockJSServer(service, Limits(heartbeat_ms=(0, 0)), 64)
+        web = Quart("sockjs-clock")
+        sockjs.install(web, BASE)
+        client = web.test_client()
+        url = BASE + "/000/s1/"
+        assert await text(await client.post(url + "xhr?userId=alice")) == "o\n"
+        carrier = sockjs.carriers["s1"]
+        try:
+            # Created: the SockJS session and the STOMP endpoint's CONNECT deadline agree.
+            deadline = carrier.endpoint.connect_deadline - sockjs.guard.policy.connect_timeout_s
+            assert carrier.sockjs.last_seen == deadline
+            await client.post(url + "xhr_send", data=json.dumps([CONNECT]))
+            assert (await text(await client.post(url + "xhr"))).startswith('a["CONNECTED')
+            # A receiver came and went: seen now, on the loop's clock (expiry compares the two).
+            assert loop.time() - 5 < carrier.sockjs.last_seen <= loop.time()
+            assert not carrier.sockjs.expired(loop.time())
+        finally:
+            carrier.task.cancel()
+
+    loop = ShiftedClockLoop()
+    try:
+        loop.run_until_complete(scenario())
+    finally:
+        loop.close()

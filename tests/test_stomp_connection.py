@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from signaling.stomp import (ConnectRequested, DisconnectRequested, Limits, MessageSent,
-                             ProtocolError, StompServerConnection, Subscribed, Unsubscribed)
+from signaling.stomp import (ConnectionFailed, ConnectRequested, DisconnectRequested, Limits,
+                             LocalProtocolError, MessageSent, StompServerConnection, Subscribed,
+                             Unsubscribed)
 from signaling.stomp.connection import State, negotiate_heartbeat, negotiate_version
 
 
@@ -62,7 +63,7 @@ def test_heartbeat_negotiation(client, ours, result):
 def test_unsupported_version_is_error_then_closed():
     conn = StompServerConnection()
     (event,) = conn.receive_data(b"CONNECT\naccept-version:2.0\n\n\x00", 0.0)
-    assert isinstance(event, ProtocolError)
+    assert isinstance(event, ConnectionFailed)
     ((command, headers, body),) = frames(conn)
     assert command == "ERROR" and "1.0,1.1,1.2" in headers["message"] and body
     assert conn.closed
@@ -72,7 +73,7 @@ def test_unsupported_version_is_error_then_closed():
 def test_send_before_connect_is_error_then_closed():
     conn = StompServerConnection()
     (event,) = conn.receive_data(b"SEND\ndestination:/app/x\n\n\x00", 0.0)
-    assert isinstance(event, ProtocolError) and "before CONNECT" in event.message
+    assert isinstance(event, ConnectionFailed) and "before CONNECT" in event.message
     assert frames(conn)[0][0] == "ERROR" and conn.closed
 
 
@@ -104,7 +105,7 @@ def test_what_waits_behind_a_connect_is_bounded():
     conn.receive_data(b"CONNECT\naccept-version:1.2\n\n\x00", 0)
     assert conn.receive_data(b"SEND\ndestination:/app/x\n\n{}\x00" * 30, 0) == []
     (event,) = conn.receive_data(b"SEND\ndestination:/app/x\n\n{}\x00" * 10, 0)
-    assert isinstance(event, ProtocolError) and "before CONNECTED" in event.message and conn.closed
+    assert isinstance(event, ConnectionFailed) and "before CONNECTED" in event.message and conn.closed
 
 
 def test_reject_sends_error_and_closes():
@@ -132,14 +133,14 @@ def test_subscribe_send_unsubscribe_and_receipts():
 def test_subscribe_needs_id_and_destination_and_unique_ids():
     conn = connected()
     (event,) = conn.receive_data(b"SUBSCRIBE\ndestination:/x\n\n\x00", 0)
-    assert isinstance(event, ProtocolError) and "without id" in event.message
+    assert isinstance(event, ConnectionFailed) and "without id" in event.message
     conn = connected()
     conn.receive_data(b"SUBSCRIBE\nid:1\ndestination:/x\n\n\x00", 0)
     (event,) = conn.receive_data(b"SUBSCRIBE\nid:1\ndestination:/y\n\n\x00", 0)
-    assert isinstance(event, ProtocolError) and "already in use" in event.message
+    assert isinstance(event, ConnectionFailed) and "already in use" in event.message
     conn = connected()
     (event,) = conn.receive_data(b"SEND\n\nbody\x00", 0)
-    assert isinstance(event, ProtocolError) and "without destination" in event.message
+    assert isinstance(event, ConnectionFailed) and "without destination" in event.message
 
 
 def test_stomp_10_subscription_ids_default_to_the_destination():
@@ -155,14 +156,14 @@ def test_subscription_cap():
     for i in range(2):
         conn.receive_data(f"SUBSCRIBE\nid:{i}\ndestination:/d{i}\n\n\x00", 0)
     (event,) = conn.receive_data(b"SUBSCRIBE\nid:9\ndestination:/d9\n\n\x00", 0)
-    assert isinstance(event, ProtocolError) and conn.closed
+    assert isinstance(event, ConnectionFailed) and conn.closed
 
 
 def test_oversized_frame_is_error_then_closed():
     conn = connected(limits=Limits(max_frame_bytes=1024))
     conn.data_to_send()
     (event,) = conn.receive_data(b"SEND\ndestination:/app/x\n\n" + b"x" * 2000, 0)
-    assert isinstance(event, ProtocolError) and "larger than 1024" in event.message
+    assert isinstance(event, ConnectionFailed) and "larger than 1024" in event.message
     assert frames(conn)[0][0] == "ERROR"
 
 
@@ -204,10 +205,82 @@ def test_heartbeats_are_sent_and_silence_times_out():
     assert conn.get_timer() == 120.0
     assert conn.handle_timer(134.9) == []
     (event,) = conn.handle_timer(135.0)                   # 2 intervals of silence after 115
-    assert isinstance(event, ProtocolError) and event.message == "heart-beat timeout"
+    assert isinstance(event, ConnectionFailed) and event.message == "heart-beat timeout"
     assert conn.closed and conn.get_timer() is None
 
 
 def test_no_heartbeats_when_the_client_asks_for_none():
     conn = connected(heart_beat="0,0")
     assert conn.get_timer() is None
+
+
+# ---------------------------------------------------------------- the application's calls, by state
+
+
+def awaiting_connect():
+    return StompServerConnection()
+
+
+def connecting():
+    conn = StompServerConnection()
+    conn.receive_data(b"CONNECT\naccept-version:1.2\n\n\x00", 0)
+    return conn
+
+
+def closed_by_the_client():
+    conn = connected()
+    conn.receive_data(b"DISCONNECT\n\n\x00", 0)
+    return conn
+
+
+def closed_by_the_server():
+    conn = connecting()
+    conn.close_with_error("no CONNECT within 10 s")     # the deadline won the race
+    return conn
+
+
+def accepting(conn):
+    conn.accept(0)
+
+
+def rejecting(conn):
+    conn.reject("unauthorized")
+
+
+def messaging(conn):
+    conn.send_message("/user/queue/errors", "sub-0", b"{}")
+
+
+@pytest.mark.parametrize("make, call", [
+    (awaiting_connect, accepting),            # nothing to accept yet
+    (connected, accepting),                   # accepting twice
+    (closed_by_the_server, accepting),        # the caller did not check `closed` after its await
+    (awaiting_connect, rejecting),            # no CONNECT pending
+    (connected, rejecting),                   # ending a session is close_with_error's
+    (awaiting_connect, messaging),            # no subscription can exist before CONNECTED
+    (connecting, messaging),
+])
+def test_a_call_the_state_does_not_allow_is_the_application_s_bug(make, call):
+    conn = make()
+    state, queued = conn.state, conn.has_output
+    with pytest.raises(LocalProtocolError):
+        call(conn)
+    assert conn.state is state and conn.has_output == queued      # nothing changed
+
+
+@pytest.mark.parametrize("make", [closed_by_the_client, closed_by_the_server])
+def test_what_may_race_with_a_close_is_a_silent_no_op(make):
+    conn = make()
+    conn.data_to_send()
+    messaging(conn)                           # a MESSAGE for a session that has just gone
+    conn.close_with_error("server shutting down")
+    assert conn.receive_data(b"SEND\ndestination:/app/x\n\n{}\x00", 1) == []
+    assert conn.handle_timer(1000) == [] and conn.get_timer() is None
+    assert conn.data_to_send() == [] and conn.closed
+
+
+def test_a_reject_after_the_deadline_closed_the_connection_is_a_no_op():
+    conn = closed_by_the_server()
+    assert [f[0] for f in frames(conn)] == ["ERROR"]
+    rejecting(conn)                           # the token check ended after the deadline
+    assert conn.data_to_send() == [] and conn.closed

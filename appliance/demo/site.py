@@ -18,8 +18,8 @@ from typing import Callable
 
 from quart import Quart, redirect, request, send_file
 
-from signaling.errors import bad_request
-from signaling.http_api import ApiError, envelope
+from signaling.errors import SignalingError, bad_request
+from signaling.http_api import envelope
 
 from ..config.schema import is_loopback_address
 
@@ -68,7 +68,7 @@ def install_demo(app: Quart, prefix: str, mint_token: Callable[[str], str] | Non
 
     async def serve(path: Path, mimetype: str):
         if not path.is_file():
-            raise ApiError(404, "demo library not installed: run npm ci --prefix appliance/demo")
+            raise SignalingError(404, "demo library not installed: run npm ci --prefix appliance/demo")
         response = await send_file(path, mimetype=mimetype)
         response.headers["Cache-Control"] = "no-cache"
         return response
@@ -89,23 +89,23 @@ def install_demo(app: Quart, prefix: str, mint_token: Callable[[str], str] | Non
             return envelope(data={"prefix": prefix, "devTokens": dev_tokens,
                                   "librariesInstalled": libraries_installed(directory)})
         if name not in PAGE_FILES:
-            raise ApiError(404)
+            raise SignalingError(404)
         return await serve(directory / name, PAGE_FILES[name])
 
     @app.get(f"{base}/lib/<name>")
     async def demo_library(name: str):
         if name not in LIBRARIES:
-            raise ApiError(404)
+            raise SignalingError(404)
         return await serve(directory / LIBRARIES[name], "text/javascript; charset=utf-8")
 
     @app.post(f"{base}/token")
     async def demo_token():
         if mint_token is None:
-            raise ApiError(403, "tokens are minted only with the development JWT key "
-                                "and a loopback http.listen")
+            raise SignalingError(403, "tokens are minted only with the development JWT key "
+                                      "and a loopback http.listen")
         if not local_request():
-            raise ApiError(403, "development tokens are handed out only to requests from this "
-                                f"machine (loopback, no proxy), not {request.remote_addr}")
+            raise SignalingError(403, "development tokens are handed out only to requests from "
+                                      f"this machine (loopback, no proxy), not {request.remote_addr}")
         body = await request.get_json(silent=True, force=True)
         user = body.get("userId") if isinstance(body, dict) else None
         if not isinstance(user, str) or not user.strip() or len(user) > MAX_USER_ID \

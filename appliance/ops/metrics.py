@@ -11,7 +11,7 @@ would grow the series without bound.
 from __future__ import annotations
 
 import time
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -19,6 +19,9 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from signaling.calls.machine import Outcome
 
 from ..credentials.watcher import RingWatcher
+
+if TYPE_CHECKING:      # the relay workers import this module too: no web app for them
+    from signaling.app import SignalingApp
 
 P = "appliance_"
 
@@ -86,14 +89,12 @@ def _labelled(name: str, doc: str, label: str, values: dict, kind=CounterMetricF
 class ApplianceCollector:
     """Yields the appliance's metric families; each source may be absent (None)."""
 
-    def __init__(self, relay_stats: Callable[[], dict] | None, signaling=None, calls=None,
-                 credentials=None, watcher: RingWatcher | None = None,
+    def __init__(self, relay_stats: Callable[[], dict] | None, signaling: SignalingApp | None = None,
+                 watcher: RingWatcher | None = None,
                  draining: Callable[[], bool] = lambda: False,
                  clock: Callable[[], float] = time.time) -> None:
         self.relay_stats = relay_stats
         self.signaling = signaling
-        self.calls = calls
-        self.credentials = credentials
         self.watcher = watcher
         self.draining = draining
         self.clock = clock
@@ -181,8 +182,9 @@ class ApplianceCollector:
                        counters.get("relay_fd_exhausted", 0))
 
     def _signaling(self):
-        svc = self.signaling
-        broker = svc.broker
+        app = self.signaling
+        svc = app.service
+        broker = app.broker
         counters = svc.counters
         yield _gauge("signaling_sessions", "STOMP sessions connected to this node", broker.session_count())
         yield _gauge("signaling_online_users", "users with at least one session (on any node)",
@@ -214,15 +216,14 @@ class ApplianceCollector:
                                                          "handshake", "reason",
                         {reason: counters.get(f"aborted_{reason}", 0)
                          for reason in SIGNALING_ABORTS})
-        if self.calls is not None:
-            reg = self.calls.registry
-            yield _gauge("calls_active", "calls ringing or in progress (held by this node)",
-                         len(reg.calls))
-            yield _labelled("calls", "calls by outcome", "outcome",
-                            {o.value.replace(" ", "_"): reg.outcomes.get(o, 0) for o in Outcome})
-        if self.credentials is not None:
+        reg = app.calls.registry
+        yield _gauge("calls_active", "calls ringing or in progress (held by this node)",
+                     len(reg.calls))
+        yield _labelled("calls", "calls by outcome", "outcome",
+                        {o.value.replace(" ", "_"): reg.outcomes.get(o, 0) for o in Outcome})
+        if app.credentials is not None:
             yield _labelled("turn_credentials_issued", "iceServers answers", "transport",
-                            dict(self.credentials.counters))
+                            dict(app.credentials.counters))
 
 
 def metrics_registry(collector: ApplianceCollector) -> CollectorRegistry:

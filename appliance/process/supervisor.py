@@ -29,6 +29,7 @@ import time
 from hypercorn.asyncio import serve
 from hypercorn.config import Config
 
+from signaling.app import SignalingApp
 from turn.ledger import LocalLedger, SharedLedger, user_slots
 
 from ..config.schema import AppConfig, HostPort
@@ -85,7 +86,7 @@ class Supervisor:
         self.relay: LocalRelay | None = None
         self.workers: RelayWorkers | None = None
         self.draining = False
-        self.signaling_app = None
+        self.signaling: SignalingApp | None = None
         self._http_stop = asyncio.Event()
         self._admin_stop = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
@@ -114,11 +115,11 @@ class Supervisor:
         c, f = self.config, self.files
         bind = hypercorn_bind("http.listen", c.http.listen)
         issuer = CredentialIssuer.from_config(c, self.watcher.current_ring)
-        self.signaling_app = signaling_app(c, issuer.issue)
+        self.signaling = signaling_app(c, issuer.issue)
         hc = hypercorn_config(c, bind, f.http_cert or f.turn_cert, f.http_key or f.turn_key,
                               self.certificates)
         self._http_task = asyncio.get_running_loop().create_task(
-            serve(self.signaling_app, hc, shutdown_trigger=self._http_stop.wait))
+            serve(self.signaling.web, hc, shutdown_trigger=self._http_stop.wait))
         await wait_listening(c.http.listen, self._http_task, "http")
         log.info("signaling ready: %s://%s%s/ws", "https" if c.http.tls else "http",
                  c.http.listen, c.http.prefix)
@@ -126,12 +127,9 @@ class Supervisor:
     async def _start_admin(self) -> None:
         c = self.config
         bind = hypercorn_bind("admin.listen", c.admin.listen)
-        ext = self.signaling_app.extensions if self.signaling_app is not None else {}
         collector = ApplianceCollector(
             relay_stats=self.relay_stats if self.relay is not None else None,
-            signaling=ext.get("signaling"), calls=ext.get("calls"),
-            credentials=ext.get("turn_credentials"), watcher=self.watcher,
-            draining=lambda: self.draining)
+            signaling=self.signaling, watcher=self.watcher, draining=lambda: self.draining)
         app = create_admin_app(AdminContext(
             token=c.admin.token, watcher=self.watcher, store=self.watcher.store,
             grace_s=c.credentials.grace_s(),
@@ -170,9 +168,9 @@ class Supervisor:
             checks["relay"] = self.relay is not None and self.relay.ready
         if self.workers is not None:
             checks["relay_workers"] = self.workers.all_alive()
-        if self._http_task is not None:
+        if self._http_task is not None and self.signaling is not None:
             checks["signaling"] = not self._http_task.done()
-            broker = self.signaling_app.extensions["signaling"].broker
+            broker = self.signaling.broker
             if broker.node_bus is not None:
                 checks["broker"] = broker.healthy          # Redis reachable
         return checks
@@ -219,8 +217,8 @@ class Supervisor:
         log.info("stopping: draining for up to %d s", drain_s)
         if self.workers is not None:
             self.workers.begin_stop()
-        if self.signaling_app is not None:
-            self.signaling_app.extensions["signaling"].shutdown()
+        if self.signaling is not None:
+            self.signaling.service.shutdown()
             self._http_stop.set()
         if self.relay is not None:
             await self.relay.drain(drain_s, self.signals.hurry)

@@ -9,7 +9,7 @@ from pathlib import Path
 from hypercorn.config import Config
 
 from signaling.admission import SessionLimits
-from signaling.app import create_app
+from signaling.app import SignalingApp, create_app
 from signaling.broker.redis import RedisBroker
 from signaling.guard import CapSettings, ClientGuard, LifecyclePolicy
 from signaling.hypercorn_guard import ReceiveDrain, guard_listener
@@ -63,15 +63,15 @@ def broker(config: AppConfig):
     return RedisBroker(b.url, b.prefix, node_ttl_s=b.node_ttl_s)
 
 
-def signaling_app(config: AppConfig, issue_credentials=None):
+def signaling_app(config: AppConfig, issue_credentials=None) -> SignalingApp:
     guard = client_guard(config)
     app = create_app(config.http.prefix, token_verifier(config), stomp_limits(config),
                      config.stomp.max_outbox, config.calls.ring_timeout_s, config.calls.grace_s,
                      issue_credentials, broker(config), guard,
                      OriginPolicy(config.http.allowed_origins))
-    app.asgi_app = ReceiveDrain(app.asgi_app, guard)
+    app.web.asgi_app = ReceiveDrain(app.web.asgi_app, guard)
     if config.http.demo:
-        install_demo(app, config.http.prefix, dev_token_minter(config))
+        install_demo(app.web, config.http.prefix, dev_token_minter(config))
     return app
 
 

@@ -37,12 +37,14 @@ import secrets
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Callable
 
 from ..broker import Broker
 from ..broker.bus import (Command, Delete, Get, HGet, HGetAll, Kind, NodeBus, Script, SMembers,
                           StoreUnavailable)
 from ..client_text import loggable
 from ..errors import SignalingError, unavailable
+from ..session import Session
 from .machine import CALL_ID_USED, CALL_NOT_FOUND, CALLEE_BUSY, CALLER_BUSY
 from .registry import CallEnded, CallRegistry, ended_notices, refused
 from .service import CallOp, CallService
@@ -54,6 +56,11 @@ REPLY_TIMEOUT_S = 5.0
 REDIS_TIMEOUT_S = 5.0
 KNOWN_OWNERS = 10_000
 MAX_WAITING = 100_000            # sessions with call messages waiting on Redis
+
+# How a session hears of an error that came after its SEND was handled (a refusal from
+# Redis or from the call's owner): SignalingService.error, a MESSAGE on its
+# /user/queue/errors.
+TellError = Callable[[Session, SignalingError], None]
 
 # KEYS: callid, busy caller, busy callee, call, owner's calls
 # ARGV: call id, owner, caller, callee, callid memory (ms)
@@ -93,10 +100,10 @@ class Pending:
 
 
 def calls_across_nodes(broker: Broker, bus: NodeBus, registry: CallRegistry, max_payload_bytes: int,
-                       clock=time.monotonic) -> CallCluster:
+                       tell_error: TellError, clock=time.monotonic) -> CallCluster:
     """The CallService of nodes that share a Redis, connected to what it hears from: the
     registry's ended calls, the bus's call messages, dead nodes and this node's return."""
-    cluster = CallCluster(broker, bus, registry, max_payload_bytes, clock)
+    cluster = CallCluster(broker, bus, registry, max_payload_bytes, tell_error, clock)
     registry.listen(cluster)
     bus.subscribe(Kind.CALL, cluster.run_forwarded)
     bus.subscribe(Kind.CALL_RESULT, cluster.take_result)
@@ -106,9 +113,10 @@ def calls_across_nodes(broker: Broker, bus: NodeBus, registry: CallRegistry, max
 
 class CallCluster(CallService):
     def __init__(self, broker: Broker, bus: NodeBus, registry: CallRegistry, max_payload_bytes: int,
-                 clock=time.monotonic) -> None:
+                 tell_error: TellError, clock=time.monotonic) -> None:
         super().__init__(broker, registry, max_payload_bytes, clock)
         self.bus = bus
+        self.tell_error = tell_error
         self._chains: dict[object, asyncio.Task] = {}   # session -> its latest waiting message
         self._owners: OrderedDict[str, str] = OrderedDict()
         self._replies: dict[str, asyncio.Future] = {}
@@ -233,8 +241,8 @@ class CallCluster(CallService):
 
     def _tell_session(self, user: str, session_id: str | None, err: SignalingError) -> None:
         for session in self.broker.sessions_of(user):
-            if session.id == session_id and self.signaling is not None:
-                self.signaling.error(session, err)
+            if session.id == session_id:
+                self.tell_error(session, err)
 
     def _reply_expired(self, rid: str) -> None:
         future = self._replies.pop(rid, None)

@@ -23,6 +23,11 @@ Browsers are held to `origins` (signaling/origins.py): a request carrying a disa
 Origin is refused (403, no CORS headers) and allowed ones get their origin echoed.  An
 xhr_send body is read at the ASGI level (request_body.py), never past stomp.max_frame_bytes:
 a larger one gets a 413 that reaches the client, and is dropped as it arrives.
+
+One clock: the event loop's (`loop.time()`), read once where an event happens and passed
+to what needs it -- the SockJS session's receiver bookkeeping and expiry, the STOMP
+endpoint's heart-beats and CONNECT deadline, the per-address caps -- so their times can
+be compared with each other and with the loop's own timers.
 """
 
 from __future__ import annotations
@@ -31,7 +36,6 @@ import asyncio
 import logging
 import random
 import re
-import time
 
 from quart import Quart, Response, make_response, request, websocket
 from werkzeug.exceptions import NotFound
@@ -43,7 +47,8 @@ from ..guard import ClientGuard, SessionTicket
 from ..origins import OriginPolicy
 from ..service import SignalingService
 from ..stomp import Limits
-from ..ws import REFUSED_ORIGIN, Framing, WebSocketCarrier, admit_origin, admit_session
+from ..ws import (REFUSED_ORIGIN, EndpointFactory, Framing, WebSocketCarrier, admit_origin,
+                  admit_session)
 from .protocol import (ANOTHER_CONNECTION, GO_AWAY, HEARTBEAT_FRAME, HEARTBEAT_S, OPEN_FRAME,
                        STREAMING_LIMIT_BYTES, PayloadError, SockJSSession, State, close_frame,
                        decode_payload, message_frame)
@@ -81,7 +86,8 @@ SOCKJS_WEBSOCKET = Framing(encode=lambda frames: [message_frame([f.decode("utf-8
 class Carrier:
     """A SockJS session together with the STOMP client it carries."""
 
-    def __init__(self, session: SockJSSession, endpoint_factory, guard: ClientGuard | None = None,
+    def __init__(self, session: SockJSSession, endpoint_factory: EndpointFactory,
+                 guard: ClientGuard | None = None,
                  ticket: SessionTicket | None = None, owner: str | None = None) -> None:
         self.sockjs = session
         self.guard = guard
@@ -89,8 +95,7 @@ class Carrier:
         self.owner = owner                    # the opener's address: the only one served
         self.ready = asyncio.Event()          # a frame is waiting for a receiver
         self.receiver = None                  # the attached receiving request's client address
-        self.endpoint: StompEndpoint = endpoint_factory(self.ready.set)
-        self.endpoint.overflow = self._overflow
+        self.endpoint: StompEndpoint = endpoint_factory(self.ready.set, self._overflow)
         self.task: asyncio.Task | None = None
 
     def _overflow(self) -> None:
@@ -159,16 +164,15 @@ class SockJSServer:
             return carrier
         if not create or len(self.carriers) >= MAX_SESSIONS:
             return None
-        now = time.monotonic()
-        loop_now = asyncio.get_running_loop().time()
-        ticket = admit_session(self.guard, client, loop_now)
+        now = asyncio.get_running_loop().time()
+        ticket = admit_session(self.guard, client, now)
         user = request.args.get("userId")
         policy = self.guard.policy
         carrier = Carrier(SockJSSession(session_id, now),
-                          lambda wake: StompEndpoint(
-                              self.service, self.limits, self.max_outbox, user, loop_now, wake,
+                          lambda wake, overflow: StompEndpoint(
+                              self.service, self.limits, self.max_outbox, user, now, wake,
                               connect_timeout_s=policy.connect_timeout_s,
-                              max_outbox_bytes=policy.max_outbox_bytes),
+                              max_outbox_bytes=policy.max_outbox_bytes, overflow=overflow),
                           self.guard, ticket, exact_address_key(client[0] if client else None))
         self.carriers[session_id] = carrier
         carrier.task = asyncio.get_running_loop().create_task(self._watch(carrier))
@@ -176,13 +180,14 @@ class SockJSServer:
 
     async def _watch(self, carrier: Carrier) -> None:
         """The STOMP timer, and the end of a session nobody receives any more."""
+        loop = asyncio.get_running_loop()
         try:
             while True:
                 await asyncio.sleep(SESSION_TICK_S)
-                now = time.monotonic()
+                now = loop.time()
                 timer = carrier.endpoint.next_timer()
-                if timer is not None and timer <= asyncio.get_running_loop().time():
-                    carrier.endpoint.tick(asyncio.get_running_loop().time())
+                if timer is not None and timer <= now:
+                    carrier.endpoint.tick(now)
                 if carrier.sockjs.expired(now):
                     break
         finally:
@@ -281,14 +286,15 @@ class SockJSServer:
         first = carrier.sockjs.first_frame()
         if first is not None:
             return self._js(first + "\n")
-        if not carrier.sockjs.attach(time.monotonic()):
+        loop = asyncio.get_running_loop()
+        if not carrier.sockjs.attach(loop.time()):
             return self._js(close_frame(*ANOTHER_CONNECTION) + "\n")
         carrier.receiver = request.scope.get("client")
         try:
             return self._js(await carrier.wait_frame(HEARTBEAT_S) + "\n")
         finally:
             carrier.receiver = None
-            carrier.sockjs.detach(time.monotonic())
+            carrier.sockjs.detach(loop.time())
 
     def _xhr_send_in_front(self, app, base: str):
         """ASGI middleware: POST {base}/{server}/{session}/xhr_send goes to serve_xhr_send,
@@ -367,7 +373,8 @@ class SockJSServer:
                 yield wrap(first).encode()
                 if carrier.sockjs.state is State.CLOSED:
                     return
-            if not carrier.sockjs.attach(time.monotonic()):
+            loop = asyncio.get_running_loop()
+            if not carrier.sockjs.attach(loop.time()):
                 yield wrap(close_frame(*ANOTHER_CONNECTION)).encode()
                 return
             carrier.receiver = client        # stuck writing when the outbox overflows: cut off
@@ -382,7 +389,7 @@ class SockJSServer:
                         return
             finally:
                 carrier.receiver = None
-                carrier.sockjs.detach(time.monotonic())
+                carrier.sockjs.detach(loop.time())
 
         response = Response(body(), content_type=content_type)
         response.timeout = None

@@ -9,6 +9,29 @@
 The application decides who may connect (ConnectRequested -> accept or
 reject); this class owns the protocol: version and heart-beat negotiation,
 subscriptions, receipts, limits, and ERROR-then-close on any violation.
+
+Errors go two ways, as in h11 and wsproto.  The client's mistakes are events:
+a frame that breaks the protocol (or a client gone silent past its heart-beat)
+ends the connection and `receive_data`/`handle_timer` return ConnectionFailed.
+The application's mistakes raise LocalProtocolError: a call the connection's
+state does not allow is a bug in the caller.  What the application may
+legitimately do in each state, because the client (or a timer) can close the
+connection while the application is busy elsewhere:
+
+    receive_data    any state; nothing happens once closed (data behind the
+                    frame that closed it, or from a transport that races)
+    accept          CONNECTING only; anything else raises (accepting twice, or
+                    after the CONNECT deadline closed the connection, is a bug:
+                    check `closed` after any await)
+    reject          CONNECTING; a no-op once closed (the deadline or a shutdown
+                    won the race); raises before a CONNECT or once connected
+                    (there is nothing to reject: use close_with_error)
+    close_with_error  any state; a no-op once closed
+    send_message    CONNECTED; a no-op once closed (a MESSAGE for a session
+                    that has just closed is normal: the fan-out races the
+                    close); raises before CONNECTED (no subscription exists yet)
+    handle_timer    any state; nothing happens unless connected
+    get_timer, data_to_send, has_output, closed   any state
 """
 
 from __future__ import annotations
@@ -23,6 +46,11 @@ from .parser import HEARTBEAT, FrameParser, ParserLimits
 SUPPORTED_VERSIONS = ("1.2", "1.1", "1.0")
 HEARTBEAT_GRACE = 2.0       # a peer may be this many intervals late before it is declared gone
 SEND_REFUSAL_WINDOW_S = 10.0
+
+
+class LocalProtocolError(Exception):
+    """The application called a method the connection's state does not allow: a bug in
+    the caller, never the client's doing (see the table in the module docstring)."""
 
 
 @dataclass(frozen=True)
@@ -90,8 +118,10 @@ class DisconnectRequested:
 
 
 @dataclass
-class ProtocolError:
-    """The connection broke the protocol: an ERROR frame is queued and the connection is closed."""
+class ConnectionFailed:
+    """The client broke the protocol (an ERROR frame saying so is queued) or went silent
+    past its heart-beat (nothing is queued: nobody would read it); either way the
+    connection is closed.  `message` says which, safe to log (through loggable)."""
     message: str
 
 
@@ -263,7 +293,7 @@ class StompServerConnection:
     def accept(self, now: float, session: str | None = None, user_name: str | None = None) -> None:
         """Answer the pending CONNECT with CONNECTED (version, heart-beat, server)."""
         if self.state is not State.CONNECTING:
-            raise RuntimeError(f"accept() in state {self.state.value}")
+            raise LocalProtocolError(f"accept() in state {self.state.value}")
         send_ms, expect_ms = negotiate_heartbeat(self._pending_heartbeat, self.limits.heartbeat_ms)
         self.send_interval, self.expect_interval = send_ms / 1000, expect_ms / 1000
         headers = {"version": self.version, "heart-beat": f"{send_ms},{expect_ms}",
@@ -277,18 +307,27 @@ class StompServerConnection:
         self._queue(Frame("CONNECTED", headers), now)
 
     def reject(self, message: str) -> None:
-        """Refuse the pending CONNECT (or end the connection): ERROR, then closed."""
+        """Refuse the pending CONNECT: ERROR, then closed.  A no-op if the connection closed
+        while the application was deciding."""
+        if self.state in (State.AWAITING_CONNECT, State.CONNECTED):
+            raise LocalProtocolError(f"reject() in state {self.state.value}: no CONNECT is "
+                                     "pending (close_with_error ends a connection)")
         self._error(message)
 
     def close_with_error(self, message: str) -> None:
-        """End a connection from the server's side (shutdown): ERROR, then closed."""
+        """End a connection from the server's side (shutdown, a deadline, a flood, a slow
+        consumer): ERROR, then closed.  A no-op if it is closed already."""
         self._error(message)
 
     def send_message(self, destination: str, subscription: str, body: bytes,
                      headers: dict[str, str] | None = None, message_id: str = "",
                      now: float | None = None) -> None:
-        if self.state is not State.CONNECTED:
+        """A MESSAGE on `subscription`.  Dropped without a word once the connection is
+        closed: a message for a session that has just gone is normal, not an error."""
+        if self.state is State.CLOSED:
             return
+        if self.state is not State.CONNECTED:
+            raise LocalProtocolError(f"send_message() in state {self.state.value}")
         h = {"destination": destination, "subscription": subscription,
              "message-id": message_id or destination, "content-type": "application/json;charset=UTF-8"}
         if headers:
@@ -321,7 +360,7 @@ class StompServerConnection:
             return []
         if self.expect_interval and now >= self._last_received + self.expect_interval * HEARTBEAT_GRACE:
             self.state = State.CLOSED          # a silent peer gets no ERROR: nobody would read it
-            return [ProtocolError("heart-beat timeout")]
+            return [ConnectionFailed("heart-beat timeout")]
         if self.send_interval and now >= self._last_sent + self.send_interval:
             self._out.append(b"\n")
             self._last_sent = now
@@ -341,6 +380,6 @@ class StompServerConnection:
         self._queue(Frame("ERROR", {"message": message[:200]}, message.encode()))
         self.state = State.CLOSED
 
-    def _fail(self, message: str) -> ProtocolError:
+    def _fail(self, message: str) -> ConnectionFailed:
         self._error(message)
-        return ProtocolError(message)
+        return ConnectionFailed(message)
