@@ -14,7 +14,7 @@ two commands exactly as README.md prints them:
    `GET https://127.0.0.1:8443/imserver/ws/info`, then SIGTERM to the appliance,
    which must exit 0; then the same again, as on a machine that already ran it
    (the installs find everything there, the appliance reuses its data);
-2. command 2 (install and run the tests), whose pytest run is CI's verdict,
+2. command 2 (install, ruff, mypy, then the tests), whose exit code is CI's verdict,
    while the ports a coturn.service would hold (3478, 3479, 5349 and 5350, UDP
    and TCP, every interface) are taken: on a systemd Debian, installing coturn
    starts one, and the tests must not collide with it.
@@ -49,14 +49,22 @@ CHECKOUT = Path(__file__).resolve().parent.parent
 SUITE = "bookworm"
 SUITES = {SUITE, f"{SUITE}-updates", f"{SUITE}-security"}
 ROOT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-PROJECT_IN_ROOT = "/work/appliance"          # ../shared beside it, as on a developer's machine
-COMMAND_1_DEADLINE_S = 25 * 60               # installs, then the first answers
+PROJECT_IN_ROOT = "/work/appliance"  # ../shared beside it, as on a developer's machine
+COMMAND_1_DEADLINE_S = 25 * 60  # installs, then the first answers
 SMOKE_STUN = ("127.0.0.1", 3478)
 SMOKE_INFO_URL = "https://127.0.0.1:8443/imserver/ws/info"
-CONFIG_FILES = [                             # copied when present: how this machine reaches registries
-    "etc/apt/apt.conf.d", "etc/apt/auth.conf.d", "etc/pip.conf", "etc/xdg/pip",
-    "root/.config/pip", "root/.pip", "etc/npmrc", "usr/etc/npmrc", "root/.npmrc",
-    "usr/local/share/ca-certificates", "etc/resolv.conf",
+CONFIG_FILES = [  # copied when present: how this machine reaches registries
+    "etc/apt/apt.conf.d",
+    "etc/apt/auth.conf.d",
+    "etc/pip.conf",
+    "etc/xdg/pip",
+    "root/.config/pip",
+    "root/.pip",
+    "etc/npmrc",
+    "usr/etc/npmrc",
+    "root/.npmrc",
+    "usr/local/share/ca-certificates",
+    "etc/resolv.conf",
 ]
 
 
@@ -66,13 +74,15 @@ def say(text: str) -> None:
 
 # ------------------------------------------------------------------ README and apt sources
 
+
 def readme_commands(readme: Path) -> list[str]:
     """The lines of README.md's first ```sh block that are not comments: exactly two."""
     block = re.search(r"^```sh\n(.*?)^```", readme.read_text(), re.S | re.M)
     if block is None:
         raise SystemExit("README.md has no ```sh block with the set-up commands")
-    commands = [line for line in block.group(1).splitlines()
-                if line.strip() and not line.lstrip().startswith("#")]
+    commands = [
+        line for line in block.group(1).splitlines() if line.strip() and not line.lstrip().startswith("#")
+    ]
     if len(commands) != 2:
         raise SystemExit(f"README.md's first ```sh block has {len(commands)} commands, not 2")
     return commands
@@ -124,17 +134,21 @@ def sources_file(archives: list[tuple[str, str]]) -> str:
     stanzas = []
     for uri in dict.fromkeys(u for u, _ in archives):
         suites = " ".join(s for u, s in archives if u == uri)
-        stanzas.append(f"Types: deb\nURIs: {uri}\nSuites: {suites}\nComponents: main\n"
-                       "Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg\n")
+        stanzas.append(
+            f"Types: deb\nURIs: {uri}\nSuites: {suites}\nComponents: main\n"
+            "Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg\n"
+        )
     return "\n".join(stanzas)
 
 
 # ------------------------------------------------------------------ the root
 
+
 def build_root(root: Path, archives: list[tuple[str, str]]) -> None:
     mirror = next(uri for uri, suite in archives if suite == SUITE)
-    subprocess.run(["debootstrap", "--variant=minbase", SUITE, str(root), mirror],
-                   check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(
+        ["debootstrap", "--variant=minbase", SUITE, str(root), mirror], check=True, stdout=subprocess.DEVNULL
+    )
     (root / "etc/apt/sources.list").unlink(missing_ok=True)
     (root / "etc/apt/sources.list.d/debian.sources").write_text(sources_file(archives))
     for name in CONFIG_FILES:
@@ -155,14 +169,41 @@ def build_root(root: Path, archives: list[tuple[str, str]]) -> None:
 
 def in_root(root: Path, command: str, env: dict[str, str], **popen) -> subprocess.Popen:
     """`bash -c command` in the project inside the root, in new mount and PID namespaces."""
-    variables = {"PATH": ROOT_PATH, "HOME": "/root", "LANG": "C.UTF-8", "TERM": "dumb",
-                 "DEBIAN_FRONTEND": "noninteractive", **env}
-    inner = ["/usr/bin/env", "-i", *(f"{k}={v}" for k, v in variables.items()),
-             "/bin/bash", "-c", f"cd {PROJECT_IN_ROOT} && {command}"]
-    setup = ('mount --rbind /dev "$0/dev" && mount -t tmpfs -o mode=1777 shm "$0/dev/shm" '
-             '&& mount -t sysfs sysfs "$0/sys" && exec chroot "$0" "$@"')
-    return subprocess.Popen(["unshare", "--mount", "--pid", "--fork", f"--mount-proc={root}/proc",
-                             "/bin/bash", "-c", setup, str(root), *inner], **popen)
+    variables = {
+        "PATH": ROOT_PATH,
+        "HOME": "/root",
+        "LANG": "C.UTF-8",
+        "TERM": "dumb",
+        "DEBIAN_FRONTEND": "noninteractive",
+        **env,
+    }
+    inner = [
+        "/usr/bin/env",
+        "-i",
+        *(f"{k}={v}" for k, v in variables.items()),
+        "/bin/bash",
+        "-c",
+        f"cd {PROJECT_IN_ROOT} && {command}",
+    ]
+    setup = (
+        'mount --rbind /dev "$0/dev" && mount -t tmpfs -o mode=1777 shm "$0/dev/shm" '
+        '&& mount -t sysfs sysfs "$0/sys" && exec chroot "$0" "$@"'
+    )
+    return subprocess.Popen(
+        [
+            "unshare",
+            "--mount",
+            "--pid",
+            "--fork",
+            f"--mount-proc={root}/proc",
+            "/bin/bash",
+            "-c",
+            setup,
+            str(root),
+            *inner,
+        ],
+        **popen,
+    )
 
 
 def processes_in(root: Path):
@@ -181,16 +222,20 @@ def processes_in(root: Path):
 
 def appliance_pid(root: Path) -> int | None:
     """The `appliance serve` process command 1 started (relay workers are its children)."""
-    serving = {pid: argv for pid, argv in processes_in(root)
-               if any(a.endswith("/appliance") for a in argv) and "serve" in argv}
+    serving = {
+        pid: argv
+        for pid, argv in processes_in(root)
+        if any(a.endswith("/appliance") for a in argv) and "serve" in argv
+    }
     return min(serving) if serving else None
 
 
 # ------------------------------------------------------------------ checks from outside
 
+
 def stun_answers(address: tuple[str, int]) -> bool:
     request_id = os.urandom(12)
-    request = b"\x00\x01\x00\x00\x21\x12\xa4\x42" + request_id    # Binding request, RFC 8489
+    request = b"\x00\x01\x00\x00\x21\x12\xa4\x42" + request_id  # Binding request, RFC 8489
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         sock.settimeout(0.5)
         try:
@@ -203,7 +248,7 @@ def stun_answers(address: tuple[str, int]) -> bool:
 
 def sockjs_info(url: str) -> dict | None:
     context = ssl.create_default_context()
-    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE   # the development certificate
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE  # the development certificate
     try:
         with urllib.request.urlopen(url, timeout=2, context=context) as answer:
             return json.loads(answer.read())
@@ -217,12 +262,13 @@ def tail(path: Path, lines: int = 60) -> str:
 
 def run_command_1(root: Path, command: str, log: Path, attempt: str) -> None:
     if stun_answers(SMOKE_STUN):
-        raise SystemExit(f"command 1 ({attempt}): something already answers STUN on "
-                         f"{SMOKE_STUN[0]}:{SMOKE_STUN[1]}; the check would prove nothing")
+        raise SystemExit(
+            f"command 1 ({attempt}): something already answers STUN on "
+            f"{SMOKE_STUN[0]}:{SMOKE_STUN[1]}; the check would prove nothing"
+        )
     started = time.monotonic()
     with open(log, "wb") as out:
-        proc = in_root(root, command, {}, stdout=out, stderr=subprocess.STDOUT,
-                       stdin=subprocess.DEVNULL)
+        proc = in_root(root, command, {}, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     stun_ok = info = None
     while time.monotonic() - started < COMMAND_1_DEADLINE_S:
         if proc.poll() is not None:
@@ -234,12 +280,16 @@ def run_command_1(root: Path, command: str, log: Path, attempt: str) -> None:
         time.sleep(1)
     else:
         proc.kill()
-        raise SystemExit(f"command 1: no answer in {COMMAND_1_DEADLINE_S} s (STUN {bool(stun_ok)}, "
-                         f"SockJS info {bool(info)}):\n{tail(log)}")
+        raise SystemExit(
+            f"command 1: no answer in {COMMAND_1_DEADLINE_S} s (STUN {bool(stun_ok)}, "
+            f"SockJS info {bool(info)}):\n{tail(log)}"
+        )
     if info.get("websocket") is not True:
         raise SystemExit(f"command 1: unexpected SockJS info {info!r}")
-    say(f"command 1 ({attempt}) answered after {time.monotonic() - started:.0f} s: STUN Binding on "
-        f"{SMOKE_STUN[0]}:{SMOKE_STUN[1]}, {SMOKE_INFO_URL} {json.dumps(info)}")
+    say(
+        f"command 1 ({attempt}) answered after {time.monotonic() - started:.0f} s: STUN Binding on "
+        f"{SMOKE_STUN[0]}:{SMOKE_STUN[1]}, {SMOKE_INFO_URL} {json.dumps(info)}"
+    )
     pid = appliance_pid(root)
     if pid is None:
         raise SystemExit(f"command 1: no `appliance serve` process found in the root:\n{tail(log)}")
@@ -248,7 +298,9 @@ def run_command_1(root: Path, command: str, log: Path, attempt: str) -> None:
         code = proc.wait(30)
     except subprocess.TimeoutExpired:
         proc.kill()
-        raise SystemExit(f"command 1: the appliance did not stop within 30 s of SIGTERM:\n{tail(log)}")
+        raise SystemExit(
+            f"command 1: the appliance did not stop within 30 s of SIGTERM:\n{tail(log)}"
+        ) from None
     if code != 0:
         raise SystemExit(f"command 1: exit code {code} after SIGTERM:\n{tail(log)}")
     say(f"command 1 ({attempt}): SIGTERM, exit 0 ({time.monotonic() - started:.0f} s in all)")
@@ -283,21 +335,27 @@ def main() -> int:
     try:
         started = time.monotonic()
         build_root(root, archives)
-        say(f"Debian {SUITE} minbase root at {root} from {archives[0][0]} "
-            f"in {time.monotonic() - started:.0f} s")
+        say(
+            f"Debian {SUITE} minbase root at {root} from {archives[0][0]} "
+            f"in {time.monotonic() - started:.0f} s"
+        )
         for attempt in ("first", "again"):
             run_command_1(root, commands[0], workdir / f"command-1-{attempt}.log", attempt)
         say(f"command 2, the test run, with ports {COTURN_SERVICE_PORTS} held as coturn.service would:")
         held = hold_coturn_ports()
         try:
-            proc = in_root(root, commands[1], {"CI": os.environ.get("CI", "true"),
-                                               "REQUIRE_INTEROP": "1"}, stdin=subprocess.DEVNULL)
-            return proc.wait()       # pytest's closing lines stay the last ones printed
+            proc = in_root(
+                root,
+                commands[1],
+                {"CI": os.environ.get("CI", "true"), "REQUIRE_INTEROP": "1"},
+                stdin=subprocess.DEVNULL,
+            )
+            return proc.wait()  # pytest's closing lines stay the last ones printed
         finally:
             for sock in held:
                 sock.close()
     finally:
-        for pid, _ in processes_in(root):       # none should outlive their namespace
+        for pid, _ in processes_in(root):  # none should outlive their namespace
             os.kill(pid, signal.SIGKILL)
         if os.environ.get("KEEP_ROOT") == "1" or not unmounted(root):
             say(f"kept {workdir}")

@@ -35,7 +35,7 @@ from .tls.files import TlsFiles
 # No other command needs them (the container's healthcheck runs every 30 s), nor does a
 # spawned relay worker, which imports this module again as its __main__'s.
 
-CONFIG_ENV = "APPLIANCE_CONFIG"     # the container's mounted file, used when --config is absent
+CONFIG_ENV = "APPLIANCE_CONFIG"  # the container's mounted file, used when --config is absent
 
 
 def _config_path(arg: str | None) -> str | None:
@@ -53,8 +53,12 @@ def _load(arg: str | None) -> AppConfig:
 def _duration(seconds: float) -> str:
     """3725 -> "1h2m": the two largest units, which is what an operator reads."""
     seconds = int(max(0, seconds))
-    parts = [(seconds // 86400, "d"), (seconds % 86400 // 3600, "h"),
-             (seconds % 3600 // 60, "m"), (seconds % 60, "s")]
+    parts = [
+        (seconds // 86400, "d"),
+        (seconds % 86400 // 3600, "h"),
+        (seconds % 3600 // 60, "m"),
+        (seconds % 60, "s"),
+    ]
     shown = [f"{n}{unit}" for n, unit in parts if n][:2]
     return "".join(shown) or "0s"
 
@@ -66,44 +70,64 @@ def _warn_dev_key_exposed(config: AppConfig) -> None:
     listen = config.http.listen
     if not config.auth.uses_dev_key() or listen is None or listen.is_loopback():
         return
-    print(f"warning: http.listen {listen} is not loopback, yet clients' tokens are checked with "
-          f"a development JWT key generated on this machine (under {config.data_dir}): anyone "
-          "who gets a token signed with it, or the key, logs in as any user. Set auth.jwt_key "
-          "(APPLIANCE__AUTH__JWT_KEY) or auth.jwt_public_key to your IM backend's key, or "
-          "auth.mode http with auth.introspect_url", file=sys.stderr)
+    print(
+        f"warning: http.listen {listen} is not loopback, yet clients' tokens are checked with "
+        f"a development JWT key generated on this machine (under {config.data_dir}): anyone "
+        "who gets a token signed with it, or the key, logs in as any user. Set auth.jwt_key "
+        "(APPLIANCE__AUTH__JWT_KEY) or auth.jwt_public_key to your IM backend's key, or "
+        "auth.mode http with auth.introspect_url",
+        file=sys.stderr,
+    )
 
 
 # ------------------------------------------------------------------ commands
+
 
 def cmd_check_config(args) -> int:
     config = load_config(args.file)
     _warn_dev_key_exposed(config)
     warn_relay_ports_in_ephemeral_range(config)
     t = config.turn
-    relay = ", ".join(f"{ip} (advertised as {ext})" if ext else ip
-                      for ip, ext in ((t.relay_ip, config.external_ip),
-                                      (t.relay_ip6, config.external_ip6)) if ip)
-    tls_files = f"{t.tls_cert}, {t.tls_key}" if t.tls_cert else \
-        f"development certificate under {config.data_dir / 'certs'}"
+    relay = ", ".join(
+        f"{ip} (advertised as {ext})" if ext else ip
+        for ip, ext in ((t.relay_ip, config.external_ip), (t.relay_ip6, config.external_ip6))
+        if ip
+    )
+    tls_files = (
+        f"{t.tls_cert}, {t.tls_key}"
+        if t.tls_cert
+        else f"development certificate under {config.data_dir / 'certs'}"
+    )
     print(f"ok: {args.file}")
     print(f"  listeners:   udp {t.udp or 'off'}, tcp {t.tcp or 'off'}, tls {t.tls or 'off'}")
     if t.tls:
         print(f"  tls files:   {tls_files}")
-    print(f"  relay:       {relay or 'off'}; ports {t.relay_ports[0]}-{t.relay_ports[1]}; "
-          f"{t.workers} worker(s)")
+    print(
+        f"  relay:       {relay or 'off'}; ports {t.relay_ports[0]}-{t.relay_ports[1]}; {t.workers} worker(s)"
+    )
     print(f"  realm:       {config.realm}")
-    print(f"  secrets:     {_ring_where(config)} (grace {_duration(config.credentials.grace_s())}, "
-          f"activation {config.credentials.activation_s} s)")
+    print(
+        f"  secrets:     {_ring_where(config)} (grace {_duration(config.credentials.grace_s())}, "
+        f"activation {config.credentials.activation_s} s)"
+    )
     print(f"  ice servers: {', '.join(handed_out_urls(config)) or 'none'}")
     h, a = config.http, config.admin
     scheme = "https" if h.tls else "http"
     print(f"  signaling:   {f'{scheme}://{h.listen}{h.prefix}' if h.listen else 'off'}")
     if h.listen:
         b = config.broker
-        print("  broker:      " + (f"redis {safe_url(b.url)} (prefix {b.prefix}, node ttl {b.node_ttl_s} s)"
-                                   if b.url else "memory (this node alone)"))
-    print(f"  admin:       {a.listen or 'off'}" +
-          (f" (token {'set' if a.token else 'not set: secret endpoints disabled'})" if a.listen else ""))
+        print(
+            "  broker:      "
+            + (
+                f"redis {safe_url(b.url)} (prefix {b.prefix}, node ttl {b.node_ttl_s} s)"
+                if b.url
+                else "memory (this node alone)"
+            )
+        )
+    print(
+        f"  admin:       {a.listen or 'off'}"
+        + (f" (token {'set' if a.token else 'not set: secret endpoints disabled'})" if a.listen else "")
+    )
     return 0
 
 
@@ -115,11 +139,14 @@ def cmd_serve(args) -> int:
     warn_relay_ports_in_ephemeral_range(config)
     store = ring_store(config)
     ring, created = store.ensure(time.time())
-    print(f"secret ring: {store.where} ({'created' if created else 'loaded'}, "
-          f"current {ring.current().id})", file=sys.stderr)
+    print(
+        f"secret ring: {store.where} ({'created' if created else 'loaded'}, current {ring.current().id})",
+        file=sys.stderr,
+    )
     cert, key = _tls_files(config, "turn", config.turn.tls is not None)
     http_cert, http_key = _tls_files(config, "http", config.http.listen is not None and config.http.tls)
     from .process.supervisor import run
+
     return run(config, TlsFiles(cert, key, http_cert, http_key))
 
 
@@ -130,9 +157,13 @@ def _tls_files(config: AppConfig, section: str, needed: bool):
     cert, key = getattr(config, section).tls_cert, getattr(config, section).tls_key
     if cert is None:
         from .tls.devcert import ensure_dev_certificate
+
         cert, key, made = ensure_dev_certificate(config.data_dir / "certs")
-        print(f"{section} TLS: development certificate {cert} ({'created' if made else 'reused'}); "
-              f"set {section}.tls_cert/tls_key for production", file=sys.stderr)
+        print(
+            f"{section} TLS: development certificate {cert} ({'created' if made else 'reused'}); "
+            f"set {section}.tls_cert/tls_key for production",
+            file=sys.stderr,
+        )
     else:
         print(f"{section} TLS: {cert}, {key}", file=sys.stderr)
     return cert, key
@@ -155,14 +186,18 @@ def _signing_key(config: AppConfig) -> str:
 
     key, created = jwt_signing_key(config)
     if created:
-        warning = (f"warning: created a new development JWT key at "
-                   f"{config.data_dir / DEV_JWT_KEY_FILE}; only an appliance with this "
-                   f"data_dir accepts tokens signed with it")
+        warning = (
+            f"warning: created a new development JWT key at "
+            f"{config.data_dir / DEV_JWT_KEY_FILE}; only an appliance with this "
+            f"data_dir accepts tokens signed with it"
+        )
         listen = config.http.listen
         if listen is not None and _answers(listen):
-            warning += (f".  A server is answering on http.listen {listen} with another "
-                        "data_dir: it will refuse these tokens (401).  Pass the same --config "
-                        "or APPLIANCE__DATA_DIR as that server")
+            warning += (
+                f".  A server is answering on http.listen {listen} with another "
+                "data_dir: it will refuse these tokens (401).  Pass the same --config "
+                "or APPLIANCE__DATA_DIR as that server"
+            )
         print(warning, file=sys.stderr)
     return key
 
@@ -173,8 +208,11 @@ def cmd_token(args) -> int:
 
     config = _load(args.config)
     if config.auth.mode != "jwt" or config.auth.jwt_public_key is not None:
-        print("error: tokens can be minted only in auth.mode jwt with an HS256 key "
-              "(auth.jwt_key or the development key)", file=sys.stderr)
+        print(
+            "error: tokens can be minted only in auth.mode jwt with an HS256 key "
+            "(auth.jwt_key or the development key)",
+            file=sys.stderr,
+        )
         return 2
     print(mint_jwt(_signing_key(config), args.user, time.time(), args.ttl))
     return 0
@@ -183,15 +221,16 @@ def cmd_token(args) -> int:
 def _ring_where(config: AppConfig) -> str:
     c = config.credentials
     if c.store == "redis":
-        return f"redis {safe_url(c.redis_url or config.broker.url)} key {c.redis_key}"
+        return f"redis {safe_url(config.ring_redis_url())} key {c.redis_key}"
     return str(config.secrets_path())
 
 
 def _existing_ring(config: AppConfig) -> SecretRing:
     store = ring_store(config)
     if not store.exists():
-        raise SecretRingError(f"{store.where} does not exist yet; "
-                              "`appliance serve` creates it on first start")
+        raise SecretRingError(
+            f"{store.where} does not exist yet; `appliance serve` creates it on first start"
+        )
     return store.load()
 
 
@@ -209,8 +248,7 @@ def cmd_credentials(args) -> int:
     return 0
 
 
-def _secret_state(s: Secret, ring: SecretRing, now: float, grace_s: int,
-                  signing: Secret) -> str:
+def _secret_state(s: Secret, ring: SecretRing, now: float, grace_s: int, signing: Secret) -> str:
     if s is ring.current():
         return "current" + ("" if s is signing else ", activating (not signing yet)")
     suffix = ", signing until the current one activates" if s is signing else ""
@@ -218,8 +256,11 @@ def _secret_state(s: Secret, ring: SecretRing, now: float, grace_s: int,
         return "previous (accepted until retired)" + suffix
     left = s.retired + grace_s - now
     since = f"retired {_duration(now - s.retired)} ago"
-    return (f"{since}, accepted {_duration(left)} more" if left > 0
-            else f"{since}, no longer accepted (prune removes it)") + suffix
+    return (
+        f"{since}, accepted {_duration(left)} more"
+        if left > 0
+        else f"{since}, no longer accepted (prune removes it)"
+    ) + suffix
 
 
 def _print_ring(config: AppConfig, ring: SecretRing, show: bool = False) -> None:
@@ -229,8 +270,10 @@ def _print_ring(config: AppConfig, ring: SecretRing, show: bool = False) -> None
     print(f"{ring_store(config).where}:")
     for s in sorted(ring.secrets, key=lambda s: s.created, reverse=True):
         value = f"  {s.value}" if show else ""
-        print(f"  {s.id:12}  created {_duration(now - s.created):>6} ago  "
-              f"{_secret_state(s, ring, now, c.grace_s(), signing)}{value}")
+        print(
+            f"  {s.id:12}  created {_duration(now - s.created):>6} ago  "
+            f"{_secret_state(s, ring, now, c.grace_s(), signing)}{value}"
+        )
 
 
 def cmd_secret_list(args) -> int:
@@ -244,10 +287,14 @@ def cmd_secret_rotate(args) -> int:
     _existing_ring(config)
     ring, secret = rotate(ring_store(config).update, time.time())
     c = config.credentials
-    print(f"rotated: {secret.id} is the current secret; credentials are signed with it after "
-          f"{c.activation_s} s, and the previous secret stays accepted for {_duration(c.grace_s())}.")
-    print("A running appliance picks the change up within seconds (or now: kill -HUP). "
-          "External coturn servers need the new `appliance coturn-config` output.")
+    print(
+        f"rotated: {secret.id} is the current secret; credentials are signed with it after "
+        f"{c.activation_s} s, and the previous secret stays accepted for {_duration(c.grace_s())}."
+    )
+    print(
+        "A running appliance picks the change up within seconds (or now: kill -HUP). "
+        "External coturn servers need the new `appliance coturn-config` output."
+    )
     _print_ring(config, ring)
     return 0
 
@@ -256,15 +303,18 @@ def cmd_secret_prune(args) -> int:
     config = _load(args.config)
     _existing_ring(config)
     dropped = prune(ring_store(config).update, time.time(), config.credentials.grace_s())
-    print(f"pruned {len(dropped)} secret(s) past grace" +
-          (f": {', '.join(s.id for s in dropped)}" if dropped else ""))
+    print(
+        f"pruned {len(dropped)} secret(s) past grace"
+        + (f": {', '.join(s.id for s in dropped)}" if dropped else "")
+    )
     return 0
 
 
 def cmd_coturn_config(args) -> int:
     config = _load(args.config)
-    print("\n".join(coturn_config_lines(config, _existing_ring(config), time.time(),
-                                         ring_store(config).where)))
+    print(
+        "\n".join(coturn_config_lines(config, _existing_ring(config), time.time(), ring_store(config).where))
+    )
     return 0
 
 
@@ -276,6 +326,7 @@ def _probe_users(config: AppConfig, args) -> list[tuple[str, str]]:
     a = config.auth
     if a.mode == "jwt" and a.jwt_public_key is None:
         from signaling.auth import mint_jwt
+
         key = _signing_key(config)
         return [(u, mint_jwt(key, u, time.time(), 600)) for u in ("probe-a", "probe-b")]
     if a.mode == "static":
@@ -286,8 +337,10 @@ def _probe_users(config: AppConfig, args) -> list[tuple[str, str]]:
                 seen.add(user)
         if len(pairs) >= 2:
             return pairs[:2]
-    raise ConfigError("auth", "the probe cannot make tokens in this auth mode: give "
-                              "--user-a USER=TOKEN and --user-b USER=TOKEN")
+    raise ConfigError(
+        "auth",
+        "the probe cannot make tokens in this auth mode: give --user-a USER=TOKEN and --user-b USER=TOKEN",
+    )
 
 
 def _probe_target(config: AppConfig, args) -> tuple[str, Path | None]:
@@ -310,8 +363,11 @@ def cmd_probe(args) -> int:
     try:
         from .probe.self_test import run_probe
     except ImportError as exc:
-        print(f"error: the probe needs aiortc and websockets ({exc.name} is missing): "
-              "pip install 'appliance[probe]'", file=sys.stderr)
+        print(
+            f"error: the probe needs aiortc and websockets ({exc.name} is missing): "
+            "pip install 'appliance[probe]'",
+            file=sys.stderr,
+        )
         return 2
     import asyncio
     import ssl
@@ -320,9 +376,10 @@ def cmd_probe(args) -> int:
     users = _probe_users(config, args)
     url, ca = _probe_target(config, args)
     if ca is not None:
-        os.environ["SSL_CERT_FILE"] = str(ca)     # aioice's turns: context trusts it too
-    ssl_context = ssl.create_default_context(cafile=str(ca) if ca else None) \
-        if url.startswith("https") else None
+        os.environ["SSL_CERT_FILE"] = str(ca)  # aioice's turns: context trusts it too
+    ssl_context = (
+        ssl.create_default_context(cafile=str(ca) if ca else None) if url.startswith("https") else None
+    )
     report = asyncio.run(run_probe(url, users, args.turn or [], ssl_context))
     if args.json:
         print(json.dumps(report.as_dict()))
@@ -338,7 +395,7 @@ def cmd_healthcheck(args) -> int:
     if target is None:
         print("healthcheck: no UDP or TCP listener configured", file=sys.stderr)
         return 1
-    host = target.local_host()     # a wildcard listener: loopback, e.g. inside the container
+    host = target.local_host()  # a wildcard listener: loopback, e.g. inside the container
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     tid = os.urandom(12)
     request = stun.Builder(stun.BINDING, stun.REQUEST, tid).encode(fingerprint=True)
@@ -360,6 +417,7 @@ def cmd_healthcheck(args) -> int:
 
 
 # ------------------------------------------------------------------ parser
+
 
 def _positive_int(text: str) -> int:
     try:
@@ -399,8 +457,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("credentials", help="print TURN REST credentials for a user (JSON)")
     p.add_argument("--user", required=True, type=_user_id, metavar="ID")
-    p.add_argument("--ttl", type=_positive_int, metavar="S",
-                   help="lifetime in seconds (default: credentials.ttl_s)")
+    p.add_argument(
+        "--ttl", type=_positive_int, metavar="S", help="lifetime in seconds (default: credentials.ttl_s)"
+    )
     p.add_argument("--pretty", action="store_true", help="indent the JSON")
     p.add_argument("--config", metavar="FILE", help=config_help)
     p.set_defaults(func=cmd_credentials)
@@ -411,16 +470,19 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--show", action="store_true", help="print the secret values too")
     q.add_argument("--config", metavar="FILE", help=config_help)
     q.set_defaults(func=cmd_secret_list)
-    q = secret_sub.add_parser("rotate", help="make a new current secret; the old one stays "
-                                             "accepted for credentials.secret_grace_s")
+    q = secret_sub.add_parser(
+        "rotate", help="make a new current secret; the old one stays accepted for credentials.secret_grace_s"
+    )
     q.add_argument("--config", metavar="FILE", help=config_help)
     q.set_defaults(func=cmd_secret_rotate)
     q = secret_sub.add_parser("prune", help="drop secrets past their grace")
     q.add_argument("--config", metavar="FILE", help=config_help)
     q.set_defaults(func=cmd_secret_prune)
 
-    p = sub.add_parser("coturn-config", help="turnserver.conf lines that make a coturn accept "
-                                             "exactly this appliance's credentials")
+    p = sub.add_parser(
+        "coturn-config",
+        help="turnserver.conf lines that make a coturn accept exactly this appliance's credentials",
+    )
     p.add_argument("--config", metavar="FILE", help=config_help)
     p.set_defaults(func=cmd_coturn_config)
 
@@ -430,14 +492,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config")
     p.set_defaults(func=cmd_token)
 
-    p = sub.add_parser("probe", help="end-to-end self-test: two aiortc users call each other "
-                                     "relay-only through the signaling and the relay")
+    p = sub.add_parser(
+        "probe",
+        help="end-to-end self-test: two aiortc users call each other "
+        "relay-only through the signaling and the relay",
+    )
     p.add_argument("--config", metavar="FILE", help=config_help)
-    p.add_argument("--signaling", metavar="URL",
-                   help="signaling base URL, e.g. https://turn.example.com:8443/imserver "
-                        "(default: http.listen and http.prefix)")
-    p.add_argument("--turn", metavar="URL", action="append",
-                   help="TURN URL to test instead of the ones handed out (repeatable)")
+    p.add_argument(
+        "--signaling",
+        metavar="URL",
+        help="signaling base URL, e.g. https://turn.example.com:8443/imserver "
+        "(default: http.listen and http.prefix)",
+    )
+    p.add_argument(
+        "--turn",
+        metavar="URL",
+        action="append",
+        help="TURN URL to test instead of the ones handed out (repeatable)",
+    )
     p.add_argument("--user-a", metavar="USER=TOKEN", type=_user_token)
     p.add_argument("--user-b", metavar="USER=TOKEN", type=_user_token)
     p.add_argument("--ca", metavar="FILE", type=Path, help="CA certificate to trust for TLS")
@@ -455,7 +527,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, ListenerError) as exc:      # a listener that cannot bind: its key
+    except (ConfigError, ListenerError) as exc:  # a listener that cannot bind: its key
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except SecretRingError as exc:

@@ -25,8 +25,12 @@ from proc_stats import rss_kib  # noqa: E402
 from stomp_sessions import appliance_running, open_session, p50_p99_ms, ramp  # noqa: E402
 
 HOPS = ["request", "accept", "offer", "answer", "hangup"]
-CALL_QUEUES = ["/user/queue/call/request", "/user/queue/call/response",
-               "/user/queue/call/hangup", "/user/queue/rtc/signaling"]
+CALL_QUEUES = [
+    "/user/queue/call/request",
+    "/user/queue/call/response",
+    "/user/queue/call/hangup",
+    "/user/queue/rtc/signaling",
+]
 call_ids = itertools.count()
 
 
@@ -54,15 +58,44 @@ async def pair_loop(caller, callee, callee_id: int, end: float, hops: dict[str, 
     while time.perf_counter() < end:
         call_id = f"bench-{next(call_ids)}"
         steps = [
-            ("request", caller, callee, "/app/call/request", "/user/queue/call/request",
-             {"callId": call_id, "type": "AUDIO", "callee": f"user{callee_id}",
-              "callerUserName": "a", "calleeUserName": "b"}),
-            ("accept", callee, caller, "/app/call/response", "/user/queue/call/response",
-             {"callId": call_id, "type": "ACCEPT"}),
-            ("offer", caller, callee, "/app/rtc/signaling", "/user/queue/rtc/signaling",
-             {"callId": call_id, "type": "OFFER", "payload": sdp}),
-            ("answer", callee, caller, "/app/rtc/signaling", "/user/queue/rtc/signaling",
-             {"callId": call_id, "type": "ANSWER", "payload": sdp}),
+            (
+                "request",
+                caller,
+                callee,
+                "/app/call/request",
+                "/user/queue/call/request",
+                {
+                    "callId": call_id,
+                    "type": "AUDIO",
+                    "callee": f"user{callee_id}",
+                    "callerUserName": "a",
+                    "calleeUserName": "b",
+                },
+            ),
+            (
+                "accept",
+                callee,
+                caller,
+                "/app/call/response",
+                "/user/queue/call/response",
+                {"callId": call_id, "type": "ACCEPT"},
+            ),
+            (
+                "offer",
+                caller,
+                callee,
+                "/app/rtc/signaling",
+                "/user/queue/rtc/signaling",
+                {"callId": call_id, "type": "OFFER", "payload": sdp},
+            ),
+            (
+                "answer",
+                callee,
+                caller,
+                "/app/rtc/signaling",
+                "/user/queue/rtc/signaling",
+                {"callId": call_id, "type": "ANSWER", "payload": sdp},
+            ),
             ("hangup", caller, callee, "/app/call/hangup", "/user/queue/call/hangup", {"callId": call_id}),
         ]
         for hop, sender, receiver, destination, delivered_to, body in steps:
@@ -79,8 +112,9 @@ async def run_calls(sockets: list, seconds: float) -> tuple[int, dict[str, list[
     completed, and each hop's latencies in seconds."""
     hops: dict[str, list[float]] = {h: [] for h in HOPS}
     end = time.perf_counter() + seconds
-    counts = await asyncio.gather(*(pair_loop(sockets[i], sockets[i + 1], i + 1, end, hops)
-                                    for i in range(0, len(sockets) - 1, 2)))
+    counts = await asyncio.gather(
+        *(pair_loop(sockets[i], sockets[i + 1], i + 1, end, hops) for i in range(0, len(sockets) - 1, 2))
+    )
     return sum(counts), hops
 
 
@@ -99,8 +133,11 @@ async def bench(args) -> None:
         # whose SUBSCRIBEs are still on the wire is delivered to no one, and its pair hangs.
         await asyncio.sleep(1)
         total, hops = await run_calls(sockets, args.seconds)
-        print(f"{total} calls set up and hung up in {args.seconds:.0f} s by {args.users // 2} pairs: "
-              f"{total / args.seconds:.0f} calls/s", flush=True)
+        print(
+            f"{total} calls set up and hung up in {args.seconds:.0f} s by {args.users // 2} pairs: "
+            f"{total / args.seconds:.0f} calls/s",
+            flush=True,
+        )
         for hop in HOPS:
             p50, p99 = p50_p99_ms(hops[hop])
             print(f"  {hop:8} p50 {p50:6.1f} ms   p99 {p99:6.1f} ms", flush=True)
@@ -108,7 +145,9 @@ async def bench(args) -> None:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     add_load_options(parser)
     args = parser.parse_args()
     asyncio.run(bench(args))

@@ -80,58 +80,93 @@ sys.path.insert(0, str(ROOT))
 
 from fuzzkit import LogWatch, add_common_options, metrics, report_memory, run_or_replay, verdict, write_case
 from proc_stats import cpu_seconds, fd_count, process_tree, rss_kib
+
 from tests.interop.conftest import REALM, start_appliance, stop_appliance
 from tests.netports import free_port_pair
 from turn import stun
 from turn.auth import rest_password
 from turn.client import ClientCredentials
 
-RELAY_PORTS = (61000, 62999)          # outside Linux's ephemeral range and tests/netports' range
-UDP_SOURCE_NET = "127.0.0."           # .2 .. .(1 + sources): fuzzing clients
-STREAM_SOURCE_NET = "127.0.1."        # .1 .. .250: stream fuzzing clients, round robin
-SINK_IP = "127.0.0.250"               # the peer the fuzz allocations bind channels to
-STRANGER_IP = "127.0.0.251"           # a peer no allocation permits
-LEGIT_IP = "127.0.0.1"                # the legitimate client, and its echo peer
+RELAY_PORTS = (61000, 62999)  # outside Linux's ephemeral range and tests/netports' range
+UDP_SOURCE_NET = "127.0.0."  # .2 .. .(1 + sources): fuzzing clients
+STREAM_SOURCE_NET = "127.0.1."  # .1 .. .250: stream fuzzing clients, round robin
+SINK_IP = "127.0.0.250"  # the peer the fuzz allocations bind channels to
+STRANGER_IP = "127.0.0.251"  # a peer no allocation permits
+LEGIT_IP = "127.0.0.1"  # the legitimate client, and its echo peer
 MAX_UDP = 65507
 NETNS_ENV = "FUZZ_RELAY_IN_NETNS"
-KNOWN_TYPES = (stun.MAPPED_ADDRESS, stun.USERNAME, stun.MESSAGE_INTEGRITY, stun.ERROR_CODE,
-               stun.UNKNOWN_ATTRIBUTES, stun.CHANNEL_NUMBER, stun.LIFETIME, stun.XOR_PEER_ADDRESS,
-               stun.DATA_ATTR, stun.REALM, stun.NONCE, stun.XOR_RELAYED_ADDRESS,
-               stun.REQUESTED_ADDRESS_FAMILY, stun.EVEN_PORT, stun.REQUESTED_TRANSPORT,
-               stun.DONT_FRAGMENT, stun.MESSAGE_INTEGRITY_SHA256, stun.PASSWORD_ALGORITHM,
-               stun.USERHASH, stun.XOR_MAPPED_ADDRESS, stun.RESERVATION_TOKEN, stun.PRIORITY,
-               stun.USE_CANDIDATE, stun.PASSWORD_ALGORITHMS, stun.ALTERNATE_DOMAIN, stun.ICMP,
-               stun.SOFTWARE, stun.ALTERNATE_SERVER, stun.FINGERPRINT, stun.ICE_CONTROLLED,
-               stun.ICE_CONTROLLING, stun.RESPONSE_ORIGIN, stun.OTHER_ADDRESS, 0x0000, 0x7FFF,
-               0xFFFF, 0x0003, 0x0004, 0x0005)
-GENERATOR_FAULTS: list[str] = []     # bugs of this script's generators, reported at the end
+KNOWN_TYPES = (
+    stun.MAPPED_ADDRESS,
+    stun.USERNAME,
+    stun.MESSAGE_INTEGRITY,
+    stun.ERROR_CODE,
+    stun.UNKNOWN_ATTRIBUTES,
+    stun.CHANNEL_NUMBER,
+    stun.LIFETIME,
+    stun.XOR_PEER_ADDRESS,
+    stun.DATA_ATTR,
+    stun.REALM,
+    stun.NONCE,
+    stun.XOR_RELAYED_ADDRESS,
+    stun.REQUESTED_ADDRESS_FAMILY,
+    stun.EVEN_PORT,
+    stun.REQUESTED_TRANSPORT,
+    stun.DONT_FRAGMENT,
+    stun.MESSAGE_INTEGRITY_SHA256,
+    stun.PASSWORD_ALGORITHM,
+    stun.USERHASH,
+    stun.XOR_MAPPED_ADDRESS,
+    stun.RESERVATION_TOKEN,
+    stun.PRIORITY,
+    stun.USE_CANDIDATE,
+    stun.PASSWORD_ALGORITHMS,
+    stun.ALTERNATE_DOMAIN,
+    stun.ICMP,
+    stun.SOFTWARE,
+    stun.ALTERNATE_SERVER,
+    stun.FINGERPRINT,
+    stun.ICE_CONTROLLED,
+    stun.ICE_CONTROLLING,
+    stun.RESPONSE_ORIGIN,
+    stun.OTHER_ADDRESS,
+    0x0000,
+    0x7FFF,
+    0xFFFF,
+    0x0003,
+    0x0004,
+    0x0005,
+)
+GENERATOR_FAULTS: list[str] = []  # bugs of this script's generators, reported at the end
 INTERESTING_U32 = (0, 1, 2, 599, 600, 601, 3600, 3601, 0x7FFFFFFF, 0x80000000, 0xFFFFFFFF)
-INTERESTING_U16 = (0, 1, 3, 4, 5, 19, 20, 21, 0x3FFF, 0x4000, 0x4FFF, 0x7FFF, 0x8000, 0xFFFC,
-                   0xFFFF)
+INTERESTING_U16 = (0, 1, 3, 4, 5, 19, 20, 21, 0x3FFF, 0x4000, 0x4FFF, 0x7FFF, 0x8000, 0xFFFC, 0xFFFF)
 
 
 # ------------------------------------------------------------------ encoding helpers
 
+
 def tlv(atype: int, value: bytes, declared: int | None = None, pad: bytes | None = None) -> bytes:
     """One attribute; `declared` lies about its length, `pad` replaces the zero padding."""
     padding = b"\x00" * (-len(value) & 3) if pad is None else pad
-    return struct.pack("!HH", atype, len(value) if declared is None else declared & 0xFFFF) \
-        + value + padding
+    return struct.pack("!HH", atype, len(value) if declared is None else declared & 0xFFFF) + value + padding
 
 
-def assemble(mtype: int, tid: bytes, before: list[bytes], key: bytes | None = None,
-             after: list[bytes] = (), fingerprint: str | None = "good") -> bytes:
+def assemble(
+    mtype: int,
+    tid: bytes,
+    before: list[bytes],
+    key: bytes | None = None,
+    after: list[bytes] = (),
+    fingerprint: str | None = "good",
+) -> bytes:
     """A message with MESSAGE-INTEGRITY (if `key`) after `before`, then `after`, then
     FINGERPRINT as `fingerprint` says: good, bad, None, or twice."""
     body = b"".join(before)
     if key is not None:
-        covered = struct.pack("!HH", mtype & 0xFFFF, len(body) + 24) + stun.MAGIC_COOKIE_BYTES \
-            + tid + body
+        covered = struct.pack("!HH", mtype & 0xFFFF, len(body) + 24) + stun.MAGIC_COOKIE_BYTES + tid + body
         body += tlv(stun.MESSAGE_INTEGRITY, hmac.new(key, covered, hashlib.sha1).digest())
     body += b"".join(after)
     if fingerprint is not None:
-        covered = struct.pack("!HH", mtype & 0xFFFF, len(body) + 8) + stun.MAGIC_COOKIE_BYTES \
-            + tid + body
+        covered = struct.pack("!HH", mtype & 0xFFFF, len(body) + 8) + stun.MAGIC_COOKIE_BYTES + tid + body
         crc = stun.fingerprint_value(covered)
         if fingerprint == "bad":
             crc ^= 1
@@ -188,18 +223,19 @@ def take_frame(buf: bytearray) -> bytes | None:
 
 # ------------------------------------------------------------------ what the fuzzer knows
 
+
 @dataclass
 class Targets:
     """Addresses the generators aim at (all on loopback)."""
 
     secret: bytes
-    server: tuple[str, int]        # UDP and TCP listener
+    server: tuple[str, int]  # UDP and TCP listener
     tls_port: int
     sink: tuple[str, int]
     echo: tuple[str, int]
     stranger: tuple[str, int]
-    own: list                      # the appliance's own endpoints: the policy must refuse them
-    relayed: list = field(default_factory=list)     # relay addresses of fuzz allocations
+    own: list  # the appliance's own endpoints: the policy must refuse them
+    relayed: list = field(default_factory=list)  # relay addresses of fuzz allocations
 
 
 @dataclass
@@ -230,11 +266,24 @@ class Generator:
     def peer(self) -> tuple[str, int]:
         r = self.rng
         t = self.t
-        choices = [t.sink, t.sink, t.sink, t.stranger, t.echo, (SINK_IP, r.randint(1, 65535)),
-                   ("127.0.0.1", r.randint(1, 65535)), ("127.0.0.1", 0), ("::1", t.sink[1]),
-                   ("::ffff:127.0.0.250", t.sink[1]), ("64:ff9b::7f00:fa", t.sink[1]),
-                   ("192.0.2.1", 9), ("2001:db8::1", 9), ("0.0.0.0", 0), ("255.255.255.255", 9),
-                   ("::", 0)]
+        choices = [
+            t.sink,
+            t.sink,
+            t.sink,
+            t.stranger,
+            t.echo,
+            (SINK_IP, r.randint(1, 65535)),
+            ("127.0.0.1", r.randint(1, 65535)),
+            ("127.0.0.1", 0),
+            ("::1", t.sink[1]),
+            ("::ffff:127.0.0.250", t.sink[1]),
+            ("64:ff9b::7f00:fa", t.sink[1]),
+            ("192.0.2.1", 9),
+            ("2001:db8::1", 9),
+            ("0.0.0.0", 0),
+            ("255.255.255.255", 9),
+            ("::", 0),
+        ]
         choices.extend(t.own)
         if t.relayed:
             choices.append(r.choice(t.relayed))
@@ -244,14 +293,34 @@ class Generator:
         r = self.rng
         if r.random() < 0.9:
             return stun.encode_xor_address(self.peer(), tid)
-        return r.choice([b"", b"\x00\x01", b"\x00\x01\x00\x00\x00\x00\x00",
-                         b"\x00\x03" + r.randbytes(6), b"\x01\x01" + r.randbytes(6),
-                         b"\x00\x02" + r.randbytes(18), b"\x00\x01" + r.randbytes(r.randint(0, 40))])
+        return r.choice(
+            [
+                b"",
+                b"\x00\x01",
+                b"\x00\x01\x00\x00\x00\x00\x00",
+                b"\x00\x03" + r.randbytes(6),
+                b"\x01\x01" + r.randbytes(6),
+                b"\x00\x02" + r.randbytes(18),
+                b"\x00\x01" + r.randbytes(r.randint(0, 40)),
+            ]
+        )
 
     def channel_number(self) -> int:
         r = self.rng
-        return r.choice([r.randint(0x4000, 0x4FFF), r.randint(0x4000, 0x7FFF), 0x4000, 0x4FFF,
-                         0x5000, 0x7FFF, 0x3FFF, 0x8000, 0xFFFF, 0])
+        return r.choice(
+            [
+                r.randint(0x4000, 0x4FFF),
+                r.randint(0x4000, 0x7FFF),
+                0x4000,
+                0x4FFF,
+                0x5000,
+                0x7FFF,
+                0x3FFF,
+                0x8000,
+                0xFFFF,
+                0,
+            ]
+        )
 
     def payload(self, stream: bool, big: float = 0.01) -> bytes:
         r = self.rng
@@ -262,27 +331,61 @@ class Generator:
     def username(self, st: ClientState) -> bytes:
         r = self.rng
         now = int(time.time())
-        return r.choice([
-            st.creds.username.encode(), f"{now + 3600}:fuzz-{r.randint(0, 99)}".encode(),
-            f"{now + 3600}".encode(), f"{now - 10}:expired".encode(), b"0:x", "\u00b2:x".encode(),
-            "\u0661\u0662\u0663:x".encode(), b"-5:x", b"+5:x", b" 5:x", b"1e9:x", b"0x10:x",
-            b"999999999999:x", b"9999999999999:x", f"{now + 3600}:".encode(), b":x", b"",
-            f"{now + 3600}:\u00fc\u2603\U0001F600".encode(), f"{now + 3600}:a:b:c".encode(),
-            f"{now + 3600}:x\x00y".encode(), b"x" * 513, b"x" * 514, b"9" * 763, b"9" * 764,
-            b"\xff\xfe", b"\xc0\x80", f"{now + 3600}:\xff".encode("latin-1"),
-            b"1" * r.randint(0, 3000),
-        ])
+        return r.choice(
+            [
+                st.creds.username.encode(),
+                f"{now + 3600}:fuzz-{r.randint(0, 99)}".encode(),
+                f"{now + 3600}".encode(),
+                f"{now - 10}:expired".encode(),
+                b"0:x",
+                "\u00b2:x".encode(),
+                "\u0661\u0662\u0663:x".encode(),
+                b"-5:x",
+                b"+5:x",
+                b" 5:x",
+                b"1e9:x",
+                b"0x10:x",
+                b"999999999999:x",
+                b"9999999999999:x",
+                f"{now + 3600}:".encode(),
+                b":x",
+                b"",
+                f"{now + 3600}:\u00fc\u2603\U0001f600".encode(),
+                f"{now + 3600}:a:b:c".encode(),
+                f"{now + 3600}:x\x00y".encode(),
+                b"x" * 513,
+                b"x" * 514,
+                b"9" * 763,
+                b"9" * 764,
+                b"\xff\xfe",
+                b"\xc0\x80",
+                f"{now + 3600}:\xff".encode("latin-1"),
+                b"1" * r.randint(0, 3000),
+            ]
+        )
 
     def realm(self) -> bytes:
-        return self.rng.choice([REALM.encode()] * 4 + [b"", REALM.upper().encode(), b"\xff",
-                                                        REALM.encode() + b"\x00", b"r" * 764])
+        return self.rng.choice(
+            [REALM.encode()] * 4
+            + [b"", REALM.upper().encode(), b"\xff", REALM.encode() + b"\x00", b"r" * 764]
+        )
 
     def nonce(self, st: ClientState) -> bytes:
         r = self.rng
         good = st.creds.nonce or b""
-        return r.choice([good] * 4 + [b"", r.randbytes(34).hex()[:34].encode(), b"\xff" * 34,
-                                       b"zzzzzzzzzz" + good[10:], b"0000000000" + good[10:],
-                                       good[:-1], good + b"0", b"n" * 800])
+        return r.choice(
+            [good] * 4
+            + [
+                b"",
+                r.randbytes(34).hex()[:34].encode(),
+                b"\xff" * 34,
+                b"zzzzzzzzzz" + good[10:],
+                b"0000000000" + good[10:],
+                good[:-1],
+                good + b"0",
+                b"n" * 800,
+            ]
+        )
 
     def key(self, username: bytes) -> bytes:
         key = self._keys.get(username)
@@ -305,8 +408,7 @@ class Generator:
                 attrs = [(stun.PRIORITY, u32(r.getrandbits(32))), (stun.ICE_CONTROLLING, r.randbytes(8))]
                 if r.random() < 0.5:
                     attrs.append((stun.USE_CANDIDATE, b""))
-            return stun.BINDING, r.choice([stun.REQUEST] * 4 + [stun.INDICATION]), attrs, \
-                r.random() < 0.2
+            return stun.BINDING, r.choice([stun.REQUEST] * 4 + [stun.INDICATION]), attrs, r.random() < 0.2
         if kind < 0.30:
             attrs = [(stun.REQUESTED_TRANSPORT, bytes([r.choice([17] * 6 + [6, 0, 255]), 0, 0, 0]))]
             if r.random() < 0.2:
@@ -329,21 +431,35 @@ class Generator:
             return stun.REFRESH, stun.REQUEST, attrs, True
         if kind < 0.55:
             count = r.choice([1, 1, 1, 2, 3, r.randint(1, 80)])
-            return stun.CREATE_PERMISSION, stun.REQUEST, \
-                [(stun.XOR_PEER_ADDRESS, self.xor_peer(tid)) for _ in range(count)], True
+            return (
+                stun.CREATE_PERMISSION,
+                stun.REQUEST,
+                [(stun.XOR_PEER_ADDRESS, self.xor_peer(tid)) for _ in range(count)],
+                True,
+            )
         if kind < 0.72:
             number = st.channel if st.channel is not None and r.random() < 0.5 else self.channel_number()
-            return stun.CHANNEL_BIND, stun.REQUEST, \
-                [(stun.CHANNEL_NUMBER, struct.pack("!HH", number, r.choice([0, 0, 0, 1, 0xFFFF]))),
-                 (stun.XOR_PEER_ADDRESS, self.xor_peer(tid))], True
+            return (
+                stun.CHANNEL_BIND,
+                stun.REQUEST,
+                [
+                    (stun.CHANNEL_NUMBER, struct.pack("!HH", number, r.choice([0, 0, 0, 1, 0xFFFF]))),
+                    (stun.XOR_PEER_ADDRESS, self.xor_peer(tid)),
+                ],
+                True,
+            )
         if kind < 0.95:
             attrs = [(stun.XOR_PEER_ADDRESS, self.xor_peer(tid)), (stun.DATA_ATTR, self.payload(st.stream))]
             if r.random() < 0.1:
                 attrs.append((stun.DONT_FRAGMENT, b""))
             return stun.SEND, stun.INDICATION, attrs, False
         method = r.choice([stun.DATA, 0x000, 0x002, 0x005, 0x00A, 0x00B, 0xFFF, r.randint(0, 0xFFF)])
-        return method, r.choice([stun.REQUEST, stun.INDICATION, stun.SUCCESS, stun.ERROR]), \
-            [(stun.XOR_PEER_ADDRESS, self.xor_peer(tid))], r.random() < 0.5
+        return (
+            method,
+            r.choice([stun.REQUEST, stun.INDICATION, stun.SUCCESS, stun.ERROR]),
+            [(stun.XOR_PEER_ADDRESS, self.xor_peer(tid))],
+            r.random() < 0.5,
+        )
 
     def seed(self, st: ClientState) -> bytes:
         """A well-formed message, signed when its template is authenticated."""
@@ -352,11 +468,19 @@ class Generator:
         before = [tlv(t, v) for t, v in attrs]
         key = None
         if auth and st.creds.nonce:
-            before += [tlv(stun.USERNAME, st.creds.username.encode()), tlv(stun.REALM, REALM.encode()),
-                       tlv(stun.NONCE, st.creds.nonce)]
+            before += [
+                tlv(stun.USERNAME, st.creds.username.encode()),
+                tlv(stun.REALM, REALM.encode()),
+                tlv(stun.NONCE, st.creds.nonce),
+            ]
             key = st.creds.key
-        return assemble(stun.message_type(method, cls), tid, before, key,
-                        fingerprint="good" if self.rng.random() < 0.7 else None)
+        return assemble(
+            stun.message_type(method, cls),
+            tid,
+            before,
+            key,
+            fingerprint="good" if self.rng.random() < 0.7 else None,
+        )
 
     # -------------------------------------------------------- attribute-level mutation
 
@@ -370,7 +494,7 @@ class Generator:
         if op == 2:
             return r.randbytes(3)
         if op == 3 and value:
-            return value[:r.randrange(len(value))]
+            return value[: r.randrange(len(value))]
         if op == 4:
             return value + r.randbytes(r.randint(1, 16))
         if op == 5 and value:
@@ -388,11 +512,13 @@ class Generator:
         r = self.rng
         tid = r.randbytes(12)
         method, cls, attrs, auth = self.template(st, tid)
-        attrs = [list(a) + [None, None] for a in attrs]       # type, value, declared, pad
+        attrs = [list(a) + [None, None] for a in attrs]  # type, value, declared, pad
         if auth or r.random() < 0.3:
-            attrs += [[stun.USERNAME, st.creds.username.encode(), None, None],
-                      [stun.REALM, REALM.encode(), None, None],
-                      [stun.NONCE, st.creds.nonce or b"", None, None]]
+            attrs += [
+                [stun.USERNAME, st.creds.username.encode(), None, None],
+                [stun.REALM, REALM.encode(), None, None],
+                [stun.NONCE, st.creds.nonce or b"", None, None],
+            ]
         limit = 65000 if st.stream else MAX_UDP - 200
         for _ in range(r.choice([1, 1, 1, 2, 3, 5])):
             op = r.randrange(13)
@@ -409,10 +535,17 @@ class Generator:
             elif op == 3:
                 atype = r.choice(KNOWN_TYPES) if r.random() < 0.6 else r.getrandbits(16)
                 attrs.insert(r.randint(0, len(attrs)), [atype, r.randbytes(r.randint(0, 24)), None, None])
-            elif op == 4:                 # many unknown comprehension-required attributes
+            elif op == 4:  # many unknown comprehension-required attributes
                 raw = r.randbytes(2 * r.randint(20, 300))
-                attrs.extend([0x0030 + int.from_bytes(raw[j:j + 2], "big") % 0x7FD0,
-                              raw[j:j + (j & 4)], None, None] for j in range(0, len(raw), 2))
+                attrs.extend(
+                    [
+                        0x0030 + int.from_bytes(raw[j : j + 2], "big") % 0x7FD0,
+                        raw[j : j + (j & 4)],
+                        None,
+                        None,
+                    ]
+                    for j in range(0, len(raw), 2)
+                )
             elif op == 5:
                 r.shuffle(attrs)
             elif op == 6:
@@ -426,8 +559,9 @@ class Generator:
                 atype = r.choice([stun.USERNAME, stun.DATA_ATTR, stun.SOFTWARE, stun.NONCE, 0x8888])
                 attrs.insert(0, [atype, r.randbytes(r.randint(1000, limit)), None, None])
             elif op == 10 and attrs:
-                attrs[i][2] = r.choice([0, 1, 3, 65535, len(attrs[i][1]) + 4, len(attrs[i][1]) - 1,
-                                        r.getrandbits(16)])
+                attrs[i][2] = r.choice(
+                    [0, 1, 3, 65535, len(attrs[i][1]) + 4, len(attrs[i][1]) - 1, r.getrandbits(16)]
+                )
             elif op == 11 and attrs:
                 attrs[i][3] = r.choice([b"", b"\xff\xff\xff", b"\x00" * 4, b"\x01"])
             elif op == 12:
@@ -446,7 +580,7 @@ class Generator:
         cut = len(chunks)
         after: list[bytes] = []
         if r.random() < 0.1 and chunks:
-            cut = r.randrange(len(chunks))               # attributes after MESSAGE-INTEGRITY
+            cut = r.randrange(len(chunks))  # attributes after MESSAGE-INTEGRITY
         elif r.random() < 0.05:
             after = [tlv(stun.MESSAGE_INTEGRITY, r.randbytes(r.choice([19, 20, 21, 32])))]
         elif r.random() < 0.05:
@@ -476,9 +610,9 @@ class Generator:
                 d[i:i] = r.randbytes(r.randint(1, 16))
             elif op == 3 and n:
                 i = r.randrange(n)
-                del d[i:i + r.randint(1, 16)]
+                del d[i : i + r.randint(1, 16)]
             elif op == 4 and n:
-                del d[r.randrange(n):]
+                del d[r.randrange(n) :]
             elif op == 5:
                 d += r.randbytes(r.randint(1, 64))
             elif op == 6 and n >= 4:
@@ -487,36 +621,35 @@ class Generator:
                 offsets = attribute_offsets(bytes(d))
                 if offsets:
                     pos, alen = r.choice(offsets)
-                    d[pos + 2:pos + 4] = u16(r.choice([*INTERESTING_U16, alen + 4, alen - 4, alen + 1]))
+                    d[pos + 2 : pos + 4] = u16(r.choice([*INTERESTING_U16, alen + 4, alen - 4, alen + 1]))
             elif op == 8 and n > 24:
                 offsets = attribute_offsets(bytes(d))
                 if offsets:
                     pos, _ = r.choice(offsets)
-                    d[pos:pos + 2] = u16(r.choice(KNOWN_TYPES))
+                    d[pos : pos + 2] = u16(r.choice(KNOWN_TYPES))
             elif op == 9 and n > 24:
                 offsets = [o for o in attribute_offsets(bytes(d)) if o[0] + 4 + o[1] <= n]
                 if offsets:
                     pos, alen = r.choice(offsets)
-                    piece = bytes(d[pos:pos + 4 + alen + (-alen & 3)])
+                    piece = bytes(d[pos : pos + 4 + alen + (-alen & 3)])
                     at, _ = r.choice(offsets)
                     if r.random() < 0.5:
                         d[at:at] = piece * r.randint(1, 4)
                     else:
-                        del d[pos:pos + len(piece)]
+                        del d[pos : pos + len(piece)]
             elif op == 10 and n >= 8:
                 d[4:8] = r.randbytes(4)
             elif op == 11 and n:
-                d[0] = (d[0] & 0x3F) | r.choice([0x40, 0x80, 0xC0]) if r.random() < 0.5 \
-                    else r.getrandbits(8)
+                d[0] = (d[0] & 0x3F) | r.choice([0x40, 0x80, 0xC0]) if r.random() < 0.5 else r.getrandbits(8)
             elif op == 12:
                 other = self.seed(ClientState("", ClientCredentials("", REALM, b"")))
-                d = d[:r.randint(0, n)] + other[r.randint(0, len(other)):]
+                d = d[: r.randint(0, n)] + other[r.randint(0, len(other)) :]
             elif op == 13 and n > 24:
                 for pos, alen in attribute_offsets(bytes(d)):
                     if alen & 3 and pos + 4 + alen < len(d):
                         d[pos + 4 + alen] = 0xFF
         if r.random() < 0.5 and len(d) >= 20:
-            d[2:4] = u16(len(d) - 20)     # so the parser goes further
+            d[2:4] = u16(len(d) - 20)  # so the parser goes further
         limit = 65535 + 20 if stream else MAX_UDP
         return bytes(d[:limit])
 
@@ -524,16 +657,17 @@ class Generator:
         r = self.rng
         number = st.channel if st.channel is not None and r.random() < 0.6 else self.channel_number()
         if not 0x4000 <= number <= 0x7FFF:
-            number = r.randint(0x4000, 0x7FFF)       # the first byte is what makes it ChannelData
+            number = r.randint(0x4000, 0x7FFF)  # the first byte is what makes it ChannelData
         payload = self.payload(st.stream, big=0.005)
         kind = r.random()
         if kind < 0.75:
             return channel_data(number, payload, st.stream)
         if kind < 0.9:
-            declared = r.choice([0, 1, len(payload) + 1, len(payload) + 4, max(0, len(payload) - 1),
-                                 65535, r.getrandbits(16)])
+            declared = r.choice(
+                [0, 1, len(payload) + 1, len(payload) + 4, max(0, len(payload) - 1), 65535, r.getrandbits(16)]
+            )
             return channel_data(number, payload, st.stream, declared)
-        return struct.pack("!H", number)[:r.randint(1, 2)] + r.randbytes(r.randint(0, 1))
+        return struct.pack("!H", number)[: r.randint(1, 2)] + r.randbytes(r.randint(0, 1))
 
     def garbage(self) -> bytes:
         r = self.rng
@@ -579,9 +713,12 @@ class Generator:
         elif k < 0.85:
             data = self.mutate_bytes(self.seed(st), True)
         else:
-            return channel_data(self.channel_number() if st.channel is None or self.rng.random() < 0.3
-                                else st.channel, self.payload(True, big=0.002), True)
-        data = bytearray(data[:65532 + 20])
+            return channel_data(
+                self.channel_number() if st.channel is None or self.rng.random() < 0.3 else st.channel,
+                self.payload(True, big=0.002),
+                True,
+            )
+        data = bytearray(data[: 65532 + 20])
         if len(data) < 20:
             data += bytes(20 - len(data))
         data[0] &= 0x3F
@@ -600,14 +737,19 @@ class Generator:
             return bytes(frame)
         if kind == 1:
             frame = self.seed(st)
-            return frame[:r.randint(1, len(frame) - 1)]
+            return frame[: r.randint(1, len(frame) - 1)]
         if kind == 2:
-            return channel_data(r.randint(0x4000, 0x7FFF), r.randbytes(r.randint(0, 50)), True,
-                                declared=r.choice([65535, 60000, 1000]))
+            return channel_data(
+                r.randint(0x4000, 0x7FFF),
+                r.randbytes(r.randint(0, 50)),
+                True,
+                declared=r.choice([65535, 60000, 1000]),
+            )
         return bytes([r.randint(0x80, 0xFF)]) + r.randbytes(r.randint(0, 200))
 
 
 # ------------------------------------------------------------------ the appliance as a process
+
 
 def listener_queue(port: int) -> tuple[int, int]:
     """(bytes queued, datagrams dropped) summed over the UDP sockets bound to 127.0.0.1:port."""
@@ -624,6 +766,7 @@ def listener_queue(port: int) -> tuple[int, int]:
 
 
 # ------------------------------------------------------------------ peers
+
 
 def echo_peer(port: int) -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
@@ -644,6 +787,7 @@ def bring_up_loopback() -> None:
 
 
 # ------------------------------------------------------------------ clients that talk back
+
 
 class Conversation:
     """Request/response over a UDP socket or a stream, for set-up and the legitimate checks."""
@@ -683,8 +827,9 @@ class Conversation:
                 return None
             self.buf += data
 
-    def request(self, creds: ClientCredentials, method: int, attrs, timeout: float = 1.0,
-                tries: int = 3) -> stun.Message | None:
+    def request(
+        self, creds: ClientCredentials, method: int, attrs, timeout: float = 1.0, tries: int = 3
+    ) -> stun.Message | None:
         """The final answer (after 401/438 retries), or None if none came."""
         for _ in range(tries + 1):
             tid = os.urandom(12)
@@ -722,14 +867,15 @@ def error_text(reply: stun.Message | None) -> str:
     return f"{stun.decode_error(raw)[0]}" if raw else "error without ERROR-CODE"
 
 
-def establish(conv: Conversation, creds: ClientCredentials, peer: tuple[str, int], channel: int,
-              timeout: float = 1.0) -> tuple[tuple | None, str]:
+def establish(
+    conv: Conversation, creds: ClientCredentials, peer: tuple[str, int], channel: int, timeout: float = 1.0
+) -> tuple[tuple | None, str]:
     """Allocate, permit `peer` and bind `channel` to it: (relayed address or None, outcome)."""
     transport = [(stun.REQUESTED_TRANSPORT, b"\x11\x00\x00\x00")]
     reply = conv.request(creds, stun.ALLOCATE, transport, timeout)
     relayed = None
     if reply is None or reply.cls != stun.SUCCESS:
-        if error_text(reply) != "437":          # 437: this 5-tuple still holds one
+        if error_text(reply) != "437":  # 437: this 5-tuple still holds one
             return None, f"allocate {error_text(reply)}"
     else:
         relayed = stun.xor_address(reply.get(stun.XOR_RELAYED_ADDRESS), reply.transaction_id)
@@ -737,8 +883,9 @@ def establish(conv: Conversation, creds: ClientCredentials, peer: tuple[str, int
     reply = conv.request(creds, stun.CREATE_PERMISSION, [xpeer], timeout)
     if reply is None or reply.cls != stun.SUCCESS:
         return relayed, f"permission {error_text(reply)}"
-    reply = conv.request(creds, stun.CHANNEL_BIND,
-                         [(stun.CHANNEL_NUMBER, struct.pack("!HH", channel, 0)), xpeer], timeout)
+    reply = conv.request(
+        creds, stun.CHANNEL_BIND, [(stun.CHANNEL_NUMBER, struct.pack("!HH", channel, 0)), xpeer], timeout
+    )
     if reply is None or reply.cls != stun.SUCCESS:
         return relayed, f"channel {error_text(reply)}"
     return relayed, "ok"
@@ -753,9 +900,11 @@ def legit_check(transport: str, targets: Targets, secret: bytes) -> str:
             sock.bind((LEGIT_IP, 0))
             conv = Conversation(sock, False, targets.server)
         else:
-            raw = socket.create_connection((targets.server[0], targets.server[1] if transport == "tcp"
-                                            else targets.tls_port), timeout=5,
-                                           source_address=(LEGIT_IP, 0))
+            raw = socket.create_connection(
+                (targets.server[0], targets.server[1] if transport == "tcp" else targets.tls_port),
+                timeout=5,
+                source_address=(LEGIT_IP, 0),
+            )
             sock = client_tls().wrap_socket(raw) if transport == "tls" else raw
             conv = Conversation(sock, True)
     except OSError as exc:
@@ -773,10 +922,13 @@ def legit_check(transport: str, targets: Targets, secret: bytes) -> str:
                     data = conv.receive(deadline - time.monotonic())
                     if data is None:
                         break
-                    if data[:2] == b"\x43\x21" and data[4:4 + len(payload)] == payload:
+                    if data[:2] == b"\x43\x21" and data[4 : 4 + len(payload)] == payload:
                         reply = conv.request(creds, stun.REFRESH, [(stun.LIFETIME, b"\0\0\0\0")], 2.0)
-                        return "ok" if reply is not None and reply.cls == stun.SUCCESS \
+                        return (
+                            "ok"
+                            if reply is not None and reply.cls == stun.SUCCESS
                             else f"delete {error_text(reply)}"
+                        )
             return "no echo through the relay"
         except OSError as exc:
             return f"{type(exc).__name__}: {exc}"
@@ -785,11 +937,12 @@ def legit_check(transport: str, targets: Targets, secret: bytes) -> str:
 def client_tls() -> ssl.SSLContext:
     ctx = ssl.create_default_context()
     ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE          # the dev certificate; nothing secret crosses
+    ctx.verify_mode = ssl.CERT_NONE  # the dev certificate; nothing secret crosses
     return ctx
 
 
 # ------------------------------------------------------------------ UDP fuzzing
+
 
 class UdpSource:
     """A fuzzing client socket on one of the 127.0.0.x source addresses."""
@@ -832,14 +985,14 @@ def prepare_sources(sources: list[UdpSource], targets: Targets, rng: random.Rand
         outcomes = list(pool.map(one, sources, channels))
     ready = 0
     relayed = []
-    for src, channel, (address, outcome) in zip(sources, channels, outcomes):
+    for src, channel, (address, outcome) in zip(sources, channels, outcomes, strict=True):
         if outcome == "ok":
             ready += 1
             src.state.channel = channel
             if address is not None:
                 src.state.relayed = address
         elif outcome.split()[-1] in ("437", "441", "443", "403"):
-            src.renew()                       # the 5-tuple's allocation is not what we think
+            src.renew()  # the 5-tuple's allocation is not what we think
         if src.state.relayed is not None:
             relayed.append(src.state.relayed)
         src.sock.setblocking(False)
@@ -854,7 +1007,7 @@ class UdpTally:
     replies: int = 0
     sink_received: int = 0
     send_errors: int = 0
-    drops: int = 0                   # the listener's kernel drops over the batch (all senders)
+    drops: int = 0  # the listener's kernel drops over the batch (all senders)
     seconds: float = 0.0
     final_rate: float = 0.0
 
@@ -869,8 +1022,18 @@ def share(total: int, parts: int, k: int) -> int:
     return total // parts + (k < total % parts)
 
 
-def start_sender(k: int, count: int, sources: list, targets: Targets, sink: socket.socket,
-                 stranger: socket.socket, seed: int, batch: int, logwatch: LogWatch, rate: float):
+def start_sender(
+    k: int,
+    count: int,
+    sources: list,
+    targets: Targets,
+    sink: socket.socket,
+    stranger: socket.socket,
+    seed: int,
+    batch: int,
+    logwatch: LogWatch,
+    rate: float,
+):
     """A forked process sending `count` datagrams from `sources` (one core cannot both
     make the inputs and keep the relay busy); its tally and suspects come up a pipe."""
     ctx = multiprocessing.get_context("fork")
@@ -890,9 +1053,18 @@ def start_sender(k: int, count: int, sources: list, targets: Targets, sink: sock
     return proc, receiver
 
 
-def fuzz_udp(count: int, sources: list[UdpSource], targets: Targets, gen: Generator,
-             peer_sock: socket.socket, stranger_sock: socket.socket, logwatch: LogWatch,
-             suspects: list, start_rate: float, chunk: int = 256) -> UdpTally:
+def fuzz_udp(
+    count: int,
+    sources: list[UdpSource],
+    targets: Targets,
+    gen: Generator,
+    peer_sock: socket.socket,
+    stranger_sock: socket.socket,
+    logwatch: LogWatch,
+    suspects: list,
+    start_rate: float,
+    chunk: int = 256,
+) -> UdpTally:
     """Send `count` datagrams to the listener (and peer datagrams to relay ports), paced
     by the listener's kernel drop counter; windows before a log traceback go to `suspects`."""
     r = gen.rng
@@ -932,9 +1104,11 @@ def fuzz_udp(count: int, sources: list[UdpSource], targets: Targets, gen: Genera
             else:
                 dest = ("127.0.0.1", r.randint(*RELAY_PORTS))
             sock = peer_sock if r.random() < 0.8 else stranger_sock
-            data = r.randbytes(r.choice([0, 1, 4, r.randint(0, 200), r.randint(0, 1400),
-                                         r.randint(0, 1400)])) if r.random() > 0.003 \
+            data = (
+                r.randbytes(r.choice([0, 1, 4, r.randint(0, 200), r.randint(0, 1400), r.randint(0, 1400)]))
+                if r.random() > 0.003
                 else r.randbytes(MAX_UDP)
+            )
             items.append(("sink" if sock is peer_sock else "stranger", f"{dest[0]}:{dest[1]}", data))
             with contextlib.suppress(OSError):
                 sock.sendto(data, dest)
@@ -974,7 +1148,7 @@ def fuzz_udp(count: int, sources: list[UdpSource], targets: Targets, gen: Genera
         with contextlib.suppress(KeyError, ValueError):
             sel.unregister(src.sock)
     sel.close()
-    time.sleep(0.3)                  # the relay catches up before the caller reads the drops
+    time.sleep(0.3)  # the relay catches up before the caller reads the drops
     tally.seconds = time.monotonic() - started
     tally.final_rate = rate
     return tally
@@ -982,11 +1156,12 @@ def fuzz_udp(count: int, sources: list[UdpSource], targets: Targets, gen: Genera
 
 # ------------------------------------------------------------------ stream fuzzing
 
+
 @dataclass
 class StreamJob:
     index: int
-    transport: str            # tcp | tls
-    kind: str                 # mutated | authenticated | garbage | partial | lying
+    transport: str  # tcp | tls
+    kind: str  # mutated | authenticated | garbage | partial | lying
     frames: int
     seed: int
 
@@ -1003,8 +1178,7 @@ class StreamResult:
 
 def connect_stream(transport: str, targets: Targets, source_ip: str, timeout: float = 5.0):
     port = targets.server[1] if transport == "tcp" else targets.tls_port
-    raw = socket.create_connection((targets.server[0], port), timeout=timeout,
-                                   source_address=(source_ip, 0))
+    raw = socket.create_connection((targets.server[0], port), timeout=timeout, source_address=(source_ip, 0))
     if transport == "tls":
         try:
             return client_tls().wrap_socket(raw)
@@ -1019,7 +1193,7 @@ def finish_stream(sock: socket.socket, transport: str, rng: random.Random) -> in
     received = 0
     try:
         if transport == "tcp":
-            sock.shutdown(socket.SHUT_WR)       # the relay reads to here, then closes
+            sock.shutdown(socket.SHUT_WR)  # the relay reads to here, then closes
             sock.settimeout(3.0)
         else:
             sock.settimeout(0.3)
@@ -1056,8 +1230,10 @@ def run_stream_job(job: StreamJob, targets: Targets, source_ip: str) -> StreamRe
                 st.channel = channel
         frames: list[bytes] = []
         if job.kind == "garbage":
-            frames = [gen.garbage() + bytes([rng.randint(0x80, 0xFF)]) + rng.randbytes(rng.randint(0, 300))
-                      for _ in range(job.frames)]
+            frames = [
+                gen.garbage() + bytes([rng.randint(0x80, 0xFF)]) + rng.randbytes(rng.randint(0, 300))
+                for _ in range(job.frames)
+            ]
         else:
             frames = [gen.guarded(gen.frame, st) for _ in range(job.frames)]
             if job.kind == "lying":
@@ -1069,7 +1245,7 @@ def run_stream_job(job: StreamJob, targets: Targets, source_ip: str) -> StreamRe
         data = b"".join(frames)
         while result.sent_bytes < len(data):
             size = rng.choice([1, 2, 3, 7, 20, 64, 512, 4096, 16384, len(data)])
-            piece = data[result.sent_bytes:result.sent_bytes + size]
+            piece = data[result.sent_bytes : result.sent_bytes + size]
             result.writes.append(piece)
             sock.sendall(piece)
             result.sent_bytes += len(piece)
@@ -1085,8 +1261,9 @@ def run_stream_job(job: StreamJob, targets: Targets, source_ip: str) -> StreamRe
 class Holders:
     """Connections held through a batch: slowloris drips and allocations that never read."""
 
-    def __init__(self, targets: Targets, rng: random.Random, slow: int, never_read: int,
-                 flood_datagrams: int) -> None:
+    def __init__(
+        self, targets: Targets, rng: random.Random, slow: int, never_read: int, flood_datagrams: int
+    ) -> None:
         self.targets = targets
         self.rng = rng
         self.slow = slow
@@ -1117,13 +1294,19 @@ class Holders:
                 port = t.server[1] if transport == "tcp" else t.tls_port
                 try:
                     # TLS ones never finish the handshake: the ClientHello comes a byte at a time.
-                    s = socket.create_connection((t.server[0], port), timeout=5,
-                                                 source_address=(f"{STREAM_SOURCE_NET}{251 + i % 4}", 0))
+                    s = socket.create_connection(
+                        (t.server[0], port),
+                        timeout=5,
+                        source_address=(f"{STREAM_SOURCE_NET}{251 + i % 4}", 0),
+                    )
                 except OSError as exc:
                     self.errors.append(f"slowloris connect: {exc}")
                     continue
-                payload = r.randbytes(200) if transport == "tls" else \
-                    stun.Builder(stun.BINDING, stun.REQUEST, r.randbytes(12)).encode()
+                payload = (
+                    r.randbytes(200)
+                    if transport == "tls"
+                    else stun.Builder(stun.BINDING, stun.REQUEST, r.randbytes(12)).encode()
+                )
                 if transport == "tls":
                     payload = b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + payload
                 drips.append((s, payload, 0))
@@ -1132,8 +1315,9 @@ class Holders:
                 st = ClientState("", new_credentials(t.secret, f"deaf-{i}"), stream=True)
                 try:
                     s = connect_stream("tcp", t, f"{STREAM_SOURCE_NET}{250}")
-                    relayed, outcome = establish(Conversation(s, True), st.creds, flood.getsockname(),
-                                                 0x4000 + i, timeout=1.0)
+                    relayed, outcome = establish(
+                        Conversation(s, True), st.creds, flood.getsockname(), 0x4000 + i, timeout=1.0
+                    )
                 except OSError as exc:
                     self.errors.append(f"never-read set-up: {exc}")
                     continue
@@ -1146,13 +1330,13 @@ class Holders:
             asked = 0
             while not self.stop.wait(0.05):
                 for j, (s, payload, pos) in enumerate(drips):
-                    if r.random() < 0.1:          # about two bytes a second
+                    if r.random() < 0.1:  # about two bytes a second
                         with contextlib.suppress(OSError):
-                            s.send(payload[pos:pos + 1])
+                            s.send(payload[pos : pos + 1])
                             pos += 1
                             if pos == len(payload):
                                 self.frames += 1
-                                pos = 0           # and the next request, as slowly
+                                pos = 0  # and the next request, as slowly
                             drips[j] = (s, payload, pos)
                 # The deaf connections ask for Binding answers they never read, and a peer
                 # sends them data through their relay ports.
@@ -1183,8 +1367,7 @@ def stream_jobs(batch: int, frames: int, seed: int, first_index: int) -> list[St
     r = random.Random(f"{seed}/streams/{batch}")
     jobs, total, index = [], 0, first_index
     while total < frames:
-        kind = r.choices(["mutated", "authenticated", "garbage", "partial", "lying"],
-                         [35, 35, 10, 10, 10])[0]
+        kind = r.choices(["mutated", "authenticated", "garbage", "partial", "lying"], [35, 35, 10, 10, 10])[0]
         n = min(frames - total, r.choice([1, 5, 20, 50, 100, 200, 300]))
         transport = "tls" if r.random() < 0.25 else "tcp"
         jobs.append(StreamJob(index, transport, kind, n, r.getrandbits(64)))
@@ -1194,6 +1377,7 @@ def stream_jobs(batch: int, frames: int, seed: int, first_index: int) -> list[St
 
 
 # ------------------------------------------------------------------ reproducers
+
 
 def sync_udp(sock: socket.socket, server: tuple[str, int]) -> None:
     """Wait until the relay has handled what `sock` sent (a Binding answered after it)."""
@@ -1210,8 +1394,7 @@ def sync_udp(sock: socket.socket, server: tuple[str, int]) -> None:
     sock.setblocking(False)
 
 
-def replay_items(items: list, sockets: dict, targets: Targets, logwatch: LogWatch,
-                 one_by_one: bool) -> list:
+def replay_items(items: list, sockets: dict, targets: Targets, logwatch: LogWatch, one_by_one: bool) -> list:
     """Send (source, destination, bytes) items; one by one: stop at the first that is
     followed by a new traceback, and return it; else all of them if a traceback followed."""
     hits = []
@@ -1219,15 +1402,16 @@ def replay_items(items: list, sockets: dict, targets: Targets, logwatch: LogWatc
         sock = sockets.get(source)
         if sock is None:
             continue
-        address = targets.server if dest == "listener" else (dest.rsplit(":", 1)[0],
-                                                            int(dest.rsplit(":", 1)[1]))
+        address = (
+            targets.server if dest == "listener" else (dest.rsplit(":", 1)[0], int(dest.rsplit(":", 1)[1]))
+        )
         with contextlib.suppress(OSError):
             sock.sendto(data, address)
         if one_by_one:
             if dest == "listener":
-                sync_udp(sock, targets.server)   # answered after it: its log lines are out
+                sync_udp(sock, targets.server)  # answered after it: its log lines are out
             else:
-                time.sleep(0.01)                 # a relay port: no ordering to lean on
+                time.sleep(0.01)  # a relay port: no ordering to lean on
             if logwatch.poll():
                 return [(source, dest, data)]
     if not one_by_one:
@@ -1262,27 +1446,42 @@ def save_case(out: Path, name: str, kind: str, items: list, note: str) -> Path:
     return write_case(out, name, {"kind": kind, "note": note, "items": body})
 
 
-def locate_udp(suspects: list, sources: list[UdpSource], targets: Targets, logwatch: LogWatch,
-               out: Path, batch: int) -> str | None:
+def locate_udp(
+    suspects: list, sources: list[UdpSource], targets: Targets, logwatch: LogWatch, out: Path, batch: int
+) -> str | None:
     """Replay suspect windows one datagram at a time; save the first datagram that
     triggers a traceback."""
     sockets = replay_sockets(sources, 0)
     try:
         for n, window in enumerate(suspects[:3]):
-            time.sleep(1.1)              # the relay logs at most a few tracebacks a second
+            time.sleep(1.1)  # the relay logs at most a few tracebacks a second
             logwatch.poll()
             hits = replay_items(window, sockets, targets, logwatch, one_by_one=True)
             if hits:
-                return str(save_case(out, f"batch{batch}-udp-{n}-single", "udp", hits,
-                                     f"this datagram alone: {logwatch.last_signature}"))
+                return str(
+                    save_case(
+                        out,
+                        f"batch{batch}-udp-{n}-single",
+                        "udp",
+                        hits,
+                        f"this datagram alone: {logwatch.last_signature}",
+                    )
+                )
     finally:
         for name in ("sink", "stranger", "sync"):
             sockets[name].close()
     return None
 
 
-def locate(suspects: list, results: list[StreamResult], sources: list[UdpSource], targets: Targets,
-           logwatch: LogWatch, out: Path, batch: int) -> list[str]:
+def locate(
+    suspects: list,
+    results: list[StreamResult],
+    sources: list[UdpSource],
+    targets: Targets,
+    logwatch: LogWatch,
+    out: Path,
+    batch: int,
+) -> list[str]:
     """One reproducer: a datagram, else a stream job, else the datagram windows in order
     (the trigger then needs the state that earlier inputs built)."""
     single = locate_udp(suspects, sources, targets, logwatch, out, batch)
@@ -1291,13 +1490,23 @@ def locate(suspects: list, results: list[StreamResult], sources: list[UdpSource]
     streams = locate_stream(results, targets, logwatch, out, batch)
     if streams:
         return streams
-    return [str(save_case(out, f"batch{batch}-udp-{n}-window", "udp", window,
-                          "no single input reproduced it: these datagrams, in order"))
-            for n, window in enumerate(suspects[:3])]
+    return [
+        str(
+            save_case(
+                out,
+                f"batch{batch}-udp-{n}-window",
+                "udp",
+                window,
+                "no single input reproduced it: these datagrams, in order",
+            )
+        )
+        for n, window in enumerate(suspects[:3])
+    ]
 
 
-def locate_stream(results: list[StreamResult], targets: Targets, logwatch: LogWatch, out: Path,
-                  batch: int) -> list[str]:
+def locate_stream(
+    results: list[StreamResult], targets: Targets, logwatch: LogWatch, out: Path, batch: int
+) -> list[str]:
     """Replay each stream job's bytes on a fresh connection; save the first that reproduces."""
     for res in results:
         try:
@@ -1309,14 +1518,23 @@ def locate_stream(results: list[StreamResult], targets: Targets, logwatch: LogWa
         finish_stream(sock, res.job.transport, random.Random(0))
         time.sleep(0.1)
         if logwatch.poll():
-            return [str(save_case(out, f"batch{batch}-{res.job.transport}-job{res.job.index}",
-                                  res.job.transport, res.writes,
-                                  f"stream job {res.job.kind}, these writes on one connection: "
-                                  f"{logwatch.last_signature}"))]
+            return [
+                str(
+                    save_case(
+                        out,
+                        f"batch{batch}-{res.job.transport}-job{res.job.index}",
+                        res.job.transport,
+                        res.writes,
+                        f"stream job {res.job.kind}, these writes on one connection: "
+                        f"{logwatch.last_signature}",
+                    )
+                )
+            ]
     return []
 
 
 # ------------------------------------------------------------------ the run
+
 
 @dataclass
 class BatchRow:
@@ -1341,15 +1559,21 @@ class BatchRow:
 
 def print_row(row: BatchRow, header: bool) -> None:
     if header:
-        print(f"{'batch':>5} {'datagrams':>10} {'k-drops':>8} {'peer':>7} {'frames':>7} {'conns':>6} "
-              f"{'replies':>8} {'RSS MiB':>8} {'fds':>5} {'tb':>3} {'int.err':>7} {'allocs':>6} {'open':>4} "
-              f"{'legit udp/tcp/tls':>17} {'dgram/s':>8} {'cpu%':>5} {'secs':>6}", flush=True)
+        print(
+            f"{'batch':>5} {'datagrams':>10} {'k-drops':>8} {'peer':>7} {'frames':>7} {'conns':>6} "
+            f"{'replies':>8} {'RSS MiB':>8} {'fds':>5} {'tb':>3} {'int.err':>7} {'allocs':>6} {'open':>4} "
+            f"{'legit udp/tcp/tls':>17} {'dgram/s':>8} {'cpu%':>5} {'secs':>6}",
+            flush=True,
+        )
     legit = "/".join("ok" if v == "ok" else "FAIL" for v in row.legit.values())
-    print(f"{row.batch:>5} {row.datagrams:>10} {row.kernel_drops:>8} {row.peer_datagrams:>7} "
-          f"{row.frames:>7} {row.connections:>6} {row.replies:>8} {row.rss_kib / 1024:>8.1f} "
-          f"{row.fds:>5} {row.tracebacks:>3} {row.internal_errors:>7.0f} {row.allocations:>6.0f} "
-          f"{row.open_streams:>4.0f} "
-          f"{legit:>17} {row.udp_rate:>8.0f} {row.cpu_percent:>5.0f} {row.seconds:>6.1f}", flush=True)
+    print(
+        f"{row.batch:>5} {row.datagrams:>10} {row.kernel_drops:>8} {row.peer_datagrams:>7} "
+        f"{row.frames:>7} {row.connections:>6} {row.replies:>8} {row.rss_kib / 1024:>8.1f} "
+        f"{row.fds:>5} {row.tracebacks:>3} {row.internal_errors:>7.0f} {row.allocations:>6.0f} "
+        f"{row.open_streams:>4.0f} "
+        f"{legit:>17} {row.udp_rate:>8.0f} {row.cpu_percent:>5.0f} {row.seconds:>6.1f}",
+        flush=True,
+    )
     for name, value in row.legit.items():
         if value != "ok":
             print(f"      legit {name}: {value}", flush=True)
@@ -1363,17 +1587,27 @@ def run(args) -> int:
     ctx = multiprocessing.get_context("fork")
     echo = ctx.Process(target=echo_peer, args=(echo_port,), daemon=True)
     echo.start()
-    relay = start_appliance(workdir / "appliance", workers=args.workers, extra_turn={
-        "relay_ports": f"{RELAY_PORTS[0]}-{RELAY_PORTS[1]}",
-        # Every relay target stays on this machine, whatever the fuzzer makes it ask.
-        "deny_peers": ["0.0.0.0/0", "::/0"], "allow_peers": ["127.0.0.0/8"],
-    })
+    relay = start_appliance(
+        workdir / "appliance",
+        workers=args.workers,
+        extra_turn={
+            "relay_ports": f"{RELAY_PORTS[0]}-{RELAY_PORTS[1]}",
+            # Every relay target stays on this machine, whatever the fuzzer makes it ask.
+            "deny_peers": ["0.0.0.0/0", "::/0"],
+            "allow_peers": ["127.0.0.0/8"],
+        },
+    )
     secret = relay.secret.encode()
-    print(f"appliance pid {relay.proc.pid}, workers {args.workers}, udp/tcp {relay.port}, "
-          f"tls {relay.tls_port}, admin {relay.admin_port}, log {relay.log_path}", flush=True)
-    print(f"{args.datagrams} datagrams and {args.frames} stream frames in {args.batches} batches, "
-          f"seed {args.seed}, network namespace: {'private' if os.environ.get(NETNS_ENV) else 'host'}",
-          flush=True)
+    print(
+        f"appliance pid {relay.proc.pid}, workers {args.workers}, udp/tcp {relay.port}, "
+        f"tls {relay.tls_port}, admin {relay.admin_port}, log {relay.log_path}",
+        flush=True,
+    )
+    print(
+        f"{args.datagrams} datagrams and {args.frames} stream frames in {args.batches} batches, "
+        f"seed {args.seed}, network namespace: {'private' if os.environ.get(NETNS_ENV) else 'host'}",
+        flush=True,
+    )
     sink = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sink.bind((SINK_IP, sink_port))
     sink.setblocking(False)
@@ -1381,8 +1615,15 @@ def run(args) -> int:
     stranger.bind((STRANGER_IP, 0))
     stranger.setblocking(False)
     own = [("127.0.0.1", p) for p in (relay.port, relay.tls_port, relay.http_port, relay.admin_port)]
-    targets = Targets(secret, (relay.host, relay.port), relay.tls_port, (SINK_IP, sink_port),
-                      (LEGIT_IP, echo_port), stranger.getsockname(), own)
+    targets = Targets(
+        secret,
+        (relay.host, relay.port),
+        relay.tls_port,
+        (SINK_IP, sink_port),
+        (LEGIT_IP, echo_port),
+        stranger.getsockname(),
+        own,
+    )
     rng = random.Random(args.seed)
     sources = [UdpSource(i, f"{UDP_SOURCE_NET}{2 + i // 2}", secret) for i in range(2 * args.sources)]
     logwatch = LogWatch(relay.log_path)
@@ -1397,28 +1638,56 @@ def run(args) -> int:
         for batch in range(1, args.batches + 1):
             started = time.monotonic()
             cpu0 = cpu_seconds(process_tree(relay.proc.pid))
-            datagrams = per_batch_d if batch < args.batches else \
-                args.datagrams - per_batch_d * (args.batches - 1)
+            datagrams = (
+                per_batch_d if batch < args.batches else args.datagrams - per_batch_d * (args.batches - 1)
+            )
             frames = per_batch_f if batch < args.batches else args.frames - per_batch_f * (args.batches - 1)
             prepare_sources(sources, targets, rng)
-            holders = Holders(targets, random.Random(f"{args.seed}/holders/{batch}"),
-                              slow=args.slowloris, never_read=args.never_read,
-                              flood_datagrams=args.flood)
+            holders = Holders(
+                targets,
+                random.Random(f"{args.seed}/holders/{batch}"),
+                slow=args.slowloris,
+                never_read=args.never_read,
+                flood_datagrams=args.flood,
+            )
             jobs = stream_jobs(batch, frames, args.seed, job_index)
             job_index += len(jobs)
             suspects: list = []
             _, drops0 = listener_queue(relay.port)
             # Other senders first: a fork before this batch's threads start.
-            children = [start_sender(k, share(datagrams, args.senders, k), sources[k::args.senders],
-                                     targets, sink, stranger, args.seed, batch, logwatch, rate)
-                        for k in range(1, args.senders)]
+            children = [
+                start_sender(
+                    k,
+                    share(datagrams, args.senders, k),
+                    sources[k :: args.senders],
+                    targets,
+                    sink,
+                    stranger,
+                    args.seed,
+                    batch,
+                    logwatch,
+                    rate,
+                )
+                for k in range(1, args.senders)
+            ]
             holders.start()
             pool = ThreadPoolExecutor(max_workers=4)
-            futures = [pool.submit(run_stream_job, job, targets,
-                                   f"{STREAM_SOURCE_NET}{1 + job.index % 240}") for job in jobs]
+            futures = [
+                pool.submit(run_stream_job, job, targets, f"{STREAM_SOURCE_NET}{1 + job.index % 240}")
+                for job in jobs
+            ]
             gen = Generator(random.Random(f"{args.seed}/udp/{batch}/0"), targets)
-            tally = fuzz_udp(share(datagrams, args.senders, 0), sources[::args.senders], targets, gen,
-                             sink, stranger, logwatch, suspects, rate)
+            tally = fuzz_udp(
+                share(datagrams, args.senders, 0),
+                sources[:: args.senders],
+                targets,
+                gen,
+                sink,
+                stranger,
+                logwatch,
+                suspects,
+                rate,
+            )
             rate = tally.final_rate
             for proc, conn in children:
                 child_tally, child_suspects = conn.recv()
@@ -1430,7 +1699,7 @@ def run(args) -> int:
             results = [f.result() for f in futures]
             pool.shutdown()
             holders.finish()
-            time.sleep(0.5)                  # let the relay see the closes
+            time.sleep(0.5)  # let the relay see the closes
             pids = process_tree(relay.proc.pid)
             if relay.proc.poll() is not None:
                 exit_reasons.append(f"appliance exited with {relay.proc.returncode}")
@@ -1442,21 +1711,34 @@ def run(args) -> int:
                 cases += locate(suspects, results, sources, targets, logwatch, out, batch)
             m = metrics(relay.admin_port)
             frames_sent = sum(r.frames for r in results) + holders.frames
-            row = BatchRow(batch, tally.sent, tally.drops, tally.peer_sent + holders.flooded, frames_sent,
-                           len(results) + args.slowloris + args.never_read, tally.replies,
-                           rss_kib(pids), fd_count(pids), new_tb,
-                           m.get("appliance_relay_internal_errors_total", 0.0),
-                           m.get("appliance_relay_allocations", 0.0),
-                           m.get("appliance_relay_stream_connections", 0.0), legit,
-                           time.monotonic() - started, tally.sent / tally.seconds if tally.seconds else 0,
-                           100 * (cpu_seconds(pids) - cpu0) / (time.monotonic() - started))
+            row = BatchRow(
+                batch,
+                tally.sent,
+                tally.drops,
+                tally.peer_sent + holders.flooded,
+                frames_sent,
+                len(results) + args.slowloris + args.never_read,
+                tally.replies,
+                rss_kib(pids),
+                fd_count(pids),
+                new_tb,
+                m.get("appliance_relay_internal_errors_total", 0.0),
+                m.get("appliance_relay_allocations", 0.0),
+                m.get("appliance_relay_stream_connections", 0.0),
+                legit,
+                time.monotonic() - started,
+                tally.sent / tally.seconds if tally.seconds else 0,
+                100 * (cpu_seconds(pids) - cpu0) / (time.monotonic() - started),
+            )
             rows.append(row)
             print_row(row, header=batch == 1)
             for err in holders.errors[:3]:
                 print(f"      holders: {err}", flush=True)
             stream_errors = [r.error for r in results if r.error.startswith("connect")]
             if stream_errors:
-                print(f"      {len(stream_errors)} stream connects failed, e.g. {stream_errors[0]}", flush=True)
+                print(
+                    f"      {len(stream_errors)} stream connects failed, e.g. {stream_errors[0]}", flush=True
+                )
         final_metrics = metrics(relay.admin_port)
     finally:
         for src in sources:
@@ -1467,12 +1749,30 @@ def run(args) -> int:
         echo.terminate()
         echo.join(5)
     logwatch.poll()
-    return summarize(args, rows, logwatch, final_metrics, code, logwatch.worker_exits, cases, exit_reasons,
-                     time.monotonic() - total_started)
+    return summarize(
+        args,
+        rows,
+        logwatch,
+        final_metrics,
+        code,
+        logwatch.worker_exits,
+        cases,
+        exit_reasons,
+        time.monotonic() - total_started,
+    )
 
 
-def summarize(args, rows: list[BatchRow], logwatch: LogWatch, m: dict, code: int | None,
-              dead_workers: int, cases: list[str], reasons: list[str], seconds: float) -> int:
+def summarize(
+    args,
+    rows: list[BatchRow],
+    logwatch: LogWatch,
+    m: dict,
+    code: int | None,
+    dead_workers: int,
+    cases: list[str],
+    reasons: list[str],
+    seconds: float,
+) -> int:
     if not rows:
         print("no batch completed")
         return 1
@@ -1481,27 +1781,40 @@ def summarize(args, rows: list[BatchRow], logwatch: LogWatch, m: dict, code: int
     datagrams = sum(r.datagrams for r in rows)
     drops = sum(r.kernel_drops for r in rows)
     print()
-    print(f"datagrams sent to the listener: {datagrams} ({drops} dropped by the kernel, "
-          f"{datagrams - drops} read by the relay); peer datagrams to relay ports: "
-          f"{sum(r.peer_datagrams for r in rows)}")
-    print(f"stream frames sent: {sum(r.frames for r in rows)} over {sum(r.connections for r in rows)} "
-          f"TCP/TLS connections")
-    print(f"relay counters: malformed {m.get('appliance_relay_malformed_packets_total', 0):.0f}, "
-          f"dropped {m.get('appliance_relay_dropped_packets_total', 0):.0f}, "
-          f"internal errors {m.get('appliance_relay_internal_errors_total', 0):.0f}, "
-          f"allocations made {m.get('appliance_relay_allocations_created_total', 0):.0f}, "
-          f"to peers {m.get('appliance_relay_packets_total{direction=to_peer}', 0):.0f}, "
-          f"to clients {m.get('appliance_relay_packets_total{direction=to_client}', 0):.0f}")
-    errors = {k.split("code=")[1].rstrip("}"): v for k, v in m.items()
-              if k.startswith("appliance_relay_errors_total{")}
+    print(
+        f"datagrams sent to the listener: {datagrams} ({drops} dropped by the kernel, "
+        f"{datagrams - drops} read by the relay); peer datagrams to relay ports: "
+        f"{sum(r.peer_datagrams for r in rows)}"
+    )
+    print(
+        f"stream frames sent: {sum(r.frames for r in rows)} over {sum(r.connections for r in rows)} "
+        f"TCP/TLS connections"
+    )
+    print(
+        f"relay counters: malformed {m.get('appliance_relay_malformed_packets_total', 0):.0f}, "
+        f"dropped {m.get('appliance_relay_dropped_packets_total', 0):.0f}, "
+        f"internal errors {m.get('appliance_relay_internal_errors_total', 0):.0f}, "
+        f"allocations made {m.get('appliance_relay_allocations_created_total', 0):.0f}, "
+        f"to peers {m.get('appliance_relay_packets_total{direction=to_peer}', 0):.0f}, "
+        f"to clients {m.get('appliance_relay_packets_total{direction=to_client}', 0):.0f}"
+    )
+    errors = {
+        k.split("code=")[1].rstrip("}"): v
+        for k, v in m.items()
+        if k.startswith("appliance_relay_errors_total{")
+    }
     print("error replies by code: " + ", ".join(f"{k} {v:.0f}" for k, v in sorted(errors.items())))
     rss_past_limit = report_memory(rows, args.warmup, args.rss_growth_mib)
-    print(f"tracebacks in the log: {logwatch.tracebacks}; relay workers that died: {dead_workers}; "
-          f"legit checks passed: {legit_ok}/{legit_total}; exit code on SIGTERM: {code}; "
-          f"took {seconds:.0f} s")
+    print(
+        f"tracebacks in the log: {logwatch.tracebacks}; relay workers that died: {dead_workers}; "
+        f"legit checks passed: {legit_ok}/{legit_total}; exit code on SIGTERM: {code}; "
+        f"took {seconds:.0f} s"
+    )
     if GENERATOR_FAULTS:
-        print(f"generator faults (bugs of this script, garbage sent instead): {len(GENERATOR_FAULTS)}, "
-              f"first: {GENERATOR_FAULTS[0]}")
+        print(
+            f"generator faults (bugs of this script, garbage sent instead): {len(GENERATOR_FAULTS)}, "
+            f"first: {GENERATOR_FAULTS[0]}"
+        )
     for excerpt in logwatch.excerpts.values():
         print("---- from the appliance log:\n" + excerpt)
     for case in cases:
@@ -1526,11 +1839,24 @@ def replay(args) -> int:
     """Send a saved case to a fresh appliance and say whether its log shows a traceback."""
     case = json.loads(Path(args.replay).read_text())
     workdir = Path(tempfile.mkdtemp(prefix="fuzz-replay-"))
-    relay = start_appliance(workdir, workers=args.workers, extra_turn={
-        "relay_ports": f"{RELAY_PORTS[0]}-{RELAY_PORTS[1]}",
-        "deny_peers": ["0.0.0.0/0", "::/0"], "allow_peers": ["127.0.0.0/8"]})
-    targets = Targets(relay.secret.encode(), (relay.host, relay.port), relay.tls_port,
-                      (SINK_IP, 9), (LEGIT_IP, 9), (STRANGER_IP, 9), [])
+    relay = start_appliance(
+        workdir,
+        workers=args.workers,
+        extra_turn={
+            "relay_ports": f"{RELAY_PORTS[0]}-{RELAY_PORTS[1]}",
+            "deny_peers": ["0.0.0.0/0", "::/0"],
+            "allow_peers": ["127.0.0.0/8"],
+        },
+    )
+    targets = Targets(
+        relay.secret.encode(),
+        (relay.host, relay.port),
+        relay.tls_port,
+        (SINK_IP, 9),
+        (LEGIT_IP, 9),
+        (STRANGER_IP, 9),
+        [],
+    )
     logwatch = LogWatch(relay.log_path)
     try:
         if case["kind"] == "udp":
@@ -1559,18 +1885,25 @@ def in_private_netns(argv: list[str]) -> int | None:
     if os.environ.get(NETNS_ENV) or shutil.which("unshare") is None:
         return None
     script = str(Path(__file__).resolve())
-    probe = subprocess.run(["unshare", "--net", sys.executable, script, "--probe-netns"],
-                           capture_output=True, check=False, env=dict(os.environ, **{NETNS_ENV: "1"}))
+    probe = subprocess.run(
+        ["unshare", "--net", sys.executable, script, "--probe-netns"],
+        capture_output=True,
+        check=False,
+        env=dict(os.environ, **{NETNS_ENV: "1"}),
+    )
     if probe.returncode != 0:
         return None
     env = dict(os.environ, **{NETNS_ENV: "1"})
-    return subprocess.run(["unshare", "--net", sys.executable, script, *argv],
-                          env=env, check=False).returncode
+    return subprocess.run(
+        ["unshare", "--net", sys.executable, script, *argv], env=env, check=False
+    ).returncode
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--datagrams", type=int, default=1_000_000)
     parser.add_argument("--frames", type=int, default=100_000)
     parser.add_argument("--workers", type=int, default=1, help="the appliance's turn.workers")
@@ -1579,13 +1912,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rate", type=float, default=20000, help="starting datagrams/s (it adapts)")
     parser.add_argument("--slowloris", type=int, default=16, help="slow connections held each batch")
     parser.add_argument("--never-read", type=int, default=2, help="never-reading allocations per batch")
-    parser.add_argument("--flood", type=int, default=2000,
-                        help="peer datagrams per batch to each never-reading allocation")
+    parser.add_argument(
+        "--flood", type=int, default=2000, help="peer datagrams per batch to each never-reading allocation"
+    )
     parser.add_argument("--no-netns", action="store_true", help="stay in this network namespace")
     add_common_options(parser, rss_growth_mib=24.0)
     parser.add_argument("--probe-netns", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.probe_netns:           # can a new namespace get a working loopback here?
+    if args.probe_netns:  # can a new namespace get a working loopback here?
         bring_up_loopback()
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
             s.bind((f"{UDP_SOURCE_NET}2", 0))

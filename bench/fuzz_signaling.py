@@ -91,19 +91,28 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import jwt
-
-from fuzzkit import LogTail, LogWatch, add_common_options, metrics, report_memory, run_or_replay, verdict, write_case
+from fuzzkit import (
+    LogTail,
+    LogWatch,
+    add_common_options,
+    metrics,
+    report_memory,
+    run_or_replay,
+    verdict,
+    write_case,
+)
 from proc_stats import cpu_seconds, fd_count, process_tree, rss_kib
+
 from tests.interop.conftest import start_appliance, stop_appliance
 
 HOST = "127.0.0.1"
 PREFIX = "/imserver"
-JWT_KEY = "fuzz-signaling-hs256-key-" + "0123456789abcdef" * 3    # 64+ bytes: HS512 too, quietly
-EXEMPT_NET = "127.0.0.0/26"                                        # .0-.63: "a local proxy"
+JWT_KEY = "fuzz-signaling-hs256-key-" + "0123456789abcdef" * 3  # 64+ bytes: HS512 too, quietly
+EXEMPT_NET = "127.0.0.0/26"  # .0-.63: "a local proxy"
 EXEMPT_SOURCES = tuple(f"127.0.0.{i}" for i in range(2, 64))
-CAPPED_SOURCES = tuple(f"127.0.0.{i}" for i in range(64, 160))     # capped like the internet
-BURST_SOURCES = tuple(f"127.0.0.{i}" for i in range(160, 192))     # bursts past the caps
-HOLDER_SOURCES = tuple(f"127.0.0.{i}" for i in range(192, 200))    # slowloris, deaf, silent
+CAPPED_SOURCES = tuple(f"127.0.0.{i}" for i in range(64, 160))  # capped like the internet
+BURST_SOURCES = tuple(f"127.0.0.{i}" for i in range(160, 192))  # bursts past the caps
+HOLDER_SOURCES = tuple(f"127.0.0.{i}" for i in range(192, 200))  # slowloris, deaf, silent
 BYSTANDER_IP = "127.0.0.200"
 BYSTANDERS = ("bystander-alice", "bystander-bob")
 FUZZ_USERS = tuple(f"fz{i:03d}" for i in range(400))
@@ -117,18 +126,34 @@ READ_TIMEOUT_S = 5.0
 JOB_TIMEOUT_S = 40.0
 ROUND_TRIP_TIMEOUT_S = 10.0
 
-APP_DESTINATIONS = ("/app/user/status", "/app/call/request", "/app/call/response",
-                    "/app/call/hangup", "/app/rtc/signaling", "/app/turn/get-turn-credentials")
-USER_QUEUES = ("/user/queue/errors", "/user/queue/call/request", "/user/queue/call/response",
-               "/user/queue/call/down", "/user/queue/call/hangup", "/user/queue/call/timeout",
-               "/user/queue/rtc/signaling", "/user/queue/turn/get-turn-credentials")
+APP_DESTINATIONS = (
+    "/app/user/status",
+    "/app/call/request",
+    "/app/call/response",
+    "/app/call/hangup",
+    "/app/rtc/signaling",
+    "/app/turn/get-turn-credentials",
+)
+USER_QUEUES = (
+    "/user/queue/errors",
+    "/user/queue/call/request",
+    "/user/queue/call/response",
+    "/user/queue/call/down",
+    "/user/queue/call/hangup",
+    "/user/queue/call/timeout",
+    "/user/queue/rtc/signaling",
+    "/user/queue/turn/get-turn-credentials",
+)
 SUBSCRIPTIONS = ("/topic/user/status", *USER_QUEUES)
-SDP = "v=0\r\no=- 4611731400430051336 2 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\na=group:BUNDLE 0\r\n" \
-      "m=audio 9 UDP/TLS/RTP/SAVPF 111\r\nc=IN IP4 0.0.0.0\r\na=rtpmap:111 opus/48000/2\r\n"
-HARNESS_FAULTS: list[str] = []     # bugs of this script (not of the appliance), reported at the end
+SDP = (
+    "v=0\r\no=- 4611731400430051336 2 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\na=group:BUNDLE 0\r\n"
+    "m=audio 9 UDP/TLS/RTP/SAVPF 111\r\nc=IN IP4 0.0.0.0\r\na=rtpmap:111 opus/48000/2\r\n"
+)
+HARNESS_FAULTS: list[str] = []  # bugs of this script (not of the appliance), reported at the end
 
 
 # ------------------------------------------------------------------ tokens
+
 
 class Tokens:
     """JWTs for the fuzz users (HS256 with the appliance's key), and bad ones."""
@@ -139,8 +164,9 @@ class Tokens:
     def good(self, user: str) -> str:
         token = self._good.get(user)
         if token is None:
-            token = self._good[user] = jwt.encode({"sub": user, "exp": int(time.time()) + 86400},
-                                                  JWT_KEY, algorithm="HS256")
+            token = self._good[user] = jwt.encode(
+                {"sub": user, "exp": int(time.time()) + 86400}, JWT_KEY, algorithm="HS256"
+            )
         return token
 
     def bad(self, rng: random.Random, user: str) -> str:
@@ -149,18 +175,19 @@ class Tokens:
         if kind == 0:
             return jwt.encode({"sub": user, "exp": now - 3600}, JWT_KEY, algorithm="HS256")
         if kind == 1:
-            return jwt.encode({"sub": user, "exp": now + 3600}, "another-key-" + "x" * 32,
-                              algorithm="HS256")
+            return jwt.encode({"sub": user, "exp": now + 3600}, "another-key-" + "x" * 32, algorithm="HS256")
         if kind == 2:
-            return self.good(rng.choice(FUZZ_USERS))             # someone else's: 403
+            return self.good(rng.choice(FUZZ_USERS))  # someone else's: 403
         if kind == 3:
             return jwt.encode({"exp": now + 3600}, JWT_KEY, algorithm="HS256")
         if kind == 4:
-            return jwt.encode({"sub": user + "\nINJECTED log line", "exp": now + 3600}, JWT_KEY,
-                              algorithm="HS256")
+            return jwt.encode(
+                {"sub": user + "\nINJECTED log line", "exp": now + 3600}, JWT_KEY, algorithm="HS256"
+            )
         if kind == 5:
-            return jwt.encode({"sub": "u" * rng.choice([128, 129, 5000]), "exp": now + 3600},
-                              JWT_KEY, algorithm="HS256")
+            return jwt.encode(
+                {"sub": "u" * rng.choice([128, 129, 5000]), "exp": now + 3600}, JWT_KEY, algorithm="HS256"
+            )
         if kind == 6:
             head = base64.urlsafe_b64encode(b'{"alg":"none","typ":"JWT"}').rstrip(b"=").decode()
             body = base64.urlsafe_b64encode(json.dumps({"sub": user, "exp": now + 3600}).encode())
@@ -168,26 +195,37 @@ class Tokens:
         if kind == 7:
             return jwt.encode({"sub": user, "exp": now + 3600}, JWT_KEY, algorithm="HS512")
         if kind == 8:
-            return jwt.encode({"sub": user, "exp": now + 3600, "nbf": now + 3600}, JWT_KEY,
-                              algorithm="HS256")
+            return jwt.encode({"sub": user, "exp": now + 3600, "nbf": now + 3600}, JWT_KEY, algorithm="HS256")
         if kind == 9:
-            return jwt.encode({"sub": 12345, "exp": now + 3600}, JWT_KEY, algorithm="HS256") \
-                if rng.random() < 0.5 else \
-                jwt.encode({"sub": "", "exp": "tomorrow"}, JWT_KEY, algorithm="HS256")
+            return (
+                jwt.encode({"sub": 12345, "exp": now + 3600}, JWT_KEY, algorithm="HS256")
+                if rng.random() < 0.5
+                else jwt.encode({"sub": "", "exp": "tomorrow"}, JWT_KEY, algorithm="HS256")
+            )
         if kind == 10:
             good = self.good(user)
-            return good[:rng.randrange(len(good))]
+            return good[: rng.randrange(len(good))]
         if kind == 11:
             good = bytearray(self.good(user).encode())
             good[rng.randrange(len(good))] ^= 1 << rng.randrange(7)
             return good.decode("latin-1")
         if kind == 12:
-            return rng.choice(["", " ", "a.b.c", "Bearer " + self.good(user), "é\u2028x", "\\c\\n",
-                               "x" * rng.choice([4096, 8200])])
+            return rng.choice(
+                [
+                    "",
+                    " ",
+                    "a.b.c",
+                    "Bearer " + self.good(user),
+                    "é\u2028x",
+                    "\\c\\n",
+                    "x" * rng.choice([4096, 8200]),
+                ]
+            )
         return rng.choice(["tok-alice", "null", "undefined", "0", "[]"])
 
 
 # ------------------------------------------------------------------ STOMP frames and mutations
+
 
 def b(text: str | bytes) -> bytes:
     return text if isinstance(text, bytes) else text.encode("utf-8", "surrogatepass")
@@ -201,13 +239,17 @@ def stomp_frame(command: str | bytes, headers=(), body: bytes = b"", length: boo
 
 
 def send_frame(destination: str | bytes, body: bytes, extra=()) -> bytes:
-    return stomp_frame("SEND", [("destination", destination), ("content-type", "application/json"),
-                                *extra], body)
+    return stomp_frame(
+        "SEND", [("destination", destination), ("content-type", "application/json"), *extra], body
+    )
 
 
 def connect_frame(token: str, rng: random.Random) -> bytes:
-    headers = [("accept-version", rng.choice(["1.2", "1.1,1.2", "1.0,1.1,1.2", "1.1", "1.0"])),
-               ("ide", token), ("heart-beat", rng.choice(["0,0", "0,0", "10000,10000", "0,5000"]))]
+    headers = [
+        ("accept-version", rng.choice(["1.2", "1.1,1.2", "1.0,1.1,1.2", "1.1", "1.0"])),
+        ("ide", token),
+        ("heart-beat", rng.choice(["0,0", "0,0", "10000,10000", "0,5000"])),
+    ]
     if rng.random() < 0.3:
         headers.append(("host", rng.choice(["127.0.0.1", "appliance.local", ""])))
     rng.shuffle(headers)
@@ -215,7 +257,7 @@ def connect_frame(token: str, rng: random.Random) -> bytes:
 
 
 def depth_nest(depth: int, inner: str = "1") -> str:
-    open_, close = ("[", "]") if depth % 2 else ("{\"a\":", "}")
+    open_, close = ("[", "]") if depth % 2 else ('{"a":', "}")
     return open_ * depth + inner + close * depth
 
 
@@ -243,18 +285,28 @@ class Gen:
         if destination == "/app/user/status":
             return self.ids()
         if destination == "/app/call/request":
-            return {"callId": self.call_id, "type": r.choice(["VIDEO", "AUDIO"]),
-                    "callee": self.peer if r.random() < 0.8 else r.choice(FUZZ_USERS),
-                    "callerUserName": r.choice(["Alice", "爱丽丝", "A"]), "calleeUserName": "Bob"}
+            return {
+                "callId": self.call_id,
+                "type": r.choice(["VIDEO", "AUDIO"]),
+                "callee": self.peer if r.random() < 0.8 else r.choice(FUZZ_USERS),
+                "callerUserName": r.choice(["Alice", "爱丽丝", "A"]),
+                "calleeUserName": "Bob",
+            }
         if destination == "/app/call/response":
             return {"callId": self.call_id, "type": r.choice(["ACCEPT", "ACCEPT", "REJECT"])}
         if destination == "/app/call/hangup":
             return {"callId": self.call_id}
         if destination == "/app/rtc/signaling":
             kind = r.choice(["OFFER", "ANSWER", "ICE_CANDIDATE"])
-            payload = SDP if kind != "ICE_CANDIDATE" else {
-                "candidate": "candidate:1 1 udp 2122260223 127.0.0.1 54321 typ host",
-                "sdpMid": "0", "sdpMLineIndex": 0}
+            payload = (
+                SDP
+                if kind != "ICE_CANDIDATE"
+                else {
+                    "candidate": "candidate:1 1 udp 2122260223 127.0.0.1 54321 typ host",
+                    "sdpMid": "0",
+                    "sdpMLineIndex": 0,
+                }
+            )
             return {"callId": self.call_id, "type": kind, "payload": payload}
         return {}
 
@@ -268,8 +320,11 @@ class Gen:
 
     def subscribe(self, destination: str | None = None) -> bytes:
         destination = destination or self.r.choice(SUBSCRIPTIONS)
-        return stomp_frame("SUBSCRIBE", [("id", f"s{next(self.sub_ids)}"), ("destination", destination),
-                                         ("ack", "auto")], length=False)
+        return stomp_frame(
+            "SUBSCRIBE",
+            [("id", f"s{next(self.sub_ids)}"), ("destination", destination), ("ack", "auto")],
+            length=False,
+        )
 
     # -------------------------------------------------------- mutations
 
@@ -299,33 +354,86 @@ class Gen:
             del obj[r.choice(list(obj))]
         elif kind == 1 and isinstance(obj, dict) and obj:
             obj = dict(obj)
-            obj[r.choice(list(obj))] = r.choice([None, 0, -1, 1.5, True, [], {}, "", " ", "\u0000",
-                                                 "x" * 101, "x" * r.randint(1000, 20000), ["a"],
-                                                 {"callId": self.call_id}, 2 ** 64, "\ud800"])
+            obj[r.choice(list(obj))] = r.choice(
+                [
+                    None,
+                    0,
+                    -1,
+                    1.5,
+                    True,
+                    [],
+                    {},
+                    "",
+                    " ",
+                    "\u0000",
+                    "x" * 101,
+                    "x" * r.randint(1000, 20000),
+                    ["a"],
+                    {"callId": self.call_id},
+                    2**64,
+                    "\ud800",
+                ]
+            )
         elif kind == 2:
             return depth_nest(r.choice([31, 32, 33, 64, 1000, 20000])).encode()
         elif kind == 3 and isinstance(obj, dict):
             obj = dict(obj, payload=json.loads(depth_nest(r.choice([30, 31, 40]))))
         elif kind == 4:
-            return text.encode()[:r.randrange(max(1, len(text.encode())))]
+            return text.encode()[: r.randrange(max(1, len(text.encode())))]
         elif kind == 5:
             data = bytearray(text.encode())
             for _ in range(r.randint(1, 4)):
                 data.insert(r.randrange(len(data) + 1), r.choice([0x80, 0xC0, 0xFF, 0xFE, 0xED, 0xF4]))
             return bytes(data)
         elif kind == 6:
-            return (text[:-1] + ', "n": ' + r.choice(["NaN", "Infinity", "-Infinity", "1e999",
-                                                     "9" * 5000, "-0", "0.1e-999999"]) + text[-1:]).encode()
+            return (
+                text[:-1]
+                + ', "n": '
+                + r.choice(["NaN", "Infinity", "-Infinity", "1e999", "9" * 5000, "-0", "0.1e-999999"])
+                + text[-1:]
+            ).encode()
         elif kind == 7:
-            return r.choice([b"", b" ", b"\n", b"null", b"[]", b"{}", b"true", b"\"\"", b"0", b"x",
-                             b"\xef\xbb\xbf" + text.encode(), text.encode() + b" trailing",
-                             text.encode() + b"\x00junk"])
+            return r.choice(
+                [
+                    b"",
+                    b" ",
+                    b"\n",
+                    b"null",
+                    b"[]",
+                    b"{}",
+                    b"true",
+                    b'""',
+                    b"0",
+                    b"x",
+                    b"\xef\xbb\xbf" + text.encode(),
+                    text.encode() + b" trailing",
+                    text.encode() + b"\x00junk",
+                ]
+            )
         elif kind == 8:
             return json.dumps([f"id-{i}" for i in range(r.choice([199, 200, 201, 1000, 5000]))]).encode()
         elif kind == 9:
-            return json.dumps([r.choice(["", "a\nb", "\u0000", "x" * 129, "\u2028", "\u202eevil", "😀" * 40,
-                                         "a\\nb", 5, None, ["x"], {"a": 1}]) for _ in range(r.randint(1, 20))]
-                              ).encode()
+            return json.dumps(
+                [
+                    r.choice(
+                        [
+                            "",
+                            "a\nb",
+                            "\u0000",
+                            "x" * 129,
+                            "\u2028",
+                            "\u202eevil",
+                            "😀" * 40,
+                            "a\\nb",
+                            5,
+                            None,
+                            ["x"],
+                            {"a": 1},
+                        ]
+                    )
+                    for _ in range(r.randint(1, 20))
+                ]
+            ).encode()
         elif kind == 10 and isinstance(obj, dict):
             pairs = ", ".join(f'"{k}": {json.dumps(v)}' for k, v in obj.items())
             return ("{" + pairs + ", " + pairs.replace(self.call_id, "other") + "}").encode()
@@ -338,14 +446,34 @@ class Gen:
         elif kind == 14 and isinstance(obj, dict):
             obj = dict(obj, type=r.choice(["video", "", "OFFER", "ACCEPT", "HANGUP", "\u0000", 7]))
         elif kind == 15 and isinstance(obj, dict):
-            obj = dict(obj, callId=r.choice(["", " ", "x" * 100, "x" * 101, "c-shared", "\n",
-                                             "呼叫", None, 42, self.call_id + "\u0000"]))
+            obj = dict(
+                obj,
+                callId=r.choice(
+                    [
+                        "",
+                        " ",
+                        "x" * 100,
+                        "x" * 101,
+                        "c-shared",
+                        "\n",
+                        "呼叫",
+                        None,
+                        42,
+                        self.call_id + "\u0000",
+                    ]
+                ),
+            )
         elif kind == 16 and isinstance(obj, dict):
-            obj = dict(obj, callee=r.choice([self.user, "", "nobody", "x" * 129, "a\nb", None,
-                                             self.peer.upper()]))
+            obj = dict(
+                obj, callee=r.choice([self.user, "", "nobody", "x" * 129, "a\nb", None, self.peer.upper()])
+            )
         elif kind == 17 and isinstance(obj, dict):
-            obj = dict(obj, payload=r.choice([None, "", 5, [], {"candidate": None},
-                                              {"candidate": "x" * 60000}, "x" * 60000]))
+            obj = dict(
+                obj,
+                payload=r.choice(
+                    [None, "", 5, [], {"candidate": None}, {"candidate": "x" * 60000}, "x" * 60000]
+                ),
+            )
         elif kind == 18:
             return (text * r.randint(2, 5)).encode()
         elif kind == 19:
@@ -363,34 +491,66 @@ class Gen:
         kind = r.randrange(20)
         n = len(body)
         if kind == 0:
-            return stomp_frame("SEND", base + [("content-length", str(n)), ("content-length", str(n + 7))],
-                               body, length=False)
+            return stomp_frame(
+                "SEND",
+                base + [("content-length", str(n)), ("content-length", str(n + 7))],
+                body,
+                length=False,
+            )
         if kind == 1:
-            return stomp_frame("SEND", base + [("content-length", str(r.randint(0, n + 50))),
-                                               ("content-length", str(n))], body, length=False)
+            return stomp_frame(
+                "SEND",
+                base + [("content-length", str(r.randint(0, n + 50))), ("content-length", str(n))],
+                body,
+                length=False,
+            )
         if kind == 2:
-            return stomp_frame("SEND", base + [("content-length", str(max(0, n - r.randint(1, 10))))],
-                               body, length=False)
+            return stomp_frame(
+                "SEND", base + [("content-length", str(max(0, n - r.randint(1, 10))))], body, length=False
+            )
         if kind == 3:
-            return stomp_frame("SEND", base + [("content-length", str(n + r.choice([1, 2, 10, 100, 60000])))],
-                               body, length=False)
+            return stomp_frame(
+                "SEND",
+                base + [("content-length", str(n + r.choice([1, 2, 10, 100, 60000])))],
+                body,
+                length=False,
+            )
         if kind == 4:
-            return stomp_frame("SEND", base + [("content-length", r.choice(
-                ["-1", "+5", " 5", "5 ", "1e3", "0x10", "99999999999", "٣", "", "abc", "9" * 30]))],
-                body, length=False)
+            return stomp_frame(
+                "SEND",
+                base
+                + [
+                    (
+                        "content-length",
+                        r.choice(
+                            ["-1", "+5", " 5", "5 ", "1e3", "0x10", "99999999999", "٣", "", "abc", "9" * 30]
+                        ),
+                    )
+                ],
+                body,
+                length=False,
+            )
         if kind == 5:
             return stomp_frame("SEND", base, body.replace(b",", b",\x00", 1), length=False)
         if kind == 6:
-            return stomp_frame("SEND", [("destination", destination + r.choice(["\r", "\rx", "\r\r"]))] + base[1:],
-                               body)
+            return stomp_frame(
+                "SEND", [("destination", destination + r.choice(["\r", "\rx", "\r\r"]))] + base[1:], body
+            )
         if kind == 7:
-            return stomp_frame("SEND", [("destination", destination + "\ncontent-length:0")] + base[1:],
-                               body, length=r.random() < 0.5)
+            return stomp_frame(
+                "SEND",
+                [("destination", destination + "\ncontent-length:0")] + base[1:],
+                body,
+                length=r.random() < 0.5,
+            )
         if kind == 8:
             return stomp_frame("SEND", base + [("x-nul", "a\x00b")], body)
         if kind == 9:
-            return stomp_frame("SEND", base + [("x-esc", r.choice(["\\c", "\\n", "\\r", "\\\\", "\\t", "a\\",
-                                                                   "\\", "\\x41"]))], body)
+            return stomp_frame(
+                "SEND",
+                base + [("x-esc", r.choice(["\\c", "\\n", "\\r", "\\\\", "\\t", "a\\", "\\", "\\x41"]))],
+                body,
+            )
         if kind == 10:
             size = r.choice([1000, 8100, 8185, 8186, 8192, 8193, 20000])
             return stomp_frame("SEND", base + [("x-big", "v" * size)], body)
@@ -402,8 +562,9 @@ class Gen:
         if kind == 13:
             return stomp_frame("SEND", [("destination", "/topic/user/status")] + base, body)
         if kind == 14:
-            return stomp_frame("SEND", base, body).replace(b"content-type:", r.choice(
-                [b"content-type", b":content-type:", b"content type:"]), 1)
+            return stomp_frame("SEND", base, body).replace(
+                b"content-type:", r.choice([b"content-type", b":content-type:", b"content type:"]), 1
+            )
         if kind == 15:
             return stomp_frame("SEND", base + [("x-bytes", b"\xff\xfe\xc0\xaf")], body)
         if kind == 16:
@@ -412,54 +573,124 @@ class Gen:
             return stomp_frame("SEND", base, body).replace(b"\n", b"\r\n")
         if kind == 18:
             return stomp_frame("SEND", [("Destination", destination)] + base[1:], body)
-        return stomp_frame("SEND", [("destination", r.choice(
-            ["", "/app/", "/app", "/app/user/status/", "/app/../app/user/status", "/APP/user/status",
-             "/app/" + "x" * 5000, "/app/\u5f20\u4e09", "/app/user/status\\c", "/user/queue/errors"]))]
-            + base[1:], body)
+        return stomp_frame(
+            "SEND",
+            [
+                (
+                    "destination",
+                    r.choice(
+                        [
+                            "",
+                            "/app/",
+                            "/app",
+                            "/app/user/status/",
+                            "/app/../app/user/status",
+                            "/APP/user/status",
+                            "/app/" + "x" * 5000,
+                            "/app/\u5f20\u4e09",
+                            "/app/user/status\\c",
+                            "/user/queue/errors",
+                        ]
+                    ),
+                )
+            ]
+            + base[1:],
+            body,
+        )
 
     def command_oddity(self) -> bytes:
         r = self.r
         kind = r.randrange(16)
         if kind == 0:
-            return stomp_frame(r.choice(["send", "SENDX", "MESSAGE", "ERROR", "CONNECTED", "RECEIPT",
-                                         "GET / HTTP/1.1", "\u00a0SEND", "SEND ", "SEND\r"]),
-                               [("destination", "/app/user/status")], b"[]")
+            return stomp_frame(
+                r.choice(
+                    [
+                        "send",
+                        "SENDX",
+                        "MESSAGE",
+                        "ERROR",
+                        "CONNECTED",
+                        "RECEIPT",
+                        "GET / HTTP/1.1",
+                        "\u00a0SEND",
+                        "SEND ",
+                        "SEND\r",
+                    ]
+                ),
+                [("destination", "/app/user/status")],
+                b"[]",
+            )
         if kind == 1:
-            return self.connect(good=r.random() < 0.5)              # already connected
+            return self.connect(good=r.random() < 0.5)  # already connected
         if kind == 2:
-            return stomp_frame(r.choice(["ACK", "NACK"]), [("id", r.choice(["1", "", "x" * 300]))], length=False)
+            return stomp_frame(
+                r.choice(["ACK", "NACK"]), [("id", r.choice(["1", "", "x" * 300]))], length=False
+            )
         if kind == 3:
-            return stomp_frame(r.choice(["BEGIN", "COMMIT", "ABORT"]),
-                               [("transaction", "t1")] if r.random() < 0.7 else [], length=False)
+            return stomp_frame(
+                r.choice(["BEGIN", "COMMIT", "ABORT"]),
+                [("transaction", "t1")] if r.random() < 0.7 else [],
+                length=False,
+            )
         if kind == 4:
-            return stomp_frame("UNSUBSCRIBE", [("id", r.choice(["s0", "s999", ""]))] if r.random() < 0.8
-                               else [], length=False)
+            return stomp_frame(
+                "UNSUBSCRIBE",
+                [("id", r.choice(["s0", "s999", ""]))] if r.random() < 0.8 else [],
+                length=False,
+            )
         if kind == 5:
-            return stomp_frame("SUBSCRIBE", [("id", "s0"), ("destination", "/topic/user/status")], length=False)
+            return stomp_frame(
+                "SUBSCRIBE", [("id", "s0"), ("destination", "/topic/user/status")], length=False
+            )
         if kind == 6:
             return stomp_frame("SUBSCRIBE", [("destination", "/user/queue/errors")], length=False)
         if kind == 7:
-            return stomp_frame("SUBSCRIBE", [("id", f"w{r.randrange(10 ** 6)}"), ("destination", r.choice(
-                ["", "/topic/other", "/user/queue/../errors", "/app/user/status", "/user/" + self.peer + "/queue/x",
-                 "/user/queue/" + "x" * 3000, "/topic/user/status\\n"]))], length=False)
+            return stomp_frame(
+                "SUBSCRIBE",
+                [
+                    ("id", f"w{r.randrange(10**6)}"),
+                    (
+                        "destination",
+                        r.choice(
+                            [
+                                "",
+                                "/topic/other",
+                                "/user/queue/../errors",
+                                "/app/user/status",
+                                "/user/" + self.peer + "/queue/x",
+                                "/user/queue/" + "x" * 3000,
+                                "/topic/user/status\\n",
+                            ]
+                        ),
+                    ),
+                ],
+                length=False,
+            )
         if kind == 8:
-            return b"".join(stomp_frame("SUBSCRIBE", [("id", f"m{r.randrange(10 ** 6)}-{i}"),
-                                                      ("destination", "/user/queue/errors")], length=False)
-                            for i in range(r.choice([20, 101])))
+            return b"".join(
+                stomp_frame(
+                    "SUBSCRIBE",
+                    [("id", f"m{r.randrange(10**6)}-{i}"), ("destination", "/user/queue/errors")],
+                    length=False,
+                )
+                for i in range(r.choice([20, 101]))
+            )
         if kind == 9:
-            return r.choice([b"\n", b"\r\n", b"\n" * 1000, b"\r\n" * 50, b"\r", b"\n\r", b"\x00",
-                             b"\x00" * 100, b" "])
+            return r.choice(
+                [b"\n", b"\r\n", b"\n" * 1000, b"\r\n" * 50, b"\r", b"\n\r", b"\x00", b"\x00" * 100, b" "]
+            )
         if kind == 10:
             return stomp_frame("DISCONNECT", [("receipt", "bye")] if r.random() < 0.7 else [], length=False)
         if kind == 11:
             return stomp_frame("SEND", [("destination", "/app/user/status")], b"[]", length=False)[:-1]
         if kind == 12:
-            return b"SEND\ndestination:/app/user/status\n\n[\"fz001\"]"     # no NUL: swallows what follows
+            return b'SEND\ndestination:/app/user/status\n\n["fz001"]'  # no NUL: swallows what follows
         if kind == 13:
-            return self.valid_send() + self.valid_send()[:r.randint(1, 30)]
+            return self.valid_send() + self.valid_send()[: r.randint(1, 30)]
         if kind == 14:
-            return stomp_frame("SEND", [("destination", "/app/user/status"), ("transaction", "t1")],
-                               b"[\"fz001\"]")
+            return stomp_frame(
+                "SEND", [("destination", "/app/user/status"), ("transaction", "t1")], b'["fz001"]'
+            )
         return b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + self.r.randbytes(40)
 
     def mutate_bytes(self, data: bytes) -> bytes:
@@ -477,15 +708,17 @@ class Gen:
             elif op == 2:
                 out[i:i] = r.randbytes(r.randint(1, 16))
             elif op == 3:
-                del out[i:i + r.randint(1, 16)]
+                del out[i : i + r.randint(1, 16)]
             elif op == 4:
-                out[i:i] = out[i:i + r.randint(1, 64)]
+                out[i:i] = out[i : i + r.randint(1, 64)]
             elif op == 5:
                 del out[i:]
             elif op == 6:
                 out[i:i] = b"\x00"
             elif op == 7:
-                out = bytearray(bytes(out).replace(b"\n", r.choice([b"\r\n", b"\r", b"\n\n"]), r.randint(1, 3)))
+                out = bytearray(
+                    bytes(out).replace(b"\n", r.choice([b"\r\n", b"\r", b"\n\n"]), r.randint(1, 3))
+                )
             elif op == 8:
                 out[0:0] = r.choice([b"\n", b"\r\n", b"\xef\xbb\xbf", r.randbytes(4), b"\x00"])
             elif op == 9:
@@ -507,13 +740,14 @@ class Gen:
 
 # ------------------------------------------------------------------ SockJS envelopes
 
+
 def envelope(frames: list[bytes], rng: random.Random) -> bytes:
     """The frames as a SockJS client sends them: a JSON array of strings (or one string)."""
     texts, clean = [], True
     for frame in frames:
         try:
             texts.append(frame.decode("utf-8"))
-        except UnicodeDecodeError:            # its bytes travel as lone surrogates, \udcXX
+        except UnicodeDecodeError:  # its bytes travel as lone surrogates, \udcXX
             texts.append(frame.decode("utf-8", "surrogateescape"))
             clean = False
     value: object = texts[0] if len(texts) == 1 and rng.random() < 0.1 else texts
@@ -526,23 +760,40 @@ def junk_envelope(rng: random.Random, frames: list[bytes]) -> bytes:
     good = envelope(frames, rng)
     kind = rng.randrange(18)
     return [
-        b"", b"xyz", good[:-1], b"[" + good + b"]", b"[" * rng.choice([2, 100, 100000]),
-        b'[1, null, {}, ["a"]]', b'"' + b"x" * rng.choice([100, 70000, 1_000_000]) + b'"',
-        b"[" + b",".join([json.dumps(send_frame("/app/user/status", b'["fz001"]').decode()).encode()]
-                         * rng.choice([50, 1000])) + b"]",
-        b"\xff\xfe" + good, b'["\\ud800\\udc00\\ud800"]', b"\xef\xbb\xbf" + good, b"null", b"{}",
-        good + b"garbage", good + b"\x00", b'["a", ' * 2000 + b'"b"' + b"]" * 2000,
-        b'["' + b"\\" * 1001 + b'"]', b"[" + b'"x",' * 200000 + b'"x"]',
+        b"",
+        b"xyz",
+        good[:-1],
+        b"[" + good + b"]",
+        b"[" * rng.choice([2, 100, 100000]),
+        b'[1, null, {}, ["a"]]',
+        b'"' + b"x" * rng.choice([100, 70000, 1_000_000]) + b'"',
+        b"["
+        + b",".join(
+            [json.dumps(send_frame("/app/user/status", b'["fz001"]').decode()).encode()]
+            * rng.choice([50, 1000])
+        )
+        + b"]",
+        b"\xff\xfe" + good,
+        b'["\\ud800\\udc00\\ud800"]',
+        b"\xef\xbb\xbf" + good,
+        b"null",
+        b"{}",
+        good + b"garbage",
+        good + b"\x00",
+        b'["a", ' * 2000 + b'"b"' + b"]" * 2000,
+        b'["' + b"\\" * 1001 + b'"]',
+        b"[" + b'"x",' * 200000 + b'"x"]',
     ][kind]
 
 
 # ------------------------------------------------------------------ the wire, recorded
 
+
 class Tape:
     """What one job wrote, connection by connection, in order: enough to replay it."""
 
     def __init__(self) -> None:
-        self.steps: list[list] = []      # [connection, source, delay_s, op, data]
+        self.steps: list[list] = []  # [connection, source, delay_s, op, data]
         self.last = time.monotonic()
         self.numbers = itertools.count()
 
@@ -611,8 +862,8 @@ class Conn:
         while True:
             i = self.buf.find(marker)
             if i >= 0:
-                out = bytes(self.buf[:i + len(marker)])
-                del self.buf[:i + len(marker)]
+                out = bytes(self.buf[: i + len(marker)])
+                del self.buf[: i + len(marker)]
                 return out
             if len(self.buf) > limit:
                 raise Closed("line too long")
@@ -636,14 +887,16 @@ class Conn:
         self.tape.add(self.no, self.source, "rst" if rst else "fin")
         if rst:
             with contextlib.suppress(OSError, AttributeError):
-                self.writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
-                                                                struct.pack("ii", 1, 0))
+                self.writer.get_extra_info("socket").setsockopt(
+                    socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
+                )
             self.writer.transport.abort()
         else:
             self.writer.close()
 
 
 # ------------------------------------------------------------------ WebSocket, our own framing
+
 
 def xor_mask(data: bytes, key: bytes) -> bytes:
     if not data:
@@ -653,8 +906,15 @@ def xor_mask(data: bytes, key: bytes) -> bytes:
     return (int.from_bytes(data, "little") ^ int.from_bytes(pad, "little")).to_bytes(n, "little")
 
 
-def ws_frame(opcode: int, payload: bytes, fin: bool = True, rsv: int = 0, mask: bool = True,
-             key: bytes | None = None, declared: int | None = None) -> bytes:
+def ws_frame(
+    opcode: int,
+    payload: bytes,
+    fin: bool = True,
+    rsv: int = 0,
+    mask: bool = True,
+    key: bytes | None = None,
+    declared: int | None = None,
+) -> bytes:
     n = len(payload) if declared is None else declared
     head = bytes([(0x80 if fin else 0) | (rsv & 7) << 4 | (opcode & 0xF)])
     bit = 0x80 if mask else 0
@@ -663,18 +923,25 @@ def ws_frame(opcode: int, payload: bytes, fin: bool = True, rsv: int = 0, mask: 
     elif n < 65536:
         head += bytes([bit | 126]) + n.to_bytes(2, "big")
     else:
-        head += bytes([bit | 127]) + (n & (2 ** 64 - 1)).to_bytes(8, "big")
+        head += bytes([bit | 127]) + (n & (2**64 - 1)).to_bytes(8, "big")
     if mask:
         key = key if key is not None else os.urandom(4)
         return head + key + xor_mask(payload, key)
     return head + payload
 
 
-def ws_handshake(path: str | bytes, protocols: list[str] | None, extra: list[bytes] = (),
-                 key: str | None = None) -> bytes:
+def ws_handshake(
+    path: str | bytes, protocols: list[str] | None, extra: list[bytes] = (), key: str | None = None
+) -> bytes:
     key = key or base64.b64encode(os.urandom(16)).decode()
-    lines = [b"GET " + b(path) + b" HTTP/1.1", b"Host: 127.0.0.1", b"Upgrade: websocket",
-             b"Connection: Upgrade", b"Sec-WebSocket-Key: " + key.encode(), b"Sec-WebSocket-Version: 13"]
+    lines = [
+        b"GET " + b(path) + b" HTTP/1.1",
+        b"Host: 127.0.0.1",
+        b"Upgrade: websocket",
+        b"Connection: Upgrade",
+        b"Sec-WebSocket-Key: " + key.encode(),
+        b"Sec-WebSocket-Version: 13",
+    ]
     if protocols:
         lines.append(b"Sec-WebSocket-Protocol: " + ", ".join(protocols).encode())
     lines += list(extra)
@@ -714,7 +981,7 @@ class WebSocket:
             await self.send(opcode, data)
             return
         cuts = sorted(r.sample(range(1, len(data)), min(len(data) - 1, r.randint(1, 5))))
-        pieces = [data[i:j] for i, j in zip([0, *cuts], [*cuts, len(data)])]
+        pieces = [data[i:j] for i, j in zip([0, *cuts], [*cuts, len(data)], strict=True)]
         out = b""
         for k, piece in enumerate(pieces):
             out += ws_frame(opcode if k == 0 else OP_CONT, piece, fin=k == len(pieces) - 1, key=self.key())
@@ -735,7 +1002,7 @@ class WebSocket:
             if n > 1 << 26:
                 raise Closed(f"server frame of {n} bytes")
             if b1 & 0x80:
-                await self.conn.read_exactly(4, timeout)       # servers do not mask; tolerate it
+                await self.conn.read_exactly(4, timeout)  # servers do not mask; tolerate it
             payload = await self.conn.read_exactly(n, timeout) if n else b""
             op = b0 & 0x0F
             if op >= OP_CLOSE:
@@ -748,6 +1015,7 @@ class WebSocket:
 
 
 # ------------------------------------------------------------------ STOMP clients over each transport
+
 
 class Job:
     """One job's bookkeeping: its tape, connections, counts and what the server said."""
@@ -762,16 +1030,16 @@ class Job:
         self.rng = random.Random(seed)
         self.tape = Tape()
         self.conns: list[Conn] = []
-        self.frames = Counter()              # mutation class -> frames written
-        self.transport_frames = Counter()    # transport -> frames written
-        self.after_end = 0                   # frames written after the server's ERROR/close
-        self.refused = 0                     # handshakes and requests refused with 429/503
-        self.statuses = Counter()            # HTTP statuses of handshakes and SockJS requests
-        self.server = Counter()              # what came back: CONNECTED, MESSAGE, ERROR, ...
+        self.frames = Counter()  # mutation class -> frames written
+        self.transport_frames = Counter()  # transport -> frames written
+        self.after_end = 0  # frames written after the server's ERROR/close
+        self.refused = 0  # handshakes and requests refused with 429/503
+        self.statuses = Counter()  # HTTP statuses of handshakes and SockJS requests
+        self.server = Counter()  # what came back: CONNECTED, MESSAGE, ERROR, ...
         self.planned = 0
         self.tasks: list[asyncio.Task] = []
         self.clients: list[Client] = []
-        self.odd: list[str] = []             # what the server sent that was no STOMP frame
+        self.odd: list[str] = []  # what the server sent that was no STOMP frame
         self.started = 0.0
         self.finished = 0.0
 
@@ -802,20 +1070,26 @@ class Client:
 
     transport = "?"
 
-    def __init__(self, job: Job, source: str, user: str | None, url_user: str | None = None,
-                 rng: random.Random | None = None) -> None:
+    def __init__(
+        self,
+        job: Job,
+        source: str,
+        user: str | None,
+        url_user: str | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
         self.job = job
         self.r = rng if rng is not None else job.rng
         self.source = source
         self.user = user
         self.url_user = user if url_user is None else url_user
-        self.ended = False                   # the server sent ERROR, or hung up
-        self.gone = asyncio.Event()          # the server hung up (close frame, c[...], EOF)
+        self.ended = False  # the server sent ERROR, or hung up
+        self.gone = asyncio.Event()  # the server hung up (close frame, c[...], EOF)
         self.recent: deque[str] = deque(maxlen=48)
         self.activity = asyncio.Event()
         self.tasks: list[asyncio.Task] = []
         self.conns: list[Conn] = []
-        self.odd_origins = False             # SockJS requests may carry odd Origin headers
+        self.odd_origins = False  # SockJS requests may carry odd Origin headers
         self.opened_at = time.time()
         self.closed_at: float | None = None
         job.clients.append(self)
@@ -828,16 +1102,27 @@ class Client:
     def query(self) -> str:
         r = self.r
         if self.url_user is None or r.random() < 0.03:
-            return r.choice(["", "?userId=", "?userId=%0Aforged", "?userId=%00", "?userId=" + "u" * 129,
-                             "?userId=%ff%fe", "?userId=%zz", "?userId=a&userId=b", "?" + "a=1&" * 2000,
-                             "?userId=" + urllib.parse.quote("张三")])
+            return r.choice(
+                [
+                    "",
+                    "?userId=",
+                    "?userId=%0Aforged",
+                    "?userId=%00",
+                    "?userId=" + "u" * 129,
+                    "?userId=%ff%fe",
+                    "?userId=%zz",
+                    "?userId=a&userId=b",
+                    "?" + "a=1&" * 2000,
+                    "?userId=" + urllib.parse.quote("张三"),
+                ]
+            )
         return "?userId=" + urllib.parse.quote(self.url_user, safe="")
 
     def heard(self, text: str) -> None:
         command = text.split("\n", 1)[0] if text != "\n" else "heart-beat"
         if command not in SERVER_FRAMES:
             command = "other"
-            if len(self.job.odd) < 2:            # not a STOMP frame: worth a look
+            if len(self.job.odd) < 2:  # not a STOMP frame: worth a look
                 self.job.odd.append(f"{self.transport} {text[:120]!r}")
         self.job.server[command] += 1
         self.recent.append(text[:2048])
@@ -948,16 +1233,19 @@ class NativeWs(Client):
         r = self.r
         data = b"".join(frames)
         if r.random() < 0.05:
-            data = b"\n" * r.randint(1, 3) + data              # heart-beats between frames
+            data = b"\n" * r.randint(1, 3) + data  # heart-beats between frames
         mode = r.random()
         if mode < 0.75:
             await self._message(data)
         elif mode < 0.85:
             await self.ws.send_message(data, text=False)
-        else:                                                    # split over several messages
-            cuts = sorted(r.sample(range(1, len(data)), min(len(data) - 1, r.randint(1, 6)))) \
-                if len(data) > 1 else []
-            for i, j in zip([0, *cuts], [*cuts, len(data)]):
+        else:  # split over several messages
+            cuts = (
+                sorted(r.sample(range(1, len(data)), min(len(data) - 1, r.randint(1, 6))))
+                if len(data) > 1
+                else []
+            )
+            for i, j in zip([0, *cuts], [*cuts, len(data)], strict=True):
                 await self._message(data[i:j])
 
     async def _message(self, data: bytes) -> None:
@@ -965,7 +1253,7 @@ class NativeWs(Client):
             data.decode("utf-8")
             text = True
         except UnicodeDecodeError:
-            text = self.r.random() < 0.1                       # invalid UTF-8 as text: 1007
+            text = self.r.random() < 0.1  # invalid UTF-8 as text: 1007
         await self.ws.send_message(data, text=text)
 
     async def junk(self) -> None:
@@ -1010,18 +1298,21 @@ def ws_junk(r: random.Random) -> bytes:
         code = r.choice([0, 999, 1004, 1005, 1006, 1015, 2999, 5000, 65535])
         return ws_frame(OP_CLOSE, struct.pack("!H", code), key=key)
     if kind == 8:
-        return ws_frame(OP_CLOSE, struct.pack("!H", 1000) + r.choice([b"\xff\xfe", b"x" * 123, b"\xc0\x80"]),
-                        key=key)
+        return ws_frame(
+            OP_CLOSE, struct.pack("!H", 1000) + r.choice([b"\xff\xfe", b"x" * 123, b"\xc0\x80"]), key=key
+        )
     if kind == 9:
         return ws_frame(OP_CLOSE, b"\x03", key=key)
     if kind == 10:
-        return ws_frame(OP_TEXT, b"", declared=2 ** 63 + 5, key=key)
+        return ws_frame(OP_TEXT, b"", declared=2**63 + 5, key=key)
     if kind == 11:
-        return bytes([0x81, 0x80 | 126, 0, 5]) + key + xor_mask(b"\n\n\n\n\n", key)   # non-minimal length
+        return bytes([0x81, 0x80 | 126, 0, 5]) + key + xor_mask(b"\n\n\n\n\n", key)  # non-minimal length
     if kind == 12:
         return b"".join(ws_frame(OP_PING, b"%d" % i, key=key) for i in range(r.choice([10, 200])))
     if kind == 13:
-        return b"".join(ws_frame(OP_TEXT if i == 0 else OP_CONT, b"\n", fin=i == 999, key=key) for i in range(1000))
+        return b"".join(
+            ws_frame(OP_TEXT if i == 0 else OP_CONT, b"\n", fin=i == 999, key=key) for i in range(1000)
+        )
     if kind == 14:
         return ws_frame(OP_PONG, r.randbytes(20), key=key)
     return ws_frame(OP_TEXT, b"", key=key)
@@ -1046,7 +1337,7 @@ class SockJsWs(NativeWs):
 
     async def send(self, frames: list[bytes]) -> None:
         r = self.r
-        if r.random() < 0.08 and len(frames) == 1 and len(frames[0]) > 2:     # one frame over two messages
+        if r.random() < 0.08 and len(frames) == 1 and len(frames[0]) > 2:  # one frame over two messages
             cut = r.randrange(1, len(frames[0]))
             messages = [envelope([frames[0][:cut]], r), envelope([frames[0][cut:]], r)]
         else:
@@ -1087,8 +1378,9 @@ def heard_sockjs(client: Client, text: str) -> None:
             client.activity.set()
 
 
-def http_request(method: str, path: str | bytes, body: bytes = b"", headers: list[bytes] = (),
-                 length: bool = True) -> bytes:
+def http_request(
+    method: str, path: str | bytes, body: bytes = b"", headers: list[bytes] = (), length: bool = True
+) -> bytes:
     lines = [b(method) + b" " + b(path) + b" HTTP/1.1", b"Host: 127.0.0.1"] + list(headers)
     if length:
         lines.append(b"Content-Length: %d" % len(body))
@@ -1147,13 +1439,22 @@ class SockJsXhr(Client):
         """No Origin (as every non-browser client), or now and then an odd one."""
         if not self.odd_origins or self.r.random() < 0.97:
             return []
-        return [self.r.choice([b"Origin: http://127.0.0.1", b"Origin: null", b"Origin: https://evil.example",
-                               b"Origin: http://" + b"o" * 3000, b"Origin: \xff\xfe"])]
+        return [
+            self.r.choice(
+                [
+                    b"Origin: http://127.0.0.1",
+                    b"Origin: null",
+                    b"Origin: https://evil.example",
+                    b"Origin: http://" + b"o" * 3000,
+                    b"Origin: \xff\xfe",
+                ]
+            )
+        ]
 
     async def open(self) -> bool:
         conn = self.new_conn(self.rcvbuf)
         await conn.open()
-        if self.receiver == "deaf-stream":            # a stream nobody reads
+        if self.receiver == "deaf-stream":  # a stream nobody reads
             await conn.write(http_request("POST", f"{self.base}/xhr_streaming{self.query()}"))
             await asyncio.sleep(0.2)
             return True
@@ -1195,8 +1496,8 @@ class SockJsXhr(Client):
             pending.extend(chunk)
             cut = pending.rfind(b"\n")
             if cut >= 0:
-                text = pending[:cut + 1].decode("utf-8", "replace")
-                del pending[:cut + 1]
+                text = pending[: cut + 1].decode("utf-8", "replace")
+                del pending[: cut + 1]
                 if self.receiver == "eventsource":
                     text = "\n".join(line[6:] for line in text.split("\r\n") if line.startswith("data: "))
                 heard_sockjs(self, text)
@@ -1216,7 +1517,9 @@ class SockJsXhr(Client):
 
     async def post(self, body: bytes, headers: list[bytes] = (), length: bool = True) -> int:
         conn = await self._sender()
-        await conn.write(http_request("POST", f"{self.base}/xhr_send", body, [*self.origin(), *headers], length))
+        await conn.write(
+            http_request("POST", f"{self.base}/xhr_send", body, [*self.origin(), *headers], length)
+        )
         try:
             status, _ = await read_response(conn, READ_TIMEOUT_S)
         except (TimeoutError, Closed, ValueError):
@@ -1224,7 +1527,7 @@ class SockJsXhr(Client):
             return 0
         self.note(status)
         if status == 404:
-            self.hung_up()                   # the session is gone
+            self.hung_up()  # the session is gone
         return status
 
     async def send(self, frames: list[bytes]) -> None:
@@ -1237,17 +1540,30 @@ class SockJsXhr(Client):
             chunked = b"%x\r\n" % len(body) + body + b"\r\n0\r\n\r\n"
             await self.post(chunked, [b"Transfer-Encoding: chunked"], length=False)
         else:
-            await self.post(body, [b"Content-Length: %d" % len(body)])        # the same length twice
+            await self.post(body, [b"Content-Length: %d" % len(body)])  # the same length twice
 
     async def junk(self) -> None:
         await self.post(junk_envelope(self.r, [send_frame("/app/user/status", b'["fz001"]')]))
 
-TRANSPORTS = {"ws": NativeWs, "sockjs-ws": SockJsWs, "xhr": SockJsXhr, "xhr_streaming": SockJsXhr,
-              "eventsource": SockJsXhr}
+
+TRANSPORTS = {
+    "ws": NativeWs,
+    "sockjs-ws": SockJsWs,
+    "xhr": SockJsXhr,
+    "xhr_streaming": SockJsXhr,
+    "eventsource": SockJsXhr,
+}
 
 
-def make_client(job: Job, transport: str, source: str, user: str | None, url_user: str | None = None,
-                rcvbuf: int | None = None, rng: random.Random | None = None) -> Client:
+def make_client(
+    job: Job,
+    transport: str,
+    source: str,
+    user: str | None,
+    url_user: str | None = None,
+    rcvbuf: int | None = None,
+    rng: random.Random | None = None,
+) -> Client:
     if transport in ("xhr", "xhr_streaming", "eventsource", "none", "deaf-stream"):
         return SockJsXhr(job, source, user, url_user, rng, receiver=transport, rcvbuf=rcvbuf)
     return TRANSPORTS[transport](job, source, user, url_user, rng, rcvbuf=rcvbuf)
@@ -1255,27 +1571,45 @@ def make_client(job: Job, transport: str, source: str, user: str | None, url_use
 
 # ------------------------------------------------------------------ jobs
 
+
 def pick_source(r: random.Random) -> str:
     return r.choice(EXEMPT_SOURCES) if r.random() < 0.5 else r.choice(CAPPED_SOURCES)
 
 
 def subscriptions_for(role: str, r: random.Random) -> list[str]:
     if role == "caller":
-        return ["/user/queue/errors", "/user/queue/call/response", "/user/queue/rtc/signaling",
-                "/user/queue/call/hangup", "/user/queue/call/timeout"]
+        return [
+            "/user/queue/errors",
+            "/user/queue/call/response",
+            "/user/queue/rtc/signaling",
+            "/user/queue/call/hangup",
+            "/user/queue/call/timeout",
+        ]
     if role == "callee":
-        return ["/user/queue/errors", "/user/queue/call/request", "/user/queue/rtc/signaling",
-                "/user/queue/call/hangup", "/user/queue/call/down"]
+        return [
+            "/user/queue/errors",
+            "/user/queue/call/request",
+            "/user/queue/rtc/signaling",
+            "/user/queue/call/hangup",
+            "/user/queue/call/down",
+        ]
     return r.sample(SUBSCRIPTIONS, r.randint(1, len(SUBSCRIPTIONS)))
 
 
-async def run_session(job: Job, client: Client, gen: Gen, budget: int, role: str = "solo",
-                      ready: asyncio.Event | None = None, partner_ready: asyncio.Event | None = None) -> None:
+async def run_session(
+    job: Job,
+    client: Client,
+    gen: Gen,
+    budget: int,
+    role: str = "solo",
+    ready: asyncio.Event | None = None,
+    partner_ready: asyncio.Event | None = None,
+) -> None:
     """A STOMP session: CONNECT (mostly with a good token), SUBSCRIBEs, the call flow of its
     role, then fuzzed frames until `budget` frames are written or the server ended it."""
     r = client.r
     t = client.transport
-    keep_sending = r.random() < 0.1             # and go on after the ERROR, as a broken client does
+    keep_sending = r.random() < 0.1  # and go on after the ERROR, as a broken client does
     sent = after_end = 0
 
     async def put(frames: list[bytes], cls: str) -> None:
@@ -1306,8 +1640,13 @@ async def run_session(job: Job, client: Client, gen: Gen, budget: int, role: str
             if partner_ready is not None:
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(partner_ready.wait(), 3.0)
-            request = {"callId": gen.call_id, "type": "VIDEO", "callee": gen.peer,
-                       "callerUserName": "Caller", "calleeUserName": "Callee"}
+            request = {
+                "callId": gen.call_id,
+                "type": "VIDEO",
+                "callee": gen.peer,
+                "callerUserName": "Caller",
+                "calleeUserName": "Callee",
+            }
             await put([send_frame("/app/call/request", json.dumps(request).encode())], "valid")
             await client.wait_for("call/response", 3.0)
         while sent < budget:
@@ -1364,17 +1703,36 @@ async def job_pair(job: Job) -> None:
     caller_user, callee_user = r.sample(FUZZ_USERS, 2)
     call_id = f"p{job.batch}-{job.index}"
     kinds = ("ws", "ws", "sockjs-ws", "xhr", "xhr_streaming")
-    callee = make_client(job, r.choice(kinds), pick_source(r), callee_user, rng=random.Random(r.getrandbits(64)))
-    caller = make_client(job, r.choice(kinds), pick_source(r), caller_user, rng=random.Random(r.getrandbits(64)))
+    callee = make_client(
+        job, r.choice(kinds), pick_source(r), callee_user, rng=random.Random(r.getrandbits(64))
+    )
+    caller = make_client(
+        job, r.choice(kinds), pick_source(r), caller_user, rng=random.Random(r.getrandbits(64))
+    )
     ready = asyncio.Event()
     results = await asyncio.gather(
-        run_session(job, callee, job_gen(job, callee_user, caller_user, call_id), job.planned // 2, "callee",
-                    ready=ready),
-        run_session(job, caller, job_gen(job, caller_user, callee_user, call_id), job.planned // 2, "caller",
-                    partner_ready=ready),
-        return_exceptions=True)
+        run_session(
+            job,
+            callee,
+            job_gen(job, callee_user, caller_user, call_id),
+            job.planned // 2,
+            "callee",
+            ready=ready,
+        ),
+        run_session(
+            job,
+            caller,
+            job_gen(job, caller_user, callee_user, call_id),
+            job.planned // 2,
+            "caller",
+            partner_ready=ready,
+        ),
+        return_exceptions=True,
+    )
     for result in results:
-        if isinstance(result, BaseException) and not isinstance(result, (Closed, OSError, asyncio.TimeoutError)):
+        if isinstance(result, BaseException) and not isinstance(
+            result, (Closed, OSError, asyncio.TimeoutError)
+        ):
             raise result
 
 
@@ -1388,8 +1746,9 @@ def bad_handshake(r: random.Random, path: str, protocols: list[str] | None, gen:
     if kind == 0:
         return good.replace(b"Sec-WebSocket-Key: " + key.encode() + b"\r\n", b"")
     if kind == 1:
-        return good.replace(b"Version: 13", r.choice([b"Version: 8", b"Version: 99", b"Version: ",
-                                                      b"Version: 13, 8"]))
+        return good.replace(
+            b"Version: 13", r.choice([b"Version: 8", b"Version: 99", b"Version: ", b"Version: 13, 8"])
+        )
     if kind == 2:
         return good.replace(b"Upgrade: websocket\r\n", r.choice([b"", b"Upgrade: h2c\r\n"]))
     if kind == 3:
@@ -1405,31 +1764,75 @@ def bad_handshake(r: random.Random, path: str, protocols: list[str] | None, gen:
     elif kind == 8:
         return good.replace(b"Host: 127.0.0.1\r\n", r.choice([b"", b"Host: a\r\nHost: b\r\n"]))
     elif kind == 9:
-        path = base_path + r.choice(["", "?userId=", "?userId=%0Aforged", "?userId=%00", "?userId=" + "u" * 129,
-                                     "?userId=%ff%fe", "?userId=%zz", "?userId=a&userId=b", "?userId=" + "u" * 9000])
+        path = base_path + r.choice(
+            [
+                "",
+                "?userId=",
+                "?userId=%0Aforged",
+                "?userId=%00",
+                "?userId=" + "u" * 129,
+                "?userId=%ff%fe",
+                "?userId=%zz",
+                "?userId=a&userId=b",
+                "?userId=" + "u" * 9000,
+            ]
+        )
     elif kind == 10:
-        path = r.choice(["//imserver/ws", f"{PREFIX}/ws/", f"{PREFIX}/ws/../ws", f"{PREFIX}/WS", f"{PREFIX}/ws%00",
-                         f"{PREFIX}/ws/000/../x/websocket", f"{PREFIX}/ws/000/a.b/websocket",
-                         f"{PREFIX}/ws/000//websocket", f"{PREFIX}/ws/000/s/websocketx", "/" + "x" * 9000,
-                         "*", "http://127.0.0.1" + path])
+        path = r.choice(
+            [
+                "//imserver/ws",
+                f"{PREFIX}/ws/",
+                f"{PREFIX}/ws/../ws",
+                f"{PREFIX}/WS",
+                f"{PREFIX}/ws%00",
+                f"{PREFIX}/ws/000/../x/websocket",
+                f"{PREFIX}/ws/000/a.b/websocket",
+                f"{PREFIX}/ws/000//websocket",
+                f"{PREFIX}/ws/000/s/websocketx",
+                "/" + "x" * 9000,
+                "*",
+                "http://127.0.0.1" + path,
+            ]
+        )
     elif kind == 11:
-        protocols = r.choice([["v12.stomp, junk"], ["v13.stomp"], [""], [f"p{i}" for i in range(200)],
-                              ["v12.stomp"] * 50, ["v12.stomp\x00"]])
+        protocols = r.choice(
+            [
+                ["v12.stomp, junk"],
+                ["v13.stomp"],
+                [""],
+                [f"p{i}" for i in range(200)],
+                ["v12.stomp"] * 50,
+                ["v12.stomp\x00"],
+            ]
+        )
     elif kind == 12:
-        extra = [r.choice([b"Origin: http://evil.example", b"Origin: null", b"Origin: http://" + b"o" * 5000,
-                           b"Origin: \xff", b"Origin: http://127.0.0.1", b"Origin: a\r\nX-Injected: 1"])]
+        extra = [
+            r.choice(
+                [
+                    b"Origin: http://evil.example",
+                    b"Origin: null",
+                    b"Origin: http://" + b"o" * 5000,
+                    b"Origin: \xff",
+                    b"Origin: http://127.0.0.1",
+                    b"Origin: a\r\nX-Injected: 1",
+                ]
+            )
+        ]
     elif kind == 13:
         return good.replace(b"HTTP/1.1", b"HTTP/1.0", 1)
     elif kind == 14:
         return good.replace(b"GET ", r.choice([b"POST ", b"get ", b"GET  ", b"CONNECT ", b"PRI "]), 1)
     elif kind == 15:
-        return good + ws_frame(OP_TEXT, gen.connect(), key=r.randbytes(4))       # CONNECT in the same write
+        return good + ws_frame(OP_TEXT, gen.connect(), key=r.randbytes(4))  # CONNECT in the same write
     elif kind == 16:
         key = r.choice(["abc", "", "=" * 24, "x" * 1000])
     elif kind == 17:
         return r.randbytes(r.randint(1, 2000))
     elif kind == 18:
-        extra = [b"Connection: close", b"Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits"]
+        extra = [
+            b"Connection: close",
+            b"Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits",
+        ]
     elif kind == 19:
         extra = [b"Content-Length: 10", b"Transfer-Encoding: chunked"]
     return ws_handshake(path, protocols, extra, key)
@@ -1470,23 +1873,33 @@ def http_junk(r: random.Random, client: SockJsXhr, gen: Gen) -> tuple[bytes, str
     if kind == 1:
         return http_request("POST", send, env, [*ct, b"Content-Length: %d" % len(env)]), ""
     if kind == 2:
-        return http_request("POST", send, env, [*ct, b"Content-Length: %d" % (len(env) + r.choice([1, 100, 10 ** 6]))],
-                            length=False), "last"
+        return http_request(
+            "POST",
+            send,
+            env,
+            [*ct, b"Content-Length: %d" % (len(env) + r.choice([1, 100, 10**6]))],
+            length=False,
+        ), "last"
     if kind == 3:
-        return http_request("POST", send, env, [*ct, b"Content-Length: %d" % max(0, len(env) - 5)],
-                            length=False), "last"
+        return http_request(
+            "POST", send, env, [*ct, b"Content-Length: %d" % max(0, len(env) - 5)], length=False
+        ), "last"
     if kind == 4:
-        return http_request("POST", send, b"zz\r\n" + env + b"\r\n0\r\n\r\n", [b"Transfer-Encoding: chunked"],
-                            length=False), "last"
+        return http_request(
+            "POST", send, b"zz\r\n" + env + b"\r\n0\r\n\r\n", [b"Transfer-Encoding: chunked"], length=False
+        ), "last"
     if kind == 5:
-        return http_request("POST", send, b"%x\r\n" % len(env) + env + b"\r\n0\r\n\r\n",
-                            [b"Transfer-Encoding: chunked"]), "last"
+        return http_request(
+            "POST", send, b"%x\r\n" % len(env) + env + b"\r\n0\r\n\r\n", [b"Transfer-Encoding: chunked"]
+        ), "last"
     if kind == 6:
-        return http_request("POST", send, b"%x\r\n" % (len(env) + 10) + env, [b"Transfer-Encoding: chunked"],
-                            length=False), "last"
+        return http_request(
+            "POST", send, b"%x\r\n" % (len(env) + 10) + env, [b"Transfer-Encoding: chunked"], length=False
+        ), "last"
     if kind == 7:
-        return http_request("POST", send, env, [r.choice([b"X-A: b\rc", b"X-A: b\x00c", b"X-A: b\nc",
-                                                          b"X-\x01: b"])]), "last"
+        return http_request(
+            "POST", send, env, [r.choice([b"X-A: b\rc", b"X-A: b\x00c", b"X-A: b\nc", b"X-\x01: b"])]
+        ), "last"
     if kind == 8:
         return http_request("POST", send, env, ct).replace(b"\r\n", b"\n"), "last"
     if kind == 9:
@@ -1494,30 +1907,57 @@ def http_junk(r: random.Random, client: SockJsXhr, gen: Gen) -> tuple[bytes, str
     if kind == 10:
         return http_request("POST", send, env, [b"X-Pad: " + b"a" * r.choice([16000, 70000])]), "last"
     if kind == 11:
-        return http_request("POST", send, env, [b"X-H%d: v" % i for i in range(r.choice([100, 300, 3000]))]), "last"
+        return http_request(
+            "POST", send, env, [b"X-H%d: v" % i for i in range(r.choice([100, 300, 3000]))]
+        ), "last"
     if kind == 12:
-        return http_request("POST", send, env).replace(b"Host: 127.0.0.1\r\n", r.choice(
-            [b"", b"Host: a\r\nHost: b\r\n"])), ""
+        return http_request("POST", send, env).replace(
+            b"Host: 127.0.0.1\r\n", r.choice([b"", b"Host: a\r\nHost: b\r\n"])
+        ), ""
     if kind == 13:
-        line = r.choice([b"POST  " + b(send) + b" HTTP/1.1", b"POST " + b(send), b"POST " + b(send) + b" HTTP/2.0",
-                         b"post " + b(send) + b" HTTP/1.1", b"POST http://127.0.0.1" + b(send) + b" HTTP/1.1",
-                         b"POST " + b(send) + b" HTTP/1.1 extra"])
+        line = r.choice(
+            [
+                b"POST  " + b(send) + b" HTTP/1.1",
+                b"POST " + b(send),
+                b"POST " + b(send) + b" HTTP/2.0",
+                b"post " + b(send) + b" HTTP/1.1",
+                b"POST http://127.0.0.1" + b(send) + b" HTTP/1.1",
+                b"POST " + b(send) + b" HTTP/1.1 extra",
+            ]
+        )
         request = http_request("POST", send, env)
-        return line + request[request.index(b"\r\n"):], "last"
+        return line + request[request.index(b"\r\n") :], "last"
     if kind == 14:
         return http_request("POST", send + "?" + "a" * r.choice([4000, 20000]), env), "last"
     if kind == 15:
-        path = r.choice([f"{PREFIX}/ws/000/{client.session}.x/xhr_send", f"{PREFIX}/ws/000//xhr_send",
-                         b(send) + b"\xff", send + "%00", f"{base}/jsonp", f"{base}/htmlfile", f"{base}/xhr_sendx",
-                         f"{PREFIX}/ws/000/{client.session}/xhr_send/x", f"{PREFIX}/ws/{'9' * 3000}/s/xhr_send"])
+        path = r.choice(
+            [
+                f"{PREFIX}/ws/000/{client.session}.x/xhr_send",
+                f"{PREFIX}/ws/000//xhr_send",
+                b(send) + b"\xff",
+                send + "%00",
+                f"{base}/jsonp",
+                f"{base}/htmlfile",
+                f"{base}/xhr_sendx",
+                f"{PREFIX}/ws/000/{client.session}/xhr_send/x",
+                f"{PREFIX}/ws/{'9' * 3000}/s/xhr_send",
+            ]
+        )
         return http_request("POST", path, env), ""
     if kind == 16:
         method = r.choice(["GET", "PUT", "DELETE", "HEAD", "PATCH", "TRACE"])
-        return http_request(method, send, env if method != "HEAD" else b""), "last" if method == "HEAD" else ""
+        return http_request(
+            method, send, env if method != "HEAD" else b""
+        ), "last" if method == "HEAD" else ""
     if kind == 17:
-        return http_request("OPTIONS", send, headers=[b"Origin: http://evil.example",
-                                                      b"Access-Control-Request-Headers: " + r.choice(
-                                                          [b"x-a", b"a" * 6000, b"x\ty", b"\xff"])]), ""
+        return http_request(
+            "OPTIONS",
+            send,
+            headers=[
+                b"Origin: http://evil.example",
+                b"Access-Control-Request-Headers: " + r.choice([b"x-a", b"a" * 6000, b"x\ty", b"\xff"]),
+            ],
+        ), ""
     if kind == 18:
         return http_request("POST", send, env, [*ct, b"Expect: 100-continue"]), ""
     if kind == 19:
@@ -1526,16 +1966,31 @@ def http_junk(r: random.Random, client: SockJsXhr, gen: Gen) -> tuple[bytes, str
         frames = [gen.valid_send("/app/user/status") for _ in range(r.choice([50, 300, 2000]))]
         return http_request("POST", send, envelope(frames, r), ct), ""
     if kind == 21:
-        return http_request("POST", send, env[:-1] + b"," + b'"x",' * 8000 + b'"x"]',
-                            [*ct, b"Content-Length: %d" % (17 * 1024 * 1024)], length=False), "last"
+        return http_request(
+            "POST",
+            send,
+            env[:-1] + b"," + b'"x",' * 8000 + b'"x"]',
+            [*ct, b"Content-Length: %d" % (17 * 1024 * 1024)],
+            length=False,
+        ), "last"
     if kind == 22:
         return http_request("POST", send, env.replace(b"status", b"stat\xff\xfeus"), ct), ""
     if kind == 23:
         return http_request("POST", send, env, ct) * 2, "last"
     if kind == 24:
-        return http_request("GET", r.choice([f"{PREFIX}/ws/info?t={r.random()}", f"{PREFIX}/ws", f"{PREFIX}/ws/",
-                                             f"{PREFIX}/ws/info" + "?x" * 3000]),
-                            headers=[b"Origin: " + r.choice([b"null", b"http://evil.example"])], length=False), ""
+        return http_request(
+            "GET",
+            r.choice(
+                [
+                    f"{PREFIX}/ws/info?t={r.random()}",
+                    f"{PREFIX}/ws",
+                    f"{PREFIX}/ws/",
+                    f"{PREFIX}/ws/info" + "?x" * 3000,
+                ]
+            ),
+            headers=[b"Origin: " + r.choice([b"null", b"http://evil.example"])],
+            length=False,
+        ), ""
     return http_request("POST", send, env, ct), "hijack"
 
 
@@ -1551,7 +2006,7 @@ async def job_http(job: Job) -> None:
             job.count(client.transport, "connect")
         for _ in range(r.randint(2, 10)):
             request, then = http_junk(r, client, gen)
-            if then == "hijack":                  # the same session from another address
+            if then == "hijack":  # the same session from another address
                 conn = Conn(job.tape, r.choice([s for s in CAPPED_SOURCES if s != source]), job.port)
                 job.conns.append(conn)
                 client.conns.append(conn)
@@ -1621,18 +2076,27 @@ async def job_midframe(job: Job) -> None:
         frame = gen.valid_send("/app/user/status")
         if kind == 0:
             data = ws_frame(OP_TEXT, frame, key=r.randbytes(4))
-            await client.conn.write(data[:r.randrange(1, len(data))])
+            await client.conn.write(data[: r.randrange(1, len(data))])
         elif kind == 1:
             await client.ws.send(OP_TEXT, frame[:-1])
         elif kind == 2:
-            await client.conn.write(ws_frame(OP_TEXT, b"x" * 1000, declared=1 << 20, key=r.randbytes(4))[:1014])
+            await client.conn.write(
+                ws_frame(OP_TEXT, b"x" * 1000, declared=1 << 20, key=r.randbytes(4))[:1014]
+            )
         elif kind == 3:
-            await client.send([frame[:len(frame) // 2]])
+            await client.send([frame[: len(frame) // 2]])
         elif kind == 4:
             body = envelope([frame], r)
             conn = await client._sender()
-            await conn.write(http_request("POST", f"{client.base}/xhr_send", body[:len(body) // 2],
-                                          [b"Content-Length: %d" % len(body)], length=False))
+            await conn.write(
+                http_request(
+                    "POST",
+                    f"{client.base}/xhr_send",
+                    body[: len(body) // 2],
+                    [b"Content-Length: %d" % len(body)],
+                    length=False,
+                )
+            )
         else:
             await client.send([frame] * 5)
             await asyncio.sleep(0.05)
@@ -1650,11 +2114,13 @@ async def job_cap_burst(job: Job) -> None:
     r = job.rng
     source = BURST_SOURCES[job.index % len(BURST_SOURCES)]
     transport = r.choice(["ws", "xhr"])
-    clients = [make_client(job, transport, source, r.choice(FUZZ_USERS), rng=random.Random(r.getrandbits(32)))
-               for _ in range(r.choice([70, 140]))]
+    clients = [
+        make_client(job, transport, source, r.choice(FUZZ_USERS), rng=random.Random(r.getrandbits(32)))
+        for _ in range(r.choice([70, 140]))
+    ]
     try:
         opened = await asyncio.gather(*(c.open() for c in clients), return_exceptions=True)
-        for client, ok in zip(clients, opened):
+        for client, ok in zip(clients, opened, strict=True):
             if ok is True:
                 gen = job_gen(job, client.user, r.choice(FUZZ_USERS))
                 with contextlib.suppress(Closed, asyncio.TimeoutError):
@@ -1666,7 +2132,7 @@ async def job_cap_burst(job: Job) -> None:
             await client.finish()
 
 
-JOB_KINDS = {   # kind: (weight, runner, frames it plans)
+JOB_KINDS = {  # kind: (weight, runner, frames it plans)
     "ws": (30, job_session, (3, 8, 15, 30, 60, 100, 150)),
     "sockjs-ws": (14, job_session, (3, 8, 15, 30, 60, 100, 150)),
     "xhr": (8, job_session, (3, 8, 15, 30, 60, 100)),
@@ -1695,7 +2161,7 @@ async def run_job(job: Job) -> Job:
         await asyncio.wait_for(JOB_KINDS[job.kind][1](job), JOB_TIMEOUT_S)
     except (TimeoutError, Closed, OSError, asyncio.IncompleteReadError):
         pass
-    except Exception:                     # noqa: BLE001 -- a bug of this script: reported, the run goes on
+    except Exception:  # noqa: BLE001 -- a bug of this script: reported, the run goes on
         HARNESS_FAULTS.append(f"job {job.index} ({job.kind}): {traceback.format_exc(limit=4)}")
     finally:
         job.close_all()
@@ -1705,24 +2171,28 @@ async def run_job(job: Job) -> Job:
 
 # ------------------------------------------------------------------ held through a batch
 
+
 class Holders:
     """Connections held through a batch: slowloris handshakes and request bodies, clients
     that never read while asking for large answers, sessions that never CONNECT."""
 
-    def __init__(self, batch: int, port: int, tokens: Tokens, seed: int, slow: int, deaf: int,
-                 silent: int) -> None:
+    def __init__(
+        self, batch: int, port: int, tokens: Tokens, seed: int, slow: int, deaf: int, silent: int
+    ) -> None:
         self.job = Job(-batch, "holders", seed, port, tokens, batch)
         self.counts = (slow, deaf, silent)
         self.stop = asyncio.Event()
         self.tasks: list[asyncio.Task] = []
-        self.cut_off = 0                     # held connections the server ended first
+        self.cut_off = 0  # held connections the server ended first
 
     def start(self) -> None:
         slow, deaf, silent = self.counts
         loop = asyncio.get_running_loop()
-        self.tasks = [loop.create_task(self._guard(self._slowloris(i))) for i in range(slow)] + \
-                     [loop.create_task(self._guard(self._deaf(i))) for i in range(deaf)] + \
-                     [loop.create_task(self._guard(self._silent(i))) for i in range(silent)]
+        self.tasks = (
+            [loop.create_task(self._guard(self._slowloris(i))) for i in range(slow)]
+            + [loop.create_task(self._guard(self._deaf(i))) for i in range(deaf)]
+            + [loop.create_task(self._guard(self._silent(i))) for i in range(silent)]
+        )
 
     async def finish(self) -> None:
         self.stop.set()
@@ -1735,8 +2205,8 @@ class Holders:
         try:
             await coro
         except (TimeoutError, Closed, OSError):
-            self.cut_off += 1            # a deaf client cut off, a slowloris refused: expected
-        except Exception:                 # noqa: BLE001 -- a bug of this script
+            self.cut_off += 1  # a deaf client cut off, a slowloris refused: expected
+        except Exception:  # noqa: BLE001 -- a bug of this script
             HARNESS_FAULTS.append(f"holders: {traceback.format_exc(limit=4)}")
 
     async def _hold(self) -> None:
@@ -1755,11 +2225,11 @@ class Holders:
         else:
             body = envelope([send_frame("/app/user/status", b'["fz001"]')], r)
             request = http_request("POST", f"{PREFIX}/ws/000/{session}/xhr_send", body)
-            head, payload = request[:-len(body)], body
+            head, payload = request[: -len(body)], body
         if head:
             await conn.write(head)
         for pos in range(len(payload)):
-            await conn.write(payload[pos:pos + 1])
+            await conn.write(payload[pos : pos + 1])
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self.stop.wait(), r.uniform(0.3, 1.0))
             if self.stop.is_set():
@@ -1769,8 +2239,9 @@ class Holders:
         r = random.Random(f"{self.job.seed}/deaf/{i}")
         user = FUZZ_USERS[-1 - i]
         transport = "ws" if i % 2 == 0 else "deaf-stream"
-        client = make_client(self.job, transport, HOLDER_SOURCES[(i + 3) % len(HOLDER_SOURCES)], user,
-                             rcvbuf=4096, rng=r)
+        client = make_client(
+            self.job, transport, HOLDER_SOURCES[(i + 3) % len(HOLDER_SOURCES)], user, rcvbuf=4096, rng=r
+        )
         if not await client.open():
             return
         gen = Gen(r, self.job.tokens, user, "fz001", f"deaf{i}")
@@ -1787,13 +2258,19 @@ class Holders:
 
     async def _silent(self, i: int) -> None:
         r = random.Random(f"{self.job.seed}/silent/{i}")
-        client = make_client(self.job, ("ws", "sockjs-ws", "none")[i % 3],
-                             HOLDER_SOURCES[(i + 5) % len(HOLDER_SOURCES)], FUZZ_USERS[i], rng=r)
+        client = make_client(
+            self.job,
+            ("ws", "sockjs-ws", "none")[i % 3],
+            HOLDER_SOURCES[(i + 5) % len(HOLDER_SOURCES)],
+            FUZZ_USERS[i],
+            rng=r,
+        )
         await client.open()
         await self._hold()
 
 
 # ------------------------------------------------------------------ the bystander (its own process)
+
 
 class BystanderSession:
     """A well-behaved STOMP client (the `websockets` library) with its inbox of MESSAGEs."""
@@ -1808,9 +2285,15 @@ class BystanderSession:
     async def open(cls, port: int, user: str) -> BystanderSession:
         import websockets
 
-        ws = await websockets.connect(f"ws://{HOST}:{port}{PREFIX}/ws?userId={user}", subprotocols=["v12.stomp"],
-                                      local_addr=(BYSTANDER_IP, 0), open_timeout=ROUND_TRIP_TIMEOUT_S,
-                                      ping_interval=None, close_timeout=2, compression=None)
+        ws = await websockets.connect(
+            f"ws://{HOST}:{port}{PREFIX}/ws?userId={user}",
+            subprotocols=["v12.stomp"],
+            local_addr=(BYSTANDER_IP, 0),
+            open_timeout=ROUND_TRIP_TIMEOUT_S,
+            ping_interval=None,
+            close_timeout=2,
+            compression=None,
+        )
         token = jwt.encode({"sub": user, "exp": int(time.time()) + 86400}, JWT_KEY, algorithm="HS256")
         await ws.send(f"CONNECT\naccept-version:1.1,1.2\nide:{token}\nheart-beat:0,0\n\n\x00")
         first = await asyncio.wait_for(ws.recv(), ROUND_TRIP_TIMEOUT_S)
@@ -1838,14 +2321,16 @@ class BystanderSession:
                     await self.inbox.put((headers.get("destination"), value))
                 elif lines[0] == "ERROR":
                     await self.inbox.put(("ERROR", headers.get("message")))
-        except Exception as exc:             # noqa: BLE001 -- the connection's end, whatever it was
+        except Exception as exc:  # noqa: BLE001 -- the connection's end, whatever it was
             await self.inbox.put(("CLOSED", repr(exc)))
         await self.inbox.put(("CLOSED", "connection closed"))
 
     async def send(self, destination: str, body: object) -> None:
         data = json.dumps(body, ensure_ascii=False)
-        await self.ws.send(f"SEND\ndestination:{destination}\ncontent-type:application/json\n"
-                           f"content-length:{len(data.encode())}\n\n{data}\x00")
+        await self.ws.send(
+            f"SEND\ndestination:{destination}\ncontent-type:application/json\n"
+            f"content-length:{len(data.encode())}\n\n{data}\x00"
+        )
 
     async def expect(self, destination: str, check) -> None:
         loop = asyncio.get_running_loop()
@@ -1878,9 +2363,19 @@ async def bystander_round(alice: BystanderSession, bob: BystanderSession, n: int
     await alice.expect("/topic/user/status", lambda v: v == [{"userId": b_, "status": "ONLINE"}])
     t1 = time.monotonic()
     call_id = f"bystander-{os.getpid()}-{n}"
-    await alice.send("/app/call/request", {"callId": call_id, "type": "VIDEO", "callee": b_,
-                                           "callerUserName": "Alice", "calleeUserName": "Bob"})
-    await bob.expect("/user/queue/call/request", lambda v: v.get("callId") == call_id and v.get("caller") == a)
+    await alice.send(
+        "/app/call/request",
+        {
+            "callId": call_id,
+            "type": "VIDEO",
+            "callee": b_,
+            "callerUserName": "Alice",
+            "calleeUserName": "Bob",
+        },
+    )
+    await bob.expect(
+        "/user/queue/call/request", lambda v: v.get("callId") == call_id and v.get("caller") == a
+    )
     await bob.send("/app/call/response", {"callId": call_id, "type": "ACCEPT"})
     await alice.expect("/user/queue/call/response", lambda v: v == {"callId": call_id, "type": "ACCEPT"})
     await alice.send("/app/rtc/signaling", {"callId": call_id, "type": "OFFER", "payload": SDP})
@@ -1897,16 +2392,18 @@ async def bystander_loop(port: int, pipe, interval: float) -> None:
         now = time.time()
         if pair is None:
             try:
-                pair = (await BystanderSession.open(port, BYSTANDERS[0]),
-                        await BystanderSession.open(port, BYSTANDERS[1]))
-            except Exception as exc:          # noqa: BLE001 -- any failure is the bystander's failure
+                pair = (
+                    await BystanderSession.open(port, BYSTANDERS[0]),
+                    await BystanderSession.open(port, BYSTANDERS[1]),
+                )
+            except Exception as exc:  # noqa: BLE001 -- any failure is the bystander's failure
                 pipe.send((now, "connect", False, 0.0, f"{type(exc).__name__}: {exc}"))
                 await asyncio.sleep(1.0)
                 continue
         try:
             status_s, call_s = await bystander_round(*pair, n)
             pipe.send((now, "round", True, status_s, f"{call_s:.6f}"))
-        except Exception as exc:              # noqa: BLE001
+        except Exception as exc:  # noqa: BLE001
             pipe.send((now, "round", False, 0.0, f"{type(exc).__name__}: {exc}"))
             for session in pair:
                 await session.close()
@@ -1996,6 +2493,7 @@ def ms(values: list, q: float) -> str:
 
 # ------------------------------------------------------------------ the appliance as a process
 
+
 def signaling_sockets(port: int) -> Counter:
     """States of the TCP sockets on the appliance's side of its signaling connections (local
     port `port`), from /proc/net/tcp and tcp6 (tests/interop/test_hostile_connections.py
@@ -2019,8 +2517,10 @@ def signaling_metrics(admin_port: int) -> dict:
         return {"error": str(exc)}
 
 
-SESSION_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) .*session (\S+) of user (.*) "
-                          r"(connected|closed)$")
+SESSION_LINE = re.compile(
+    r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) .*session (\S+) of user (.*) "
+    r"(connected|closed)$"
+)
 
 
 class LogDigest(LogTail):
@@ -2030,11 +2530,11 @@ class LogDigest(LogTail):
 
     def __init__(self, path: Path) -> None:
         super().__init__(path)
-        self.open: dict[str, tuple[str, float]] = {}      # session id -> (user, when connected)
-        self.lines: dict[str, list[str]] = {}             # its log lines, while it is open
-        self.sites: Counter = Counter()                   # "Error at file:line" -> tracebacks
-        self.examples: dict[str, str] = {}                # site -> its first exception line
-        self._frame: str | None = None                    # inside a traceback: the last frame
+        self.open: dict[str, tuple[str, float]] = {}  # session id -> (user, when connected)
+        self.lines: dict[str, list[str]] = {}  # its log lines, while it is open
+        self.sites: Counter = Counter()  # "Error at file:line" -> tracebacks
+        self.examples: dict[str, str] = {}  # site -> its first exception line
+        self._frame: str | None = None  # inside a traceback: the last frame
 
     def poll(self) -> None:
         for line in self.read_new().splitlines():
@@ -2044,7 +2544,9 @@ class LogDigest(LogTail):
             if self._frame is not None:
                 if line.startswith("  File "):
                     where = line.split('"')[1] if '"' in line else line
-                    self._frame = where.replace(str(ROOT) + "/", "") + ":" + line.split(", line ")[-1].split(",")[0]
+                    self._frame = (
+                        where.replace(str(ROOT) + "/", "") + ":" + line.split(", line ")[-1].split(",")[0]
+                    )
                 elif line and not line[0].isspace() and not line.startswith(("During handling", "The above")):
                     site = f"{line.split(':')[0]} at {self._frame}"
                     self.sites[site] += 1
@@ -2101,6 +2603,7 @@ async def settle(check, grace: float) -> tuple[bool, float]:
 
 # ------------------------------------------------------------------ replay and reproducers
 
+
 async def play_tape(steps: list, port: int, pause_cap: float = 0.3) -> None:
     """Write what a job wrote, connection by connection, in the same order and pieces;
     what comes back is read and dropped."""
@@ -2143,8 +2646,9 @@ async def play_tape(steps: list, port: int, pause_cap: float = 0.3) -> None:
 
 def save_case(out: Path, name: str, job: Job, note: str) -> Path:
     steps = [[n, source, delay, op, data.hex()] for n, source, delay, op, data in job.tape.steps]
-    return write_case(out, name, {"kind": job.kind, "batch": job.batch, "job": job.index, "note": note,
-                                  "steps": steps})
+    return write_case(
+        out, name, {"kind": job.kind, "batch": job.batch, "job": job.index, "note": note, "steps": steps}
+    )
 
 
 def describe_case(path: Path, limit: int = 6) -> str:
@@ -2160,15 +2664,23 @@ def describe_case(path: Path, limit: int = 6) -> str:
     return "\n".join(lines)
 
 
-async def locate(jobs: list[Job], suspects: set[int], port: int, digest: LogDigest, out: Path,
-                 batch: int, budget_s: float, wanted: set[str]) -> list[str]:
+async def locate(
+    jobs: list[Job],
+    suspects: set[int],
+    port: int,
+    digest: LogDigest,
+    out: Path,
+    batch: int,
+    budget_s: float,
+    wanted: set[str],
+) -> list[str]:
     """Replay the batch's jobs one at a time (those running when a traceback was logged
     first); for each traceback site in `wanted`, save the first job whose input alone makes
     the appliance log a traceback there."""
     order = [j for j in jobs if j.index in suspects] + [j for j in jobs if j.index not in suspects]
     deadline = time.monotonic() + budget_s
     found = []
-    await asyncio.sleep(1.1)                  # the service logs at most 5 tracebacks a second
+    await asyncio.sleep(1.1)  # the service logs at most 5 tracebacks a second
     digest.poll()
     for job in order:
         if not wanted or time.monotonic() > deadline:
@@ -2181,8 +2693,13 @@ async def locate(jobs: list[Job], suspects: set[int], port: int, digest: LogDige
         if hit:
             site = min(hit)
             name = f"batch{batch}-job{job.index}-{job.kind}-{site.split()[0]}"
-            found.append(str(save_case(out, name, job, f"this job's input alone: traceback, {site}: "
-                                                       f"{digest.examples[site]}")))
+            found.append(
+                str(
+                    save_case(
+                        out, name, job, f"this job's input alone: traceback, {site}: {digest.examples[site]}"
+                    )
+                )
+            )
             wanted -= hit
     return found
 
@@ -2196,13 +2713,23 @@ def suspect_clients(jobs: list[Job], user: str, when: float) -> list[str]:
             if c.user == user and c.opened_at - 1 <= when <= (c.closed_at or time.time()) + 1:
                 receiver = f"/{c.receiver}" if isinstance(c, SockJsXhr) else ""
                 closed = "open" if c.closed_at is None else f"closed {c.closed_at - when:+.2f} s"
-                found.append(f"{job.kind} job {job.index}: {c.transport}{receiver}, opened "
-                             f"{c.opened_at - when:+.2f} s, {closed}, ended={c.ended}")
+                found.append(
+                    f"{job.kind} job {job.index}: {c.transport}{receiver}, opened "
+                    f"{c.opened_at - when:+.2f} s, {closed}, ended={c.ended}"
+                )
     return found or ["none found"]
 
 
-async def locate_leak(jobs: list[Job], leaked: dict[str, tuple[str, float]], port: int, sessions: LogDigest,
-                      out: Path, batch: int, budget_s: float, grace: float) -> list[str]:
+async def locate_leak(
+    jobs: list[Job],
+    leaked: dict[str, tuple[str, float]],
+    port: int,
+    sessions: LogDigest,
+    out: Path,
+    batch: int,
+    budget_s: float,
+    grace: float,
+) -> list[str]:
     """Replay the jobs whose clients were that user at that time; save the first whose input
     alone leaves a session registered `grace` seconds after all its connections closed."""
     deadline = time.monotonic() + budget_s
@@ -2210,8 +2737,9 @@ async def locate_leak(jobs: list[Job], leaked: dict[str, tuple[str, float]], por
     for sid, (user, when) in leaked.items():
         for job in jobs:
             if job.index in tried or not any(
-                    c.user == user and c.opened_at - 1 <= when <= (c.closed_at or time.time()) + 1
-                    for c in job.clients):
+                c.user == user and c.opened_at - 1 <= when <= (c.closed_at or time.time()) + 1
+                for c in job.clients
+            ):
                 continue
             if time.monotonic() > deadline:
                 return []
@@ -2221,13 +2749,22 @@ async def locate_leak(jobs: list[Job], leaked: dict[str, tuple[str, float]], por
             closed, _ = await settle(functools.partial(sessions.none_open_since, start), grace)
             if not closed:
                 history = " | ".join(sessions.lines.get(sid, [])[:6])
-                return [str(save_case(out, f"batch{batch}-job{job.index}-{job.kind}-leak", job,
-                                      f"session leak: after this input a session stays registered "
-                                      f"(connected, never closed); in the run: {history}"))]
+                return [
+                    str(
+                        save_case(
+                            out,
+                            f"batch{batch}-job{job.index}-{job.kind}-leak",
+                            job,
+                            f"session leak: after this input a session stays registered "
+                            f"(connected, never closed); in the run: {history}",
+                        )
+                    )
+                ]
     return []
 
 
 # ------------------------------------------------------------------ batches
+
 
 @dataclass
 class BatchRow:
@@ -2257,19 +2794,27 @@ class BatchRow:
 
 def print_row(row: BatchRow, header: bool) -> None:
     if header:
-        print(f"{'batch':>5} {'frames':>7} {'ws':>6} {'sj-ws':>6} {'sj-xhr':>6} {'jobs':>5} {'429':>4} "
-              f"{'ERRORs':>6} {'RSS MiB':>7} {'fds':>4} {'CW end/aft':>10} {'estab':>5} {'sess':>4} {'leak':>4} "
-              f"{'tb':>3} "
-              f"{'500s':>4} {'status p50/max ms':>17} {'call p50/max ms':>15} {'by ok/fail':>10} "
-              f"{'cpu%':>5} {'secs':>5} {'+chk':>4}", flush=True)
+        print(
+            f"{'batch':>5} {'frames':>7} {'ws':>6} {'sj-ws':>6} {'sj-xhr':>6} {'jobs':>5} {'429':>4} "
+            f"{'ERRORs':>6} {'RSS MiB':>7} {'fds':>4} {'CW end/aft':>10} {'estab':>5} {'sess':>4} "
+            f"{'leak':>4} "
+            f"{'tb':>3} "
+            f"{'500s':>4} {'status p50/max ms':>17} {'call p50/max ms':>15} {'by ok/fail':>10} "
+            f"{'cpu%':>5} {'secs':>5} {'+chk':>4}",
+            flush=True,
+        )
     f = row.frames
     lat = row.latency
-    print(f"{row.batch:>5} {sum(f.values()):>7} {f['ws']:>6} {f['sockjs-ws']:>6} {f['sockjs-xhr']:>6} "
-          f"{row.jobs:>5} {row.refused:>4} {row.server['ERROR']:>6} {row.rss_kib / 1024:>7.1f} {row.fds:>4} "
-          f"{f'{row.close_wait_end}/{row.close_wait_after}':>10} {row.established:>5} {row.sessions:>4.0f} "
-          f"{row.leaked:>4} {row.tracebacks:>3} {row.errors_500:>4.0f} {ms(lat.status, 0.5) + '/' + ms(lat.status, 1.0):>17} "
-          f"{ms(lat.call, 0.5) + '/' + ms(lat.call, 1.0):>15} {f'{lat.ok}/{lat.failed}':>10} "
-          f"{row.cpu_percent:>5.0f} {row.seconds:>5.1f} {row.settle_seconds:>4.0f}", flush=True)
+    print(
+        f"{row.batch:>5} {sum(f.values()):>7} {f['ws']:>6} {f['sockjs-ws']:>6} {f['sockjs-xhr']:>6} "
+        f"{row.jobs:>5} {row.refused:>4} {row.server['ERROR']:>6} {row.rss_kib / 1024:>7.1f} {row.fds:>4} "
+        f"{f'{row.close_wait_end}/{row.close_wait_after}':>10} {row.established:>5} {row.sessions:>4.0f} "
+        f"{row.leaked:>4} {row.tracebacks:>3} {row.errors_500:>4.0f} "
+        f"{ms(lat.status, 0.5) + '/' + ms(lat.status, 1.0):>17} "
+        f"{ms(lat.call, 0.5) + '/' + ms(lat.call, 1.0):>15} {f'{lat.ok}/{lat.failed}':>10} "
+        f"{row.cpu_percent:>5.0f} {row.seconds:>5.1f} {row.settle_seconds:>4.0f}",
+        flush=True,
+    )
     for failure in lat.failures[:3]:
         print(f"      bystander: {failure}", flush=True)
 
@@ -2288,17 +2833,19 @@ class Run:
     next_index: int = 0
     sessions: LogDigest | None = None
     leaks_seen: set = field(default_factory=set)
-    sites_tried: Counter = field(default_factory=Counter)     # traceback site -> locate attempts
-    fuzz_window: tuple | None = None                          # wall-clock start and end of the fuzz
-    held: Counter = field(default_factory=Counter)            # held connections: total, cut_off
-    odd: list = field(default_factory=list)                   # server messages that were no STOMP frame
+    sites_tried: Counter = field(default_factory=Counter)  # traceback site -> locate attempts
+    fuzz_window: tuple | None = None  # wall-clock start and end of the fuzz
+    held: Counter = field(default_factory=Counter)  # held connections: total, cut_off
+    odd: list = field(default_factory=list)  # server messages that were no STOMP frame
 
 
 async def run_batch(run: Run, batch: int, quota: int) -> tuple[list[Job], Holders, set[int]]:
     """Jobs, `concurrency` at a time, until `quota` frames are written; the holders meanwhile."""
     args = run.args
     port = run.relay.http_port
-    holders = Holders(batch, port, run.tokens, args.seed * 1000 + batch, args.slowloris, args.deaf, args.silent)
+    holders = Holders(
+        batch, port, run.tokens, args.seed * 1000 + batch, args.slowloris, args.deaf, args.silent
+    )
     holders.start()
     pending: dict[asyncio.Task, Job] = {}
     jobs: list[Job] = []
@@ -2346,7 +2893,7 @@ async def fuzz(run: Run) -> None:
         jobs, holders, suspects = await run_batch(run, batch, quota)
         fuzz_seconds = time.monotonic() - started
         cpu1 = cpu_seconds(process_tree(relay.proc.pid))
-        await asyncio.sleep(0.5)                         # the closes reach the appliance
+        await asyncio.sleep(0.5)  # the closes reach the appliance
         if relay.proc.poll() is not None:
             run.reasons.append(f"appliance exited with {relay.proc.returncode} in batch {batch}")
             break
@@ -2370,46 +2917,93 @@ async def fuzz(run: Run) -> None:
             server.update(job.server)
             statuses.update(job.statuses)
             kinds[job.kind] += 1
-        row = BatchRow(batch, frames, classes, len(jobs), sum(j.refused for j in everything), server, statuses,
-                       sum(j.after_end for j in everything), rss_kib(pids), fd_count(pids), close_wait_end,
-                       states[TCP_CLOSE_WAIT], states[TCP_ESTABLISHED],
-                       m.get("appliance_signaling_sessions", -1), len(leaked), run.logwatch.tracebacks - tb0,
-                       m.get("appliance_signaling_errors_total{code=500}", 0.0),
-                       Latency.of(run.bystander.window(wall0, time.time())),
-                       100 * (cpu1 - cpu0) / fuzz_seconds, fuzz_seconds, time.monotonic() - started - fuzz_seconds,
-                       kinds)
+        row = BatchRow(
+            batch,
+            frames,
+            classes,
+            len(jobs),
+            sum(j.refused for j in everything),
+            server,
+            statuses,
+            sum(j.after_end for j in everything),
+            rss_kib(pids),
+            fd_count(pids),
+            close_wait_end,
+            states[TCP_CLOSE_WAIT],
+            states[TCP_ESTABLISHED],
+            m.get("appliance_signaling_sessions", -1),
+            len(leaked),
+            run.logwatch.tracebacks - tb0,
+            m.get("appliance_signaling_errors_total{code=500}", 0.0),
+            Latency.of(run.bystander.window(wall0, time.time())),
+            100 * (cpu1 - cpu0) / fuzz_seconds,
+            fuzz_seconds,
+            time.monotonic() - started - fuzz_seconds,
+            kinds,
+        )
         run.rows.append(row)
         run.held.update(total=sum(holders.counts), cut_off=holders.cut_off)
-        run.odd += [f"{job.kind} job {job.index}: {odd}" for job in everything for odd in job.odd][:5 - len(run.odd)]
+        run.odd += [f"{job.kind} job {job.index}: {odd}" for job in everything for odd in job.odd][
+            : 5 - len(run.odd)
+        ]
         print_row(row, header=batch == 1)
         if not gone:
-            run.reasons.append(f"{states[TCP_CLOSE_WAIT]} connections still in CLOSE-WAIT {args.grace:g} s "
-                               f"after batch {batch}")
+            run.reasons.append(
+                f"{states[TCP_CLOSE_WAIT]} connections still in CLOSE-WAIT {args.grace:g} s "
+                f"after batch {batch}"
+            )
         if new_leaks:
             for sid, (user, when) in list(new_leaks.items())[:3]:
-                print(f"      leaked session {sid} of {user!r}: " + " | ".join(run.sessions.lines.get(sid, [])[1:4]),
-                      flush=True)
-                print("        its user's clients then: " + "; ".join(suspect_clients(everything, user, when)),
-                      flush=True)
+                print(
+                    f"      leaked session {sid} of {user!r}: "
+                    + " | ".join(run.sessions.lines.get(sid, [])[1:4]),
+                    flush=True,
+                )
+                print(
+                    "        its user's clients then: " + "; ".join(suspect_clients(everything, user, when)),
+                    flush=True,
+                )
         run.sessions.poll()
         new_sites = {site for site, n in run.sessions.sites.items() if n > sites0[site]}
         for site in sorted(new_sites):
-            print(f"      traceback: {site} ({run.sessions.sites[site] - sites0[site]}x): "
-                  f"{run.sessions.examples[site][:160]}", flush=True)
+            print(
+                f"      traceback: {site} ({run.sessions.sites[site] - sites0[site]}x): "
+                f"{run.sessions.examples[site][:160]}",
+                flush=True,
+            )
         wanted = {site for site in new_sites if run.sites_tried[site] < 2}
         if wanted:
             run.sites_tried.update(wanted)
-            found = await locate(everything[:-1], suspects, relay.http_port, run.sessions, run.out, batch,
-                                 args.locate_s, set(wanted))
+            found = await locate(
+                everything[:-1],
+                suspects,
+                relay.http_port,
+                run.sessions,
+                run.out,
+                batch,
+                args.locate_s,
+                set(wanted),
+            )
             run.cases += found
             for case in found:
                 run.sites_tried.update({site: 2 for site in wanted if site in Path(case).read_text()})
             if len(found) < len(wanted):
-                print(f"      batch {batch}: no single job reproduced {len(wanted) - len(found)} of the "
-                      f"traceback sites on replay", flush=True)
+                print(
+                    f"      batch {batch}: no single job reproduced {len(wanted) - len(found)} of the "
+                    f"traceback sites on replay",
+                    flush=True,
+                )
         if new_leaks and sum("-leak" in c for c in run.cases) < 2:
-            found = await locate_leak(everything, new_leaks, relay.http_port, run.sessions, run.out, batch,
-                                      args.locate_s, args.session_grace)
+            found = await locate_leak(
+                everything,
+                new_leaks,
+                relay.http_port,
+                run.sessions,
+                run.out,
+                batch,
+                args.locate_s,
+                args.session_grace,
+            )
             run.cases += found
             if not found:
                 print(f"      batch {batch}: no single job reproduced the session leak on replay", flush=True)
@@ -2418,11 +3012,14 @@ async def fuzz(run: Run) -> None:
 
 # ------------------------------------------------------------------ the run
 
+
 def appliance_settings() -> dict:
     """JWT auth with our key; per-address caps on all but 127.0.0.0/26; the calls' defaults."""
-    return {"auth": {"mode": "jwt", "jwt_key": JWT_KEY},
-            "stomp": {"per_ip_exempt": [EXEMPT_NET]},
-            "calls": {"ring_timeout_s": 30, "grace_s": 10}}
+    return {
+        "auth": {"mode": "jwt", "jwt_key": JWT_KEY},
+        "stomp": {"per_ip_exempt": [EXEMPT_NET]},
+        "calls": {"ring_timeout_s": 30, "grace_s": 10},
+    }
 
 
 def run(args: argparse.Namespace) -> int:
@@ -2430,11 +3027,17 @@ def run(args: argparse.Namespace) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="fuzz-signaling-"))
     out = Path(args.out) if args.out else workdir / "cases"
     relay = start_appliance(workdir / "appliance", **appliance_settings())
-    print(f"appliance pid {relay.proc.pid}, signaling http://127.0.0.1:{relay.http_port}{PREFIX}, admin "
-          f"{relay.admin_port}, log {relay.log_path}", flush=True)
-    print(f"{args.frames} frames in {args.batches} batches, seed {args.seed}, {args.concurrency} jobs at once; "
-          f"per-address caps on {CAPPED_SOURCES[0]}-{HOLDER_SOURCES[-1]} and the bystander "
-          f"({BYSTANDER_IP}), none on {EXEMPT_NET}", flush=True)
+    print(
+        f"appliance pid {relay.proc.pid}, signaling http://127.0.0.1:{relay.http_port}{PREFIX}, admin "
+        f"{relay.admin_port}, log {relay.log_path}",
+        flush=True,
+    )
+    print(
+        f"{args.frames} frames in {args.batches} batches, seed {args.seed}, {args.concurrency} jobs at once; "
+        f"per-address caps on {CAPPED_SOURCES[0]}-{HOLDER_SOURCES[-1]} and the bystander "
+        f"({BYSTANDER_IP}), none on {EXEMPT_NET}",
+        flush=True,
+    )
     logwatch = LogWatch(relay.log_path)
     bystander = Bystander(relay.http_port, args.interval)
     run_state = Run(args, relay, Tokens(), logwatch, bystander, out, sessions=LogDigest(relay.log_path))
@@ -2446,16 +3049,21 @@ def run(args: argparse.Namespace) -> int:
         while bystander.rounds() < args.idle_rounds and time.monotonic() < deadline:
             time.sleep(0.1)
         idle = Latency.of(bystander.window(0, time.time()))
-        print(f"bystander idle: {idle.ok} round trips, status p50 {ms(idle.status, 0.5)} ms, max "
-              f"{ms(idle.status, 1.0)} ms; call p50 {ms(idle.call, 0.5)} ms, max {ms(idle.call, 1.0)} ms; "
-              f"failed {idle.failed}", flush=True)
+        print(
+            f"bystander idle: {idle.ok} round trips, status p50 {ms(idle.status, 0.5)} ms, max "
+            f"{ms(idle.status, 1.0)} ms; call p50 {ms(idle.call, 0.5)} ms, max {ms(idle.call, 1.0)} ms; "
+            f"failed {idle.failed}",
+            flush=True,
+        )
         fuzz_started = time.time()
         asyncio.run(fuzz(run_state))
         run_state.fuzz_window = (fuzz_started, time.time())
 
         async def final_settle() -> bool:
             await settle(functools.partial(only_leaks_left, run_state), args.session_grace + 1)
-            close_wait = await settle(lambda: signaling_sockets(relay.http_port)[TCP_CLOSE_WAIT] == 0, args.grace)
+            close_wait = await settle(
+                lambda: signaling_sockets(relay.http_port)[TCP_CLOSE_WAIT] == 0, args.grace
+            )
             return close_wait[0]
 
         if relay.proc.poll() is None:
@@ -2463,8 +3071,10 @@ def run(args: argparse.Namespace) -> int:
             final = metrics(relay.admin_port)
             sessions_left = final.get("appliance_signaling_sessions", -1) - len(BYSTANDERS)
             if sessions_left > 0:
-                run_state.reasons.append(f"{sessions_left:.0f} fuzz sessions still registered at the end "
-                                         f"(their connections long gone)")
+                run_state.reasons.append(
+                    f"{sessions_left:.0f} fuzz sessions still registered at the end "
+                    f"(their connections long gone)"
+                )
             if not close_wait_ok:
                 run_state.reasons.append("CLOSE-WAIT at the end, past the grace")
     finally:
@@ -2476,8 +3086,15 @@ def run(args: argparse.Namespace) -> int:
     return summarize(run_state, idle, during, final, code, sessions_left, time.monotonic() - total_started)
 
 
-def summarize(run: Run, idle: Latency, during: Latency, m: dict, code: int | None,
-              sessions_left: float | None, seconds: float) -> int:
+def summarize(
+    run: Run,
+    idle: Latency,
+    during: Latency,
+    m: dict,
+    code: int | None,
+    sessions_left: float | None,
+    seconds: float,
+) -> int:
     args, rows = run.args, run.rows
     if not rows:
         print("no batch completed")
@@ -2490,41 +3107,66 @@ def summarize(run: Run, idle: Latency, during: Latency, m: dict, code: int | Non
         statuses.update(row.statuses)
         kinds.update(row.kinds)
     print()
-    print(f"frames written: {sum(frames.values())} (native WebSocket {frames['ws']}, SockJS websocket "
-          f"{frames['sockjs-ws']}, SockJS xhr_send {frames['sockjs-xhr']}), "
-          f"{sum(r.after_end for r in rows)} of them after the server's ERROR or close")
+    print(
+        f"frames written: {sum(frames.values())} (native WebSocket {frames['ws']}, SockJS websocket "
+        f"{frames['sockjs-ws']}, SockJS xhr_send {frames['sockjs-xhr']}), "
+        f"{sum(r.after_end for r in rows)} of them after the server's ERROR or close"
+    )
     print("by mutation: " + ", ".join(f"{k} {v}" for k, v in classes.most_common()))
-    print(f"jobs: {sum(r.jobs for r in rows)} (" + ", ".join(f"{k} {v}" for k, v in kinds.most_common()) + ")")
+    print(
+        f"jobs: {sum(r.jobs for r in rows)} (" + ", ".join(f"{k} {v}" for k, v in kinds.most_common()) + ")"
+    )
     print("handshake/HTTP statuses: " + ", ".join(f"{k} {v}" for k, v in sorted(statuses.items())))
     print("what came back: " + ", ".join(f"{k!r} {v}" for k, v in server.most_common(12)))
     for odd in run.odd:
         print(f"  not a STOMP frame, from the server: {odd}")
-    sig = {k[len("appliance_signaling_"):]: v for k, v in m.items() if k.startswith("appliance_signaling_")}
+    sig = {k[len("appliance_signaling_") :]: v for k, v in m.items() if k.startswith("appliance_signaling_")}
     print("signaling metrics: " + ", ".join(f"{k} {v:.0f}" for k, v in sorted(sig.items()) if v))
-    print(f"held connections (slowloris, never reading, never CONNECTing): {run.held['total']}, "
-          f"{run.held['cut_off']} of them ended by the server before their batch did")
+    print(
+        f"held connections (slowloris, never reading, never CONNECTing): {run.held['total']}, "
+        f"{run.held['cut_off']} of them ended by the server before their batch did"
+    )
     rss_past_limit = report_memory(rows, args.warmup, args.rss_growth_mib)
-    print(f"CLOSE-WAIT right after a batch: max {max(r.close_wait_end for r in rows)}; after the grace "
-          f"({args.grace:g} s): max {max(r.close_wait_after for r in rows)}; fuzz sessions left at the end: "
-          f"{'-' if sessions_left is None else f'{sessions_left:.0f}'}")
+    print(
+        f"CLOSE-WAIT right after a batch: max {max(r.close_wait_end for r in rows)}; after the grace "
+        f"({args.grace:g} s): max {max(r.close_wait_after for r in rows)}; fuzz sessions left at the end: "
+        f"{'-' if sessions_left is None else f'{sessions_left:.0f}'}"
+    )
     print(f"bystander round trips: idle {idle.ok} ok; during the fuzz {during.ok} ok, {during.failed} failed")
-    print(f"  status query ms  idle p50 {ms(idle.status, 0.5)} p95 {ms(idle.status, 0.95)} max "
-          f"{ms(idle.status, 1.0)} | fuzz p50 {ms(during.status, 0.5)} p95 {ms(during.status, 0.95)} max "
-          f"{ms(during.status, 1.0)}")
-    print(f"  call (request..hangup) ms  idle p50 {ms(idle.call, 0.5)} p95 {ms(idle.call, 0.95)} max "
-          f"{ms(idle.call, 1.0)} | fuzz p50 {ms(during.call, 0.5)} p95 {ms(during.call, 0.95)} max "
-          f"{ms(during.call, 1.0)}")
-    slow = sorted(((max(r[3], float(r[4])), r[0]) for r in run.bystander.records if r[2]
-                   and max(r[3], float(r[4])) > 1.0), reverse=True)
+    print(
+        f"  status query ms  idle p50 {ms(idle.status, 0.5)} p95 {ms(idle.status, 0.95)} max "
+        f"{ms(idle.status, 1.0)} | fuzz p50 {ms(during.status, 0.5)} p95 {ms(during.status, 0.95)} max "
+        f"{ms(during.status, 1.0)}"
+    )
+    print(
+        f"  call (request..hangup) ms  idle p50 {ms(idle.call, 0.5)} p95 {ms(idle.call, 0.95)} max "
+        f"{ms(idle.call, 1.0)} | fuzz p50 {ms(during.call, 0.5)} p95 {ms(during.call, 0.95)} max "
+        f"{ms(during.call, 1.0)}"
+    )
+    slow = sorted(
+        (
+            (max(r[3], float(r[4])), r[0])
+            for r in run.bystander.records
+            if r[2] and max(r[3], float(r[4])) > 1.0
+        ),
+        reverse=True,
+    )
     if slow:
-        print(f"  bystander round trips slower than 1 s: {len(slow)}; the slowest: " + ", ".join(
-            f"{s_:.1f} s at {time.strftime('%H:%M:%S', time.localtime(t))}" for s_, t in slow[:3])
-              + " (an event loop held up: look at the appliance log around then)")
-    print(f"tracebacks in the log: {run.logwatch.tracebacks}; exit code on SIGTERM: {code}; took {seconds:.0f} s")
+        print(
+            f"  bystander round trips slower than 1 s: {len(slow)}; the slowest: "
+            + ", ".join(f"{s_:.1f} s at {time.strftime('%H:%M:%S', time.localtime(t))}" for s_, t in slow[:3])
+            + " (an event loop held up: look at the appliance log around then)"
+        )
+    print(
+        f"tracebacks in the log: {run.logwatch.tracebacks}; exit code on SIGTERM: {code}; "
+        f"took {seconds:.0f} s"
+    )
     if HARNESS_FAULTS:
         print(f"harness faults (bugs of this script): {len(HARNESS_FAULTS)}, first: {HARNESS_FAULTS[0]}")
     if run.sessions.sites:
-        print("tracebacks by site: " + "; ".join(f"{site} x{n}" for site, n in run.sessions.sites.most_common()))
+        print(
+            "tracebacks by site: " + "; ".join(f"{site} x{n}" for site, n in run.sessions.sites.most_common())
+        )
     for excerpt in list(run.logwatch.excerpts.values())[:4]:
         print("---- from the appliance log:\n" + excerpt)
     if len(run.logwatch.excerpts) > 4:
@@ -2559,7 +3201,9 @@ def replay(args: argparse.Namespace) -> int:
     try:
         start = time.time()
         asyncio.run(play_tape(steps, relay.http_port, pause_cap=args.replay_pause))
-        closed, _ = asyncio.run(settle(functools.partial(sessions.none_open_since, start), args.session_grace))
+        closed, _ = asyncio.run(
+            settle(functools.partial(sessions.none_open_since, start), args.session_grace)
+        )
         time.sleep(0.5)
     finally:
         stop_appliance(relay)
@@ -2575,7 +3219,9 @@ def replay(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--frames", type=int, default=100_000, help="STOMP frames to write, in all")
     parser.add_argument("--concurrency", type=int, default=32, help="jobs running at once")
     parser.add_argument("--slowloris", type=int, default=12, help="slow connections held each batch")
@@ -2584,12 +3230,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--interval", type=float, default=0.2, help="seconds between bystander round trips")
     parser.add_argument("--idle-rounds", type=int, default=20, help="bystander round trips before the fuzz")
     parser.add_argument("--grace", type=float, default=15.0, help="seconds CLOSE-WAIT may take to clear")
-    parser.add_argument("--session-grace", type=float, default=12.0,
-                        help="seconds the sessions of a batch may take to end (SockJS: 5 s without a receiver)")
-    parser.add_argument("--locate-s", type=float, default=120.0,
-                        help="time to look for a reproducer, per batch and kind of failure")
-    parser.add_argument("--replay-pause", type=float, default=1.0,
-                        help="longest pause kept between a case's writes on --replay")
+    parser.add_argument(
+        "--session-grace",
+        type=float,
+        default=12.0,
+        help="seconds the sessions of a batch may take to end (SockJS: 5 s without a receiver)",
+    )
+    parser.add_argument(
+        "--locate-s",
+        type=float,
+        default=120.0,
+        help="time to look for a reproducer, per batch and kind of failure",
+    )
+    parser.add_argument(
+        "--replay-pause",
+        type=float,
+        default=1.0,
+        help="longest pause kept between a case's writes on --replay",
+    )
     add_common_options(parser, rss_growth_mib=32.0)
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     if args.quick:

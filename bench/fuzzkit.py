@@ -40,8 +40,9 @@ def run_or_replay(args: argparse.Namespace, run, replay) -> int:
 
 def metrics(admin_port: int) -> dict:
     """The appliance's /metrics, one entry a sample: `name{label=value,...}` -> value."""
-    req = urllib.request.Request(f"http://127.0.0.1:{admin_port}/metrics",
-                                 headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{admin_port}/metrics", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    )
     with urllib.request.urlopen(req, timeout=10) as resp:
         text = resp.read().decode()
     out: dict = {}
@@ -83,7 +84,7 @@ class LogWatch(LogTail):
         super().__init__(path)
         self.tracebacks = 0
         self.worker_exits = 0
-        self.excerpts: dict[str, str] = {}      # the exception's last line -> the first block
+        self.excerpts: dict[str, str] = {}  # the exception's last line -> the first block
         self.last_signature = ""
 
     def poll(self) -> int:
@@ -98,8 +99,8 @@ class LogWatch(LogTail):
                     self.worker_exits += "relay worker" in line and "exited with" in line
                     end = i + 1
                     while end < len(lines) and not LOG_RECORD.match(lines[end]):
-                        end += 1                 # a traceback runs to the next log record
-                    block = lines[max(0, i - 1):end]
+                        end += 1  # a traceback runs to the next log record
+                    block = lines[max(0, i - 1) : end]
                     self.last_signature = block[-1].strip()
                     if len(self.excerpts) < 10:
                         self.excerpts.setdefault(self.last_signature, "\n".join(block))
@@ -122,9 +123,11 @@ def report_memory(rows: list, warmup: int, rss_growth_mib: float) -> bool:
     warm_batch = min(warmup, len(rows))
     warm = rss[warm_batch - 1]
     limit = warm * 1.10 + rss_growth_mib * 1024
-    print(f"RSS first {rss[0] / 1024:.1f} MiB, after warm-up (batch {warm_batch}) {warm / 1024:.1f} MiB, last "
-          f"{rss[-1] / 1024:.1f} MiB, max {max(rss) / 1024:.1f} MiB; limit {limit / 1024:.1f} MiB "
-          f"(warm-up x1.10 + {rss_growth_mib:g} MiB)")
+    print(
+        f"RSS first {rss[0] / 1024:.1f} MiB, after warm-up (batch {warm_batch}) {warm / 1024:.1f} MiB, last "
+        f"{rss[-1] / 1024:.1f} MiB, max {max(rss) / 1024:.1f} MiB; limit {limit / 1024:.1f} MiB "
+        f"(warm-up x1.10 + {rss_growth_mib:g} MiB)"
+    )
     print(f"fds first {rows[0].fds}, last {rows[-1].fds}, max {max(r.fds for r in rows)}")
     return len(rows) > warmup and rss[-1] > limit
 

@@ -6,10 +6,10 @@ For each server (coturn 4.x started here with use-auth-secret, once with its
 default relay threads and once with --relay-threads 2; ours with turn.workers
 1 and 2) it sets up K allocations over UDP, binds a channel from
 each to coturn's turnutils_peer (a C echo peer on loopback), and offers a
-ladder of packet rates, stopping at the first step with any loss.  Each echoed packet crosses the relay twice (client ->
-peer as ChannelData, peer -> client as ChannelData), so relayed packets/s is
-twice the echo rate.  It prints, per server: the highest offered rate with
-zero loss, relayed packets/s there, the server's CPU seconds per million
+ladder of packet rates, stopping at the first step with any loss.  Each echoed
+packet crosses the relay twice (client -> peer as ChannelData, peer -> client as
+ChannelData), so relayed packets/s is twice the echo rate.  It prints, per server:
+the highest offered rate with zero loss, relayed packets/s there, the server's CPU seconds per million
 relayed packets, and Allocate+ChannelBind+delete handshakes per second; then
 the ratios ours/coturn.  Loopback only; every process it starts it stops.
 
@@ -38,6 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from proc_stats import cpu_seconds, process_tree  # noqa: E402
+
 from turn import stun  # noqa: E402
 from turn.client import ClientCredentials  # noqa: E402
 
@@ -45,6 +46,7 @@ REALM = "bench.local"
 
 
 # ------------------------------------------------------------------ servers
+
 
 @dataclass
 class Server:
@@ -92,12 +94,37 @@ def wait_for_stun(port: int, proc: subprocess.Popen, timeout: float = 15) -> Non
 def start_coturn(workdir: Path, secret: str, relay_threads: int | None = None) -> Server:
     """coturn as deployed; relay_threads pins its UDP relay threads (default: one per core)."""
     port = free_port()
-    cmd = [shutil.which("turnserver"), "-n", "--listening-ip", "127.0.0.1",
-           "--listening-port", str(port), "--relay-ip", "127.0.0.1",
-           "--min-port", "45000", "--max-port", "47999", "--use-auth-secret",
-           "--static-auth-secret", secret, "--realm", REALM, "--allow-loopback-peers",
-           "--no-cli", "--no-tls", "--no-dtls", "--no-tcp", "--total-quota", "0",
-           "--user-quota", "0", "--log-file", str(workdir / "coturn.log"), "--simple-log"]
+    cmd = [
+        shutil.which("turnserver"),
+        "-n",
+        "--listening-ip",
+        "127.0.0.1",
+        "--listening-port",
+        str(port),
+        "--relay-ip",
+        "127.0.0.1",
+        "--min-port",
+        "45000",
+        "--max-port",
+        "47999",
+        "--use-auth-secret",
+        "--static-auth-secret",
+        secret,
+        "--realm",
+        REALM,
+        "--allow-loopback-peers",
+        "--no-cli",
+        "--no-tls",
+        "--no-dtls",
+        "--no-tcp",
+        "--total-quota",
+        "0",
+        "--user-quota",
+        "0",
+        "--log-file",
+        str(workdir / "coturn.log"),
+        "--simple-log",
+    ]
     name = "coturn"
     if relay_threads is not None:
         cmd += ["--relay-threads", str(relay_threads)]
@@ -109,28 +136,46 @@ def start_coturn(workdir: Path, secret: str, relay_threads: int | None = None) -
 
 def start_ours(workdir: Path, secret: str, workers: int) -> Server:
     port = free_port()
-    ring = {"version": 1, "secrets": [{"id": "k-bench", "value": secret,
-                                        "created": int(time.time()), "retired": None}]}
+    ring = {
+        "version": 1,
+        "secrets": [{"id": "k-bench", "value": secret, "created": int(time.time()), "retired": None}],
+    }
     secrets = workdir / f"secrets-{workers}.json"
     secrets.write_text(json.dumps(ring))
     os.chmod(secrets, 0o600)
-    config = {"realm": REALM, "data_dir": str(workdir / "data"), "log_level": "warning",
-              "turn": {"udp": f"127.0.0.1:{port}", "tcp": None, "tls": None,
-                       "relay_ip": "127.0.0.1", "relay_ip6": None, "relay_ports": "48000-49999",
-                       "allow_peers": ["127.0.0.1"], "user_quota": 0, "total_quota": 0,
-                       "workers": workers},
-              "credentials": {"secrets_file": str(secrets)}}
+    config = {
+        "realm": REALM,
+        "data_dir": str(workdir / "data"),
+        "log_level": "warning",
+        "turn": {
+            "udp": f"127.0.0.1:{port}",
+            "tcp": None,
+            "tls": None,
+            "relay_ip": "127.0.0.1",
+            "relay_ip6": None,
+            "relay_ports": "48000-49999",
+            "allow_peers": ["127.0.0.1"],
+            "user_quota": 0,
+            "total_quota": 0,
+            "workers": workers,
+        },
+        "credentials": {"secrets_file": str(secrets)},
+    }
     path = workdir / f"appliance-{workers}.yaml"
     path.write_text(json.dumps(config))
-    proc = subprocess.Popen([sys.executable, "-m", "appliance", "serve", "--config", str(path)],
-                            cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=open(workdir / f"appliance-{workers}.log", "wb"))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "appliance", "serve", "--config", str(path)],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=open(workdir / f"appliance-{workers}.log", "wb"),
+    )
     wait_for_stun(port, proc)
-    time.sleep(0.5 * workers)      # let the extra worker processes bind
+    time.sleep(0.5 * workers)  # let the extra worker processes bind
     return Server(f"ours x{workers}", proc, port)
 
 
 # ------------------------------------------------------------------ client side
+
 
 class Client:
     """A blocking TURN client for set-up (the load itself is raw ChannelData)."""
@@ -147,7 +192,7 @@ class Client:
         for _ in range(3):
             tid = os.urandom(12)
             self.sock.send(self.creds.build(method, attrs, tid))
-            while True:      # skip echoes still queued from a load run
+            while True:  # skip echoes still queued from a load run
                 try:
                     reply = stun.parse(self.sock.recv(4096))
                 except stun.StunParseError:
@@ -165,9 +210,13 @@ class Client:
         self.request(stun.ALLOCATE, [(stun.REQUESTED_TRANSPORT, b"\x11\x00\x00\x00")])
 
     def bind(self, number: int, peer) -> None:
-        self.request(stun.CHANNEL_BIND, [(stun.CHANNEL_NUMBER, struct.pack("!HH", number, 0)),
-                                         (stun.XOR_PEER_ADDRESS,
-                                          lambda tid: stun.encode_xor_address(peer, tid))])
+        self.request(
+            stun.CHANNEL_BIND,
+            [
+                (stun.CHANNEL_NUMBER, struct.pack("!HH", number, 0)),
+                (stun.XOR_PEER_ADDRESS, lambda tid: stun.encode_xor_address(peer, tid)),
+            ],
+        )
 
     def delete(self) -> None:
         self.request(stun.REFRESH, [(stun.LIFETIME, b"\x00\x00\x00\x00")])
@@ -175,7 +224,7 @@ class Client:
 
 def _sender(socks, packet: bytes, rate: float, seconds: float, sent) -> None:
     interval = 1.0 / rate
-    batch = max(1, int(rate / 2000))      # pace in ~0.5 ms batches
+    batch = max(1, int(rate / 2000))  # pace in ~0.5 ms batches
     count = 0
     start = time.perf_counter()
     end = start + seconds
@@ -265,8 +314,16 @@ class Result:
     ladder: list = None
 
 
-def run_server(server: Server, secret: str, peer_port: int, rates, seconds: float,
-               payload: int, clients_n: int, allocs: int) -> Result:
+def run_server(
+    server: Server,
+    secret: str,
+    peer_port: int,
+    rates,
+    seconds: float,
+    payload: int,
+    clients_n: int,
+    allocs: int,
+) -> Result:
     result = Result(server.name, ladder=[])
     clients = []
     try:
@@ -282,11 +339,14 @@ def run_server(server: Server, secret: str, peer_port: int, rates, seconds: floa
             loss = 1 - received / sent if sent else 1.0
             relayed = 2 * received
             result.ladder.append((rate, sent / seconds, received / seconds, loss, cpu))
-            print(f"  {server.name:10} offered {rate:8.0f}/s  sent {sent / seconds:8.0f}/s  "
-                  f"echoed {received / seconds:8.0f}/s  loss {loss * 100:6.2f}%  "
-                  f"cpu {cpu:5.2f}s", flush=True)
+            print(
+                f"  {server.name:10} offered {rate:8.0f}/s  sent {sent / seconds:8.0f}/s  "
+                f"echoed {received / seconds:8.0f}/s  loss {loss * 100:6.2f}%  "
+                f"cpu {cpu:5.2f}s",
+                flush=True,
+            )
             if loss > 0.0:
-                break          # the ladder stops at its first loss: the rate below is the result
+                break  # the ladder stops at its first loss: the rate below is the result
             result.best_rate = sent / seconds
             result.relayed_pps = 2 * received / seconds
             result.cpu_per_million = cpu / (relayed / 1e6) if relayed else 0.0
@@ -303,7 +363,9 @@ def run_server(server: Server, secret: str, peer_port: int, rates, seconds: floa
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true", help="short ladder, short runs")
     parser.add_argument("--seconds", type=float, default=None)
     parser.add_argument("--payload", type=int, default=160, help="bytes per packet (audio-sized)")
@@ -314,38 +376,54 @@ def main() -> int:
             print(f"{program} not found: apt-get install coturn", file=sys.stderr)
             return 2
     seconds = args.seconds or (1.5 if args.quick else 3.0)
-    rates = [10000, 30000, 50000] if args.quick else \
-        [10000, 20000, 30000, 40000, 50000, 60000, 70000, 80000, 100000]
+    rates = (
+        [10000, 30000, 50000]
+        if args.quick
+        else [10000, 20000, 30000, 40000, 50000, 60000, 70000, 80000, 100000]
+    )
     allocs = 100 if args.quick else 300
     secret = os.urandom(16).hex()
     workdir = Path(tempfile.mkdtemp(prefix="bench-relay-"))
     peer_port = free_port()
-    peer = subprocess.Popen([shutil.which("turnutils_peer"), "-L", "127.0.0.1", "-p", str(peer_port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    peer = subprocess.Popen(
+        [shutil.which("turnutils_peer"), "-L", "127.0.0.1", "-p", str(peer_port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     results = []
     try:
         time.sleep(0.3)
-        print(f"payload {args.payload} B, {args.clients} allocations, {seconds:.1f} s per step, "
-              f"{os.cpu_count()} cores", flush=True)
-        for start in (lambda: start_coturn(workdir, secret),
-                      lambda: start_coturn(workdir, secret, relay_threads=2),
-                      lambda: start_ours(workdir, secret, 1),
-                      lambda: start_ours(workdir, secret, 2)):
+        print(
+            f"payload {args.payload} B, {args.clients} allocations, {seconds:.1f} s per step, "
+            f"{os.cpu_count()} cores",
+            flush=True,
+        )
+        for start in (
+            lambda: start_coturn(workdir, secret),
+            lambda: start_coturn(workdir, secret, relay_threads=2),
+            lambda: start_ours(workdir, secret, 1),
+            lambda: start_ours(workdir, secret, 2),
+        ):
             server = start()
-            results.append(run_server(server, secret, peer_port, rates, seconds, args.payload,
-                                      args.clients, allocs))
+            results.append(
+                run_server(server, secret, peer_port, rates, seconds, args.payload, args.clients, allocs)
+            )
     finally:
         peer.terminate()
         peer.wait(5)
     coturn = results[0]
     print()
-    print(f"{'server':10} {'loss-free offered/s':>20} {'relayed pkt/s':>14} "
-          f"{'CPU s / M pkts':>15} {'allocs/s':>9} {'ratio pkt/s':>12} {'ratio allocs':>13}")
+    print(
+        f"{'server':10} {'loss-free offered/s':>20} {'relayed pkt/s':>14} "
+        f"{'CPU s / M pkts':>15} {'allocs/s':>9} {'ratio pkt/s':>12} {'ratio allocs':>13}"
+    )
     for r in results:
         ratio = r.relayed_pps / coturn.relayed_pps if coturn.relayed_pps else float("nan")
         aratio = r.alloc_per_s / coturn.alloc_per_s if coturn.alloc_per_s else float("nan")
-        print(f"{r.name:10} {r.best_rate:20.0f} {r.relayed_pps:14.0f} {r.cpu_per_million:15.2f} "
-              f"{r.alloc_per_s:9.0f} {ratio:12.2f} {aratio:13.2f}")
+        print(
+            f"{r.name:10} {r.best_rate:20.0f} {r.relayed_pps:14.0f} {r.cpu_per_million:15.2f} "
+            f"{r.alloc_per_s:9.0f} {ratio:12.2f} {aratio:13.2f}"
+        )
     return 0
 
 

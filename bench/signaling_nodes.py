@@ -44,15 +44,22 @@ async def run_setup(name: str, nodes: int, redis: str | None, args) -> dict:
         t0 = time.perf_counter()
         sockets = await connect_users(ports, args.users)
         connect_s = time.perf_counter() - t0
-        await asyncio.sleep(1.5)                  # presence settles on every node
+        await asyncio.sleep(1.5)  # presence settles on every node
         loaded = rss_kib([p.pid for p in procs])
         calls, hops = await run_calls(sockets, args.seconds)
         await asyncio.gather(*(ws.close() for ws in sockets))
-        result = {"name": name, "connects": args.users / connect_s,
-                  "kib": (loaded - base) / args.users, "calls": calls / args.seconds,
-                  "hops": {h: p50_p99_ms(v) for h, v in hops.items()}}
-        print(f"{name:16} {result['connects']:7.0f} connects/s  {result['kib']:5.1f} KiB/session  "
-              f"{result['calls']:6.0f} calls/s", flush=True)
+        result = {
+            "name": name,
+            "connects": args.users / connect_s,
+            "kib": (loaded - base) / args.users,
+            "calls": calls / args.seconds,
+            "hops": {h: p50_p99_ms(v) for h, v in hops.items()},
+        }
+        print(
+            f"{name:16} {result['connects']:7.0f} connects/s  {result['kib']:5.1f} KiB/session  "
+            f"{result['calls']:6.0f} calls/s",
+            flush=True,
+        )
         return result
     finally:
         for p in procs:
@@ -66,28 +73,37 @@ async def run_setup(name: str, nodes: int, redis: str | None, args) -> dict:
 def forget_keys(url: str, prefix: str) -> None:
     """The run's keys (used callIds outlive the nodes by a day) leave with it."""
     import redis
+
     client = redis.Redis.from_url(url)
     keys = list(client.scan_iter(f"{prefix}*", count=1000))
     for i in range(0, len(keys), 1000):
-        client.delete(*keys[i:i + 1000])
+        client.delete(*keys[i : i + 1000])
 
 
 async def bench(args) -> None:
-    print(f"{args.users} users, {args.users // 2} pairs calling for {args.seconds:.0f} s each set-up",
-          flush=True)
-    rows = [await run_setup("1 node, memory", 1, None, args),
-            await run_setup("1 node, redis", 1, args.redis, args),
-            await run_setup("2 nodes, redis", 2, args.redis, args)]
+    print(
+        f"{args.users} users, {args.users // 2} pairs calling for {args.seconds:.0f} s each set-up",
+        flush=True,
+    )
+    rows = [
+        await run_setup("1 node, memory", 1, None, args),
+        await run_setup("1 node, redis", 1, args.redis, args),
+        await run_setup("2 nodes, redis", 2, args.redis, args),
+    ]
     base = rows[0]
     print("\nratios to 1 node, memory (higher is better; per-hop latency p50/p99 in ms)")
     for row in rows:
         latency = "  ".join(f"{h} {p50:.0f}/{p99:.0f}" for h, (p50, p99) in row["hops"].items())
-        print(f"{row['name']:16} connects x{row['connects'] / base['connects']:.2f}  "
-              f"calls x{row['calls'] / base['calls']:.2f}   {latency}")
+        print(
+            f"{row['name']:16} connects x{row['connects'] / base['connects']:.2f}  "
+            f"calls x{row['calls'] / base['calls']:.2f}   {latency}"
+        )
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     add_load_options(parser)
     parser.add_argument("--redis", default="redis://127.0.0.1:6379/0")
     args = parser.parse_args()

@@ -30,7 +30,6 @@ import time
 from pathlib import Path
 
 import websockets
-
 from proc_stats import rss_kib
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -49,20 +48,28 @@ def start_appliance(work: Path, users: int, extra: dict | None = None) -> tuple[
     """A signaling-only appliance with tokens tok-0.. for user0..; `extra` adds config."""
     work.mkdir(parents=True, exist_ok=True)
     port = free_port()
-    config = {"data_dir": str(work), "log_level": os.environ.get("BENCH_LOG", "warning"),
-              "turn": {"udp": None, "tcp": None, "tls": None},
-              # signaling only: some ICE server must be named, or start-up refuses
-              "credentials": {"ice_servers": ["stun:127.0.0.1:3478"]},
-              "http": {"listen": f"127.0.0.1:{port}", "tls": False},
-              "admin": {"listen": None},
-              "auth": {"mode": "static", "tokens": {f"tok-{i}": f"user{i}" for i in range(users)}},
-              # send_rate 0: the load sessions query as fast as answers come back, which is
-              # what this measures; the per-session SEND budget would measure itself.
-              "stomp": {"heartbeat_ms": "0,0", "send_rate": 0}, **(extra or {})}
+    config = {
+        "data_dir": str(work),
+        "log_level": os.environ.get("BENCH_LOG", "warning"),
+        "turn": {"udp": None, "tcp": None, "tls": None},
+        # signaling only: some ICE server must be named, or start-up refuses
+        "credentials": {"ice_servers": ["stun:127.0.0.1:3478"]},
+        "http": {"listen": f"127.0.0.1:{port}", "tls": False},
+        "admin": {"listen": None},
+        "auth": {"mode": "static", "tokens": {f"tok-{i}": f"user{i}" for i in range(users)}},
+        # send_rate 0: the load sessions query as fast as answers come back, which is
+        # what this measures; the per-session SEND budget would measure itself.
+        "stomp": {"heartbeat_ms": "0,0", "send_rate": 0},
+        **(extra or {}),
+    }
     path = work / "appliance.yaml"
     path.write_text(json.dumps(config))
-    proc = subprocess.Popen([sys.executable, "-m", "appliance", "serve", "--config", str(path)],
-                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=open(work / "log", "wb"))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "appliance", "serve", "--config", str(path)],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=open(work / "log", "wb"),
+    )
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         try:
@@ -94,8 +101,12 @@ def p50_p99_ms(latencies: list[float]) -> tuple[float, float]:
 
 async def open_session(port: int, i: int, destinations: list[str]):
     """user{i} over WebSocket, CONNECTed with its token and subscribed to `destinations`."""
-    ws = await websockets.connect(f"ws://127.0.0.1:{port}/imserver/ws?userId=user{i}",
-                                  subprotocols=["v12.stomp"], max_queue=None, ping_interval=None)
+    ws = await websockets.connect(
+        f"ws://127.0.0.1:{port}/imserver/ws?userId=user{i}",
+        subprotocols=["v12.stomp"],
+        max_queue=None,
+        ping_interval=None,
+    )
     await ws.send(f"CONNECT\naccept-version:1.2\nide:tok-{i}\nheart-beat:0,0\n\n\x00")
     reply = await ws.recv()
     if not reply.startswith("CONNECTED"):
@@ -148,21 +159,29 @@ async def bench(args) -> None:
         ramp_s = time.perf_counter() - started
         await asyncio.sleep(1)
         loaded = rss_kib([proc.pid])
-        print(f"sessions {args.sessions}: connected in {ramp_s:.1f} s = "
-              f"{args.sessions / ramp_s:.0f} connects/s; server RSS {base} -> {loaded} KiB = "
-              f"{(loaded - base) / args.sessions:.1f} KiB per idle session", flush=True)
-        latencies = await query_load(sessions[:args.active], args.seconds)
+        print(
+            f"sessions {args.sessions}: connected in {ramp_s:.1f} s = "
+            f"{args.sessions / ramp_s:.0f} connects/s; server RSS {base} -> {loaded} KiB = "
+            f"{(loaded - base) / args.sessions:.1f} KiB per idle session",
+            flush=True,
+        )
+        latencies = await query_load(sessions[: args.active], args.seconds)
         p50, p99 = p50_p99_ms(latencies)
-        print(f"status queries from {args.active} sessions (window {WINDOW}): "
-              f"{len(latencies) / args.seconds:.0f} answers/s, latency p50 {p50:.1f} ms, "
-              f"p99 {p99:.1f} ms", flush=True)
+        print(
+            f"status queries from {args.active} sessions (window {WINDOW}): "
+            f"{len(latencies) / args.seconds:.0f} answers/s, latency p50 {p50:.1f} ms, "
+            f"p99 {p99:.1f} ms",
+            flush=True,
+        )
         await asyncio.gather(*(ws.close() for ws in sessions))
         await asyncio.sleep(2)
         print(f"after disconnecting all: server RSS {rss_kib([proc.pid])} KiB", flush=True)
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--sessions", type=int, default=5000)
     parser.add_argument("--active", type=int, default=200)
     parser.add_argument("--seconds", type=float, default=10.0)

@@ -12,12 +12,12 @@ under its /64 (one host usually owns a whole /64), an IPv4-mapped one as its IPv
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 REFUSED_SESSIONS = "sessions_per_ip"
 REFUSED_RATE = "session_rate"
-MAX_BUCKETS = 65536          # addresses whose recent sessions are remembered; the rest forgotten
+MAX_BUCKETS = 65536  # addresses whose recent sessions are remembered; the rest forgotten
 
 
 def peer_ip(host: str | None) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
@@ -49,7 +49,7 @@ class AddressPolicy:
     def key(self, host: str | None) -> str | None:
         addr = peer_ip(host)
         if addr is None:
-            return None                   # not an IP peer (a Unix socket): nothing to key on
+            return None  # not an IP peer (a Unix socket): nothing to key on
         if any(addr in net for net in self.exempt if net.version == addr.version):
             return None
         if addr.version == 6:
@@ -59,9 +59,9 @@ class AddressPolicy:
 
 @dataclass(frozen=True)
 class SessionLimits:
-    max_per_address: int = 0          # sessions one address holds at once; 0 = no cap
-    new_per_s: float = 0.0            # new sessions per second per address; 0 = no cap
-    burst: int = 1                    # new sessions an address may open at once
+    max_per_address: int = 0  # sessions one address holds at once; 0 = no cap
+    new_per_s: float = 0.0  # new sessions per second per address; 0 = no cap
+    burst: int = 1  # new sessions an address may open at once
 
 
 class SessionAdmission:
@@ -76,7 +76,7 @@ class SessionAdmission:
         self.limits = limits
         self.max_buckets = max_buckets
         self.live: dict[str, int] = {}
-        self.buckets: dict[str, tuple[float, float]] = {}     # key -> (tokens, at)
+        self.buckets: dict[str, tuple[float, float]] = {}  # key -> (tokens, at)
 
     def admit(self, key: str | None, now: float) -> str | None:
         """Take a session for `key` and return None, or return why it is refused."""
@@ -106,7 +106,7 @@ class SessionAdmission:
         if tokens < 1.0:
             self.buckets[key] = (tokens, now)
             return False
-        self.buckets.pop(key, None)            # re-inserted last: the dict stays oldest-first
+        self.buckets.pop(key, None)  # re-inserted last: the dict stays oldest-first
         self.buckets[key] = (tokens - 1.0, now)
         if len(self.buckets) > self.max_buckets:
             self._prune(now)

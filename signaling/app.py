@@ -32,18 +32,26 @@ from .ws import serve_websocket
 
 @dataclass(frozen=True)
 class SignalingApp:
-    web: Quart                                   # the ASGI app Hypercorn serves
-    service: SignalingService                    # sessions, counters, shutdown
-    calls: CallService                           # a CallCluster when the broker spans nodes
-    credentials: TurnCredentialService | None    # None: no relay, no credentials to hand out
+    web: Quart  # the ASGI app Hypercorn serves
+    service: SignalingService  # sessions, counters, shutdown
+    calls: CallService  # a CallCluster when the broker spans nodes
+    credentials: TurnCredentialService | None  # None: no relay, no credentials to hand out
     broker: Broker
     guard: ClientGuard
 
 
-def create_app(prefix: str, verifier: TokenVerifier, limits: Limits, max_outbox: int,
-               ring_timeout_s: float = 30.0, grace_s: float = 10.0,
-               issue_credentials: Issue | None = None, broker: Broker | None = None,
-               guard: ClientGuard | None = None, origins: OriginPolicy | None = None) -> SignalingApp:
+def create_app(
+    prefix: str,
+    verifier: TokenVerifier,
+    limits: Limits,
+    max_outbox: int,
+    ring_timeout_s: float = 30.0,
+    grace_s: float = 10.0,
+    issue_credentials: Issue | None = None,
+    broker: Broker | None = None,
+    guard: ClientGuard | None = None,
+    origins: OriginPolicy | None = None,
+) -> SignalingApp:
     """The signaling app; `issue_credentials(userId)` answers TURN credential requests
     (no such routes without it: a relay-less test app has nothing to hand out).  The
     broker is this process's MemoryBroker unless one spanning nodes (RedisBroker) is
@@ -53,7 +61,7 @@ def create_app(prefix: str, verifier: TokenVerifier, limits: Limits, max_outbox:
     `origins` says which web pages may connect from a browser (without it: the appliance's
     own pages only)."""
     broker = broker if broker is not None else MemoryBroker()
-    verifier = UserIdChecked(verifier, limits.max_user_id_chars)   # every way in: STOMP and HTTP
+    verifier = UserIdChecked(verifier, limits.max_user_id_chars)  # every way in: STOMP and HTTP
     service = SignalingService(broker, verifier, limits)
     guard = guard if guard is not None else ClientGuard()
     guard.count_into(service.counters)
@@ -61,8 +69,11 @@ def create_app(prefix: str, verifier: TokenVerifier, limits: Limits, max_outbox:
     registry = CallRegistry(ring_timeout_s, grace_s)
     bus = broker.node_bus
     # One node runs calls itself; nodes sharing a bus run each call on the node that owns it.
-    calls = (CallService(broker, registry, limits.max_frame_bytes) if bus is None
-             else calls_across_nodes(broker, bus, registry, limits.max_frame_bytes, service.error))
+    calls = (
+        CallService(broker, registry, limits.max_frame_bytes)
+        if bus is None
+        else calls_across_nodes(broker, bus, registry, limits.max_frame_bytes, service.error)
+    )
     credentials = TurnCredentialService(issue_credentials) if issue_credentials is not None else None
     install_stomp_routes(service, calls, credentials)
 
@@ -79,8 +90,7 @@ def create_app(prefix: str, verifier: TokenVerifier, limits: Limits, max_outbox:
 
     @web.websocket(f"{prefix}/ws")
     async def stomp_websocket():
-        await serve_websocket(websocket._get_current_object(), service, limits, max_outbox, guard,
-                              origins)
+        await serve_websocket(websocket._get_current_object(), service, limits, max_outbox, guard, origins)
 
     SockJSServer(service, limits, max_outbox, guard, origins).install(web, f"{prefix}/ws")
     return SignalingApp(web, service, calls, credentials, broker, guard)

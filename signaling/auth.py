@@ -12,7 +12,8 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict
-from typing import Callable, Mapping, Protocol
+from collections.abc import Callable, Mapping
+from typing import Protocol
 
 import httpx
 import jwt
@@ -73,17 +74,22 @@ class JwtVerifier:
         self._algorithms = list(algorithms)
 
     @classmethod
-    def hs256(cls, secret: str) -> "JwtVerifier":
+    def hs256(cls, secret: str) -> JwtVerifier:
         return cls(secret, ("HS256",))
 
     @classmethod
-    def public_key(cls, pem: bytes) -> "JwtVerifier":
+    def public_key(cls, pem: bytes) -> JwtVerifier:
         return cls(pem, ("RS256", "ES256"))
 
     async def verify(self, token: str) -> str | None:
         try:
-            claims = jwt.decode(token, self._key, algorithms=self._algorithms, leeway=JWT_LEEWAY_S,
-                                options={"require": ["exp", "sub"]})
+            claims = jwt.decode(
+                token,
+                self._key,
+                algorithms=self._algorithms,
+                leeway=JWT_LEEWAY_S,
+                options={"require": ["exp", "sub"]},
+            )
         except jwt.ExpiredSignatureError:
             log.info("token refused: expired")
             return None
@@ -96,8 +102,7 @@ class JwtVerifier:
 
 def mint_jwt(secret: str, user_id: str, now: float, ttl_s: int) -> str:
     """A development HS256 token for `user_id` (`appliance token`)."""
-    return jwt.encode({"sub": user_id, "iat": int(now), "exp": int(now) + ttl_s}, secret,
-                      algorithm="HS256")
+    return jwt.encode({"sub": user_id, "iat": int(now), "exp": int(now) + ttl_s}, secret, algorithm="HS256")
 
 
 class HttpVerifier:
@@ -111,8 +116,13 @@ class HttpVerifier:
     (and says so in the log) rather than letting anyone in.
     """
 
-    def __init__(self, url: str, cache_s: float, clock: Callable[[], float] = time.monotonic,
-                 client: httpx.AsyncClient | None = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        cache_s: float,
+        clock: Callable[[], float] = time.monotonic,
+        client: httpx.AsyncClient | None = None,
+    ) -> None:
         self.url = url
         self.cache_s = cache_s
         self.clock = clock

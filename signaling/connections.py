@@ -12,11 +12,12 @@ or lowered at run time counts at once).
 from __future__ import annotations
 
 import resource
-from typing import Callable, Protocol
+from collections.abc import Callable
+from typing import Protocol
 
 REFUSED_TOTAL = "connections"
 REFUSED_PER_ADDRESS = "connections_per_ip"
-FD_RESERVE = 64           # descriptors the process keeps besides its half
+FD_RESERVE = 64  # descriptors the process keeps besides its half
 MIN_AUTO_CONNECTIONS = 16
 
 
@@ -32,7 +33,7 @@ class Transport(Protocol):
     def abort(self) -> None: ...
 
 
-Peer = tuple      # (host, port) as Hypercorn reports it, and as ASGI scopes carry it
+Peer = tuple  # (host, port) as Hypercorn reports it, and as ASGI scopes carry it
 
 
 class ConnectionTable:
@@ -51,8 +52,7 @@ class ConnectionTable:
         nothing).  `key` is its address's (admission.AddressPolicy), None if exempt."""
         if self.total >= self.max_total():
             return REFUSED_TOTAL
-        if key is not None and self.max_per_address and \
-                self.per_address.get(key, 0) >= self.max_per_address:
+        if key is not None and self.max_per_address and self.per_address.get(key, 0) >= self.max_per_address:
             return REFUSED_PER_ADDRESS
         self.total += 1
         if key is not None:

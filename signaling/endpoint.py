@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import itertools
 import os
-from typing import Callable
+from collections.abc import Callable
 
 from .errors import SignalingError
 from .service import SignalingService
@@ -31,11 +31,19 @@ def _nothing() -> None:
 
 
 class StompEndpoint:
-    def __init__(self, service: SignalingService, limits: Limits, max_outbox: int,
-                 claimed_user: str | None, now: float, wake: Callable[[], None], *,
-                 connect_timeout_s: float | None = None,
-                 max_outbox_bytes: int = DEFAULT_MAX_OUTBOX_BYTES,
-                 overflow: Callable[[], None] = _nothing) -> None:
+    def __init__(
+        self,
+        service: SignalingService,
+        limits: Limits,
+        max_outbox: int,
+        claimed_user: str | None,
+        now: float,
+        wake: Callable[[], None],
+        *,
+        connect_timeout_s: float | None = None,
+        max_outbox_bytes: int = DEFAULT_MAX_OUTBOX_BYTES,
+        overflow: Callable[[], None] = _nothing,
+    ) -> None:
         self.service = service
         self.claimed_user = claimed_user
         self.max_outbox = max_outbox
@@ -110,8 +118,15 @@ class StompEndpoint:
                 # never be closed (a reader that asyncio let finish its receive after the
                 # cancel gets here; found by bench/fuzz_signaling.py).
                 return
-            self.session = Session(new_session_id(), user, self.conn, self.wake, self.max_outbox,
-                                   self.max_outbox_bytes, self.overflow)
+            self.session = Session(
+                new_session_id(),
+                user,
+                self.conn,
+                self.wake,
+                self.max_outbox,
+                self.max_outbox_bytes,
+                self.overflow,
+            )
             self.conn.accept(now, session=self.session.id, user_name=user)
             self.session.flush()
             self.service.connected(self.session)
@@ -121,5 +136,5 @@ class StompEndpoint:
     def _flush(self) -> None:
         if self.session is not None:
             self.session.flush()
-        elif self.conn.has_output:          # a refusal or error before any session exists
+        elif self.conn.has_output:  # a refusal or error before any session exists
             self.wake()

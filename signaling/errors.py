@@ -21,9 +21,16 @@ from .json_body import DEFAULT_MAX_DEPTH, JsonBodyError, decode_json
 
 ERRORS_DESTINATION = "/user/queue/errors"
 
-STANDARD_MESSAGES = {200: "ok", 400: "bad request", 401: "unauthorized", 403: "forbidden",
-                     404: "not found", 405: "method not allowed", 413: "request too large",
-                     500: "internal error"}
+STANDARD_MESSAGES = {
+    200: "ok",
+    400: "bad request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not found",
+    405: "method not allowed",
+    413: "request too large",
+    500: "internal error",
+}
 
 
 def standard_message(code: int) -> str:
@@ -41,8 +48,9 @@ class SignalingError(Exception):
 
     def body(self) -> bytes:
         """The MESSAGE body a STOMP client gets on /user/queue/errors."""
-        return json.dumps({"code": self.code, "message": self.message}, ensure_ascii=False,
-                          separators=(",", ":")).encode()
+        return json.dumps(
+            {"code": self.code, "message": self.message}, ensure_ascii=False, separators=(",", ":")
+        ).encode()
 
 
 def bad_request(message: str) -> SignalingError:

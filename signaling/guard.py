@@ -11,8 +11,8 @@ it at accept and counts stalled writes.  Every refusal and cut-off is counted in
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from .admission import AddressPolicy, SessionAdmission, SessionLimits
 from .connections import REFUSED_TOTAL, ConnectionTable, Peer, Transport, open_files_share
@@ -28,18 +28,18 @@ REFUSAL_MESSAGES = {
 
 @dataclass(frozen=True)
 class LifecyclePolicy:
-    connect_timeout_s: float = 10.0     # from the handshake to CONNECT
-    send_timeout_s: float = 10.0        # one write to the client, or a close, at most
+    connect_timeout_s: float = 10.0  # from the handshake to CONNECT
+    send_timeout_s: float = 10.0  # one write to the client, or a close, at most
     max_outbox_bytes: int = DEFAULT_MAX_OUTBOX_BYTES
-    linger_s: float = 2.0               # a finished connection reads and discards this long
+    linger_s: float = 2.0  # a finished connection reads and discards this long
 
 
 @dataclass(frozen=True)
 class CapSettings:
-    max_connections: int | None = None          # None: open_files_share()
-    max_connections_per_ip: int = 0             # 0: no cap
+    max_connections: int | None = None  # None: open_files_share()
+    max_connections_per_ip: int = 0  # 0: no cap
     sessions: SessionLimits = field(default_factory=SessionLimits)
-    exempt: tuple[str, ...] = ()                # networks not capped per address
+    exempt: tuple[str, ...] = ()  # networks not capped per address
 
 
 class Refused(Exception):
@@ -67,8 +67,12 @@ class SessionTicket:
 
 
 class ClientGuard:
-    def __init__(self, policy: LifecyclePolicy = LifecyclePolicy(),
-                 caps: CapSettings = CapSettings(), counters: Counter | None = None) -> None:
+    def __init__(
+        self,
+        policy: LifecyclePolicy = LifecyclePolicy(),
+        caps: CapSettings = CapSettings(),
+        counters: Counter | None = None,
+    ) -> None:
         self.policy = policy
         self.addresses = AddressPolicy(caps.exempt)
         self.sessions = SessionAdmission(caps.sessions)

@@ -23,8 +23,14 @@ from .turn_credentials import TurnCredentialService
 _NO_BODY = object()
 
 
-def install_http_routes(app: Quart, prefix: str, verifier: TokenVerifier, limits: Limits,
-                        calls: CallService, credentials: TurnCredentialService | None = None) -> None:
+def install_http_routes(
+    app: Quart,
+    prefix: str,
+    verifier: TokenVerifier,
+    limits: Limits,
+    calls: CallService,
+    credentials: TurnCredentialService | None = None,
+) -> None:
     """The routes on `app`; no TURN credential route without `credentials` (a relay-less
     app has nothing to hand out: 404)."""
 
@@ -51,6 +57,7 @@ def install_http_routes(app: Quart, prefix: str, verifier: TokenVerifier, limits
         return await call_view(CallOp.HANGUP, empty_ok=True)
 
     if credentials is not None:
+
         @app.get(f"{prefix}/turn/get-turn-credentials")
         async def http_turn_credentials():
             user = await authenticated_user(verifier)

@@ -37,12 +37,12 @@ from .sockjs.request_body import DRAIN_MAX_BYTES
 
 log = logging.getLogger("signaling.connections")
 
-_guards: "weakref.WeakKeyDictionary[Config, ClientGuard]" = weakref.WeakKeyDictionary()
+_guards: weakref.WeakKeyDictionary[Config, ClientGuard] = weakref.WeakKeyDictionary()
 _server_errors = RateLimitedLog(log, burst=3, interval_s=10.0)
 
-REFUSAL_LINGER_S = 0.5          # a refused client gets this long to read its 429
+REFUSAL_LINGER_S = 0.5  # a refused client gets this long to read its 429
 DRAIN_AFTER_ABORT_S = 2.0
-DRAIN_POLL_S = 0.1             # after a WebSocket's disconnect: is the connection gone yet?
+DRAIN_POLL_S = 0.1  # after a WebSocket's disconnect: is the connection gone yet?
 DISCONNECTS = ("http.disconnect", "websocket.disconnect")
 REASON_PHRASES = {429: "Too Many Requests", 503: "Service Unavailable"}
 
@@ -50,14 +50,17 @@ REASON_PHRASES = {429: "Too Many Requests", 503: "Service Unavailable"}
 def guard_listener(config: Config, guard: ClientGuard) -> None:
     """Serve the listener configured by `config` through `guard`."""
     _guards[config] = guard
-    hypercorn_run.TCPServer = GuardedTCPServer
+    # Hypercorn has no hook for its connection class: the module's name is replaced.
+    hypercorn_run.TCPServer = GuardedTCPServer  # type: ignore[misc]
 
 
 def refusal_response(refusal: Refused) -> bytes:
     body = (refusal.message + "\n").encode()
-    return (f"HTTP/1.1 {refusal.status} {REASON_PHRASES.get(refusal.status, 'Refused')}\r\n"
-            f"content-type: text/plain; charset=utf-8\r\ncontent-length: {len(body)}\r\n"
-            f"retry-after: 5\r\nconnection: close\r\n\r\n").encode() + body
+    return (
+        f"HTTP/1.1 {refusal.status} {REASON_PHRASES.get(refusal.status, 'Refused')}\r\n"
+        f"content-type: text/plain; charset=utf-8\r\ncontent-length: {len(body)}\r\n"
+        f"retry-after: 5\r\nconnection: close\r\n\r\n"
+    ).encode() + body
 
 
 class GuardedTCPServer(TCPServer):
@@ -75,7 +78,7 @@ class GuardedTCPServer(TCPServer):
             sock = self.writer.get_extra_info("socket")
             peer = parse_socket_addr(sock.family, sock.getpeername())
         except OSError:
-            transport.abort()                 # gone before we looked
+            transport.abort()  # gone before we looked
             return
         key, refusal = self.guard.open_connection(peer, transport)
         if refusal is not None and refusal.status == 503:
@@ -94,8 +97,12 @@ class GuardedTCPServer(TCPServer):
             # this connection ends, nobody else notices, and the log gets a bounded few
             # lines, each naming the error and where it was raised.
             self.guard.count("aborted_server_error")
-            _server_errors.warning(self.loop.time(), "connection from %r ended by an error in "
-                                   "Hypercorn: %s", peer, describe_failure(exc))
+            _server_errors.warning(
+                self.loop.time(),
+                "connection from %r ended by an error in Hypercorn: %s",
+                peer,
+                describe_failure(exc),
+            )
             transport.abort()
         finally:
             if refusal is None:
@@ -109,10 +116,10 @@ class GuardedTCPServer(TCPServer):
         try:
             self.writer.write_eof()
         except (NotImplementedError, OSError, RuntimeError):
-            pass                               # TLS has no half-close
+            pass  # TLS has no half-close
         try:
             await asyncio.wait_for(self._discard_until_eof(), REFUSAL_LINGER_S)
-        except (asyncio.TimeoutError, OSError):
+        except (TimeoutError, OSError):
             pass
         transport.abort()
 
@@ -125,21 +132,21 @@ class GuardedTCPServer(TCPServer):
             await super().protocol_send(event)
             return
         if self.cut_off:
-            return                              # aborted: nothing more goes out
-        watchdog = self.loop.call_later(self.guard.policy.send_timeout_s, self._stalled)
+            return  # aborted: nothing more goes out
+        watchdog = self.loop.call_later(self.guard.policy.send_timeout_s, self._stalled, self.guard)
         try:
             await super().protocol_send(event)
         finally:
             watchdog.cancel()
 
-    def _stalled(self) -> None:
+    def _stalled(self, guard: ClientGuard) -> None:
         """A write has waited send_timeout_s for the client to read: drop the connection and
         what is queued for it.  The pending drain returns, and the read side reports the
         connection closed to the app."""
         if self.cut_off:
             return
         self.cut_off = True
-        self.guard.count("aborted_send_timeout")
+        guard.count("aborted_send_timeout")
         self.writer.transport.abort()
 
     async def _close(self) -> None:
@@ -199,7 +206,7 @@ class RequestBodyProgress:
             self._changed.clear()
             try:
                 await asyncio.wait_for(self._changed.wait(), left)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 return False
         return True
 
@@ -232,10 +239,13 @@ class ReceiveDrain:
             await self.app(scope, receive, send)
             return
         disconnected = False
-        gone = False            # Hypercorn dropped the connection without telling the app
+        gone = False  # Hypercorn dropped the connection without telling the app
         receiving: asyncio.Task | None = None
-        disconnect = {"type": "http.disconnect"} if scope["type"] == "http" else \
-            {"type": "websocket.disconnect", "code": int(CloseReason.ABNORMAL_CLOSURE)}
+        disconnect = (
+            {"type": "http.disconnect"}
+            if scope["type"] == "http"
+            else {"type": "websocket.disconnect", "code": int(CloseReason.ABNORMAL_CLOSURE)}
+        )
         body = RequestBodyProgress()
 
         async def watched_receive():
@@ -248,7 +258,7 @@ class ReceiveDrain:
             except asyncio.CancelledError:
                 if not gone or receiving is None:
                     raise
-                receiving.uncancel()        # the cancel was ours: tell the app it is over
+                receiving.uncancel()  # the cancel was ours: tell the app it is over
                 message = disconnect
             finally:
                 receiving = None
@@ -284,11 +294,12 @@ class ReceiveDrain:
             if not gone and (websocket or not disconnected):
                 # Hypercorn hands over the disconnect only after this returns: a task.
                 task = asyncio.get_running_loop().create_task(
-                    self._drain(receive, scope.get("client"), websocket, disconnected))
+                    self._drain(receive, scope.get("client"), websocket, disconnected)
+                )
                 self.drains.add(task)
                 task.add_done_callback(self.drains.discard)
 
-    def _answer_before_the_body_ends(self, send, body: "RequestBodyProgress", client):
+    def _answer_before_the_body_ends(self, send, body: RequestBodyProgress, client):
         """`send`, except that the end of a response given before the request's body has
         arrived (a 413, or any early answer) waits for that body: Hypercorn closes an
         HTTP/1.1 connection the moment a response ends with the request unfinished, and the
@@ -296,9 +307,9 @@ class ReceiveDrain:
         out whole (its length is declared), the app's own receiver (Quart's reads on until
         it is cancelled) takes the rest of the body, and the response ends then; a body that
         does not end within the linger and send timeout, or DRAIN_MAX_BYTES, is cut off."""
+
         async def send_after_the_body(message) -> None:
-            if (message["type"] != "http.response.body" or message.get("more_body", False)
-                    or body.ended):
+            if message["type"] != "http.response.body" or message.get("more_body", False) or body.ended:
                 await send(message)
                 return
             await send({**message, "more_body": True})
@@ -307,6 +318,7 @@ class ReceiveDrain:
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
             else:
                 self.guard.abort(client, "drain")
+
         return send_after_the_body
 
     async def _drain(self, receive, client, websocket: bool, disconnected: bool) -> None:
@@ -327,9 +339,8 @@ class ReceiveDrain:
                 deadline = loop.time() + DRAIN_AFTER_ABORT_S
                 continue
             try:
-                message = await asyncio.wait_for(receive(), min(left, DRAIN_POLL_S)
-                                                 if disconnected else left)
-            except asyncio.TimeoutError:
+                message = await asyncio.wait_for(receive(), min(left, DRAIN_POLL_S) if disconnected else left)
+            except TimeoutError:
                 continue
             if message["type"] in DISCONNECTS:
                 disconnected = True

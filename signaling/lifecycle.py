@@ -13,15 +13,14 @@ import asyncio
 from .broker import Broker
 from .calls.service import CallService
 
-TIMER_MAX_WAIT_S = 1.0           # a timer the registry adds while we sleep is seen within this
+TIMER_MAX_WAIT_S = 1.0  # a timer the registry adds while we sleep is seen within this
 
 
 async def run_call_timers(calls: CallService) -> None:
     """Serve the calls' timers until cancelled, on the call service's clock."""
     while True:
         when = calls.next_timer()
-        wait = TIMER_MAX_WAIT_S if when is None else \
-            min(max(when - calls.clock(), 0.0), TIMER_MAX_WAIT_S)
+        wait = TIMER_MAX_WAIT_S if when is None else min(max(when - calls.clock(), 0.0), TIMER_MAX_WAIT_S)
         await asyncio.sleep(wait)
         calls.handle_timer()
 
@@ -40,5 +39,5 @@ class SignalingLifecycle:
         if self._timers is not None:
             self._timers.cancel()
             self._timers = None
-        await self.calls.stop()          # across nodes: its calls end while the bus still works
+        await self.calls.stop()  # across nodes: its calls end while the bus still works
         await self.broker.stop()

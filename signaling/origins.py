@@ -21,27 +21,35 @@ ANY = "*"
 NULL = "null"
 DEFAULT_PORTS = {"http": 80, "https": 443}
 
-Origin = tuple[str, str, int]          # (scheme, host, port), lower case, port filled in
+Origin = tuple[str, str, int]  # (scheme, host, port), lower case, port filled in
 
 
 def parse_origin(text: str) -> Origin | None:
     """An Origin header's (scheme, host, port), or None if it is not a serialized origin
     (scheme://host[:port], nothing else)."""
     if not text.isascii() or not text.isprintable() or " " in text:
-        return None                    # urlsplit would quietly drop tabs and line breaks
+        return None  # urlsplit would quietly drop tabs and line breaks
     try:
         parts = urlsplit(text)
         port = parts.port
     except ValueError:
         return None
     scheme, host = parts.scheme.lower(), parts.hostname
-    if not scheme or not host or parts.username is not None or parts.password is not None \
-            or parts.path or parts.query or parts.fragment or text.endswith((":", "?", "#")):
+    if (
+        not scheme
+        or not host
+        or parts.username is not None
+        or parts.password is not None
+        or parts.path
+        or parts.query
+        or parts.fragment
+        or text.endswith((":", "?", "#"))
+    ):
         return None
     if port is None:
         port = DEFAULT_PORTS.get(scheme)
         if port is None:
-            port = 0                   # a scheme without a default port (capacitor://localhost)
+            port = 0  # a scheme without a default port (capacitor://localhost)
     return scheme, host, port
 
 
@@ -49,7 +57,7 @@ def origin_problem(text: str) -> str | None:
     """Why `text` cannot be an entry of http.allowed_origins (None if it can)."""
     if text in (ANY, NULL) or parse_origin(text) is not None:
         return None
-    return f"{text!r} is not an origin: write scheme://host[:port] (no path), \"null\" or \"*\""
+    return f'{text!r} is not an origin: write scheme://host[:port] (no path), "null" or "*"'
 
 
 def _host_and_port(host_header: str, default_port: int) -> tuple[str, int] | None:
@@ -78,7 +86,7 @@ class OriginPolicy:
         """May a page of `origin` (the request's Origin header; None: not sent) use the
         signaling through a request sent to `host_header` (its Host header)?"""
         if origin is None:
-            return True                         # not a browser
+            return True  # not a browser
         if origin == NULL:
             return self.null
         parsed = parse_origin(origin)
@@ -99,5 +107,4 @@ class OriginPolicy:
         nothing for a request without Origin, which no browser reads cross-origin."""
         if origin is None or not self.allows(origin, host_header):
             return {}
-        return {"Access-Control-Allow-Origin": origin,
-                "Access-Control-Allow-Credentials": "true"}
+        return {"Access-Control-Allow-Origin": origin, "Access-Control-Allow-Credentials": "true"}

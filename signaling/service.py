@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from typing import Callable
+from collections.abc import Callable
 
 from ratelog import RateLimitedLog
 
@@ -32,8 +32,8 @@ from .stomp import ConnectionFailed, ConnectRequested, Limits, MessageSent, Send
 
 log = logging.getLogger("signaling")
 
-Handler = Callable[[Session, object], None]              # (sender, its parsed JSON body)
-CloseListener = Callable[[Session, bool], None]          # (session, it was its user's last)
+Handler = Callable[[Session, object], None]  # (sender, its parsed JSON body)
+CloseListener = Callable[[Session, bool], None]  # (session, it was its user's last)
 
 
 class SignalingService:
@@ -43,7 +43,7 @@ class SignalingService:
         self.limits = limits = limits if limits is not None else Limits()
         self.presence = Presence(broker, limits.max_watched, limits.max_user_id_chars)
         self.routes: dict[str, Handler] = {}
-        self.local_routes: set[str] = set()      # routes that work without the broker's Redis
+        self.local_routes: set[str] = set()  # routes that work without the broker's Redis
         self.counters: Counter[str] = Counter()
         self._close_listeners: list[CloseListener] = []
         self._failures = RateLimitedLog(log)
@@ -90,8 +90,9 @@ class SignalingService:
             raise SignalingError(401, "unauthorized")
         if claimed_user is not None and user != claimed_user:
             self.counters["auth_wrong_user"] += 1
-            log.info("connect refused: token of user %s used for userId %s", loggable(user),
-                     loggable(claimed_user))
+            log.info(
+                "connect refused: token of user %s used for userId %s", loggable(user), loggable(claimed_user)
+            )
             raise SignalingError(403, "forbidden")
         return user
 
@@ -108,8 +109,12 @@ class SignalingService:
             self.error(session, SignalingError(429, event.message))
             if event.close_message is not None:
                 self.counters["send_floods"] += 1
-                log.info("session %s of user %s closed: %s", session.id, loggable(session.user_id),
-                         event.close_message)
+                log.info(
+                    "session %s of user %s closed: %s",
+                    session.id,
+                    loggable(session.user_id),
+                    event.close_message,
+                )
                 session.conn.close_with_error(event.close_message)
         elif isinstance(event, ConnectionFailed):
             self.counters["protocol_errors"] += 1
@@ -121,8 +126,11 @@ class SignalingService:
         self.presence.forget(session)
         if session.slow:
             self.counters["slow_consumers"] += 1
-            log.warning("session %s of user %s disconnected: it stopped reading", session.id,
-                        loggable(session.user_id))
+            log.warning(
+                "session %s of user %s disconnected: it stopped reading",
+                session.id,
+                loggable(session.user_id),
+            )
         log.info("session %s of user %s closed", session.id, loggable(session.user_id))
         for listener in self._close_listeners:
             listener(session, last)
@@ -149,7 +157,9 @@ class SignalingService:
         destination = event.destination
         try:
             if not destination.startswith("/app/"):
-                raise SignalingError(403, f"clients may only SEND to /app destinations, not {destination[:100]}")
+                raise SignalingError(
+                    403, f"clients may only SEND to /app destinations, not {destination[:100]}"
+                )
             handler = self.routes.get(destination)
             if handler is None:
                 raise SignalingError(404, f"no such destination {destination[:100]}")
@@ -161,6 +171,10 @@ class SignalingService:
             self.error(session, err)
         except Exception:
             self.counters["internal_errors"] += 1
-            self._failures.exception(time.monotonic(), "internal error on a SEND to %s from session %s",
-                                     loggable(destination), session.id)
+            self._failures.exception(
+                time.monotonic(),
+                "internal error on a SEND to %s from session %s",
+                loggable(destination),
+                session.id,
+            )
             self.error(session, SignalingError(500, "internal error"))

@@ -14,7 +14,7 @@ plain callable, so the broker never touches asyncio.
 from __future__ import annotations
 
 import collections
-from typing import Callable
+from collections.abc import Callable
 
 from .stomp import StompServerConnection
 
@@ -27,10 +27,16 @@ def _nothing() -> None:
 
 
 class Session:
-    def __init__(self, session_id: str, user_id: str, conn: StompServerConnection,
-                 wake: Callable[[], None] = _nothing, max_outbox: int = DEFAULT_MAX_OUTBOX,
-                 max_outbox_bytes: int = DEFAULT_MAX_OUTBOX_BYTES,
-                 overflow: Callable[[], None] = _nothing) -> None:
+    def __init__(
+        self,
+        session_id: str,
+        user_id: str,
+        conn: StompServerConnection,
+        wake: Callable[[], None] = _nothing,
+        max_outbox: int = DEFAULT_MAX_OUTBOX,
+        max_outbox_bytes: int = DEFAULT_MAX_OUTBOX_BYTES,
+        overflow: Callable[[], None] = _nothing,
+    ) -> None:
         self.id = session_id
         self.user_id = user_id
         self.conn = conn
@@ -52,15 +58,16 @@ class Session:
     def flush(self) -> None:
         """Move what the STOMP connection produced into the outbox and wake the writer."""
         if self.slow:
-            return                    # cut off: only the ERROR is left, for take()
+            return  # cut off: only the ERROR is left, for take()
         chunks = self.conn.data_to_send()
         if not chunks:
             return
         size = sum(len(c) for c in chunks)
         # An empty outbox takes one flush whatever its size: a frame larger than the
         # budget (max_frame_bytes may be set above it) must not end a reading client.
-        if len(self.outbox) + len(chunks) > self.max_outbox or \
-                (self.outbox and self.outbox_bytes + size > self.max_outbox_bytes):
+        if len(self.outbox) + len(chunks) > self.max_outbox or (
+            self.outbox and self.outbox_bytes + size > self.max_outbox_bytes
+        ):
             self._cut_off()
         else:
             self.outbox.extend(chunks)
@@ -73,7 +80,7 @@ class Session:
         self.outbox.clear()
         self.outbox_bytes = 0
         if self.slow:
-            out.extend(self.conn.data_to_send())       # the ERROR of _cut_off
+            out.extend(self.conn.data_to_send())  # the ERROR of _cut_off
         return out
 
     def discard(self) -> None:
@@ -84,10 +91,10 @@ class Session:
         self.conn.data_to_send()
 
     def _cut_off(self) -> None:
-        self.slow = True              # the writer sees `closed` and ends the connection
+        self.slow = True  # the writer sees `closed` and ends the connection
         self.outbox.clear()
         self.outbox_bytes = 0
-        self.conn.data_to_send()      # what did not fit goes too
+        self.conn.data_to_send()  # what did not fit goes too
         self.conn.close_with_error("slow consumer: too much unread output")
         self.overflow()
 

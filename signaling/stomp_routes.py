@@ -26,14 +26,21 @@ from .session import Session
 from .turn_credentials import TurnCredentialService
 
 STATUS_QUERY = "/app/user/status"
-CALL_MESSAGES = {"/app/call/request": CallOp.REQUEST, "/app/call/response": CallOp.RESPOND,
-                 "/app/call/hangup": CallOp.HANGUP, "/app/rtc/signaling": CallOp.SIGNAL}
+CALL_MESSAGES = {
+    "/app/call/request": CallOp.REQUEST,
+    "/app/call/response": CallOp.RESPOND,
+    "/app/call/hangup": CallOp.HANGUP,
+    "/app/rtc/signaling": CallOp.SIGNAL,
+}
 TURN_CREDENTIALS = "/app/turn/get-turn-credentials"
 TURN_CREDENTIALS_ANSWER = "/user/queue/turn/get-turn-credentials"
 
 
-def install_stomp_routes(service: SignalingService, calls: CallService | None = None,
-                         credentials: TurnCredentialService | None = None) -> None:
+def install_stomp_routes(
+    service: SignalingService,
+    calls: CallService | None = None,
+    credentials: TurnCredentialService | None = None,
+) -> None:
     """Route the table's destinations on `service`; a destination whose service is absent
     (no calls, no relay to hand credentials for) stays unrouted: 404."""
     service.route(STATUS_QUERY, service.presence.query)
@@ -41,7 +48,8 @@ def install_stomp_routes(service: SignalingService, calls: CallService | None = 
         for destination, op in CALL_MESSAGES.items():
             service.route(destination, call_handler(calls, op))
         service.on_session_closed(
-            lambda session, last: calls.session_closed(session.user_id, session.id, last))
+            lambda session, last: calls.session_closed(session.user_id, session.id, last)
+        )
     if credentials is not None:
         # No Redis needed: the answer is this node's to give.
         service.route(TURN_CREDENTIALS, credentials_handler(credentials), needs_broker=False)
@@ -54,6 +62,7 @@ def call_handler(calls: CallService, op: CallOp):
             # names its call.
             raise bad_request("body must be a JSON object")
         calls.submit(op, session.user_id, session.id, payload)
+
     return handle
 
 
@@ -65,4 +74,5 @@ def credentials_handler(credentials: TurnCredentialService):
             raise bad_request("body must be a JSON object ({})")
         body = json.dumps(credentials.answer(session.user_id, "stomp"), separators=(",", ":")).encode()
         session.deliver(TURN_CREDENTIALS_ANSWER, body)
+
     return handle

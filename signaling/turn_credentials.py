@@ -11,7 +11,7 @@ this module knows nothing of secrets.
 from __future__ import annotations
 
 from collections import Counter
-from typing import Callable
+from collections.abc import Callable
 
 Issue = Callable[[str], dict]
 
@@ -19,7 +19,7 @@ Issue = Callable[[str], dict]
 class TurnCredentialService:
     def __init__(self, issue: Issue) -> None:
         self.issue = issue
-        self.counters: Counter[str] = Counter()      # answers by transport ("stomp", "http")
+        self.counters: Counter[str] = Counter()  # answers by transport ("stomp", "http")
 
     def answer(self, user_id: str, transport: str) -> dict:
         """The iceServers answer for `user_id`, asked over `transport`."""

@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Callable, Iterable
 
 from .client_text import loggable
 from .endpoint import StompEndpoint
@@ -37,8 +37,8 @@ from .stomp import Limits
 
 log = logging.getLogger("signaling.ws")
 
-SUBPROTOCOLS = ("v12.stomp", "v11.stomp", "v10.stomp")     # preference order
-REFUSED_ORIGIN = "refused_origin"                           # counter of refused web pages
+SUBPROTOCOLS = ("v12.stomp", "v11.stomp", "v10.stomp")  # preference order
+REFUSED_ORIGIN = "refused_origin"  # counter of refused web pages
 
 EndpointFactory = Callable[[Callable[[], None], Callable[[], None]], StompEndpoint]
 
@@ -51,14 +51,14 @@ def choose_subprotocol(offered: list[str]) -> str | None:
 class Framing:
     """How STOMP frames travel in a transport's WebSocket messages."""
 
-    encode: Callable[[list[bytes]], Iterable[str]]       # STOMP frames -> messages
+    encode: Callable[[list[bytes]], Iterable[str]]  # STOMP frames -> messages
     # A message -> the STOMP stream data it carries, in one piece (a SockJS envelope's
     # elements joined: fed one by one, 200,000 one-byte elements held the loop for seconds);
     # None: hang up.
     decode: Callable[[str | bytes], str | bytes | None]
-    opening: str | None = None                           # the first message (SockJS "o")
-    closing: str | None = None                           # the last one (SockJS c[...])
-    idle: tuple[float, str] | None = None                # (seconds, message) when quiet (SockJS h)
+    opening: str | None = None  # the first message (SockJS "o")
+    closing: str | None = None  # the last one (SockJS c[...])
+    idle: tuple[float, str] | None = None  # (seconds, message) when quiet (SockJS h)
 
 
 def max_message_bytes(max_frame_bytes: int) -> int:
@@ -69,8 +69,7 @@ def max_message_bytes(max_frame_bytes: int) -> int:
     return 6 * max_frame_bytes + 64
 
 
-NATIVE = Framing(encode=lambda frames: (f.decode("utf-8") for f in frames),
-                 decode=lambda data: data)
+NATIVE = Framing(encode=lambda frames: (f.decode("utf-8") for f in frames), decode=lambda data: data)
 
 
 def admit_origin(origins: OriginPolicy, guard: ClientGuard, headers) -> None:
@@ -82,8 +81,7 @@ def admit_origin(origins: OriginPolicy, guard: ClientGuard, headers) -> None:
         return
     guard.count(REFUSED_ORIGIN)
     log.debug("WebSocket handshake from origin %s refused", loggable(origin))
-    raise SignalingError(403, "origin not allowed: the operator lists allowed pages in "
-                        "http.allowed_origins")
+    raise SignalingError(403, "origin not allowed: the operator lists allowed pages in http.allowed_origins")
 
 
 def admit_session(guard: ClientGuard, client, now: float) -> SessionTicket:
@@ -95,9 +93,14 @@ def admit_session(guard: ClientGuard, client, now: float) -> SessionTicket:
         raise SignalingError(refusal.status, refusal.message) from None
 
 
-async def serve_websocket(websocket, service: SignalingService, limits: Limits,
-                          max_outbox: int, guard: ClientGuard | None = None,
-                          origins: OriginPolicy | None = None) -> None:
+async def serve_websocket(
+    websocket,
+    service: SignalingService,
+    limits: Limits,
+    max_outbox: int,
+    guard: ClientGuard | None = None,
+    origins: OriginPolicy | None = None,
+) -> None:
     """Run one client's WebSocket until it closes (called inside a Quart websocket route)."""
     guard = guard if guard is not None else ClientGuard()
     loop = asyncio.get_running_loop()
@@ -108,10 +111,22 @@ async def serve_websocket(websocket, service: SignalingService, limits: Limits,
         await websocket.accept(subprotocol=choose_subprotocol(list(websocket.requested_subprotocols)))
         policy = guard.policy
         user = websocket.args.get("userId")
-        carrier = WebSocketCarrier(websocket, guard, NATIVE, lambda wake, overflow: StompEndpoint(
-            service, limits, max_outbox, user, loop.time(), wake,
-            connect_timeout_s=policy.connect_timeout_s, max_outbox_bytes=policy.max_outbox_bytes,
-            overflow=overflow))
+        carrier = WebSocketCarrier(
+            websocket,
+            guard,
+            NATIVE,
+            lambda wake, overflow: StompEndpoint(
+                service,
+                limits,
+                max_outbox,
+                user,
+                loop.time(),
+                wake,
+                connect_timeout_s=policy.connect_timeout_s,
+                max_outbox_bytes=policy.max_outbox_bytes,
+                overflow=overflow,
+            ),
+        )
         await carrier.run()
     finally:
         ticket.release()
@@ -121,14 +136,15 @@ class WebSocketCarrier:
     """One accepted WebSocket carrying one StompEndpoint, from the opening message to the
     closed connection."""
 
-    def __init__(self, websocket, guard: ClientGuard, framing: Framing,
-                 endpoint_factory: EndpointFactory) -> None:
+    def __init__(
+        self, websocket, guard: ClientGuard, framing: Framing, endpoint_factory: EndpointFactory
+    ) -> None:
         self.websocket = websocket
         self.guard = guard
         self.framing = framing
         self.client = websocket.scope.get("client")
         self.wake = asyncio.Event()
-        self.sending = False               # the writer is inside a send
+        self.sending = False  # the writer is inside a send
         self.writer: asyncio.Task | None = None
         self.endpoint = endpoint_factory(self.wake.set, self._overflow)
 
@@ -141,22 +157,22 @@ class WebSocketCarrier:
         try:
             await asyncio.wait((reader, writer), return_when=asyncio.FIRST_COMPLETED)
             if reader.done():
-                reader.result()               # a failure is logged below
+                reader.result()  # a failure is logged below
                 if self.endpoint.closed:
-                    self.wake.set()           # the ERROR/RECEIPT goes out first
+                    self.wake.set()  # the ERROR/RECEIPT goes out first
                 else:
-                    writer.cancel()           # the transport hung up (SockJS: broken JSON)
+                    writer.cancel()  # the transport hung up (SockJS: broken JSON)
             await asyncio.wait((writer,), timeout=self.guard.policy.send_timeout_s)
             reader.cancel()
             if not writer.done():
-                return     # stuck in a send past the timeout, and not abortable from here
+                return  # stuck in a send past the timeout, and not abortable from here
             if not writer.cancelled():
                 writer.result()
-            self.endpoint.finish()            # the session is over; only the socket lingers
+            self.endpoint.finish()  # the session is over; only the socket lingers
             await self._close_and_linger()
         except asyncio.CancelledError:
             raise
-        except Exception:        # one client must never take the server down with it
+        except Exception:  # one client must never take the server down with it
             log.exception("websocket session failed")
         finally:
             for task in (reader, writer):
@@ -194,7 +210,7 @@ class WebSocketCarrier:
                 timeout = idle[0] if timeout is None else min(idle[0], timeout)
             try:
                 data = await asyncio.wait_for(self.websocket.receive(), timeout)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 self.endpoint.tick(loop.time())
                 if idle is not None and not self.wake.is_set() and not self.sending:
                     await self.websocket.send(idle[1])
@@ -209,9 +225,9 @@ class WebSocketCarrier:
         """The outbox passed its budget.  A writer inside a send will not get the ERROR
         through: cut the connection off now, which frees what it holds."""
         if not self.sending:
-            return                            # the writer sends the ERROR and ends
+            return  # the writer sends the ERROR and ends
         if not self.guard.abort(self.client, "overflow") and self.writer is not None:
-            self.writer.cancel()              # not a connection we can abort: stop writing
+            self.writer.cancel()  # not a connection we can abort: stop writing
 
     async def _close_and_linger(self) -> None:
         """Close the WebSocket, then read and discard until the client answers the close
@@ -220,10 +236,10 @@ class WebSocketCarrier:
         try:
             await self.websocket.close(1000)
         except RuntimeError:
-            return                            # already closed
+            return  # already closed
         deadline = loop.time() + self.guard.policy.linger_s
         while (left := deadline - loop.time()) > 0:
             try:
                 await asyncio.wait_for(self.websocket.receive(), left)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 return

@@ -18,8 +18,10 @@ def free_port_pair() -> int:
     for _ in range(200):
         port = rng.randint(LOW, HIGH)
         try:
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp, \
-                    socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
+            with (
+                socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp,
+                socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp,
+            ):
                 udp.bind(("127.0.0.1", port))
                 tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 tcp.bind(("127.0.0.1", port))

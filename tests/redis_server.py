@@ -18,6 +18,7 @@ DEFAULT = "redis://127.0.0.1:6379/0"
 
 def _answers(url: str) -> bool:
     import redis
+
     try:
         return redis.Redis.from_url(url, socket_timeout=0.5, socket_connect_timeout=0.5).ping()
     except (redis.RedisError, OSError):
@@ -34,10 +35,22 @@ class PrivateRedis:
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.proc: subprocess.Popen | None = None
 
-    def start(self) -> "PrivateRedis":
-        self.proc = subprocess.Popen([self.program, "--port", str(self.port), "--bind", "127.0.0.1",
-                                      "--save", "", "--appendonly", "no"],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    def start(self) -> PrivateRedis:
+        self.proc = subprocess.Popen(
+            [
+                self.program,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         deadline = time.monotonic() + 10
         while not _answers(self.url):
             assert self.proc.poll() is None and time.monotonic() < deadline, "redis-server did not start"
@@ -71,6 +84,7 @@ def private_redis():
 def redis_prefix(redis_url):
     """A key prefix of this test's own; its keys are deleted afterwards."""
     import redis
+
     prefix = f"test-{secrets.token_hex(4)}:"
     yield prefix
     client = redis.Redis.from_url(redis_url)

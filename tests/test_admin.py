@@ -39,11 +39,17 @@ def make_admin(tmp_path, token=TOKEN, ready=True):
         reloads.append(1)
         await watcher.poll(force=True)
 
-    ctx = AdminContext(token=token, watcher=watcher, store=store, grace_s=60, activation_s=5,
-                       registry=metrics_registry(ApplianceCollector(None, watcher=watcher, clock=clock)),
-                       readiness=lambda: {"relay": ready, "secret_ring": True},
-                       secrets_changed=secrets_changed,
-                       clock=clock)
+    ctx = AdminContext(
+        token=token,
+        watcher=watcher,
+        store=store,
+        grace_s=60,
+        activation_s=5,
+        registry=metrics_registry(ApplianceCollector(None, watcher=watcher, clock=clock)),
+        readiness=lambda: {"relay": ready, "secret_ring": True},
+        secrets_changed=secrets_changed,
+        clock=clock,
+    )
     return create_admin_app(ctx).test_client(), ctx, clock, reloads
 
 
@@ -60,10 +66,18 @@ async def test_health_and_readiness_need_no_token(tmp_path):
 
 async def test_every_other_endpoint_refuses_a_missing_or_wrong_token(tmp_path):
     client, ctx, *_ = make_admin(tmp_path)
-    for method, path in (("GET", "/metrics"), ("GET", "/admin/secrets"),
-                         ("POST", "/admin/secrets/rotate"), ("POST", "/admin/secrets/prune")):
-        for headers in ({}, {"Authorization": "Bearer nope"}, {"Authorization": f"Basic {TOKEN}"},
-                        {"Authorization": TOKEN}):
+    for method, path in (
+        ("GET", "/metrics"),
+        ("GET", "/admin/secrets"),
+        ("POST", "/admin/secrets/rotate"),
+        ("POST", "/admin/secrets/prune"),
+    ):
+        for headers in (
+            {},
+            {"Authorization": "Bearer nope"},
+            {"Authorization": f"Basic {TOKEN}"},
+            {"Authorization": TOKEN},
+        ):
             response = await client.open(path, method=method, headers=headers)
             assert response.status_code == 401, (path, headers)
             assert response.headers["WWW-Authenticate"] == 'Bearer realm="appliance-admin"'
@@ -86,7 +100,7 @@ async def test_rotate_list_and_prune(tmp_path):
     rotated = await (await client.post("/admin/secrets/rotate", headers=BEARER)).get_json()
     new_id = rotated["current"]
     assert new_id != "k-1" and rotated["signing"] == "k-1" and reloads == [1]
-    assert ctx.watcher.ring.current().id == new_id           # the running view changed at once
+    assert ctx.watcher.ring.current().id == new_id  # the running view changed at once
     clock.now += 5
     listed = await (await client.get("/admin/secrets", headers=BEARER)).get_json()
     assert listed["signing"] == new_id
@@ -118,8 +132,12 @@ async def test_a_broken_ring_file_fails_rotation_and_keeps_the_old_ring(tmp_path
 
 def test_watcher_withdraws_a_secret_when_its_grace_ends(tmp_path):
     path = tmp_path / "secrets.json"
-    save_ring(path, SecretRing((Secret("k-old", "o" * 43, int(NOW) - 100, int(NOW)),
-                                Secret("k-new", "n" * 43, int(NOW)))))
+    save_ring(
+        path,
+        SecretRing(
+            (Secret("k-old", "o" * 43, int(NOW) - 100, int(NOW)), Secret("k-new", "n" * 43, int(NOW)))
+        ),
+    )
     clock = Clock()
     applied = []
     watcher = RingWatcher(FileRingStore(path), grace_s=30, apply=applied.append, clock=clock)
@@ -127,7 +145,7 @@ def test_watcher_withdraws_a_secret_when_its_grace_ends(tmp_path):
     assert applied == [(b"n" * 43, b"o" * 43)]
     clock.now += 29.9
     watcher.refresh()
-    assert len(applied) == 1                       # unchanged: not re-applied
+    assert len(applied) == 1  # unchanged: not re-applied
     clock.now += 0.1
     watcher.refresh()
     assert applied[-1] == (b"n" * 43,)
@@ -141,5 +159,5 @@ def test_watcher_keeps_the_last_good_ring_on_a_corrupt_file(tmp_path):
     path.write_text("garbage")
     assert not watcher.load()
     assert watcher.ring.current().id == "k-1" and watcher.failures == 1
-    assert not watcher.load()                      # the same bad file is not re-reported
+    assert not watcher.load()  # the same bad file is not re-reported
     assert watcher.failures == 1

@@ -61,6 +61,7 @@ async def eventually(predicate, timeout: float = 5.0) -> None:
 
 async def redis_pair(request):
     from signaling.broker.redis import RedisBroker
+
     url = request.getfixturevalue("redis_url")
     prefix = request.getfixturevalue("redis_prefix")
     a = RedisBroker(url, prefix, "node-a", NODE_TTL_S)
@@ -112,11 +113,14 @@ async def test_the_node_bus_delivers_by_kind_and_runs_typed_commands(redis_nodes
     heard = []
     b.subscribe(Kind.CALL, heard.append)
     a.send(b.node, Kind.CALL, {"n": 1})
-    a.send(b.node, Kind.CALL_RESULT, {"n": 2})          # nobody on b takes this kind
+    a.send(b.node, Kind.CALL_RESULT, {"n": 2})  # nobody on b takes this kind
     await eventually(lambda: heard == [{"kind": "call", "n": 1}])
     key = f"{a.prefix}bus-test"
-    assert await a.run(Script("return redis.call('HSET', KEYS[1], 'f', ARGV[1])", (key,), ("v",)),
-                       HGet(key, "f"), Get(f"{a.prefix}absent")) == [1, b"v", None]
+    assert await a.run(
+        Script("return redis.call('HSET', KEYS[1], 'f', ARGV[1])", (key,), ("v",)),
+        HGet(key, "f"),
+        Get(f"{a.prefix}absent"),
+    ) == [1, b"v", None]
     assert await b.query(HGet(key, "f"), Delete(key)) == [b"v", 1]
     # An error reply is the store failing, in the redis exception's own class.
     with pytest.raises(StoreUnavailable) as failed:
@@ -131,14 +135,14 @@ async def test_a_user_is_online_everywhere_while_any_session_is(nodes):
     s1, s2 = session("alice", "a-1"), session("alice", "b-1")
     assert a.register(s1) is True
     await eventually(lambda: b.is_online("alice"))
-    assert b.register(s2) is False                     # not her first session anywhere
+    assert b.register(s2) is False  # not her first session anywhere
     await eventually(lambda: knows_of(a, "alice", b))
-    assert a.unregister(s1) is False                   # she is still on b
+    assert a.unregister(s1) is False  # she is still on b
     await eventually(lambda: forgot(b, "alice", a))
     assert a.is_online("alice")
     assert b.unregister(s2) is True
     await eventually(lambda: not a.is_online("alice") and not b.is_online("alice"))
-    assert a.unregister(s1) is False                   # twice is harmless
+    assert a.unregister(s1) is False  # twice is harmless
 
 
 async def test_user_destinations_cross_nodes_with_id_filters(nodes):
@@ -155,7 +159,7 @@ async def test_user_destinations_cross_nodes_with_id_filters(nodes):
     b.to_user("bob", "/user/queue/x", b'{"n":3}', exclude={"b-1"})
     await eventually(lambda: len(there.outbox) == 1 and len(here.outbox) == 1)
     assert bodies(there) == [{"n": 2}] and bodies(here) == [{"n": 3}]
-    assert bodies(other) == []                         # never another user's
+    assert bodies(other) == []  # never another user's
 
 
 async def test_presence_changes_are_reported_on_the_other_node(redis_nodes):
@@ -175,7 +179,7 @@ async def test_a_dead_node_stops_counting_within_its_ttl(redis_nodes):
     b.watch_presence(lambda user, online: seen.append((user, online)))
     a.register(session("erin", "a-1"))
     await eventually(lambda: b.is_online("erin"))
-    for task in a._tasks:               # a crash: no goodbye, the heartbeat just stops
+    for task in a._tasks:  # a crash: no goodbye, the heartbeat just stops
         task.cancel()
     died = time.monotonic()
     await eventually(lambda: not b.is_online("erin"), timeout=NODE_TTL_S * 4)
@@ -191,6 +195,7 @@ async def test_a_dead_node_stops_counting_within_its_ttl(redis_nodes):
 async def test_a_new_node_sees_who_is_already_online(redis_nodes):
     a, b = redis_nodes
     from signaling.broker.redis import RedisBroker
+
     b.register(session("fay", "b-1"))
     await eventually(lambda: a.is_online("fay"))
     late = RedisBroker(b.url, b.prefix, "node-c", NODE_TTL_S)
@@ -244,7 +249,7 @@ async def test_a_redis_outage_turns_unhealthy_and_heals(private_redis):
         await b.start()
         a.register(session("gus", "a-1"))
         await eventually(lambda: b.is_online("gus"))
-        private_redis.stop()            # Redis gone, and with it every key (no persistence)
+        private_redis.stop()  # Redis gone, and with it every key (no persistence)
         await eventually(lambda: not a.healthy and not b.healthy, timeout=NODE_TTL_S * 3 + 5)
         private_redis.start()
         await eventually(lambda: a.healthy and b.healthy, timeout=10)

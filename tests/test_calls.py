@@ -14,8 +14,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import signaling
-from signaling.calls.machine import (CALL_NOT_FOUND, NOT_ALLOWED, TRANSITIONS, CallEvent, CallState,
-                                     Outcome, Role, transition)
+from signaling.calls.machine import (
+    CALL_NOT_FOUND,
+    NOT_ALLOWED,
+    TRANSITIONS,
+    CallEvent,
+    CallState,
+    Outcome,
+    Role,
+    transition,
+)
 from signaling.calls.registry import CallEnded, CallRegistry, Notice
 from signaling.errors import SignalingError
 
@@ -27,8 +35,14 @@ def online(user: str) -> bool:
 
 
 def request(call_id="c1", callee="bob", **extra):
-    return {"callId": call_id, "type": "VIDEO", "callee": callee, "callerUserName": "Alice",
-            "calleeUserName": "Bob", **extra}
+    return {
+        "callId": call_id,
+        "type": "VIDEO",
+        "callee": callee,
+        "callerUserName": "Alice",
+        "calleeUserName": "Bob",
+        **extra,
+    }
 
 
 def code_of(fn, *args) -> int:
@@ -56,10 +70,13 @@ def test_the_table_never_leaves_ended_and_only_ends_with_an_outcome():
 def test_calls_are_born_and_the_last_device_leaving_ends_them_by_rows_of_the_table():
     assert transition(CallState.NEW, CallEvent.REQUEST, Role.CALLER) == (CallState.RINGING, None)
     assert transition(CallState.RINGING, CallEvent.LAST_SESSION_CLOSED, Role.CALLEE) == (
-        CallState.ENDED, Outcome.DROPPED)
+        CallState.ENDED,
+        Outcome.DROPPED,
+    )
     # Only a ringing callee's last device ends the call at once; anybody else gets a grace.
     assert [key for key in TRANSITIONS if key[1] is CallEvent.LAST_SESSION_CLOSED] == [
-        (CallState.RINGING, CallEvent.LAST_SESSION_CLOSED, Role.CALLEE)]
+        (CallState.RINGING, CallEvent.LAST_SESSION_CLOSED, Role.CALLEE)
+    ]
     reg = CallRegistry()
     reg.request("alice", "a1", request(), 0.0, online)
     assert reg.calls["c1"].state is CallState.RINGING
@@ -87,10 +104,12 @@ def test_every_way_a_call_ends_is_announced_once():
     reg.session_lost("bob", "b1", True, 41.0)
     reg.request("alice", "a1", request("shut-down"), 50.0, online)
     reg.respond("bob", "b2", {"callId": "shut-down", "type": "ACCEPT"}, 51.0)
-    code_of(reg.request, "carol", "c1", request("refused", callee="alice"), 52.0, online)   # busy
+    code_of(reg.request, "carol", "c1", request("refused", callee="alice"), 52.0, online)  # busy
     reg.drop_all(53.0)
-    assert ends.heard == [CallEnded(call_id, "alice", "bob")
-                          for call_id in ("rejected", "timed-out", "callee-left", "shut-down")]
+    assert ends.heard == [
+        CallEnded(call_id, "alice", "bob")
+        for call_id in ("rejected", "timed-out", "callee-left", "shut-down")
+    ]
 
 
 def test_business_codes_are_written_as_numbers_in_machine_py_only():
@@ -105,15 +124,19 @@ def test_accept_flow_routes_to_the_bound_sessions_only():
     (ring,) = reg.request("alice", "a1", request(), 0.0, online)
     assert ring == Notice("bob", "/user/queue/call/request", {**request(), "caller": "alice"})
     response, down = reg.respond("bob", "b-phone", {"callId": "c1", "type": "ACCEPT"}, 1.0)
-    assert response == Notice("alice", "/user/queue/call/response", {"callId": "c1", "type": "ACCEPT"},
-                              frozenset({"a1"}))
+    assert response == Notice(
+        "alice", "/user/queue/call/response", {"callId": "c1", "type": "ACCEPT"}, frozenset({"a1"})
+    )
     assert down.user == "bob" and down.destination == "/user/queue/call/down"
     assert down.sessions is None and down.except_sessions == frozenset({"b-phone"})
     assert code_of(reg.respond, "bob", "b-laptop", {"callId": "c1", "type": "ACCEPT"}, 1.5) == 1004
     (offer,) = reg.signal("alice", "a1", {"callId": "c1", "type": "OFFER", "payload": "v=0"}, 2.0, 65536)
-    assert offer == Notice("bob", "/user/queue/rtc/signaling",
-                           {"callId": "c1", "type": "OFFER", "payload": "v=0", "from": "alice"},
-                           frozenset({"b-phone"}))
+    assert offer == Notice(
+        "bob",
+        "/user/queue/rtc/signaling",
+        {"callId": "c1", "type": "OFFER", "payload": "v=0", "from": "alice"},
+        frozenset({"b-phone"}),
+    )
     (answer,) = reg.signal("bob", "b-phone", {"callId": "c1", "type": "ANSWER", "payload": "v=0"}, 2.1, 65536)
     assert answer.user == "alice" and answer.sessions == frozenset({"a1"})
     (hangup,) = reg.hangup("alice", "a1", {"callId": "c1"}, 3.0)
@@ -140,15 +163,18 @@ def test_reject_cancel_and_timeout():
     assert reg.outcomes == {Outcome.REJECTED: 1, Outcome.CANCELLED: 1, Outcome.TIMED_OUT: 1}
 
 
-@pytest.mark.parametrize("caller, body, code", [
-    ("alice", request(callee="alice"), 400),
-    ("alice", request(callee="dave"), 1002),
-    ("alice", request(type="FAX"), 400),
-    ("alice", request(callId=""), 400),
-    ("alice", request(callId="x" * 101), 400),
-    ("alice", {"callId": "c", "callee": "bob"}, 400),
-    ("alice", ["not", "an", "object"], 400),
-])
+@pytest.mark.parametrize(
+    "caller, body, code",
+    [
+        ("alice", request(callee="alice"), 400),
+        ("alice", request(callee="dave"), 1002),
+        ("alice", request(type="FAX"), 400),
+        ("alice", request(callId=""), 400),
+        ("alice", request(callId="x" * 101), 400),
+        ("alice", {"callId": "c", "callee": "bob"}, 400),
+        ("alice", ["not", "an", "object"], 400),
+    ],
+)
 def test_request_validation(caller, body, code):
     assert code_of(CallRegistry().request, caller, "s", body, 0.0, online) == code
 
@@ -168,11 +194,19 @@ def test_only_parties_act_and_only_the_callee_answers():
     reg.request("alice", "a1", request(), 0.0, online)
     assert code_of(reg.respond, "carol", "x", {"callId": "c1", "type": "ACCEPT"}, 1.0) == 1004
     assert code_of(reg.respond, "alice", "a1", {"callId": "c1", "type": "ACCEPT"}, 1.0) == 1004
-    assert code_of(reg.signal, "carol", "x", {"callId": "c1", "type": "OFFER", "payload": "v"}, 1.0, 99) == 1004
+    assert (
+        code_of(reg.signal, "carol", "x", {"callId": "c1", "type": "OFFER", "payload": "v"}, 1.0, 99) == 1004
+    )
     assert code_of(reg.respond, "bob", "b", {"callId": "nope", "type": "ACCEPT"}, 1.0) == 1003
     assert code_of(reg.respond, "bob", "b", {"callId": "c1", "type": "MAYBE"}, 1.0) == 400
-    assert code_of(reg.signal, "alice", "a1", {"callId": "c1", "type": "OFFER", "payload": "x" * 100}, 1.0, 50) == 400
-    assert code_of(reg.signal, "alice", "a1", {"callId": "c1", "type": "ICE_CANDIDATE", "payload": "s"}, 1.0, 99) == 400
+    assert (
+        code_of(reg.signal, "alice", "a1", {"callId": "c1", "type": "OFFER", "payload": "x" * 100}, 1.0, 50)
+        == 400
+    )
+    assert (
+        code_of(reg.signal, "alice", "a1", {"callId": "c1", "type": "ICE_CANDIDATE", "payload": "s"}, 1.0, 99)
+        == 400
+    )
 
 
 def test_dropped_session_gets_a_grace_period_and_a_rebind():
@@ -180,7 +214,7 @@ def test_dropped_session_gets_a_grace_period_and_a_rebind():
     reg.request("alice", "a1", request(), 0.0, online)
     reg.respond("bob", "b1", {"callId": "c1", "type": "ACCEPT"}, 1.0)
     assert reg.session_lost("bob", "b1", True, 2.0) == []
-    reg.signal("bob", "b2", {"callId": "c1", "type": "ANSWER", "payload": "v=0"}, 5.0, 999)   # rebind
+    reg.signal("bob", "b2", {"callId": "c1", "type": "ANSWER", "payload": "v=0"}, 5.0, 999)  # rebind
     assert reg.handle_timer(20.0) == []
     (offer,) = reg.signal("alice", "a1", {"callId": "c1", "type": "OFFER", "payload": "v"}, 21.0, 999)
     assert offer.sessions == frozenset({"b2"})
@@ -194,7 +228,7 @@ def test_dropped_session_gets_a_grace_period_and_a_rebind():
 def test_callee_leaving_while_ringing_times_out_for_the_caller():
     reg = CallRegistry()
     reg.request("alice", "a1", request(), 0.0, online)
-    assert reg.session_lost("bob", "b1", False, 1.0) == []      # another device still rings
+    assert reg.session_lost("bob", "b1", False, 1.0) == []  # another device still rings
     (timeout,) = reg.session_lost("bob", "b2", True, 2.0)
     assert timeout == Notice("alice", "/user/queue/call/timeout", {"callId": "c1"}, frozenset({"a1"}))
     assert reg.outcomes[Outcome.DROPPED] == 1
@@ -215,7 +249,9 @@ SESSIONS = {u: [f"{u}-1", f"{u}-2"] for u in USERS}
 
 action = st.one_of(
     st.tuples(st.just("request"), st.sampled_from(USERS), st.sampled_from(USERS), st.integers(0, 3)),
-    st.tuples(st.just("respond"), st.sampled_from(USERS), st.sampled_from(["ACCEPT", "REJECT"]), st.integers(0, 3)),
+    st.tuples(
+        st.just("respond"), st.sampled_from(USERS), st.sampled_from(["ACCEPT", "REJECT"]), st.integers(0, 3)
+    ),
     st.tuples(st.just("hangup"), st.sampled_from(USERS), st.integers(0, 1), st.integers(0, 3)),
     st.tuples(st.just("signal"), st.sampled_from(USERS), st.integers(0, 1), st.integers(0, 3)),
     st.tuples(st.just("lost"), st.sampled_from(USERS), st.integers(0, 1), st.booleans()),
@@ -244,8 +280,9 @@ def test_random_sequences_keep_the_invariants(actions):
             elif kind == "hangup":
                 notices = reg.hangup(a, SESSIONS[a][b], {"callId": f"call{c}"}, now)
             elif kind == "signal":
-                notices = reg.signal(a, SESSIONS[a][b], {"callId": f"call{c}", "type": "OFFER",
-                                                         "payload": "v=0"}, now, 999)
+                notices = reg.signal(
+                    a, SESSIONS[a][b], {"callId": f"call{c}", "type": "OFFER", "payload": "v=0"}, now, 999
+                )
             elif kind == "lost":
                 notices = reg.session_lost(a, SESSIONS[a][b], c, now)
             else:
@@ -256,7 +293,7 @@ def test_random_sequences_keep_the_invariants(actions):
             notices = []
         for n in notices:
             call_id = n.body["callId"]
-            assert n.user in participants[call_id]               # nobody outside the call hears of it
+            assert n.user in participants[call_id]  # nobody outside the call hears of it
             if n.destination in ("/user/queue/call/hangup", "/user/queue/call/timeout"):
                 ended_notices.setdefault(call_id, Counter())[n.user] += 1
         # A user is in at most one live call, and the index agrees with the calls.
@@ -276,6 +313,7 @@ def test_callee_hanging_up_while_ringing_stops_its_other_devices():
     reg.request("alice", "a1", request(), 0.0, online)
     to_caller, down = reg.hangup("bob", "b-phone", {"callId": "c1"}, 1.0)
     assert to_caller == Notice("alice", "/user/queue/call/hangup", {"callId": "c1"}, frozenset({"a1"}))
-    assert down == Notice("bob", "/user/queue/call/down", {"callId": "c1", "type": "REJECT"}, None,
-                          frozenset({"b-phone"}))
+    assert down == Notice(
+        "bob", "/user/queue/call/down", {"callId": "c1", "type": "REJECT"}, None, frozenset({"b-phone"})
+    )
     assert reg.outcomes[Outcome.REJECTED] == 1

@@ -17,10 +17,13 @@ def test_the_readme_has_exactly_the_two_commands():
     assert test.endswith("&& python -m pytest") and "pip install -e '.[dev]'" in test
 
 
-@pytest.mark.parametrize("block, problem", [
-    ("# only a comment\n", "has 0 commands"),
-    ("one\n# two\nthree\nfour\n", "has 3 commands"),
-])
+@pytest.mark.parametrize(
+    "block, problem",
+    [
+        ("# only a comment\n", "has 0 commands"),
+        ("one\n# two\nthree\nfour\n", "has 3 commands"),
+    ],
+)
 def test_a_readme_without_two_commands_stops_ci(tmp_path, block, problem):
     readme = tmp_path / "README.md"
     readme.write_text(f"# title\n\n```sh\n{block}```\n\n```sh\nlater block\n```\n")
@@ -33,19 +36,24 @@ def test_only_debians_archive_for_this_release_is_taken(tmp_path):
     (tmp_path / "sources.list").write_text(
         "deb [arch=amd64] http://mirror.example/debian bookworm main contrib\n"
         "# deb http://commented.example/debian bookworm main\n"
-        "deb https://cloud.example/apt cloud-sdk-bookworm main\n")
+        "deb https://cloud.example/apt cloud-sdk-bookworm main\n"
+    )
     (tmp_path / "sources.list.d" / "debian.sources").write_text(
         "Types: deb\nURIs: http://mirror.example/debian\nSuites: bookworm bookworm-updates\n"
         "Components: main\n\n"
         "Types: deb deb-src\nURIs: http://security.example/debian-security\n"
         "Suites: bookworm-security\nComponents: main\n\n"
-        "Types: deb\nEnabled: no\nURIs: http://disabled.example/debian\nSuites: bookworm\n")
+        "Types: deb\nEnabled: no\nURIs: http://disabled.example/debian\nSuites: bookworm\n"
+    )
     (tmp_path / "sources.list.d" / "node.sources").write_text(
-        "Types: deb\nURIs: https://node.example/node_20.x\nSuites: nodistro\nComponents: main\n")
+        "Types: deb\nURIs: https://node.example/node_20.x\nSuites: nodistro\nComponents: main\n"
+    )
     archives = fresh_root.debian_archives(tmp_path)
-    assert archives == [("http://mirror.example/debian", "bookworm"),
-                        ("http://mirror.example/debian", "bookworm-updates"),
-                        ("http://security.example/debian-security", "bookworm-security")]
+    assert archives == [
+        ("http://mirror.example/debian", "bookworm"),
+        ("http://mirror.example/debian", "bookworm-updates"),
+        ("http://security.example/debian-security", "bookworm-security"),
+    ]
     text = fresh_root.sources_file(archives)
     assert text.count("Types: deb\n") == 2 and "Suites: bookworm bookworm-updates\n" in text
     assert "example/node" not in text and "cloud" not in text

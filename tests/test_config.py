@@ -31,12 +31,16 @@ def error_of(tmp_path, text: str, env=None) -> ConfigError:
 
 # ------------------------------------------------------------------ defaults
 
+
 def test_no_file_gives_the_safe_defaults():
     config = load_config(None, {})
     assert config == AppConfig()
     t = config.turn
-    assert (t.udp, t.tcp, t.tls) == (HostPort("127.0.0.1", 3478), HostPort("127.0.0.1", 3478),
-                                     HostPort("127.0.0.1", 5349))
+    assert (t.udp, t.tcp, t.tls) == (
+        HostPort("127.0.0.1", 3478),
+        HostPort("127.0.0.1", 3478),
+        HostPort("127.0.0.1", 5349),
+    )
     assert (t.relay_ip, t.relay_ip6, t.relay_ports) == ("127.0.0.1", "::1", (61000, 65535))
     assert (t.allow_peers, t.deny_peers) == ((), ("recommended",))
     assert (t.user_quota, t.total_quota, t.max_lifetime_s, t.workers) == (10, 10000, 3600, 1)
@@ -61,14 +65,19 @@ def test_shipped_yaml_documents_every_option_with_a_comment():
         assert doc, f"{key} has no doc in the schema"
         name = key.rsplit(".", 1)[-1]
         # A computed default (data_dir) is shown commented out: writing it would fix one value.
-        at = next((i for i, line in enumerate(lines)
-                   if line.strip().startswith((f"{name}:", f"# {name}:"))), None)
+        at = next(
+            (i for i, line in enumerate(lines) if line.strip().startswith((f"{name}:", f"# {name}:"))), None
+        )
         assert at is not None, f"{key} is missing from {SHIPPED.name}"
         # Walk up over the keys of its group (udp/tcp/tls share one comment) to the comment.
         indent = len(lines[at]) - len(lines[at].lstrip())
         i = at - 1
-        while i >= 0 and lines[i].strip() and not lines[i].lstrip().startswith("#") \
-                and len(lines[i]) - len(lines[i].lstrip()) == indent:
+        while (
+            i >= 0
+            and lines[i].strip()
+            and not lines[i].lstrip().startswith("#")
+            and len(lines[i]) - len(lines[i].lstrip()) == indent
+        ):
             i -= 1
         assert i >= 0 and lines[i].lstrip().startswith("#"), f"{key} has no comment above it"
 
@@ -81,92 +90,98 @@ def test_describe_lists_every_leaf_option_once():
 
 # ------------------------------------------------------------------ validators
 
-@pytest.mark.parametrize("text, key, reason", [
-    # unknown keys at every depth
-    ("bogus: 1", "bogus", "unknown key"),
-    ("turn: {udpp: 1}", "turn.udpp", "unknown key"),
-    ("credentials: {ttl: 5}", "credentials.ttl", "unknown key"),
-    ("Realm: x", "Realm", "unknown key"),
-    # shapes
-    ("turn: 5", "turn", "expected a mapping, got 5"),
-    ("turn: [udp]", "turn", "expected a mapping"),
-    ("- a list", "(top level)", "must hold a mapping"),
-    # listeners
-    ("turn: {udp: 'localhost:3478'}", "turn.udp", "'localhost' is not an IP address"),
-    ("turn: {udp: '127.0.0.1:0'}", "turn.udp", "port '0' is not in 1-65535"),
-    ("turn: {udp: '127.0.0.1:65536'}", "turn.udp", "port '65536' is not in 1-65535"),
-    ("turn: {udp: '127.0.0.1:x'}", "turn.udp", "port 'x' is not in 1-65535"),
-    ("turn: {udp: '127.0.0.1:\uff13\uff14'}", "turn.udp", "is not in 1-65535"),  # fullwidth digits
-    ("turn: {udp: '127.0.0.1'}", "turn.udp", "expected host:port"),
-    ("turn: {udp: '::1:3478'}", "turn.udp", "[addr]:port"),
-    ("turn: {udp: '[::1:3478'}", "turn.udp", "expected host:port or [addr]:port"),
-    ("turn: {udp: '[127.0.0.1]:3478'}", "turn.udp", "brackets are for IPv6"),
-    ("turn: {udp: 3478}", "turn.udp", "expected text, got 3478"),
-    # relay addresses
-    ("turn: {relay_ip: '::1'}", "turn.relay_ip", "'::1' is not an IPv4 address"),
-    ("turn: {relay_ip: relay.example}", "turn.relay_ip", "is not an IP address"),
-    ("turn: {relay_ip6: 10.0.0.1}", "turn.relay_ip6", "'10.0.0.1' is not an IPv6 address"),
-    ("turn: {relay_ip: 0.0.0.0}", "turn.relay_ip", "set external_ip to"),
-    ("turn: {relay_ip6: '::'}", "turn.relay_ip6", "set external_ip6 to"),
-    ("turn: {relay_ip6: 1:2:3:4:5:6:7:8}", "turn.relay_ip6", "quote the value"),  # a YAML 1.1 number
-    ("turn: {relay_ip: null, relay_ip6: null}", "turn.relay_ip", "neither relay_ip nor relay_ip6"),
-    ("external_ip: 0.0.0.0", "external_ip", "unspecified"),
-    ("external_ip: '2001:db8::1'", "external_ip", "not an IPv4 address"),
-    ("external_ip6: 203.0.113.1", "external_ip6", "not an IPv6 address"),
-    ("external_ip6: '::'", "external_ip6", "unspecified"),
-    ("{external_ip: 203.0.113.1, turn: {relay_ip: null}}", "external_ip",
-     "turn.relay_ip is null"),
-    # port range
-    ("turn: {relay_ports: '70000-70001'}", "turn.relay_ports", "low port 70000 is out of range 1-65535"),
-    ("turn: {relay_ports: '1000-70000'}", "turn.relay_ports", "high port 70000 is out of range"),
-    ("turn: {relay_ports: '0-10'}", "turn.relay_ports", "low port 0 is out of range"),
-    ("turn: {relay_ports: '5000-4000'}", "turn.relay_ports", "low port 5000 is above high port 4000"),
-    ("turn: {relay_ports: 'lots'}", "turn.relay_ports", '"low-high"'),
-    ("turn: {relay_ports: '\u00b2-9'}", "turn.relay_ports", '"low-high"'),          # superscript two
-    ("turn: {relay_ports: 50000}", "turn.relay_ports", '"low-high", got 50000'),
-    ("turn: {relay_ports: null}", "turn.relay_ports", "may not be null"),
-    # peers, item by item
-    ("turn: {allow_peers: [10.0.0.0/8, nope]}", "turn.allow_peers[1]", "'nope' is not an IP"),
-    ("turn: {allow_peers: [recommended]}", "turn.allow_peers[0]", "'recommended' is not an IP"),
-    ("turn: {deny_peers: [recommended, 10.0.0.0/33]}", "turn.deny_peers[1]", "10.0.0.0/33"),
-    ("turn: {deny_peers: recommended}", "turn.deny_peers", "expected a list"),
-    ("turn: {allow_peers: [10]}", "turn.allow_peers[0]", "expected text"),
-    # integers and their bounds
-    ("turn: {user_quota: ten}", "turn.user_quota", "expected an integer, got 'ten'"),
-    ("turn: {user_quota: true}", "turn.user_quota", "expected an integer, got True"),
-    ("turn: {user_quota: 1.5}", "turn.user_quota", "expected an integer, got 1.5"),
-    ("turn: {user_quota: -1}", "turn.user_quota", "at least 0"),
-    ("turn: {total_quota: -1}", "turn.total_quota", "at least 0"),
-    ("turn: {max_lifetime_s: 599}", "turn.max_lifetime_s", "at least 600, got 599"),
-    ("turn: {max_permissions: 0}", "turn.max_permissions", "at least 1"),
-    ("turn: {max_channels: 0}", "turn.max_channels", "at least 1"),
-    ("turn: {nonce_lifetime_s: 29}", "turn.nonce_lifetime_s", "at least 30"),
-    ("turn: {workers: 0}", "turn.workers", "must be in 1-64, got 0"),
-    ("turn: {workers: 65}", "turn.workers", "must be in 1-64, got 65"),
-    ("turn: {workers: null}", "turn.workers", "may not be null"),
-    ("credentials: {ttl_s: 59}", "credentials.ttl_s", "at least 60"),
-    # text
-    ("log_level: loud", "log_level", "one of debug, info, warning, error"),
-    ("log_level: INFO", "log_level", "one of"),
-    ("realm: ''", "realm", "non-empty"),
-    ("realm: 'a\"b'", "realm", "quotes"),
-    ("realm: \"a\\tb\"", "realm", "control characters"),
-    ("realm: 12", "realm", "expected text, got 12"),
-    ("realm: " + "r" * 128, "realm", "at most 127 characters"),
-    ("realm: null", "realm", "may not be null"),
-    ("turn: {software: ''}", "turn.software", "non-empty"),
-    ("turn: {software: \"x\\ny\"}", "turn.software", "control characters"),
-    # paths and the TLS pair
-    ("data_dir: ''", "data_dir", "empty"),
-    ("data_dir: null", "data_dir", "may not be null"),
-    ("turn: {tls_cert: /nonexistent/cert.pem, tls_key: /nonexistent/key.pem}", "turn.tls_cert",
-     "/nonexistent/cert.pem does not exist"),
-    ("turn: {tls_cert: /etc/hostname}", "turn.tls_key", "go together"),
-    ("turn: {tls_key: /etc/hostname}", "turn.tls_cert", "go together"),
-    ("turn: {tls_cert: /, tls_key: /}", "turn.tls_cert", "is not a readable file"),
-    # listeners that collide
-    ("turn: {tcp: '127.0.0.1:5349'}", "turn.tls", "same address as turn.tcp"),
-])
+
+@pytest.mark.parametrize(
+    "text, key, reason",
+    [
+        # unknown keys at every depth
+        ("bogus: 1", "bogus", "unknown key"),
+        ("turn: {udpp: 1}", "turn.udpp", "unknown key"),
+        ("credentials: {ttl: 5}", "credentials.ttl", "unknown key"),
+        ("Realm: x", "Realm", "unknown key"),
+        # shapes
+        ("turn: 5", "turn", "expected a mapping, got 5"),
+        ("turn: [udp]", "turn", "expected a mapping"),
+        ("- a list", "(top level)", "must hold a mapping"),
+        # listeners
+        ("turn: {udp: 'localhost:3478'}", "turn.udp", "'localhost' is not an IP address"),
+        ("turn: {udp: '127.0.0.1:0'}", "turn.udp", "port '0' is not in 1-65535"),
+        ("turn: {udp: '127.0.0.1:65536'}", "turn.udp", "port '65536' is not in 1-65535"),
+        ("turn: {udp: '127.0.0.1:x'}", "turn.udp", "port 'x' is not in 1-65535"),
+        ("turn: {udp: '127.0.0.1:\uff13\uff14'}", "turn.udp", "is not in 1-65535"),  # fullwidth digits
+        ("turn: {udp: '127.0.0.1'}", "turn.udp", "expected host:port"),
+        ("turn: {udp: '::1:3478'}", "turn.udp", "[addr]:port"),
+        ("turn: {udp: '[::1:3478'}", "turn.udp", "expected host:port or [addr]:port"),
+        ("turn: {udp: '[127.0.0.1]:3478'}", "turn.udp", "brackets are for IPv6"),
+        ("turn: {udp: 3478}", "turn.udp", "expected text, got 3478"),
+        # relay addresses
+        ("turn: {relay_ip: '::1'}", "turn.relay_ip", "'::1' is not an IPv4 address"),
+        ("turn: {relay_ip: relay.example}", "turn.relay_ip", "is not an IP address"),
+        ("turn: {relay_ip6: 10.0.0.1}", "turn.relay_ip6", "'10.0.0.1' is not an IPv6 address"),
+        ("turn: {relay_ip: 0.0.0.0}", "turn.relay_ip", "set external_ip to"),
+        ("turn: {relay_ip6: '::'}", "turn.relay_ip6", "set external_ip6 to"),
+        ("turn: {relay_ip6: 1:2:3:4:5:6:7:8}", "turn.relay_ip6", "quote the value"),  # a YAML 1.1 number
+        ("turn: {relay_ip: null, relay_ip6: null}", "turn.relay_ip", "neither relay_ip nor relay_ip6"),
+        ("external_ip: 0.0.0.0", "external_ip", "unspecified"),
+        ("external_ip: '2001:db8::1'", "external_ip", "not an IPv4 address"),
+        ("external_ip6: 203.0.113.1", "external_ip6", "not an IPv6 address"),
+        ("external_ip6: '::'", "external_ip6", "unspecified"),
+        ("{external_ip: 203.0.113.1, turn: {relay_ip: null}}", "external_ip", "turn.relay_ip is null"),
+        # port range
+        ("turn: {relay_ports: '70000-70001'}", "turn.relay_ports", "low port 70000 is out of range 1-65535"),
+        ("turn: {relay_ports: '1000-70000'}", "turn.relay_ports", "high port 70000 is out of range"),
+        ("turn: {relay_ports: '0-10'}", "turn.relay_ports", "low port 0 is out of range"),
+        ("turn: {relay_ports: '5000-4000'}", "turn.relay_ports", "low port 5000 is above high port 4000"),
+        ("turn: {relay_ports: 'lots'}", "turn.relay_ports", '"low-high"'),
+        ("turn: {relay_ports: '\u00b2-9'}", "turn.relay_ports", '"low-high"'),  # superscript two
+        ("turn: {relay_ports: 50000}", "turn.relay_ports", '"low-high", got 50000'),
+        ("turn: {relay_ports: null}", "turn.relay_ports", "may not be null"),
+        # peers, item by item
+        ("turn: {allow_peers: [10.0.0.0/8, nope]}", "turn.allow_peers[1]", "'nope' is not an IP"),
+        ("turn: {allow_peers: [recommended]}", "turn.allow_peers[0]", "'recommended' is not an IP"),
+        ("turn: {deny_peers: [recommended, 10.0.0.0/33]}", "turn.deny_peers[1]", "10.0.0.0/33"),
+        ("turn: {deny_peers: recommended}", "turn.deny_peers", "expected a list"),
+        ("turn: {allow_peers: [10]}", "turn.allow_peers[0]", "expected text"),
+        # integers and their bounds
+        ("turn: {user_quota: ten}", "turn.user_quota", "expected an integer, got 'ten'"),
+        ("turn: {user_quota: true}", "turn.user_quota", "expected an integer, got True"),
+        ("turn: {user_quota: 1.5}", "turn.user_quota", "expected an integer, got 1.5"),
+        ("turn: {user_quota: -1}", "turn.user_quota", "at least 0"),
+        ("turn: {total_quota: -1}", "turn.total_quota", "at least 0"),
+        ("turn: {max_lifetime_s: 599}", "turn.max_lifetime_s", "at least 600, got 599"),
+        ("turn: {max_permissions: 0}", "turn.max_permissions", "at least 1"),
+        ("turn: {max_channels: 0}", "turn.max_channels", "at least 1"),
+        ("turn: {nonce_lifetime_s: 29}", "turn.nonce_lifetime_s", "at least 30"),
+        ("turn: {workers: 0}", "turn.workers", "must be in 1-64, got 0"),
+        ("turn: {workers: 65}", "turn.workers", "must be in 1-64, got 65"),
+        ("turn: {workers: null}", "turn.workers", "may not be null"),
+        ("credentials: {ttl_s: 59}", "credentials.ttl_s", "at least 60"),
+        # text
+        ("log_level: loud", "log_level", "one of debug, info, warning, error"),
+        ("log_level: INFO", "log_level", "one of"),
+        ("realm: ''", "realm", "non-empty"),
+        ("realm: 'a\"b'", "realm", "quotes"),
+        ('realm: "a\\tb"', "realm", "control characters"),
+        ("realm: 12", "realm", "expected text, got 12"),
+        ("realm: " + "r" * 128, "realm", "at most 127 characters"),
+        ("realm: null", "realm", "may not be null"),
+        ("turn: {software: ''}", "turn.software", "non-empty"),
+        ('turn: {software: "x\\ny"}', "turn.software", "control characters"),
+        # paths and the TLS pair
+        ("data_dir: ''", "data_dir", "empty"),
+        ("data_dir: null", "data_dir", "may not be null"),
+        (
+            "turn: {tls_cert: /nonexistent/cert.pem, tls_key: /nonexistent/key.pem}",
+            "turn.tls_cert",
+            "/nonexistent/cert.pem does not exist",
+        ),
+        ("turn: {tls_cert: /etc/hostname}", "turn.tls_key", "go together"),
+        ("turn: {tls_key: /etc/hostname}", "turn.tls_cert", "go together"),
+        ("turn: {tls_cert: /, tls_key: /}", "turn.tls_cert", "is not a readable file"),
+        # listeners that collide
+        ("turn: {tcp: '127.0.0.1:5349'}", "turn.tls", "same address as turn.tcp"),
+    ],
+)
 def test_bad_values_name_their_key(tmp_path, text, key, reason):
     err = error_of(tmp_path, text)
     assert (err.key, str(err)) == (key, f"{key}: {err.reason}")
@@ -203,14 +218,17 @@ def test_signaling_without_any_ice_server_is_refused(tmp_path):
     assert err.key == "credentials.external" and "no ICE server" in err.reason
 
 
-@pytest.mark.parametrize("url, problem", [
-    ("http://turn.example.com", "must start with one of"),
-    ("turn:::1", "in brackets"),
-    ("turns:turn.example.com?transport=udp", "transport=udp is not possible"),
-    ("turn:turn.example.com:0", "not in 1-65535"),
-    ("stun:turn.example.com?transport=tcp", "stun URLs take no query"),
-    ("turn:bad_host!", "not a host name"),
-])
+@pytest.mark.parametrize(
+    "url, problem",
+    [
+        ("http://turn.example.com", "must start with one of"),
+        ("turn:::1", "in brackets"),
+        ("turns:turn.example.com?transport=udp", "transport=udp is not possible"),
+        ("turn:turn.example.com:0", "not in 1-65535"),
+        ("stun:turn.example.com?transport=tcp", "stun URLs take no query"),
+        ("turn:bad_host!", "not a host name"),
+    ],
+)
 def test_bad_ice_urls_are_named_with_their_index(tmp_path, url, problem):
     err = error_of(tmp_path, f"credentials: {{ice_servers: [stun:ok.example.com, '{url}']}}")
     assert err.key == "credentials.ice_servers[1]" and problem in err.reason
@@ -265,6 +283,7 @@ def test_unreadable_yaml_and_missing_file(tmp_path):
 
 # ------------------------------------------------------------------ values that load
 
+
 def test_listeners_parse_ipv4_ipv6_and_null(tmp_path):
     config = load_text(tmp_path, "turn: {tls: null, udp: '[::]:3478', tcp: '0.0.0.0:80'}")
     assert config.turn.tls is None
@@ -278,33 +297,42 @@ def test_hostport_round_trips_through_its_text():
 
 
 def test_lists_and_ranges(tmp_path):
-    config = load_text(tmp_path, "turn: {allow_peers: [10.1.0.0/16, '::1', 192.0.2.7], "
-                                 "deny_peers: [recommended, 198.51.100.0/24], "
-                                 "relay_ports: 40000 - 40010}")
+    config = load_text(
+        tmp_path,
+        "turn: {allow_peers: [10.1.0.0/16, '::1', 192.0.2.7], "
+        "deny_peers: [recommended, 198.51.100.0/24], "
+        "relay_ports: 40000 - 40010}",
+    )
     assert config.turn.allow_peers == ("10.1.0.0/16", "::1", "192.0.2.7")
     assert config.turn.deny_peers == ("recommended", "198.51.100.0/24")
     assert config.turn.relay_ports == (40000, 40010)
 
 
 def test_relative_paths_resolve_against_the_config_file(tmp_path, monkeypatch):
-    monkeypatch.chdir(ROOT)            # not the file's directory
+    monkeypatch.chdir(ROOT)  # not the file's directory
     (tmp_path / "c.pem").write_text("x")
     (tmp_path / "k.pem").write_text("x")
-    config = load_text(tmp_path, "data_dir: state\nturn: {tls_cert: c.pem, tls_key: k.pem}\n"
-                                 "credentials: {secrets_file: s/ring.json}")
+    config = load_text(
+        tmp_path,
+        "data_dir: state\nturn: {tls_cert: c.pem, tls_key: k.pem}\ncredentials: {secrets_file: s/ring.json}",
+    )
     assert config.data_dir == tmp_path / "state"
     assert (config.turn.tls_cert, config.turn.tls_key) == (tmp_path / "c.pem", tmp_path / "k.pem")
     assert config.secrets_path() == tmp_path / "s" / "ring.json"
 
 
-@pytest.mark.parametrize("euid, xdg_state_home, expected", [
-    (0, "/xdg/state", "/var/lib/appliance"),               # root: a system service's state
-    (1000, "/xdg/state", "/xdg/state/appliance"),
-    (1000, None, "{home}/.local/state/appliance"),
-    (1000, "relative", "{home}/.local/state/appliance"),   # the XDG spec ignores relative values
-])
+@pytest.mark.parametrize(
+    "euid, xdg_state_home, expected",
+    [
+        (0, "/xdg/state", "/var/lib/appliance"),  # root: a system service's state
+        (1000, "/xdg/state", "/xdg/state/appliance"),
+        (1000, None, "{home}/.local/state/appliance"),
+        (1000, "relative", "{home}/.local/state/appliance"),  # the XDG spec ignores relative values
+    ],
+)
 def test_the_default_data_dir_does_not_depend_on_the_working_directory(
-        tmp_path, monkeypatch, euid, xdg_state_home, expected):
+    tmp_path, monkeypatch, euid, xdg_state_home, expected
+):
     monkeypatch.setattr(os, "geteuid", lambda: euid)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     if xdg_state_home is None:
@@ -315,7 +343,7 @@ def test_the_default_data_dir_does_not_depend_on_the_working_directory(
     for cwd in (tmp_path, ROOT):
         monkeypatch.chdir(cwd)
         assert load_config(None, {}).data_dir == want
-        config = load_text(tmp_path, "realm: example.org")      # omitted in a file: the same
+        config = load_text(tmp_path, "realm: example.org")  # omitted in a file: the same
         assert config.data_dir == want and config.secrets_path() == want / "secrets.json"
 
 
@@ -328,18 +356,25 @@ def test_absolute_and_home_paths_are_kept(tmp_path, monkeypatch):
 
 def test_the_config_is_frozen():
     with pytest.raises(dataclasses.FrozenInstanceError):
-        AppConfig().realm = "x"       # type: ignore[misc]
+        AppConfig().realm = "x"  # type: ignore[misc]
     with pytest.raises(dataclasses.FrozenInstanceError):
-        TurnConfig().workers = 2      # type: ignore[misc]
+        TurnConfig().workers = 2  # type: ignore[misc]
 
 
 # ------------------------------------------------------------------ environment
 
+
 def test_environment_overrides_apply_on_top_of_the_file(tmp_path):
-    env = {"APPLIANCE__TURN__UDP": "0.0.0.0:3479", "APPLIANCE__REALM": "example.org",
-           "APPLIANCE__TURN__TLS": "null", "appliance__turn__allow_peers": "[10.1.0.0/16]",
-           "APPLIANCE__CREDENTIALS__TTL_S": "600", "APPLIANCE__Turn__Workers": "4",
-           "APPLIANCE_CONFIG": "/not/an/override", "OTHER": "x"}
+    env = {
+        "APPLIANCE__TURN__UDP": "0.0.0.0:3479",
+        "APPLIANCE__REALM": "example.org",
+        "APPLIANCE__TURN__TLS": "null",
+        "appliance__turn__allow_peers": "[10.1.0.0/16]",
+        "APPLIANCE__CREDENTIALS__TTL_S": "600",
+        "APPLIANCE__Turn__Workers": "4",
+        "APPLIANCE_CONFIG": "/not/an/override",
+        "OTHER": "x",
+    }
     config = load_text(tmp_path, "realm: file.org\nturn: {user_quota: 3, workers: 2}", env)
     assert config.realm == "example.org"
     assert config.turn.udp == HostPort("0.0.0.0", 3479)
@@ -350,67 +385,82 @@ def test_environment_overrides_apply_on_top_of_the_file(tmp_path):
 
 
 def test_environment_overrides_without_a_file():
-    config = load_config(None, {"APPLIANCE__EXTERNAL_IP": "203.0.113.7",
-                                "APPLIANCE__TURN__RELAY_IP": "0.0.0.0",
-                                "APPLIANCE__TURN__RELAY_IP6": "null"})
-    assert (config.external_ip, config.turn.relay_ip, config.turn.relay_ip6) == \
-        ("203.0.113.7", "0.0.0.0", None)
+    config = load_config(
+        None,
+        {
+            "APPLIANCE__EXTERNAL_IP": "203.0.113.7",
+            "APPLIANCE__TURN__RELAY_IP": "0.0.0.0",
+            "APPLIANCE__TURN__RELAY_IP6": "null",
+        },
+    )
+    assert (config.external_ip, config.turn.relay_ip, config.turn.relay_ip6) == (
+        "203.0.113.7",
+        "0.0.0.0",
+        None,
+    )
 
 
-@pytest.mark.parametrize("var, raw, key, expected", [
-    # Text that YAML would misread is taken as written.
-    ("APPLIANCE__TURN__UDP", "[::1]:3478", "udp", HostPort("::1", 3478)),
-    ("APPLIANCE__TURN__RELAY_IP6", "2001:db8::1", "relay_ip6", "2001:db8::1"),
-    ("APPLIANCE__TURN__SOFTWARE", "1:30", "software", "1:30"),       # YAML 1.1 reads 90
-    ("APPLIANCE__TURN__SOFTWARE", "true", "software", "true"),
-    ("APPLIANCE__TURN__SOFTWARE", "", "software", None),
-    ("APPLIANCE__TURN__ALLOW_PEERS", "['::1', 10.0.0.0/8]", "allow_peers", ("::1", "10.0.0.0/8")),
-    ("APPLIANCE__TURN__ALLOW_PEERS", "[]", "allow_peers", ()),
-    ("APPLIANCE__TURN__RELAY_PORTS", "40000-40100", "relay_ports", (40000, 40100)),
-])
+@pytest.mark.parametrize(
+    "var, raw, key, expected",
+    [
+        # Text that YAML would misread is taken as written.
+        ("APPLIANCE__TURN__UDP", "[::1]:3478", "udp", HostPort("::1", 3478)),
+        ("APPLIANCE__TURN__RELAY_IP6", "2001:db8::1", "relay_ip6", "2001:db8::1"),
+        ("APPLIANCE__TURN__SOFTWARE", "1:30", "software", "1:30"),  # YAML 1.1 reads 90
+        ("APPLIANCE__TURN__SOFTWARE", "true", "software", "true"),
+        ("APPLIANCE__TURN__SOFTWARE", "", "software", None),
+        ("APPLIANCE__TURN__ALLOW_PEERS", "['::1', 10.0.0.0/8]", "allow_peers", ("::1", "10.0.0.0/8")),
+        ("APPLIANCE__TURN__ALLOW_PEERS", "[]", "allow_peers", ()),
+        ("APPLIANCE__TURN__RELAY_PORTS", "40000-40100", "relay_ports", (40000, 40100)),
+    ],
+)
 def test_environment_values_are_read_for_their_field(var, raw, key, expected):
     assert getattr(load_config(None, {var: raw}).turn, key) == expected
 
 
 def test_a_whole_section_from_the_environment():
     config = load_config(None, {"APPLIANCE__TURN": "{udp: null, workers: 3}"})
-    assert (config.turn.udp, config.turn.workers, config.turn.tcp) == \
-        (None, 3, TurnConfig().tcp)
+    assert (config.turn.udp, config.turn.workers, config.turn.tcp) == (None, 3, TurnConfig().tcp)
 
 
 def test_relative_environment_paths_resolve_against_the_working_directory(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     elsewhere = tmp_path / "etc"
     elsewhere.mkdir()
-    config = load_text(elsewhere, "credentials: {secrets_file: ring.json}",
-                       {"APPLIANCE__DATA_DIR": "state"})
+    config = load_text(elsewhere, "credentials: {secrets_file: ring.json}", {"APPLIANCE__DATA_DIR": "state"})
     assert config.data_dir == tmp_path / "state"
     assert config.secrets_path() == elsewhere / "ring.json"
 
 
-@pytest.mark.parametrize("var, message", [
-    ("APPLIANCE__TURN__NOPE", "unknown key turn.nope"),
-    ("APPLIANCE__NOPE", "unknown key nope"),
-    ("APPLIANCE__TURN__UDP__HOST", "turn.udp is not a section"),
-    ("APPLIANCE__REALM__X", "realm is not a section"),
-    ("APPLIANCE__", "malformed"),
-    ("APPLIANCE__TURN____UDP", "malformed"),
-])
+@pytest.mark.parametrize(
+    "var, message",
+    [
+        ("APPLIANCE__TURN__NOPE", "unknown key turn.nope"),
+        ("APPLIANCE__NOPE", "unknown key nope"),
+        ("APPLIANCE__TURN__UDP__HOST", "turn.udp is not a section"),
+        ("APPLIANCE__REALM__X", "realm is not a section"),
+        ("APPLIANCE__", "malformed"),
+        ("APPLIANCE__TURN____UDP", "malformed"),
+    ],
+)
 def test_bad_override_names_name_the_variable(var, message):
     with pytest.raises(ConfigError) as info:
         load_config(None, {var: "1"})
     assert info.value.key == var and message in info.value.reason
 
 
-@pytest.mark.parametrize("env, key, reason", [
-    ({"APPLIANCE__TURN__WORKERS": "100"}, "turn.workers", "must be in 1-64, got 100"),
-    ({"APPLIANCE__TURN__WORKERS": "many"}, "turn.workers", "expected a number of processes or \"auto\""),
-    ({"APPLIANCE__TURN__UDP": "host:1"}, "turn.udp", "not an IP address"),
-    ({"APPLIANCE__TURN__ALLOW_PEERS": "[::1]"}, "turn.allow_peers", "quote IPv6 items"),
-    ({"APPLIANCE__TURN__ALLOW_PEERS": "[10.0.0.0/8, x]"}, "turn.allow_peers[1]", "'x'"),
-    ({"APPLIANCE__TURN__RELAY_IP": "0.0.0.0"}, "turn.relay_ip", "set external_ip"),
-    ({"APPLIANCE__TURN": "{udpp: 1}"}, "turn.udpp", "unknown key"),
-])
+@pytest.mark.parametrize(
+    "env, key, reason",
+    [
+        ({"APPLIANCE__TURN__WORKERS": "100"}, "turn.workers", "must be in 1-64, got 100"),
+        ({"APPLIANCE__TURN__WORKERS": "many"}, "turn.workers", 'expected a number of processes or "auto"'),
+        ({"APPLIANCE__TURN__UDP": "host:1"}, "turn.udp", "not an IP address"),
+        ({"APPLIANCE__TURN__ALLOW_PEERS": "[::1]"}, "turn.allow_peers", "quote IPv6 items"),
+        ({"APPLIANCE__TURN__ALLOW_PEERS": "[10.0.0.0/8, x]"}, "turn.allow_peers[1]", "'x'"),
+        ({"APPLIANCE__TURN__RELAY_IP": "0.0.0.0"}, "turn.relay_ip", "set external_ip"),
+        ({"APPLIANCE__TURN": "{udpp: 1}"}, "turn.udpp", "unknown key"),
+    ],
+)
 def test_bad_override_values_name_the_key_and_the_variable(env, key, reason):
     with pytest.raises(ConfigError) as info:
         load_config(None, env)
@@ -443,6 +493,7 @@ def test_file_errors_from_file_values_do_not_blame_the_environment(tmp_path):
 
 # ------------------------------------------------------------------ the production example
 
+
 def test_production_example_fails_only_on_its_certificate_paths(tmp_path):
     with pytest.raises(ConfigError) as info:
         load_config(PRODUCTION, {})
@@ -451,10 +502,15 @@ def test_production_example_fails_only_on_its_certificate_paths(tmp_path):
     # With the certificate files present, the rest of the example is valid.
     for name in ("cert.pem", "key.pem"):
         (tmp_path / name).write_text("x")
-    config = load_config(PRODUCTION, {"APPLIANCE__TURN__TLS_CERT": str(tmp_path / "cert.pem"),
-                                      "APPLIANCE__TURN__TLS_KEY": str(tmp_path / "key.pem"),
-                                      "APPLIANCE__HTTP__TLS_CERT": str(tmp_path / "cert.pem"),
-                                      "APPLIANCE__HTTP__TLS_KEY": str(tmp_path / "key.pem")})
+    config = load_config(
+        PRODUCTION,
+        {
+            "APPLIANCE__TURN__TLS_CERT": str(tmp_path / "cert.pem"),
+            "APPLIANCE__TURN__TLS_KEY": str(tmp_path / "key.pem"),
+            "APPLIANCE__HTTP__TLS_CERT": str(tmp_path / "cert.pem"),
+            "APPLIANCE__HTTP__TLS_KEY": str(tmp_path / "key.pem"),
+        },
+    )
     assert config.http.demo is False and config.admin.token is not None
     assert config.external_ip == "203.0.113.7" and config.turn.relay_ip == "0.0.0.0"
     assert config.turn.udp == HostPort("0.0.0.0", 3478)
@@ -463,6 +519,7 @@ def test_production_example_fails_only_on_its_certificate_paths(tmp_path):
 
 def test_workers_auto_is_one_per_core(tmp_path):
     import os
+
     cores = len(os.sched_getaffinity(0))
     assert load_text(tmp_path, "turn: {workers: auto}").turn.workers == min(cores, 64)
     assert load_text(tmp_path, "turn: {workers: 3}").turn.workers == 3

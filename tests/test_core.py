@@ -3,14 +3,12 @@ every request type, every error code, every lifetime (RFC 8489, RFC 8656)."""
 
 from __future__ import annotations
 
-
 import pytest
 
 from turn import stun
 from turn.allocation import PERMISSION_LIFETIME_S
 
-from .turn_fakes import (REALM, T0, CoreClient, channel_attr, error_code, lifetime_attr,
-                         make_core, peer_attr)
+from .turn_fakes import REALM, T0, CoreClient, channel_attr, error_code, lifetime_attr, make_core, peer_attr
 
 PEER = ("8.8.8.8", 5000)
 PEER2 = ("1.1.1.1", 6000)
@@ -123,7 +121,7 @@ def test_expired_username_refused_on_allocate_but_refresh_keeps_working():
     core, _ = make_core()
     client = CoreClient(core, expiry=int(T0) + 10)
     assert client.allocate().cls == stun.SUCCESS
-    client.now = T0 + 300                           # the username has expired
+    client.now = T0 + 300  # the username has expired
     assert client.send(stun.REFRESH, [lifetime_attr(600)]).cls == stun.SUCCESS
     assert client.send(stun.CREATE_PERMISSION, [peer_attr(PEER)]).cls == stun.SUCCESS
     late = CoreClient(core, addr=("198.51.100.30", 2), expiry=int(T0) - 1)
@@ -142,7 +140,7 @@ def test_requested_transport_missing_is_400_and_tcp_is_442():
 def test_retransmitted_allocate_gets_the_same_answer_and_a_new_one_437():
     core, opener = make_core()
     client = CoreClient(core)
-    client.allocate()                               # learn the nonce
+    client.allocate()  # learn the nonce
     client.send(stun.REFRESH, [lifetime_attr(0)])
     tid = b"R" * 12
     first = client.raw(client.build(stun.ALLOCATE, [(stun.REQUESTED_TRANSPORT, b"\x11\0\0\0")], tid))
@@ -155,7 +153,7 @@ def test_retransmitted_allocate_gets_the_same_answer_and_a_new_one_437():
 def test_refresh_clamps_lifetime_and_zero_deletes():
     core, opener = make_core(max_lifetime_s=3600)
     client = CoreClient(core)
-    client.allocate(lifetime_attr(30))              # below the default: raised to 600
+    client.allocate(lifetime_attr(30))  # below the default: raised to 600
     alloc = core.table.get(client.key_id)
     assert alloc.expires == T0 + 600
     assert stun.u32(client.send(stun.REFRESH, [lifetime_attr(99999)]).get(stun.LIFETIME)) == 3600
@@ -176,7 +174,7 @@ def test_allocation_expires_on_the_timer():
     core.handle_timer(T0 + 599)
     assert len(core.table) == 1
     client.now = T0 + 500
-    client.send(stun.REFRESH, [lifetime_attr(600)])   # now expires at T0+1100
+    client.send(stun.REFRESH, [lifetime_attr(600)])  # now expires at T0+1100
     core.handle_timer(T0 + 601)
     assert len(core.table) == 1
     core.handle_timer(T0 + 1100)
@@ -193,6 +191,7 @@ def test_ipv6_family_when_only_ipv4_relays_is_440():
 
 def test_ipv6_allocation_and_family_mismatches():
     from .turn_fakes import FakeOpener
+
     opener = FakeOpener({stun.FAMILY_IPV4: "10.9.0.1", stun.FAMILY_IPV6: "2001:db8:9::1"})
     core, _ = make_core(opener=opener, families=frozenset({stun.FAMILY_IPV4, stun.FAMILY_IPV6}))
     client = CoreClient(core)
@@ -220,14 +219,23 @@ def test_create_permission_several_peers_and_refusals():
     assert error_code(client.send(stun.CREATE_PERMISSION, [])) == 400
     reply = client.send(stun.CREATE_PERMISSION, [peer_attr(("9.9.9.9", 1)), peer_attr(("10.0.0.1", 1))])
     assert error_code(reply) == 403
-    assert "9.9.9.9" not in alloc.permissions          # all or nothing
+    assert "9.9.9.9" not in alloc.permissions  # all or nothing
     assert client.send(stun.CREATE_PERMISSION, [peer_attr(("9.9.9.9", 1))]).cls == stun.SUCCESS
     assert error_code(client.send(stun.CREATE_PERMISSION, [peer_attr(("4.4.4.4", 1))])) == 508
-    assert client.send(stun.CREATE_PERMISSION, [peer_attr(PEER)]).cls == stun.SUCCESS   # a refresh
+    assert client.send(stun.CREATE_PERMISSION, [peer_attr(PEER)]).cls == stun.SUCCESS  # a refresh
 
 
-@pytest.mark.parametrize("peer", [("127.0.0.1", 1), ("169.254.169.254", 80), ("192.168.1.1", 1),
-                                  ("100.64.0.1", 1), ("224.0.0.1", 1), ("0.0.0.0", 1)])
+@pytest.mark.parametrize(
+    "peer",
+    [
+        ("127.0.0.1", 1),
+        ("169.254.169.254", 80),
+        ("192.168.1.1", 1),
+        ("100.64.0.1", 1),
+        ("224.0.0.1", 1),
+        ("0.0.0.0", 1),
+    ],
+)
 def test_denied_peers_are_403(peer):
     core, _ = make_core()
     client = CoreClient(core)
@@ -258,8 +266,9 @@ def test_channel_bind_rules():
     assert error_code(client.send(stun.CHANNEL_BIND, [channel_attr(0x4001)])) == 400
     assert client.send(stun.CHANNEL_BIND, [channel_attr(0x4000), peer_attr(PEER)]).cls == stun.SUCCESS
     assert client.send(stun.CHANNEL_BIND, [channel_attr(0x4FFF), peer_attr(PEER2)]).cls == stun.SUCCESS
-    assert error_code(client.send(stun.CHANNEL_BIND, [channel_attr(0x4002),
-                                                      peer_attr(("9.9.9.9", 1))])) == 508
+    assert (
+        error_code(client.send(stun.CHANNEL_BIND, [channel_attr(0x4002), peer_attr(("9.9.9.9", 1))])) == 508
+    )
 
 
 def test_expired_channel_cools_down_before_reuse():
@@ -268,10 +277,10 @@ def test_expired_channel_cools_down_before_reuse():
     client.allocate()
     client.send(stun.REFRESH, [lifetime_attr(3600)])
     client.send(stun.CHANNEL_BIND, [channel_attr(0x4000), peer_attr(PEER)])
-    client.now = T0 + 601                               # channel expired
+    client.now = T0 + 601  # channel expired
     core.handle_timer(client.now)
     assert error_code(client.send(stun.CHANNEL_BIND, [channel_attr(0x4000), peer_attr(PEER2)])) == 400
-    client.now = T0 + 901                               # cool-down over
+    client.now = T0 + 901  # cool-down over
     core.handle_timer(client.now)
     assert client.send(stun.CHANNEL_BIND, [channel_attr(0x4000), peer_attr(PEER2)]).cls == stun.SUCCESS
 
@@ -331,6 +340,7 @@ def test_user_quota_is_486_and_total_quota_508():
 
 def test_no_free_relay_port_is_508():
     from .turn_fakes import FakeOpener
+
     core, _ = make_core(opener=FakeOpener(ports=range(50000, 50001)))
     assert CoreClient(core, addr=("198.51.100.1", 1)).allocate().cls == stun.SUCCESS
     assert error_code(CoreClient(core, addr=("198.51.100.1", 2)).allocate()) == 508
@@ -412,35 +422,45 @@ UDP = (stun.REQUESTED_TRANSPORT, b"\x11\0\0\0")
 BAD_PEER = (stun.XOR_PEER_ADDRESS, b"\0\1\0")
 
 
-@pytest.mark.parametrize("method, attrs, code, integrity", [
-    # Allocate: checked in the RFC's order; a malformed LIFETIME is the one 400 without
-    # integrity (it is read where any malformed attribute may be).
-    (stun.ALLOCATE, [], 400, True),
-    (stun.ALLOCATE, [(stun.REQUESTED_TRANSPORT, b"\x11\0\0")], 400, True),
-    (stun.ALLOCATE, [(stun.REQUESTED_TRANSPORT, b"\x06\0\0\0")], 442, True),
-    (stun.ALLOCATE, [(stun.REQUESTED_TRANSPORT, b"\x06\0\0\0"),
-                     (stun.REQUESTED_ADDRESS_FAMILY, b"\x01")], 442, True),
-    (stun.ALLOCATE, [UDP, (stun.RESERVATION_TOKEN, b"T" * 8), (stun.EVEN_PORT, b"\0")], 400, True),
-    (stun.ALLOCATE, [UDP, (stun.REQUESTED_ADDRESS_FAMILY, b"\x01\0")], 400, True),
-    (stun.ALLOCATE, [UDP, (stun.EVEN_PORT, b"\x80\0")], 400, True),
-    (stun.ALLOCATE, [UDP, (stun.LIFETIME, b"\0\1")], 400, False),
-    (stun.ALLOCATE, [UDP, (stun.REQUESTED_ADDRESS_FAMILY, b"\x07\0\0\0")], 440, True),
-    (stun.ALLOCATE, [UDP, (stun.REQUESTED_ADDRESS_FAMILY, b"\x00\0\0\0")], 440, True),
-    (stun.ALLOCATE, [UDP, (stun.REQUESTED_ADDRESS_FAMILY, b"\x07\0\0\0"),
-                     (stun.LIFETIME, b"\0\1")], 400, False),
-    (stun.ALLOCATE, [UDP, (stun.RESERVATION_TOKEN, b"x")], 508, True),
-    # On a live allocation:
-    (stun.REFRESH, [(stun.REQUESTED_ADDRESS_FAMILY, b"\x01")], 443, True),
-    (stun.REFRESH, [(stun.REQUESTED_ADDRESS_FAMILY, b"\x02\0\0\0")], 443, True),
-    (stun.CHANNEL_BIND, [(stun.CHANNEL_NUMBER, b"\x40\0"), peer_attr(PEER)], 400, True),
-    (stun.CHANNEL_BIND, [channel_attr(0x4000), BAD_PEER], 400, False),
-    (stun.CHANNEL_BIND, [channel_attr(0x3FFF), BAD_PEER], 400, True),
-    (stun.CHANNEL_BIND, [BAD_PEER], 400, True),
-    (stun.CREATE_PERMISSION, [peer_attr(("10.0.0.1", 1)), BAD_PEER], 403, True),
-    (stun.CREATE_PERMISSION, [BAD_PEER, peer_attr(("10.0.0.1", 1))], 400, False),
-])
-def test_which_error_a_bad_request_gets_and_whether_it_carries_integrity(method, attrs, code,
-                                                                         integrity):
+@pytest.mark.parametrize(
+    "method, attrs, code, integrity",
+    [
+        # Allocate: checked in the RFC's order; a malformed LIFETIME is the one 400 without
+        # integrity (it is read where any malformed attribute may be).
+        (stun.ALLOCATE, [], 400, True),
+        (stun.ALLOCATE, [(stun.REQUESTED_TRANSPORT, b"\x11\0\0")], 400, True),
+        (stun.ALLOCATE, [(stun.REQUESTED_TRANSPORT, b"\x06\0\0\0")], 442, True),
+        (
+            stun.ALLOCATE,
+            [(stun.REQUESTED_TRANSPORT, b"\x06\0\0\0"), (stun.REQUESTED_ADDRESS_FAMILY, b"\x01")],
+            442,
+            True,
+        ),
+        (stun.ALLOCATE, [UDP, (stun.RESERVATION_TOKEN, b"T" * 8), (stun.EVEN_PORT, b"\0")], 400, True),
+        (stun.ALLOCATE, [UDP, (stun.REQUESTED_ADDRESS_FAMILY, b"\x01\0")], 400, True),
+        (stun.ALLOCATE, [UDP, (stun.EVEN_PORT, b"\x80\0")], 400, True),
+        (stun.ALLOCATE, [UDP, (stun.LIFETIME, b"\0\1")], 400, False),
+        (stun.ALLOCATE, [UDP, (stun.REQUESTED_ADDRESS_FAMILY, b"\x07\0\0\0")], 440, True),
+        (stun.ALLOCATE, [UDP, (stun.REQUESTED_ADDRESS_FAMILY, b"\x00\0\0\0")], 440, True),
+        (
+            stun.ALLOCATE,
+            [UDP, (stun.REQUESTED_ADDRESS_FAMILY, b"\x07\0\0\0"), (stun.LIFETIME, b"\0\1")],
+            400,
+            False,
+        ),
+        (stun.ALLOCATE, [UDP, (stun.RESERVATION_TOKEN, b"x")], 508, True),
+        # On a live allocation:
+        (stun.REFRESH, [(stun.REQUESTED_ADDRESS_FAMILY, b"\x01")], 443, True),
+        (stun.REFRESH, [(stun.REQUESTED_ADDRESS_FAMILY, b"\x02\0\0\0")], 443, True),
+        (stun.CHANNEL_BIND, [(stun.CHANNEL_NUMBER, b"\x40\0"), peer_attr(PEER)], 400, True),
+        (stun.CHANNEL_BIND, [channel_attr(0x4000), BAD_PEER], 400, False),
+        (stun.CHANNEL_BIND, [channel_attr(0x3FFF), BAD_PEER], 400, True),
+        (stun.CHANNEL_BIND, [BAD_PEER], 400, True),
+        (stun.CREATE_PERMISSION, [peer_attr(("10.0.0.1", 1)), BAD_PEER], 403, True),
+        (stun.CREATE_PERMISSION, [BAD_PEER, peer_attr(("10.0.0.1", 1))], 400, False),
+    ],
+)
+def test_which_error_a_bad_request_gets_and_whether_it_carries_integrity(method, attrs, code, integrity):
     core, _ = make_core()
     client = CoreClient(core)
     if method != stun.ALLOCATE:
@@ -463,7 +483,6 @@ def test_close_all_closes_every_port():
         CoreClient(core, addr=("198.51.100.1", i + 1)).allocate()
     core.close_all("shutdown")
     assert len(core.table) == 0 and all(p.closed for p in opener.opened)
-
 
 
 def test_deleted_allocations_are_not_kept_alive_by_the_expiry_heap():

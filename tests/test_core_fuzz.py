@@ -18,14 +18,18 @@ FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCh
 def valid_messages() -> list[bytes]:
     core, _ = make_core()
     client = CoreClient(core)
-    client.allocate()          # learn a nonce so the messages carry credentials
+    client.allocate()  # learn a nonce so the messages carry credentials
     return [
         client.build(stun.BINDING, auth=False),
         client.build(stun.ALLOCATE, [(stun.REQUESTED_TRANSPORT, b"\x11\0\0\0")]),
         client.build(stun.REFRESH, [(stun.LIFETIME, struct.pack("!I", 600))]),
-        client.build(stun.CHANNEL_BIND, [(stun.CHANNEL_NUMBER, b"\x40\x00\0\0"),
-                                         (stun.XOR_PEER_ADDRESS,
-                                          lambda tid: stun.encode_xor_address(("8.8.8.8", 1), tid))]),
+        client.build(
+            stun.CHANNEL_BIND,
+            [
+                (stun.CHANNEL_NUMBER, b"\x40\x00\0\0"),
+                (stun.XOR_PEER_ADDRESS, lambda tid: stun.encode_xor_address(("8.8.8.8", 1), tid)),
+            ],
+        ),
     ]
 
 
@@ -41,12 +45,12 @@ def mutated(draw) -> bytes:
             i = draw(st.integers(0, len(data) - 1))
             data[i] ^= 1 << draw(st.integers(0, 7))
         elif kind == "truncate" and data:
-            del data[draw(st.integers(0, len(data) - 1)):]
+            del data[draw(st.integers(0, len(data) - 1)) :]
         elif kind == "length" and len(data) >= 4:
             data[2:4] = struct.pack("!H", draw(st.integers(0, 0xFFFF)))
         elif kind == "attrlen" and len(data) >= 24:
             i = 20 + 4 * draw(st.integers(0, (len(data) - 24) // 4)) + 2
-            data[i:i + 2] = struct.pack("!H", draw(st.integers(0, 0xFFFF)))
+            data[i : i + 2] = struct.pack("!H", draw(st.integers(0, 0xFFFF)))
         elif kind == "insert":
             i = draw(st.integers(0, len(data)))
             data[i:i] = draw(st.binary(min_size=1, max_size=8))
@@ -83,7 +87,7 @@ def test_core_never_raises_and_garbage_allocates_nothing(data):
     fresh = CoreClient(core, addr=("198.51.100.77", 9))
     reply = fresh.raw(data)
     if reply is not None:
-        stun.parse(reply)                  # whatever we answer is well-formed STUN
+        stun.parse(reply)  # whatever we answer is well-formed STUN
     new_allocation = core.table.get(fresh.key_id)
     if new_allocation is not None:
         # Only a request whose integrity still verifies may allocate.

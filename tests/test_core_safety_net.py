@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import logging
 
-from turn import stun
 from ratelog import RateLimitedLog
+from turn import stun
 
 from .turn_fakes import T0, CoreClient, error_code, make_core
 
@@ -26,10 +26,10 @@ def test_a_request_that_hits_a_bug_is_answered_500_and_counted(caplog):
     assert all(error_code(reply) == 500 for reply in replies)
     assert core.counters["internal_errors"] == 20 and core.counters["error_500"] == 20
     logged = [r for r in caplog.records if "internal error" in r.getMessage()]
-    assert 1 <= len(logged) <= 5                   # bounded: the rest only counted
+    assert 1 <= len(logged) <= 5  # bounded: the rest only counted
     bystander = CoreClient(core, addr=("198.51.100.21", 40001))
     binding = stun.parse(bystander.raw(bystander.build(stun.BINDING, auth=False)))
-    assert binding.cls == stun.SUCCESS              # everyone else is still served
+    assert binding.cls == stun.SUCCESS  # everyone else is still served
 
 
 def test_the_log_budget_refills_and_says_what_it_held_back(caplog):
@@ -67,4 +67,4 @@ def test_refused_credentials_are_logged_at_a_bounded_rate(caplog):
             assert error_code(client.allocate()) == 401
     lines = [r for r in caplog.records if "auth failure" in r.getMessage()]
     assert 1 <= len(lines) <= 10
-    assert core.counters["auth_bad_credentials"] == 1000     # every one still counted
+    assert core.counters["auth_bad_credentials"] == 1000  # every one still counted

@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from appliance.tls.devcert import VALID_DAYS, ensure_dev_certificate
 
-UTC = datetime.timezone.utc
+UTC = datetime.UTC
 
 
 def load(cert_path) -> x509.Certificate:
@@ -29,18 +29,22 @@ def not_after(cert: x509.Certificate) -> datetime.datetime:
 
 def test_creates_a_private_p256_certificate_with_the_sans(tmp_path):
     cert_path, key_path, created = ensure_dev_certificate(tmp_path / "certs")
-    assert created and (cert_path, key_path) == (tmp_path / "certs" / "cert.pem",
-                                                 tmp_path / "certs" / "key.pem")
+    assert created and (cert_path, key_path) == (
+        tmp_path / "certs" / "cert.pem",
+        tmp_path / "certs" / "key.pem",
+    )
     assert stat.S_IMODE(os.stat(key_path).st_mode) == 0o600
     assert stat.S_IMODE(os.stat(tmp_path / "certs").st_mode) == 0o700
     cert = load(cert_path)
     assert isinstance(cert.public_key(), ec.EllipticCurvePublicKey)
     assert cert.public_key().curve.name == "secp256r1"
-    assert cert.issuer == cert.subject                          # self-signed
+    assert cert.issuer == cert.subject  # self-signed
     sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert sans.get_values_for_type(x509.DNSName) == ["localhost"]
     assert set(sans.get_values_for_type(x509.IPAddress)) == {
-        ipaddress.ip_address("127.0.0.1"), ipaddress.ip_address("::1")}
+        ipaddress.ip_address("127.0.0.1"),
+        ipaddress.ip_address("::1"),
+    }
     lifetime = not_after(cert) - datetime.datetime.now(UTC)
     assert datetime.timedelta(days=VALID_DAYS - 1) < lifetime <= datetime.timedelta(days=VALID_DAYS)
 
@@ -67,19 +71,21 @@ def test_replaced_when_expired_or_about_to_expire(tmp_path):
     assert not_after(load(cert_path)) > datetime.datetime.now(UTC)
 
     almost = datetime.datetime.now(UTC) - datetime.timedelta(days=VALID_DAYS, hours=-12)
-    ensure_dev_certificate(tmp_path / "b", now=almost)        # 12 hours left
+    ensure_dev_certificate(tmp_path / "b", now=almost)  # 12 hours left
     assert ensure_dev_certificate(tmp_path / "b")[2] is True
 
 
 def test_replaced_when_the_key_does_not_match(tmp_path):
     cert_path, key_path, _ = ensure_dev_certificate(tmp_path)
     other = ec.generate_private_key(ec.SECP256R1())
-    key_path.write_bytes(other.private_bytes(serialization.Encoding.PEM,
-                                             serialization.PrivateFormat.PKCS8,
-                                             serialization.NoEncryption()))
+    key_path.write_bytes(
+        other.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
     assert ensure_dev_certificate(tmp_path)[2] is True
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.load_cert_chain(str(cert_path), str(key_path))         # a matching pair again
+    ctx.load_cert_chain(str(cert_path), str(key_path))  # a matching pair again
 
 
 @pytest.mark.parametrize("damage", ["cert", "key", "both"])
@@ -95,14 +101,12 @@ def test_replaced_when_a_file_is_missing_or_garbage(tmp_path, damage):
 
 def test_replaced_when_other_names_are_asked_for(tmp_path):
     ensure_dev_certificate(tmp_path)
-    cert_path, _, created = ensure_dev_certificate(tmp_path, hostnames=("relay.test",),
-                                                   ips=("192.0.2.1",))
+    cert_path, _, created = ensure_dev_certificate(tmp_path, hostnames=("relay.test",), ips=("192.0.2.1",))
     assert created
     sans = load(cert_path).extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert sans.get_values_for_type(x509.DNSName) == ["relay.test"]
     assert sans.get_values_for_type(x509.IPAddress) == [ipaddress.ip_address("192.0.2.1")]
-    assert ensure_dev_certificate(tmp_path, hostnames=("relay.test",),
-                                  ips=("192.0.2.1",))[2] is False
+    assert ensure_dev_certificate(tmp_path, hostnames=("relay.test",), ips=("192.0.2.1",))[2] is False
 
 
 def test_a_pre_existing_world_readable_key_is_replaced_by_a_private_one(tmp_path):

@@ -62,8 +62,12 @@ def run_commands() -> list[str]:
 
 def apt_packages(text: str) -> set[str]:
     """The packages every `apt-get install` in the text names."""
-    return {word for words in re.findall(r"apt-get install((?:[ \t]+[^\s;&|]+)+)", text)
-            for word in words.split() if not word.startswith("-")}
+    return {
+        word
+        for words in re.findall(r"apt-get install((?:[ \t]+[^\s;&|]+)+)", text)
+        for word in words.split()
+        if not word.startswith("-")
+    }
 
 
 def readme_install_command() -> str:
@@ -72,14 +76,16 @@ def readme_install_command() -> str:
 
 
 def test_every_shipped_package_is_copied():
-    packages = re.search(r'include = \[([^\]]*)\]', (ROOT / "pyproject.toml").read_text()).group(1)
+    packages = re.search(r"include = \[([^\]]*)\]", (ROOT / "pyproject.toml").read_text()).group(1)
     for name in re.findall(r'"(\w+)\*"', packages):
         assert re.search(rf"^COPY {name} \./{name}$", DOCKERFILE, re.M), f"{name} is not copied"
 
 
 def test_both_stages_are_the_readmes_debian():
-    assert [args for keyword, args in instructions() if keyword == "FROM"] == \
-        ["debian:bookworm-slim AS demo-libraries", "debian:bookworm-slim"]
+    assert [args for keyword, args in instructions() if keyword == "FROM"] == [
+        "debian:bookworm-slim AS demo-libraries",
+        "debian:bookworm-slim",
+    ]
 
 
 def test_install_and_run_steps_are_the_readmes():
@@ -92,24 +98,28 @@ def test_install_and_run_steps_are_the_readmes():
         if "apt-get install" in step:
             assert apt_packages(step) <= image_packages, step
         elif step.startswith("python3 -m venv "):
-            pass                                  # the image's venv is `venv`, outside the sources
+            pass  # the image's venv is `venv`, outside the sources
         elif step.startswith(". ") and step.endswith("/bin/activate"):
             assert env_block()["PATH"] == f"{venv}/bin:$PATH"
         elif step == "appliance serve":
             cmd = [args for keyword, args in instructions() if keyword == "CMD"]
             assert [json.loads(c) for c in cmd] == [["appliance", "serve"]]
-        else:                                     # apt-get update, npm ci, pip install
+        else:  # apt-get update, npm ci, pip install
             assert step in commands, f"the README's {step!r} is not a RUN step of the Dockerfile"
-    assert "ca-certificates" in image_packages    # httpx to auth.introspect_url, the probe's TLS
-    assert re.search(r"^COPY --from=demo-libraries \S+/appliance/demo/node_modules "
-                     r"\./appliance/demo/node_modules$", DOCKERFILE, re.M)
+    assert "ca-certificates" in image_packages  # httpx to auth.introspect_url, the probe's TLS
+    assert re.search(
+        r"^COPY --from=demo-libraries \S+/appliance/demo/node_modules "
+        r"\./appliance/demo/node_modules$",
+        DOCKERFILE,
+        re.M,
+    )
     assert 'CMD ["appliance", "healthcheck"]' in DOCKERFILE
     assert re.search(r"^USER appliance$", DOCKERFILE, re.M)
 
 
 def test_container_environment_is_a_valid_configuration():
     with pytest.raises(ConfigError) as info:
-        load_config(None, container_env())        # no public address given: refused, by name
+        load_config(None, container_env())  # no public address given: refused, by name
     assert info.value.key == "turn.relay_ip" and "external_ip" in info.value.reason
     config = container_config()
     assert config.turn.udp == HostPort("0.0.0.0", 3478)
@@ -121,18 +131,22 @@ def test_every_listener_and_the_relay_ports_are_exposed():
     config = container_config()
     exposed = set(" ".join(args for keyword, args in instructions() if keyword == "EXPOSE").split())
     t = config.turn
-    assert {f"{t.udp.port}/udp", f"{t.tcp.port}/tcp", f"{t.tls.port}/tcp",
-            f"{config.http.listen.port}/tcp"} <= exposed
+    assert {
+        f"{t.udp.port}/udp",
+        f"{t.tcp.port}/tcp",
+        f"{t.tls.port}/tcp",
+        f"{config.http.listen.port}/tcp",
+    } <= exposed
     low, high = t.relay_ports
-    assert (low, high) == (61000, 61199)          # narrow enough to publish with -p, and
-    assert low > 60999                            # above Linux's ephemeral port range
+    assert (low, high) == (61000, 61199)  # narrow enough to publish with -p, and
+    assert low > 60999  # above Linux's ephemeral port range
     assert f"{low}-{high}/udp" in exposed
 
 
 def test_container_mints_no_development_tokens(tmp_path, monkeypatch, capsys):
     config = container_config()
-    assert config.auth.uses_dev_key()             # no key of the operator's yet ...
-    assert dev_token_minter(config) is None       # ... but the listener is 0.0.0.0: none minted
+    assert config.auth.uses_dev_key()  # no key of the operator's yet ...
+    assert dev_token_minter(config) is None  # ... but the listener is 0.0.0.0: none minted
 
     for var in [v for v in os.environ if v.startswith("APPLIANCE_")]:
         monkeypatch.delenv(var)
@@ -150,12 +164,21 @@ def test_container_mints_no_development_tokens(tmp_path, monkeypatch, capsys):
 # Directories a run, an install or a build leaves in a checkout: never sources.
 GENERATED_DIRS = {"data", "node_modules", "__pycache__"}
 WOULD_BE_FILES = [
-    "config/data/secrets.json", "config/data/jwt.key", "config/data/certs/key.pem",
-    "data/secrets.json", "data/jwt.key", "data/certs/key.pem",
-    "appliance/demo/node_modules/x", "tests/js/node_modules/x", ".venv/bin/python",
-    "appliance/__pycache__/cli.cpython-311.pyc", "build/lib/appliance/cli.py",
-    "dist/appliance-0.1.0-py3-none-any.whl", "appliance.egg-info/PKG-INFO",
-    "test-artifacts/alice-websocket.png", ".git/HEAD",
+    "config/data/secrets.json",
+    "config/data/jwt.key",
+    "config/data/certs/key.pem",
+    "data/secrets.json",
+    "data/jwt.key",
+    "data/certs/key.pem",
+    "appliance/demo/node_modules/x",
+    "tests/js/node_modules/x",
+    ".venv/bin/python",
+    "appliance/__pycache__/cli.cpython-311.pyc",
+    "build/lib/appliance/cli.py",
+    "dist/appliance-0.1.0-py3-none-any.whl",
+    "appliance.egg-info/PKG-INFO",
+    "test-artifacts/alice-websocket.png",
+    ".git/HEAD",
 ]
 
 

@@ -12,8 +12,10 @@ from .external import require_program, unavailable
 
 def test_a_missing_program_skips_and_names_the_install_step(monkeypatch):
     monkeypatch.delenv("REQUIRE_INTEROP", raising=False)
-    with pytest.raises(pytest.skip.Exception, match="no-such-tool not found: install it with "
-                                                    "`apt-get install no-such-package`"):
+    with pytest.raises(
+        pytest.skip.Exception,
+        match="no-such-tool not found: install it with `apt-get install no-such-package`",
+    ):
         require_program("no-such-tool", "apt-get install no-such-package")
 
 

@@ -12,8 +12,13 @@ SCRIPT = Path(__file__).resolve().parent.parent / "bench" / "fuzz_relay.py"
 
 
 def test_quick_fuzz_run_passes(tmp_path):
-    run = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--seed", "7", "--out", str(tmp_path)],
-                         capture_output=True, text=True, timeout=180, check=False)
+    run = subprocess.run(
+        [sys.executable, str(SCRIPT), "--quick", "--seed", "7", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
     report = run.stdout + run.stderr
     assert run.returncode == 0, report
     assert report.rstrip().endswith("PASS"), report

@@ -24,20 +24,29 @@ SESSION_LEAK_CASE = Path(__file__).resolve().parent / "cases" / "fuzz_signaling_
 
 
 def test_quick_fuzz_run_reports_and_nothing_unknown_fails(tmp_path):
-    run = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--seed", "7", "--locate-s", "0",
-                          "--out", str(tmp_path)], capture_output=True, text=True, timeout=240, check=False)
+    run = subprocess.run(
+        [sys.executable, str(SCRIPT), "--quick", "--seed", "7", "--locate-s", "0", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
     report = run.stdout + run.stderr
     verdict = run.stdout.rstrip().splitlines()[-1] if run.stdout.strip() else ""
     assert run.returncode in (0, 1) and verdict.startswith(("PASS", "FAIL: ")), report[-3000:]
 
-    written = re.search(r"frames written: (\d+) \(native WebSocket (\d+), SockJS websocket (\d+), "
-                        r"SockJS xhr_send (\d+)\)", report)
+    written = re.search(
+        r"frames written: (\d+) \(native WebSocket (\d+), SockJS websocket (\d+), "
+        r"SockJS xhr_send (\d+)\)",
+        report,
+    )
     assert written, report[-3000:]
     total, *transports = map(int, written.groups())
     assert total >= 3000 and all(n > 0 for n in transports), written.group(0)
 
-    assert re.search(r"bystander round trips: idle \d+ ok; during the fuzz [1-9]\d* ok, 0 failed", report), \
+    assert re.search(r"bystander round trips: idle \d+ ok; during the fuzz [1-9]\d* ok, 0 failed", report), (
         report[-3000:]
+    )
     assert re.search(r"CLOSE-WAIT right after a batch: max \d+; after the grace \([\d.]+ s\): max 0;", report)
     assert "exit code on SIGTERM: 0" in report
     assert "harness faults" not in report, report[-3000:]
@@ -47,7 +56,11 @@ def test_quick_fuzz_run_reports_and_nothing_unknown_fails(tmp_path):
 
 
 def test_the_saved_session_leak_case_replays_clean():
-    run = subprocess.run([sys.executable, str(SCRIPT), "--replay", str(SESSION_LEAK_CASE)],
-                         capture_output=True, text=True, timeout=120, check=False)
-    assert run.stdout.rstrip().endswith("tracebacks: 0; sessions left: 0"), \
-        (run.stdout + run.stderr)[-3000:]
+    run = subprocess.run(
+        [sys.executable, str(SCRIPT), "--replay", str(SESSION_LEAK_CASE)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert run.stdout.rstrip().endswith("tracebacks: 0; sessions left: 0"), (run.stdout + run.stderr)[-3000:]

@@ -70,8 +70,10 @@ async def test_business_errors_go_out_with_status_200():
     assert await response.get_json() == {"code": 1001, "msg": "callee busy", "data": None}
 
 
-@pytest.mark.parametrize("code, message", [(401, "unauthorized"), (404, "not found"),
-                                           (413, "request too large"), (500, "internal error")])
+@pytest.mark.parametrize(
+    "code, message",
+    [(401, "unauthorized"), (404, "not found"), (413, "request too large"), (500, "internal error")],
+)
 def test_an_error_without_a_message_carries_its_code_s_standard_one(code, message):
     err = SignalingError(code)
     assert (err.code, err.message) == (code, message)
@@ -79,11 +81,9 @@ def test_an_error_without_a_message_carries_its_code_s_standard_one(code, messag
 
 
 async def test_a_refused_call_says_the_same_over_http_and_stomp():
-    signaling = create_app("/imserver", StaticVerifier({"tok-a": "alice", "tok-b": "bob"}),
-                           Limits(), 64)
+    signaling = create_app("/imserver", StaticVerifier({"tok-a": "alice", "tok-b": "bob"}), Limits(), 64)
     client = signaling.web.test_client()
-    request = {"callId": "c1", "callee": "bob", "callerUserName": "A", "calleeUserName": "B",
-               "type": "AUDIO"}
+    request = {"callId": "c1", "callee": "bob", "callerUserName": "A", "calleeUserName": "B", "type": "AUDIO"}
     # Bob is offline: the call is refused with a business code.
     response = await client.post("/imserver/call/request", json=request, headers={"ide": "tok-a"})
     enveloped = await response.get_json()
@@ -92,8 +92,10 @@ async def test_a_refused_call_says_the_same_over_http_and_stomp():
     conn.accept(0)
     alice = Session("a1", "alice", conn)
     signaling.service.connected(alice)
-    raw = (b"SUBSCRIBE\nid:e\ndestination:/user/queue/errors\n\n\x00SEND\ndestination:"
-           b"/app/call/request\n\n" + json.dumps(request).encode() + b"\x00")
+    raw = (
+        b"SUBSCRIBE\nid:e\ndestination:/user/queue/errors\n\n\x00SEND\ndestination:"
+        b"/app/call/request\n\n" + json.dumps(request).encode() + b"\x00"
+    )
     for event in conn.receive_data(raw, 0):
         signaling.service.handle(alice, event)
     *_, message = alice.take()

@@ -16,8 +16,10 @@ from appliance.wiring.hypercorn_patches import DeclinedDeflate, decline_websocke
 from appliance.wiring.signaling import hypercorn_config
 
 # What browsers offer, and what python-websockets offers.
-OFFERS = [b"permessage-deflate; client_max_window_bits",
-          b"permessage-deflate; server_max_window_bits=12; client_max_window_bits=12"]
+OFFERS = [
+    b"permessage-deflate; client_max_window_bits",
+    b"permessage-deflate; server_max_window_bits=12; client_max_window_bits=12",
+]
 
 
 @pytest.fixture
@@ -30,9 +32,14 @@ def hypercorn_as_shipped(monkeypatch):
 
 def answer(offer: bytes) -> tuple[int, dict[bytes, bytes]]:
     """Status and headers with which Hypercorn answers an HTTP/1.1 upgrade offering `offer`."""
-    request = [(b"host", b"127.0.0.1"), (b"connection", b"Upgrade"), (b"upgrade", b"websocket"),
-               (b"sec-websocket-key", b"dGhlIHNhbXBsZSBub25jZQ=="),
-               (b"sec-websocket-version", b"13"), (b"sec-websocket-extensions", offer)]
+    request = [
+        (b"host", b"127.0.0.1"),
+        (b"connection", b"Upgrade"),
+        (b"upgrade", b"websocket"),
+        (b"sec-websocket-key", b"dGhlIHNhbXBsZSBub25jZQ=="),
+        (b"sec-websocket-version", b"13"),
+        (b"sec-websocket-extensions", offer),
+    ]
     status, headers, _ = ws_stream.Handshake(request, "1.1").accept(None, [])
     return status, dict(headers)
 
@@ -55,7 +62,7 @@ def test_the_patch_answers_the_offer_without_the_extension(hypercorn_as_shipped,
     assert ws_stream.PerMessageDeflate is DeclinedDeflate
     status, headers = answer(offer)
     assert status == 101 and b"sec-websocket-extensions" not in headers
-    decline_websocket_compression()          # a second signaling config changes nothing
+    decline_websocket_compression()  # a second signaling config changes nothing
     assert answer(offer) == (status, headers)
 
 

@@ -21,15 +21,24 @@ def config_of(tmp_path, text: str, env=None):
 
 def test_defaults_are_one_stun_and_a_turn_url_per_listener(tmp_path):
     assert embedded_urls(config_of(tmp_path, "")) == [
-        "stun:127.0.0.1:3478", "turn:127.0.0.1:3478?transport=udp",
-        "turn:127.0.0.1:3478?transport=tcp", "turns:127.0.0.1:5349?transport=tcp"]
+        "stun:127.0.0.1:3478",
+        "turn:127.0.0.1:3478?transport=udp",
+        "turn:127.0.0.1:3478?transport=tcp",
+        "turns:127.0.0.1:5349?transport=tcp",
+    ]
 
 
 def test_wildcard_listeners_advertise_the_external_address(tmp_path):
-    config = config_of(tmp_path, "external_ip: 203.0.113.7\nturn: {udp: 0.0.0.0:3478, "
-                                 "tcp: null, tls: 0.0.0.0:443, relay_ip: 0.0.0.0}\n")
-    assert embedded_urls(config) == ["stun:203.0.113.7:3478", "turn:203.0.113.7:3478?transport=udp",
-                                     "turns:203.0.113.7:443?transport=tcp"]
+    config = config_of(
+        tmp_path,
+        "external_ip: 203.0.113.7\nturn: {udp: 0.0.0.0:3478, "
+        "tcp: null, tls: 0.0.0.0:443, relay_ip: 0.0.0.0}\n",
+    )
+    assert embedded_urls(config) == [
+        "stun:203.0.113.7:3478",
+        "turn:203.0.113.7:3478?transport=udp",
+        "turns:203.0.113.7:443?transport=tcp",
+    ]
 
 
 def test_credentials_host_names_every_url_and_ipv6_is_bracketed(tmp_path):
@@ -45,11 +54,17 @@ def test_only_udp_off_gives_stun_on_tcp(tmp_path):
 
 
 def test_ice_servers_replace_the_defaults_and_external_ones_follow(tmp_path):
-    config = config_of(tmp_path, "credentials: {ice_servers: [stun:stun.example.com, "
-                                 "'turn:t.example.com:80?transport=tcp'], external: "
-                                 "['turn:t.example.com:80?transport=tcp', turns:c.example.com]}\n")
-    assert handed_out_urls(config) == ["stun:stun.example.com", "turn:t.example.com:80?transport=tcp",
-                                       "turns:c.example.com"]
+    config = config_of(
+        tmp_path,
+        "credentials: {ice_servers: [stun:stun.example.com, "
+        "'turn:t.example.com:80?transport=tcp'], external: "
+        "['turn:t.example.com:80?transport=tcp', turns:c.example.com]}\n",
+    )
+    assert handed_out_urls(config) == [
+        "stun:stun.example.com",
+        "turn:t.example.com:80?transport=tcp",
+        "turns:c.example.com",
+    ]
 
 
 def issuer(ring: SecretRing, ttl_s=600, grace_s=600, activation_s=5, urls=None):
@@ -61,8 +76,12 @@ def test_turn_entries_carry_the_rest_pair_and_stun_entries_nulls():
     secret = Secret("k-1", "s" * 43, int(NOW) - 100)
     answer = issuer(SecretRing((secret,))).issue("alice")
     stun_entry, turn_entry = answer["iceServers"]
-    assert stun_entry == {"urls": "stun:s.example.com", "url": "stun:s.example.com",
-                          "username": None, "credential": None}
+    assert stun_entry == {
+        "urls": "stun:s.example.com",
+        "url": "stun:s.example.com",
+        "username": None,
+        "credential": None,
+    }
     assert turn_entry["username"] == f"{int(NOW) + 600}:alice"
     assert turn_entry["credential"] == rest_password(secret.value.encode(), turn_entry["username"])
     assert turn_entry["urls"] == turn_entry["url"] and answer["ttl"] == 600
@@ -71,7 +90,7 @@ def test_turn_entries_carry_the_rest_pair_and_stun_entries_nulls():
 @pytest.mark.parametrize("retired_ago, expected_ttl", [(0, 600), (100, 500), (599, 1)])
 def test_a_retiring_secret_never_signs_past_its_grace(retired_ago, expected_ttl):
     old = Secret("k-old", "o" * 43, int(NOW) - 10_000, int(NOW) - retired_ago)
-    young = Secret("k-new", "n" * 43, int(NOW) - retired_ago)      # still activating (5 s)
+    young = Secret("k-new", "n" * 43, int(NOW) - retired_ago)  # still activating (5 s)
     ring = SecretRing((old, young))
     answer = issuer(ring, activation_s=retired_ago + 5).issue("bob")
     entry = answer["iceServers"][1]

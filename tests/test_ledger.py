@@ -30,15 +30,15 @@ def ledger(request, tmp_path):
 
 def test_quotas_count_and_refuse_with_the_right_code(ledger):
     assert ledger.admit("alice", 2, 3, 5) == 0
-    assert ledger.admit("alice", 2, 3, 5) == 486          # 4 > user quota 3
+    assert ledger.admit("alice", 2, 3, 5) == 486  # 4 > user quota 3
     assert ledger.admit("alice", 1, 3, 5) == 0
-    assert ledger.admit("bob", 2, 3, 5) == 0              # 5: the total quota, reached
+    assert ledger.admit("bob", 2, 3, 5) == 0  # 5: the total quota, reached
     assert ledger.admit("carol", 1, 3, 5) == 508
 
 
 def test_release_frees_room_and_never_goes_below_zero(ledger):
     assert ledger.admit("alice", 3, 3, 0) == 0
-    ledger.release("alice", 5)                            # more than it held
+    ledger.release("alice", 5)  # more than it held
     ledger.release("nobody")
     assert ledger.admit("alice", 3, 3, 3) == 0
     assert ledger.admit("bob", 1, 3, 3) == 508
@@ -103,8 +103,7 @@ def test_a_file_that_is_not_a_ledger_is_refused(tmp_path):
         SharedLedger(path, 0, key=KEY)
 
 
-@pytest.mark.parametrize("total, slots", [(0, 131072), (10, 1024), (10000, 32768),
-                                          (1_000_000, 131072)])
+@pytest.mark.parametrize("total, slots", [(0, 131072), (10, 1024), (10000, 32768), (1_000_000, 131072)])
 def test_user_slots(total, slots):
     assert user_slots(total) == slots
 
@@ -117,9 +116,9 @@ EVEN_PORT_RESERVE = (stun.EVEN_PORT, b"\x80")
 def test_a_reserved_port_counts_against_the_user_quota():
     core, _ = make_core(user_quota=3)
     first = CoreClient(core, addr=("198.51.100.20", 40000))
-    assert first.allocate(EVEN_PORT_RESERVE).cls == stun.SUCCESS       # 1 + 1 reserved
+    assert first.allocate(EVEN_PORT_RESERVE).cls == stun.SUCCESS  # 1 + 1 reserved
     second = CoreClient(core, addr=("198.51.100.20", 40001))
-    assert second.allocate().cls == stun.SUCCESS                       # 3
+    assert second.allocate().cls == stun.SUCCESS  # 3
     third = CoreClient(core, addr=("198.51.100.20", 40002))
     assert error_code(third.allocate()) == 486
     assert core.counters["user_quota_exceeded"] == 1
@@ -180,6 +179,7 @@ def test_ending_an_allocation_releases_its_count_and_port_once():
 
 # ------------------------------------------------------------------ strict expiry
 
+
 def test_without_strict_expiry_a_live_allocation_outlives_its_username():
     core, _ = make_core()
     client = CoreClient(core, expiry=int(T0) + 60)
@@ -192,7 +192,7 @@ def test_strict_expiry_refuses_every_request_after_the_username_expires():
     core, _ = make_core(strict_expiry=True)
     client = CoreClient(core, expiry=int(T0) + 60)
     reply = client.allocate(lifetime_attr(3600))
-    assert stun.u32(reply.get(stun.LIFETIME)) == 60     # capped at the username's expiry
+    assert stun.u32(reply.get(stun.LIFETIME)) == 60  # capped at the username's expiry
     client.now = T0 + 30
     assert stun.u32(client.send(stun.REFRESH, [lifetime_attr(600)]).get(stun.LIFETIME)) == 30
     client.now = T0 + 61
@@ -214,14 +214,15 @@ def test_strict_expiry_ends_the_allocation_at_the_username_expiry():
 
 # ------------------------------------------------------------------ the peer policy
 
+
 def test_the_own_relay_exception_covers_only_ports_live_allocations_hold():
     ports = LocalLedger()
     policy = build_policy(["recommended"], [], [], ["127.0.0.1", "::1"], (61000, 65535), ports)
-    assert not policy.permits("127.0.0.1", 61500)         # in the range, nobody holds it
+    assert not policy.permits("127.0.0.1", 61500)  # in the range, nobody holds it
     ports.mark_port(stun.FAMILY_IPV4, 61500, True)
     assert policy.permits("127.0.0.1", 61500)
-    assert policy.permits("::ffff:127.0.0.1", 61500)      # the same address, mapped
-    assert not policy.permits("::1", 61500)                # the IPv6 port is another port
+    assert policy.permits("::ffff:127.0.0.1", 61500)  # the same address, mapped
+    assert not policy.permits("::1", 61500)  # the IPv6 port is another port
     assert not policy.permits("127.0.0.1", 8080)
     ports.mark_port(stun.FAMILY_IPV4, 61500, False)
     assert not policy.permits("127.0.0.1", 61500)

@@ -44,11 +44,13 @@ def random_json(rng: random.Random, depth: int = 0):
     roll = rng.random()
     if depth > 40 or roll < 0.3:
         # Strings full of what a naive bracket count would trip on.
-        return rng.choice([1, None, "a[\"{\\", "]}\\\\", "x\\\"y[", "\u2028{", "\\\\\"["])
+        return rng.choice([1, None, 'a["{\\', "]}\\\\", 'x\\"y[', "\u2028{", '\\\\"['])
     if roll < 0.65:
         return [random_json(rng, depth + 1) for _ in range(rng.randint(0, 3))]
-    return {rng.choice(["k", "[", "}", "\\\""]) + str(i): random_json(rng, depth + 1)
-            for i in range(rng.randint(0, 3))}
+    return {
+        rng.choice(["k", "[", "}", '\\"']) + str(i): random_json(rng, depth + 1)
+        for i in range(rng.randint(0, 3))
+    }
 
 
 def test_depth_check_agrees_with_the_parsed_value():
@@ -60,15 +62,18 @@ def test_depth_check_agrees_with_the_parsed_value():
             assert within_depth(text, bound) == (reference_depth(value) <= bound), (bound, text)
 
 
-@pytest.mark.parametrize("body, message", [
-    (b"[" * 30000 + b"]" * 30000, "nested deeper than 32"),
-    (b'{"a":' * 10000 + b"1" + b"}" * 10000, "nested deeper than 32"),
-    (b"[" * 33 + b"]" * 33, "nested deeper than 32"),
-    (b'["\xff"]', "not valid UTF-8"),
-    (b"[" * 40, "not valid JSON"),
-    (b"{not json", "not valid JSON"),
-    (b" " * 70000, "larger than 65536"),
-])
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        (b"[" * 30000 + b"]" * 30000, "nested deeper than 32"),
+        (b'{"a":' * 10000 + b"1" + b"}" * 10000, "nested deeper than 32"),
+        (b"[" * 33 + b"]" * 33, "nested deeper than 32"),
+        (b'["\xff"]', "not valid UTF-8"),
+        (b"[" * 40, "not valid JSON"),
+        (b"{not json", "not valid JSON"),
+        (b" " * 70000, "larger than 65536"),
+    ],
+)
 def test_bad_bodies_are_one_error_type_with_a_message(body, message):
     with pytest.raises(JsonBodyError, match=message):
         decode_json(body, 65536, 32)
@@ -81,13 +86,16 @@ def test_good_bodies_parse():
     assert decode_json('["张三"]', 100, 32) == ["张三"]
 
 
-@pytest.mark.parametrize("body", [
-    "[" * 32000 + "]" * 32000,
-    '"' + '\\"' * 30000,
-    '["' + "a[" * 30000,
-    "[" + "[1]," * 16000 + "[1]]",
-    '{"a":' * 10000 + "1" + "}" * 10000,
-])
+@pytest.mark.parametrize(
+    "body",
+    [
+        "[" * 32000 + "]" * 32000,
+        '"' + '\\"' * 30000,
+        '["' + "a[" * 30000,
+        "[" + "[1]," * 16000 + "[1]]",
+        '{"a":' * 10000 + "1" + "}" * 10000,
+    ],
+)
 def test_hostile_bodies_cost_milliseconds(body):
     started = time.perf_counter()
     for _ in range(10):
@@ -95,7 +103,7 @@ def test_hostile_bodies_cost_milliseconds(body):
             decode_json(body.encode(), 65536, 32)
         except JsonBodyError:
             pass
-    assert time.perf_counter() - started < 2.0          # ~1 ms each; generous for a busy box
+    assert time.perf_counter() - started < 2.0  # ~1 ms each; generous for a busy box
 
 
 def test_a_sockjs_payload_nests_nothing():
@@ -110,12 +118,22 @@ def test_a_sockjs_payload_nests_nothing():
 # ---------------------------------------------------------------- user ids and logs
 
 
-@pytest.mark.parametrize("user, problem", [
-    ("alice", None), ("张三", None), ("a" * 128, None), ("", "is empty"),
-    ("a" * 129, "longer than 128"), ("x\ny", "control character"), ("x\ry", "control character"),
-    ("x\x00", "control character"), ("x\x1b[31m", "control character"), ("x\u2028y", "control"),
-    ("x\x85y", "control character"),
-])
+@pytest.mark.parametrize(
+    "user, problem",
+    [
+        ("alice", None),
+        ("张三", None),
+        ("a" * 128, None),
+        ("", "is empty"),
+        ("a" * 129, "longer than 128"),
+        ("x\ny", "control character"),
+        ("x\ry", "control character"),
+        ("x\x00", "control character"),
+        ("x\x1b[31m", "control character"),
+        ("x\u2028y", "control"),
+        ("x\x85y", "control character"),
+    ],
+)
 def test_user_id_problems(user, problem):
     found = user_id_problem(user, 128)
     assert (found is None) if problem is None else (problem in found)
@@ -163,8 +181,9 @@ def connected(limits: Limits | None = None, now: float = 0.0, version: str = "1.
     return conn
 
 
-@pytest.mark.parametrize("raw", ["SUBSCRIBE\nid:a\x00b\ndestination:/x\n\n\x00",
-                                 "SEND\ndestination:/app/x\nreceipt:a\rb\n\n\x00"])
+@pytest.mark.parametrize(
+    "raw", ["SUBSCRIBE\nid:a\x00b\ndestination:/x\n\n\x00", "SEND\ndestination:/app/x\nreceipt:a\rb\n\n\x00"]
+)
 def test_nul_and_bare_cr_in_headers_are_protocol_errors(raw):
     conn = connected()
     conn.receive_data(raw.encode(), 0.0)
@@ -175,7 +194,7 @@ def test_token_bucket_and_window():
     bucket = TokenBucket(rate=10, burst=3, now=0.0)
     assert [bucket.take(0.0) for _ in range(4)] == [True, True, True, False]
     assert bucket.take(0.1) and not bucket.take(0.1)
-    assert TokenBucket(rate=0, burst=1, now=0.0).take(0.0)        # 0: no budget
+    assert TokenBucket(rate=0, burst=1, now=0.0).take(0.0)  # 0: no budget
     window = WindowCount(10.0)
     assert [window.add(t) for t in (0.0, 1.0, 9.9, 10.0)] == [1, 2, 3, 1]
 
@@ -193,19 +212,19 @@ def test_sends_past_the_budget_are_refused_then_the_session_is_ended():
     (refused,) = conn.receive_data(sends(1, receipt=True), 0.0)
     assert isinstance(refused, SendRefused) and refused.close_message is None
     assert "10 SEND frames a second" in refused.message
-    assert conn.data_to_send()                                   # the receipt still comes
-    assert len(conn.receive_data(sends(1), 0.1)) == 1            # refilled: one passes
+    assert conn.data_to_send()  # the receipt still comes
+    assert len(conn.receive_data(sends(1), 0.1)) == 1  # refilled: one passes
     assert isinstance(conn.receive_data(sends(1), 0.1)[0], SendRefused)
-    last, *rest = conn.receive_data(sends(10), 0.1)              # the third refusal
+    last, *rest = conn.receive_data(sends(10), 0.1)  # the third refusal
     assert isinstance(last, SendRefused) and "too many SEND frames" in last.close_message
     assert rest == [] and conn.receive_data(sends(1), 5.0) == []  # nothing more is read
-    assert not conn.closed                                       # the application ends it
+    assert not conn.closed  # the application ends it
 
 
 def test_refusals_far_apart_do_not_end_the_session():
     conn = connected(Limits(send_rate=1, send_burst=1, send_refusals_to_close=2))
     for t in (0.0, 11.0, 22.0):
-        conn.receive_data(sends(1), t)                           # spends the token
+        conn.receive_data(sends(1), t)  # spends the token
         (refused,) = conn.receive_data(sends(1), t)
         assert isinstance(refused, SendRefused) and refused.close_message is None
 
@@ -223,8 +242,12 @@ def open_session(svc: SignalingService, user: str, sid: str) -> Session:
     conn = connected(svc.limits)
     session = Session(sid, user, conn)
     svc.connected(session)
-    send(svc, session, "SUBSCRIBE\nid:s\ndestination:/topic/user/status\n\n\x00"
-                       "SUBSCRIBE\nid:e\ndestination:/user/queue/errors\n\n\x00")
+    send(
+        svc,
+        session,
+        "SUBSCRIBE\nid:s\ndestination:/topic/user/status\n\n\x00"
+        "SUBSCRIBE\nid:e\ndestination:/user/queue/errors\n\n\x00",
+    )
     session.outbox.clear()
     return session
 
@@ -257,21 +280,22 @@ def test_the_watch_list_is_capped_per_session():
     svc = service(Limits(max_watched=300))
     s = open_session(svc, "alice", "a1")
     send(svc, s, query([f"u{i}" for i in range(200)]))
-    send(svc, s, query([f"u{i}" for i in range(100, 300)]))      # 100 new: 300 watched
+    send(svc, s, query([f"u{i}" for i in range(100, 300)]))  # 100 new: 300 watched
     assert [len(body) for _, body in messages(s)] == [200, 200]
     send(svc, s, query(["u0", "new-one"]))
     ((dest, body),) = messages(s)
     assert dest == "/user/queue/errors" and body["code"] == 400 and "at most 300" in body["message"]
-    send(svc, s, query(["u0", "u299"]))                          # already watched: answered
+    send(svc, s, query(["u0", "u299"]))  # already watched: answered
     assert messages(s)[0][0] == "/topic/user/status"
     assert svc.presence.watched_count() == 300
-    other = open_session(svc, "bob", "b1")                       # the cap is per session
+    other = open_session(svc, "bob", "b1")  # the cap is per session
     send(svc, other, query(["new-one"]))
     assert messages(other)[0][0] == "/topic/user/status"
 
 
-@pytest.mark.parametrize("body", [b"[" * 30000 + b"]" * 30000, b'["\xff"]',
-                                  b'{"callId":"c","x":' + b"[" * 40 + b"]" * 40 + b"}"])
+@pytest.mark.parametrize(
+    "body", [b"[" * 30000 + b"]" * 30000, b'["\xff"]', b'{"callId":"c","x":' + b"[" * 40 + b"]" * 40 + b"}"]
+)
 def test_bad_bodies_are_400_and_the_session_stays(body):
     svc = service()
     s = open_session(svc, "alice", "a1")
@@ -317,9 +341,12 @@ async def connect_event(token: str) -> ConnectRequested:
 async def test_connect_refuses_unusable_user_ids_and_logs_them_escaped(caplog):
     svc = service()
     with caplog.at_level(logging.INFO, logger="signaling"):
-        for token, claimed, where in (("tok-a", "x\nFORGED line", "userId"),
-                                      ("tok-a", "a" * 129, "userId"),
-                                      ("tok-nl", None, "user id"), ("tok-long", None, "user id")):
+        for token, claimed, where in (
+            ("tok-a", "x\nFORGED line", "userId"),
+            ("tok-a", "a" * 129, "userId"),
+            ("tok-nl", None, "user id"),
+            ("tok-long", None, "user id"),
+        ):
             with pytest.raises(SignalingError) as info:
                 await svc.authenticate(await connect_event(token), claimed)
             assert info.value.code == 400 and where in info.value.message
@@ -333,22 +360,30 @@ async def test_connect_refuses_unusable_user_ids_and_logs_them_escaped(caplog):
 
 
 def http_app(max_frame_bytes: int = 65536):
-    return create_app("/imserver", StaticVerifier(TOKENS), Limits(max_frame_bytes=max_frame_bytes), 64,
-                      issue_credentials=lambda user: {"iceServers": []})
+    return create_app(
+        "/imserver",
+        StaticVerifier(TOKENS),
+        Limits(max_frame_bytes=max_frame_bytes),
+        64,
+        issue_credentials=lambda user: {"iceServers": []},
+    )
 
 
-@pytest.mark.parametrize("body, status", [
-    (b'{"callId":"c","callee":"bob","x":' + b"[" * 20000 + b"]" * 20000 + b"}", 400),
-    (b'{"callId":"c","callee":"\xff"}', 400),
-    (b"null", 400),
-    (json.dumps({"callId": "c", "pad": "x" * 70000}).encode(), 413),
-])
+@pytest.mark.parametrize(
+    "body, status",
+    [
+        (b'{"callId":"c","callee":"bob","x":' + b"[" * 20000 + b"]" * 20000 + b"}", 400),
+        (b'{"callId":"c","callee":"\xff"}', 400),
+        (b"null", 400),
+        (json.dumps({"callId": "c", "pad": "x" * 70000}).encode(), 413),
+    ],
+)
 async def test_http_bodies_are_bounded(body, status, caplog):
     client = http_app().web.test_client()
     with caplog.at_level(logging.ERROR):
         response = await client.post("/imserver/call/request", data=body, headers={"ide": "tok-a"})
     assert response.status_code == status and (await response.get_json())["code"] == status
-    assert not caplog.records                                    # no traceback
+    assert not caplog.records  # no traceback
 
 
 async def test_http_refuses_tokens_naming_unusable_ids():
@@ -358,5 +393,5 @@ async def test_http_refuses_tokens_naming_unusable_ids():
         assert response.status_code == 400 and (await response.get_json())["code"] == 400
     response = await client.get("/imserver/turn/get-turn-credentials", headers={"ide": "tok-a"})
     assert response.status_code == 200
-    response = await client.post("/imserver/call/hangup", headers={"ide": "tok-a"})   # empty body
+    response = await client.post("/imserver/call/hangup", headers={"ide": "tok-a"})  # empty body
     assert (await response.get_json())["code"] == 200

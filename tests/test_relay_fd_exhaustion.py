@@ -31,8 +31,7 @@ def lowest_free_fd() -> int:
 
 def test_an_opener_out_of_descriptors_gives_up_at_once_and_leaks_nothing():
     core, _ = make_core()
-    opener = UdpRelayOpener(NoLoop(), lambda: core, {stun.FAMILY_IPV4: "127.0.0.1"},
-                            (56000, 56999))
+    opener = UdpRelayOpener(NoLoop(), lambda: core, {stun.FAMILY_IPV4: "127.0.0.1"}, (56000, 56999))
     free = lowest_free_fd()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (free + 1, hard))
@@ -43,8 +42,8 @@ def test_an_opener_out_of_descriptors_gives_up_at_once_and_leaks_nothing():
     assert opened is None
     assert core.counters["relay_fd_exhausted"] == 1
     assert opener.in_use == set()
-    assert lowest_free_fd() == free          # the first socket was closed
+    assert lowest_free_fd() == free  # the first socket was closed
     opened = opener.open(stun.FAMILY_IPV4, True, True)
-    assert opened is not None                # and the opener works once descriptors are back
+    assert opened is not None  # and the opener works once descriptors are back
     for port in opened:
         port.close()

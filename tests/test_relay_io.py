@@ -40,15 +40,19 @@ class AllowAll:
         return True
 
 
-
 async def start_node(relay: RelaySettings) -> RelayNode:
     clock = Clock()
     port = free_port_pair()
     settings = NodeSettings(
         relay=relay,
-        udp=Endpoint("127.0.0.1", port), tcp=Endpoint("127.0.0.1", port), tls=None,
+        udp=Endpoint("127.0.0.1", port),
+        tcp=Endpoint("127.0.0.1", port),
+        tls=None,
         relay_ips={stun.FAMILY_IPV4: "127.0.0.1", stun.FAMILY_IPV6: "::1"},
-        relay_ports=(52000, 52999), nonce_lifetime_s=600, reuse_port=False)
+        relay_ports=(52000, 52999),
+        nonce_lifetime_s=600,
+        reuse_port=False,
+    )
     n = RelayNode(settings, (SECRET,), os.urandom(32), AllowAll(), clock=clock)
     await n.start()
     n.clock_ref = clock
@@ -58,8 +62,7 @@ async def start_node(relay: RelaySettings) -> RelayNode:
 
 @pytest.fixture
 async def node():
-    n = await start_node(
-        RelaySettings(realm=REALM, families=frozenset({stun.FAMILY_IPV4, stun.FAMILY_IPV6})))
+    n = await start_node(RelaySettings(realm=REALM, families=frozenset({stun.FAMILY_IPV4, stun.FAMILY_IPV6})))
     yield n
     await n.stop()
 
@@ -110,13 +113,18 @@ class RawClient:
         return stun.xor_address(reply.get(stun.XOR_RELAYED_ADDRESS), reply.transaction_id)
 
     async def channel_bind(self, number: int, peer) -> stun.Message:
-        return await self.request(stun.CHANNEL_BIND, [
-            (stun.CHANNEL_NUMBER, struct.pack("!HH", number, 0)),
-            (stun.XOR_PEER_ADDRESS, lambda tid: stun.encode_xor_address(peer, tid))])
+        return await self.request(
+            stun.CHANNEL_BIND,
+            [
+                (stun.CHANNEL_NUMBER, struct.pack("!HH", number, 0)),
+                (stun.XOR_PEER_ADDRESS, lambda tid: stun.encode_xor_address(peer, tid)),
+            ],
+        )
 
     async def create_permission(self, peer) -> stun.Message:
-        return await self.request(stun.CREATE_PERMISSION, [
-            (stun.XOR_PEER_ADDRESS, lambda tid: stun.encode_xor_address(peer, tid))])
+        return await self.request(
+            stun.CREATE_PERMISSION, [(stun.XOR_PEER_ADDRESS, lambda tid: stun.encode_xor_address(peer, tid))]
+        )
 
     async def recv(self) -> bytes:
         return await self._recv_raw()
@@ -169,7 +177,7 @@ async def test_channel_data_both_ways(node, transport):
     peer = peer_socket()
     peer_addr = peer.getsockname()
     assert (await client.channel_bind(0x4001, peer_addr)).cls == stun.SUCCESS
-    payload = b"abcde"                          # odd length: padding on streams
+    payload = b"abcde"  # odd length: padding on streams
     pad = b"\x00" * 3 if transport == "tcp" else b""
     await client.send(struct.pack("!HH", 0x4001, len(payload)) + payload + pad)
     data, src = await peer_recv(peer)
@@ -230,19 +238,19 @@ async def test_hot_path_enforces_permission_and_channel_expiry(node):
     peer_addr = peer.getsockname()
     assert (await client.channel_bind(0x4003, peer_addr)).cls == stun.SUCCESS
     frame = struct.pack("!HH", 0x4003, 4) + b"ping"
-    clock.now += 299                       # permission (300 s) still live
+    clock.now += 299  # permission (300 s) still live
     await client.send(frame)
     assert (await peer_recv(peer))[0] == b"ping"
-    clock.now += 2                         # permission expired, channel (600 s) not
+    clock.now += 2  # permission expired, channel (600 s) not
     await client.send(frame)
     await assert_nothing(peer)
-    peer.sendto(b"late", relayed)          # peer traffic without permission is dropped
+    peer.sendto(b"late", relayed)  # peer traffic without permission is dropped
     with pytest.raises(asyncio.TimeoutError):
         await asyncio.wait_for(client.recv(), 0.2)
     assert (await client.create_permission(peer_addr)).cls == stun.SUCCESS
     await client.send(frame)
     assert (await peer_recv(peer))[0] == b"ping"
-    clock.now += 300                       # channel expired (601 s after bind)
+    clock.now += 300  # channel expired (601 s after bind)
     assert (await client.create_permission(peer_addr)).cls == stun.SUCCESS
     await client.send(frame)
     await assert_nothing(peer)
@@ -255,7 +263,7 @@ async def test_garbage_is_counted_and_harmless(node):
     for junk in (b"", b"\x00", b"\xff" * 40, b"\x40\x00\xff\xff", os.urandom(100)):
         client.sock.send(junk)
     await asyncio.sleep(0.05)
-    relayed = await client.allocate()          # the listener still serves
+    relayed = await client.allocate()  # the listener still serves
     assert relayed[0] == "127.0.0.1"
     assert node.core.counters["malformed"] >= 2
     client.sock.close()
@@ -267,7 +275,7 @@ async def test_stream_loses_framing_closes_only_that_connection(node):
     await good.allocate()
     await bad.send(b"\xff" * 8)
     loop = asyncio.get_running_loop()
-    assert await asyncio.wait_for(loop.sock_recv(bad.sock, 10), 2) == b""   # closed
+    assert await asyncio.wait_for(loop.sock_recv(bad.sock, 10), 2) == b""  # closed
     peer = peer_socket()
     assert (await good.channel_bind(0x4004, peer.getsockname())).cls == stun.SUCCESS
     bad.sock.close()
@@ -298,19 +306,27 @@ def make_cert(directory) -> tuple[str, str]:
 
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
-            .public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=1))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName(
-                [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
-            .sign(key, hashes.SHA256()))
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False
+        )
+        .sign(key, hashes.SHA256())
+    )
     cert_path, key_path = directory / "cert.pem", directory / "key.pem"
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                           serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
     return str(cert_path), str(key_path)
 
 
@@ -322,15 +338,21 @@ async def test_tls_listener_relays_channel_data(tmp_path):
     server_ctx.load_cert_chain(cert, key)
     port = free_port_pair()
     settings = NodeSettings(
-        relay=RelaySettings(realm=REALM), udp=None, tcp=None, tls=Endpoint("127.0.0.1", port),
-        relay_ips={stun.FAMILY_IPV4: "127.0.0.1"}, relay_ports=(53000, 53999),
-        nonce_lifetime_s=600, reuse_port=False)
+        relay=RelaySettings(realm=REALM),
+        udp=None,
+        tcp=None,
+        tls=Endpoint("127.0.0.1", port),
+        relay_ips={stun.FAMILY_IPV4: "127.0.0.1"},
+        relay_ports=(53000, 53999),
+        nonce_lifetime_s=600,
+        reuse_port=False,
+    )
     node = RelayNode(settings, (SECRET,), os.urandom(32), AllowAll(), server_ctx, clock=Clock())
     await node.start()
     try:
         client_ctx = ssl.create_default_context(cafile=cert)
         reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=client_ctx)
-        raw = RawClient(None, stream=True)   # reads and writes go through the TLS stream
+        raw = RawClient(None, stream=True)  # reads and writes go through the TLS stream
 
         async def send(data):
             writer.write(data)
@@ -376,9 +398,15 @@ async def test_stream_without_allocation_is_closed_when_idle(node):
 async def test_dual_stack_listener_reports_ipv4_clients_as_ipv4():
     port = free_port_pair()
     settings = NodeSettings(
-        relay=RelaySettings(realm=REALM), udp=Endpoint("::", port), tcp=None, tls=None,
-        relay_ips={stun.FAMILY_IPV4: "127.0.0.1"}, relay_ports=(54000, 54999),
-        nonce_lifetime_s=600, reuse_port=False)
+        relay=RelaySettings(realm=REALM),
+        udp=Endpoint("::", port),
+        tcp=None,
+        tls=None,
+        relay_ips={stun.FAMILY_IPV4: "127.0.0.1"},
+        relay_ports=(54000, 54999),
+        nonce_lifetime_s=600,
+        reuse_port=False,
+    )
     n = RelayNode(settings, (SECRET,), os.urandom(32), AllowAll(), clock=Clock())
     await n.start()
     try:
@@ -431,7 +459,7 @@ async def test_bandwidth_cap_drops_and_counts_past_the_burst_each_way(transport,
 
         def relayed_payload(frame: bytes) -> bytes:
             if framing == "channel":
-                return frame[4:4 + len(payload)]
+                return frame[4 : 4 + len(payload)]
             return stun.parse(frame).get(stun.DATA_ATTR)
 
         for _ in range(10):
@@ -448,7 +476,7 @@ async def test_bandwidth_cap_drops_and_counts_past_the_burst_each_way(transport,
         traffic = node.core.traffic
         assert (traffic.to_peer_packets, traffic.to_client_packets) == (3, 3)
 
-        node.clock_ref.now += 0.125            # 1000 bytes refilled each way
+        node.clock_ref.now += 0.125  # 1000 bytes refilled each way
         await client.send(to_peer)
         peer.sendto(payload, relayed)
         assert (await peer_recv(peer))[0] == payload
@@ -492,8 +520,7 @@ class BrokenMeter:
 
 
 @pytest.mark.parametrize("transport", ["udp", "tcp"])
-async def test_a_bug_on_a_packet_path_is_caught_counted_and_the_path_keeps_serving(node, transport,
-                                                                                   caplog):
+async def test_a_bug_on_a_packet_path_is_caught_counted_and_the_path_keeps_serving(node, transport, caplog):
     client = await open_client(node, transport)
     relayed = await client.allocate()
     peer = peer_socket()

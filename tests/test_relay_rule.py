@@ -37,56 +37,122 @@ from turn.node import Endpoint, NodeSettings, RelayNode
 
 from .netports import free_port_pair
 from .test_relay_io import AllowAll, Clock, make_cert
-from .turn_fakes import (T0, CoreClient, FakeClientLink, FakeOpener, channel_attr, lifetime_attr,
-                         make_core, peer_attr)
+from .turn_fakes import (
+    T0,
+    CoreClient,
+    FakeClientLink,
+    FakeOpener,
+    channel_attr,
+    lifetime_attr,
+    make_core,
+    peer_attr,
+)
 
-P = PERMISSION_LIFETIME_S      # 300 s
-C = CHANNEL_LIFETIME_S         # 600 s
+P = PERMISSION_LIFETIME_S  # 300 s
+C = CHANNEL_LIFETIME_S  # 600 s
 CHANNEL = 0x4000
 
 
 @dataclass(frozen=True)
 class Case:
     name: str
-    at: float                           # when the packets go, seconds after the Allocate
-    channel_data: bool                  # ChannelData from the client reaches the bound peer
-    send: bool                          # a Send indication reaches the peer
-    from_peer: str | None               # "channel", "indication", or None: dropped
-    bind_at: float | None = None        # ChannelBind (channel + permission) at this time
-    permit_at: tuple[float, ...] = ()   # CreatePermission at these times
-    strict: bool = False                # turn.strict_expiry
-    username_ttl: float = 3600.0        # the username expires this long after the Allocate
-    other_port: bool = False            # the peer sends from (and Send goes to) another port
+    at: float  # when the packets go, seconds after the Allocate
+    channel_data: bool  # ChannelData from the client reaches the bound peer
+    send: bool  # a Send indication reaches the peer
+    from_peer: str | None  # "channel", "indication", or None: dropped
+    bind_at: float | None = None  # ChannelBind (channel + permission) at this time
+    permit_at: tuple[float, ...] = ()  # CreatePermission at these times
+    strict: bool = False  # turn.strict_expiry
+    username_ttl: float = 3600.0  # the username expires this long after the Allocate
+    other_port: bool = False  # the peer sends from (and Send goes to) another port
 
 
 CASES = [
-    Case("nothing installed", at=0,
-         channel_data=False, send=False, from_peer=None),
-    Case("permission live", permit_at=(0,), at=P - 1,
-         channel_data=False, send=True, from_peer="indication"),
-    Case("permission at its expiry instant", permit_at=(0,), at=P,
-         channel_data=False, send=False, from_peer=None),
-    Case("permission expired", permit_at=(0,), at=P + 1,
-         channel_data=False, send=False, from_peer=None),
-    Case("channel live", bind_at=0, at=0,
-         channel_data=True, send=True, from_peer="channel"),
-    Case("channel live, its permission at its expiry instant", bind_at=0, at=P,
-         channel_data=False, send=False, from_peer=None),
-    Case("channel live, permission renewed", bind_at=0, permit_at=(C - 200,), at=C - 1,
-         channel_data=True, send=True, from_peer="channel"),
-    Case("channel at its expiry instant, permission live", bind_at=0, permit_at=(C - 200,),
-         at=C, channel_data=False, send=True, from_peer="indication"),
-    Case("channel expired and cooling down, permission live", bind_at=0, permit_at=(C - 100,),
-         at=C + 100, channel_data=False, send=True, from_peer="indication"),
-    Case("peer sends from another port of the channel's IP", bind_at=0, at=0, other_port=True,
-         channel_data=True, send=True, from_peer="indication"),
-    Case("strict_expiry, username still valid", bind_at=0, at=50, strict=True,
-         username_ttl=100, channel_data=True, send=True, from_peer="channel"),
-    Case("username expired, strict_expiry off: the allocation lives on", bind_at=0, at=150,
-         username_ttl=100, channel_data=True, send=True, from_peer="channel"),
-    Case("username expired, strict_expiry on: the allocation ended with it", bind_at=0,
-         at=150, strict=True, username_ttl=100,
-         channel_data=False, send=False, from_peer=None),
+    Case("nothing installed", at=0, channel_data=False, send=False, from_peer=None),
+    Case("permission live", permit_at=(0,), at=P - 1, channel_data=False, send=True, from_peer="indication"),
+    Case(
+        "permission at its expiry instant",
+        permit_at=(0,),
+        at=P,
+        channel_data=False,
+        send=False,
+        from_peer=None,
+    ),
+    Case("permission expired", permit_at=(0,), at=P + 1, channel_data=False, send=False, from_peer=None),
+    Case("channel live", bind_at=0, at=0, channel_data=True, send=True, from_peer="channel"),
+    Case(
+        "channel live, its permission at its expiry instant",
+        bind_at=0,
+        at=P,
+        channel_data=False,
+        send=False,
+        from_peer=None,
+    ),
+    Case(
+        "channel live, permission renewed",
+        bind_at=0,
+        permit_at=(C - 200,),
+        at=C - 1,
+        channel_data=True,
+        send=True,
+        from_peer="channel",
+    ),
+    Case(
+        "channel at its expiry instant, permission live",
+        bind_at=0,
+        permit_at=(C - 200,),
+        at=C,
+        channel_data=False,
+        send=True,
+        from_peer="indication",
+    ),
+    Case(
+        "channel expired and cooling down, permission live",
+        bind_at=0,
+        permit_at=(C - 100,),
+        at=C + 100,
+        channel_data=False,
+        send=True,
+        from_peer="indication",
+    ),
+    Case(
+        "peer sends from another port of the channel's IP",
+        bind_at=0,
+        at=0,
+        other_port=True,
+        channel_data=True,
+        send=True,
+        from_peer="indication",
+    ),
+    Case(
+        "strict_expiry, username still valid",
+        bind_at=0,
+        at=50,
+        strict=True,
+        username_ttl=100,
+        channel_data=True,
+        send=True,
+        from_peer="channel",
+    ),
+    Case(
+        "username expired, strict_expiry off: the allocation lives on",
+        bind_at=0,
+        at=150,
+        username_ttl=100,
+        channel_data=True,
+        send=True,
+        from_peer="channel",
+    ),
+    Case(
+        "username expired, strict_expiry on: the allocation ended with it",
+        bind_at=0,
+        at=150,
+        strict=True,
+        username_ttl=100,
+        channel_data=False,
+        send=False,
+        from_peer=None,
+    ),
 ]
 
 
@@ -111,6 +177,7 @@ def send_indication(peer, data: bytes) -> bytes:
 
 # ------------------------------------------------------------------ the core
 
+
 def send_outcome_in_core(case: Case) -> bool:
     """Whether a Send indication reaches the peer through the sans-I/O core."""
     core, opener = make_core(strict_expiry=case.strict)
@@ -120,8 +187,10 @@ def send_outcome_in_core(case: Case) -> bool:
     for t, step in setup_steps(case):
         client.now = T0 + t
         attrs = [channel_attr(CHANNEL), peer_attr(bound)] if step == "bind" else [peer_attr(bound)]
-        assert client.send(stun.CHANNEL_BIND if step == "bind" else stun.CREATE_PERMISSION,
-                           attrs).cls == stun.SUCCESS
+        assert (
+            client.send(stun.CHANNEL_BIND if step == "bind" else stun.CREATE_PERMISSION, attrs).cls
+            == stun.SUCCESS
+        )
     client.now = T0 + case.at
     core.handle_timer(client.now)
     assert client.raw(send_indication(source, b"send-probe")) is None
@@ -129,6 +198,7 @@ def send_outcome_in_core(case: Case) -> bool:
 
 
 # ------------------------------------------------------------------ over the wire
+
 
 class Wire:
     """One client's connection to the node: datagrams (UDP) or a byte stream (TCP, TLS)."""
@@ -148,7 +218,8 @@ class Wire:
             await asyncio.get_running_loop().sock_connect(self.sock, ("127.0.0.1", self.port))
         else:
             self.reader, self.writer = await asyncio.open_connection(
-                "127.0.0.1", self.port, ssl=self.tls_context)
+                "127.0.0.1", self.port, ssl=self.tls_context
+            )
 
     def close(self) -> None:
         if self.sock is not None:
@@ -170,8 +241,7 @@ class Wire:
     async def recv(self, timeout: float = 2.0) -> bytes:
         """One STUN message or ChannelData frame (its padding dropped)."""
         if self.sock is not None:
-            return await asyncio.wait_for(
-                asyncio.get_running_loop().sock_recv(self.sock, 70000), timeout)
+            return await asyncio.wait_for(asyncio.get_running_loop().sock_recv(self.sock, 70000), timeout)
         head = await asyncio.wait_for(self.reader.readexactly(4), timeout)
         length = struct.unpack_from("!H", head, 2)[0]
         if head[0] < 0x40:
@@ -183,8 +253,7 @@ class Wire:
 class WireClient:
     def __init__(self, wire: Wire, username_ttl: float) -> None:
         self.wire = wire
-        self.creds = ClientCredentials.rest(b"rule-secret", f"{int(T0 + username_ttl)}:alice",
-                                            "rule.test")
+        self.creds = ClientCredentials.rest(b"rule-secret", f"{int(T0 + username_ttl)}:alice", "rule.test")
 
     async def request(self, method: int, attrs) -> stun.Message:
         for _ in range(3):
@@ -246,10 +315,12 @@ async def outcome_over_the_wire(case: Case, transport: str, tls_contexts) -> dic
         udp=endpoint if transport == "udp" else None,
         tcp=endpoint if transport == "tcp" else None,
         tls=endpoint if transport == "tls" else None,
-        relay_ips={stun.FAMILY_IPV4: "127.0.0.1"}, relay_ports=(57000, 57999),
-        nonce_lifetime_s=600, reuse_port=False)
-    node = RelayNode(settings, (b"rule-secret",), os.urandom(32), AllowAll(),
-                     tls_contexts[0], clock=clock)
+        relay_ips={stun.FAMILY_IPV4: "127.0.0.1"},
+        relay_ports=(57000, 57999),
+        nonce_lifetime_s=600,
+        reuse_port=False,
+    )
+    node = RelayNode(settings, (b"rule-secret",), os.urandom(32), AllowAll(), tls_contexts[0], clock=clock)
     await node.start()
     wire = Wire(transport, port, tls_contexts[1] if transport == "tls" else None)
     bound, other, control = peer_socket(), peer_socket(), peer_socket("127.0.0.2")
@@ -257,8 +328,9 @@ async def outcome_over_the_wire(case: Case, transport: str, tls_contexts) -> dic
     try:
         await wire.open()
         client = WireClient(wire, case.username_ttl)
-        reply = await client.request(stun.ALLOCATE, [
-            (stun.REQUESTED_TRANSPORT, b"\x11\x00\x00\x00"), lifetime_attr(3600)])
+        reply = await client.request(
+            stun.ALLOCATE, [(stun.REQUESTED_TRANSPORT, b"\x11\x00\x00\x00"), lifetime_attr(3600)]
+        )
         assert reply.cls == stun.SUCCESS
         relayed = stun.xor_address(reply.get(stun.XOR_RELAYED_ADDRESS), reply.transaction_id)
         for t, step in setup_steps(case):
@@ -266,8 +338,9 @@ async def outcome_over_the_wire(case: Case, transport: str, tls_contexts) -> dic
             attrs = [peer_attr(bound.getsockname())]
             if step == "bind":
                 attrs.insert(0, channel_attr(CHANNEL))
-            assert (await client.request(stun.CHANNEL_BIND if step == "bind"
-                                         else stun.CREATE_PERMISSION, attrs)).cls == stun.SUCCESS
+            assert (
+                await client.request(stun.CHANNEL_BIND if step == "bind" else stun.CREATE_PERMISSION, attrs)
+            ).cls == stun.SUCCESS
         clock.now = T0 + case.at
         node.core.handle_timer(clock.now)
 
@@ -289,13 +362,12 @@ async def outcome_over_the_wire(case: Case, transport: str, tls_contexts) -> dic
             control.sendto(b"marker", relayed)
             while classify(frame := await wire.recv(), b"marker") is None:
                 frames.append(frame)
-        else:        # no allocation left to order anything: wait a little instead
+        else:  # no allocation left to order anything: wait a little instead
             with pytest.raises(asyncio.TimeoutError):
                 frames.append(await wire.recv(timeout=0.3))
         kinds = [classify(frame, b"peer-probe") for frame in frames]
         assert None not in kinds and len(kinds) <= 1, frames
-        return {"channel_data": channel_data, "send": sent,
-                "from_peer": kinds[0] if kinds else None}
+        return {"channel_data": channel_data, "send": sent, "from_peer": kinds[0] if kinds else None}
     finally:
         wire.close()
         for sock in (bound, other, control):
@@ -304,6 +376,7 @@ async def outcome_over_the_wire(case: Case, transport: str, tls_contexts) -> dic
 
 
 # ------------------------------------------------------------------ the table, every path
+
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_core_follows_the_rule(case):
@@ -318,6 +391,7 @@ async def test_io_paths_follow_the_rule(case, transport, tls_contexts):
 
 # ------------------------------------------------------------------ the routes are the rule
 
+
 def test_the_routes_the_hot_paths_read_always_say_what_the_rule_says():
     """The packet paths read an allocation's routes (a lookup and "until > now") instead of
     evaluating the rule; across random permissions, bindings, sweeps and clock jumps the
@@ -327,8 +401,16 @@ def test_the_routes_the_hot_paths_read_always_say_what_the_rule_says():
     peers = [(ip, port) for ip in ips for port in (5000, 5001)]
     numbers = [0x4000, 0x4001, 0x4002, 0x7FFF]
     relay = FakeOpener().open(stun.FAMILY_IPV4, False, False)[0]
-    alloc = Allocation(FakeClientLink(("198.51.100.1", 1), ("198.51.100.1", 1)), "u", "u",
-                       stun.FAMILY_IPV4, relay, relay.address, T0 + 10**6, False)
+    alloc = Allocation(
+        FakeClientLink(("198.51.100.1", 1), ("198.51.100.1", 1)),
+        "u",
+        "u",
+        stun.FAMILY_IPV4,
+        relay,
+        relay.address,
+        T0 + 10**6,
+        False,
+    )
     now = T0
     for _ in range(3000):
         op = rng.random()
@@ -350,12 +432,14 @@ def test_the_routes_the_hot_paths_read_always_say_what_the_rule_says():
         assert set(alloc.peer_routes) == set(alloc.channel_of_peer)
         for at in (now, now + rng.choice([0, 1, 299, 300, 301, 599, 600, 900])):
             live = {ip for ip in alloc.permissions if alloc.permissions[ip] > at}
-            to_peer = {n: peer for n, (peer, expiry) in alloc.channels.items()
-                       if expiry > at and peer[0] in live}
-            to_client = {peer: n for peer, n in alloc.channel_of_peer.items()
-                         if alloc.channels[n][1] > at and peer[0] in live}
-            assert {n: peer for n, (peer, until) in alloc.channel_routes.items()
-                    if until > at} == to_peer
-            assert {peer: n for peer, (n, until) in alloc.peer_routes.items()
-                    if until > at} == to_client
+            to_peer = {
+                n: peer for n, (peer, expiry) in alloc.channels.items() if expiry > at and peer[0] in live
+            }
+            to_client = {
+                peer: n
+                for peer, n in alloc.channel_of_peer.items()
+                if alloc.channels[n][1] > at and peer[0] in live
+            }
+            assert {n: peer for n, (peer, until) in alloc.channel_routes.items() if until > at} == to_peer
+            assert {peer: n for peer, (n, until) in alloc.peer_routes.items() if until > at} == to_client
             assert {ip for ip in ips if alloc.permits(ip, at)} == live

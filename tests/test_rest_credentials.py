@@ -13,8 +13,10 @@ SECRET = b"shared-secret-for-tests"
 
 def test_known_answer_from_openssl():
     # printf '%s' "1700086400:alice" | openssl dgst -sha1 -hmac shared-secret-for-tests -binary | base64
-    assert make_credential(SECRET, "alice", 1_700_000_000.9, 86400) == \
-        ("1700086400:alice", "J7kB0Y/1pifiX5T7ZFDHYzzA+xY=")
+    assert make_credential(SECRET, "alice", 1_700_000_000.9, 86400) == (
+        "1700086400:alice",
+        "J7kB0Y/1pifiX5T7ZFDHYzzA+xY=",
+    )
 
 
 def test_user_ids_may_contain_colons():
@@ -29,8 +31,7 @@ def test_the_secret_and_the_username_both_matter():
     assert credential_for(SECRET, username.replace("alice", "alicf")) != credential
 
 
-@pytest.mark.parametrize("user, ttl, message", [("", 60, "user_id"), ("a", 0, "ttl_s"),
-                                                ("a", -5, "ttl_s")])
+@pytest.mark.parametrize("user, ttl, message", [("", 60, "user_id"), ("a", 0, "ttl_s"), ("a", -5, "ttl_s")])
 def test_refuses_what_no_relay_would_accept(user, ttl, message):
     with pytest.raises(ValueError, match=message):
         make_credential(SECRET, user, 1_700_000_000, ttl)
@@ -39,8 +40,16 @@ def test_refuses_what_no_relay_would_accept(user, ttl, message):
 def test_made_usernames_parse_back():
     username, _ = make_credential(SECRET, "user:with:colons", 1_700_000_000, 60)
     assert parse_rest_username(username) == (1_700_000_060, "user:with:colons")
-    for bad in ("alice", ":alice", "12x:alice", "1700000060:", "9" * 13 + ":a",
-                "²:x", "١٧٠٠:x", "1700000060²"):        # digits int() refuses or reads otherwise
+    for bad in (
+        "alice",
+        ":alice",
+        "12x:alice",
+        "1700000060:",
+        "9" * 13 + ":a",
+        "²:x",
+        "١٧٠٠:x",
+        "1700000060²",
+    ):  # digits int() refuses or reads otherwise
         assert parse_rest_username(bad) is None
 
 

@@ -53,6 +53,7 @@ def test_prune_through_the_store(store):
 
 def test_a_corrupt_redis_value_is_refused_with_the_key(redis_url, redis_prefix):
     import redis
+
     store = RedisRingStore(redis_url, f"{redis_prefix}secrets")
     redis.Redis.from_url(redis_url).set(f"{redis_prefix}secrets", b"{nope")
     with pytest.raises(SecretRingError, match=f"key {redis_prefix}secrets: not valid JSON"):
@@ -63,6 +64,7 @@ def test_a_corrupt_redis_value_is_refused_with_the_key(redis_url, redis_prefix):
 
 def test_an_unreachable_redis_is_an_error_not_a_hang():
     from tests.netports import free_port_pair
+
     store = RedisRingStore(f"redis://:hunter2@127.0.0.1:{free_port_pair()}/0", "k")
     started = time.monotonic()
     with pytest.raises(SecretRingError, match="Redis unavailable") as info:
@@ -78,8 +80,7 @@ def test_passwords_never_reach_messages():
     assert safe_url("redis://host:6379") == "redis://host:6379"
 
 
-async def test_watcher_follows_a_rotation_made_elsewhere_and_survives_an_outage(redis_url,
-                                                                                 redis_prefix):
+async def test_watcher_follows_a_rotation_made_elsewhere_and_survives_an_outage(redis_url, redis_prefix):
     key = f"{redis_prefix}secrets"
     node_a = RedisRingStore(redis_url, key)
     node_a.ensure(NOW)
@@ -91,6 +92,7 @@ async def test_watcher_follows_a_rotation_made_elsewhere_and_survives_an_outage(
     assert watcher.ring.current().id == secret.id and len(applied[-1]) == 2
     watcher.store.client.connection_pool.disconnect()
     watcher.store.client = type(watcher.store.client).from_url(
-        "redis://127.0.0.1:1/0", socket_timeout=0.5, socket_connect_timeout=0.5)    # an outage
+        "redis://127.0.0.1:1/0", socket_timeout=0.5, socket_connect_timeout=0.5
+    )  # an outage
     assert not await watcher.poll()
     assert watcher.ring.current().id == secret.id and watcher.failures == 1

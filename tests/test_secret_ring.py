@@ -11,8 +11,17 @@ import stat
 import pytest
 
 import appliance.credentials.ring as secret_ring
-from appliance.credentials.ring import (Secret, SecretRing, SecretRingError, ensure_ring,
-                                         load_ring, new_secret, prune_ring, rotate_ring, save_ring)
+from appliance.credentials.ring import (
+    Secret,
+    SecretRing,
+    SecretRingError,
+    ensure_ring,
+    load_ring,
+    new_secret,
+    prune_ring,
+    rotate_ring,
+    save_ring,
+)
 
 NOW = 1_900_000_000
 
@@ -24,7 +33,7 @@ def mode_of(path) -> int:
 def test_new_secret_has_the_documented_shape():
     s = new_secret(NOW + 0.9)
     assert re.fullmatch(r"k-[0-9a-f]{8}", s.id)
-    assert re.fullmatch(r"[A-Za-z0-9_-]{43}", s.value)          # token_urlsafe(32)
+    assert re.fullmatch(r"[A-Za-z0-9_-]{43}", s.value)  # token_urlsafe(32)
     assert (s.created, s.retired) == (NOW, None)
     assert new_secret(NOW).value != s.value
 
@@ -129,8 +138,7 @@ def test_accepted_puts_current_first_then_newest_first_within_grace():
 def test_an_older_secret_not_yet_retired_stays_accepted_after_the_current():
     current = Secret("k-new", "n" * 32, NOW, None)
     previous = Secret("k-prev", "p" * 32, NOW - 10, None)
-    assert SecretRing((previous, current)).accepted(NOW + 10**6, grace_s=0) == \
-        (b"n" * 32, b"p" * 32)
+    assert SecretRing((previous, current)).accepted(NOW + 10**6, grace_s=0) == (b"n" * 32, b"p" * 32)
 
 
 def test_a_ring_without_a_current_secret_raises():
@@ -151,8 +159,9 @@ def test_repr_never_shows_the_secret():
 def test_errors_never_show_the_secret(tmp_path):
     path = tmp_path / "secrets.json"
     value = "s3cret-value-that-must-not-leak"
-    path.write_text(json.dumps({"version": 1, "secrets": [
-        {"id": "k-1", "value": value, "created": "yesterday"}]}))
+    path.write_text(
+        json.dumps({"version": 1, "secrets": [{"id": "k-1", "value": value, "created": "yesterday"}]})
+    )
     with pytest.raises(SecretRingError) as info:
         load_ring(path)
     assert value not in str(info.value) and "k-1" in str(info.value)
@@ -164,26 +173,29 @@ def entry(**overrides) -> dict:
     return {key: value for key, value in item.items() if value != "DROP"}
 
 
-@pytest.mark.parametrize("content, reason", [
-    ("{not json", "not valid JSON (Expecting property name"),
-    ("[]", "expected {\"version\": 1"),
-    ('{"secrets": []}', "found version None"),
-    ('{"version": 2, "secrets": []}', "found version 2"),
-    ('{"version": 1}', '"secrets" must be a non-empty list'),
-    ('{"version": 1, "secrets": []}', '"secrets" must be a non-empty list'),
-    ('{"version": 1, "secrets": ["k-1"]}', "secrets[0] needs id, value and created"),
-    (json.dumps({"version": 1, "secrets": [entry(value="DROP")]}), "needs id, value and created"),
-    (json.dumps({"version": 1, "secrets": [entry(created="DROP")]}), "needs id, value and created"),
-    (json.dumps({"version": 1, "secrets": [entry(extra=1)]}), "unknown fields ['extra']"),
-    (json.dumps({"version": 1, "secrets": [entry(id="")]}), "id must be non-empty"),
-    (json.dumps({"version": 1, "secrets": [entry(value="short")]}), "at least 16 characters"),
-    (json.dumps({"version": 1, "secrets": [entry(value=12345678901234567)]}), "value is malformed"),
-    (json.dumps({"version": 1, "secrets": [entry(created=1.5)]}), "created and retired"),
-    (json.dumps({"version": 1, "secrets": [entry(created=True)]}), "created and retired"),
-    (json.dumps({"version": 1, "secrets": [entry(retired="no")]}), "created and retired"),
-    (json.dumps({"version": 1, "secrets": [entry(), entry(value="y" * 20)]}), "'k-1' appears twice"),
-    (json.dumps({"version": 1, "secrets": [entry(retired=2)]}), "no current secret"),
-])
+@pytest.mark.parametrize(
+    "content, reason",
+    [
+        ("{not json", "not valid JSON (Expecting property name"),
+        ("[]", 'expected {"version": 1'),
+        ('{"secrets": []}', "found version None"),
+        ('{"version": 2, "secrets": []}', "found version 2"),
+        ('{"version": 1}', '"secrets" must be a non-empty list'),
+        ('{"version": 1, "secrets": []}', '"secrets" must be a non-empty list'),
+        ('{"version": 1, "secrets": ["k-1"]}', "secrets[0] needs id, value and created"),
+        (json.dumps({"version": 1, "secrets": [entry(value="DROP")]}), "needs id, value and created"),
+        (json.dumps({"version": 1, "secrets": [entry(created="DROP")]}), "needs id, value and created"),
+        (json.dumps({"version": 1, "secrets": [entry(extra=1)]}), "unknown fields ['extra']"),
+        (json.dumps({"version": 1, "secrets": [entry(id="")]}), "id must be non-empty"),
+        (json.dumps({"version": 1, "secrets": [entry(value="short")]}), "at least 16 characters"),
+        (json.dumps({"version": 1, "secrets": [entry(value=12345678901234567)]}), "value is malformed"),
+        (json.dumps({"version": 1, "secrets": [entry(created=1.5)]}), "created and retired"),
+        (json.dumps({"version": 1, "secrets": [entry(created=True)]}), "created and retired"),
+        (json.dumps({"version": 1, "secrets": [entry(retired="no")]}), "created and retired"),
+        (json.dumps({"version": 1, "secrets": [entry(), entry(value="y" * 20)]}), "'k-1' appears twice"),
+        (json.dumps({"version": 1, "secrets": [entry(retired=2)]}), "no current secret"),
+    ],
+)
 def test_corrupt_files_are_refused_with_the_file_name(tmp_path, content, reason):
     path = tmp_path / "secrets.json"
     path.write_text(content)
@@ -203,19 +215,25 @@ def test_unreadable_file(tmp_path):
     with pytest.raises(SecretRingError, match=r"missing.json: cannot read \(No such file"):
         load_ring(tmp_path / "missing.json")
     with pytest.raises(SecretRingError, match="cannot read"):
-        load_ring(tmp_path)          # a directory
+        load_ring(tmp_path)  # a directory
 
 
 def test_file_format_is_the_documented_json(tmp_path):
     path = tmp_path / "secrets.json"
-    save_ring(path, SecretRing((Secret("k-1", "v" * 20, NOW, None),
-                                Secret("k-0", "w" * 20, NOW - 9, NOW - 1))))
-    assert json.loads(path.read_text()) == {"version": 1, "secrets": [
-        {"id": "k-1", "value": "v" * 20, "created": NOW, "retired": None},
-        {"id": "k-0", "value": "w" * 20, "created": NOW - 9, "retired": NOW - 1}]}
+    save_ring(
+        path, SecretRing((Secret("k-1", "v" * 20, NOW, None), Secret("k-0", "w" * 20, NOW - 9, NOW - 1)))
+    )
+    assert json.loads(path.read_text()) == {
+        "version": 1,
+        "secrets": [
+            {"id": "k-1", "value": "v" * 20, "created": NOW, "retired": None},
+            {"id": "k-0", "value": "w" * 20, "created": NOW - 9, "retired": NOW - 1},
+        ],
+    }
 
 
 # ------------------------------------------------------------------ lifecycle: rotate, sign, prune
+
 
 def test_rotation_retires_the_live_secret_and_keeps_it_accepted_through_grace():
     old = Secret("k-old", "o" * 32, NOW - 1000)
@@ -242,9 +260,13 @@ def test_a_first_ring_signs_with_its_only_secret_at_once():
 
 
 def test_prune_drops_only_secrets_past_grace():
-    ring = SecretRing((Secret("k-a", "a" * 32, NOW - 500, NOW - 300),
-                       Secret("k-b", "b" * 32, NOW - 200, NOW - 50),
-                       Secret("k-c", "c" * 32, NOW - 50)))
+    ring = SecretRing(
+        (
+            Secret("k-a", "a" * 32, NOW - 500, NOW - 300),
+            Secret("k-b", "b" * 32, NOW - 200, NOW - 50),
+            Secret("k-c", "c" * 32, NOW - 50),
+        )
+    )
     kept, dropped = ring.pruned(NOW, grace_s=100)
     assert [s.id for s in dropped] == ["k-a"]
     assert [s.id for s in kept.secrets] == ["k-b", "k-c"]
@@ -272,6 +294,7 @@ def test_rotating_a_corrupt_file_changes_nothing(tmp_path):
 
 def test_concurrent_rotations_keep_every_secret(tmp_path):
     import threading
+
     path = tmp_path / "secrets.json"
     ensure_ring(path, NOW)
     threads = [threading.Thread(target=rotate_ring, args=(path, NOW + i)) for i in range(8)]
@@ -285,4 +308,4 @@ def test_concurrent_rotations_keep_every_secret(tmp_path):
 def test_a_rotation_within_the_same_second_still_signs_with_the_new_secret():
     ring = SecretRing((Secret("k-old", "o" * 32, NOW),)).rotated(Secret("k-new", "n" * 32, NOW), NOW)
     assert ring.signing(NOW + 1, grace_s=100, activation_s=1).id == "k-new"
-    assert ring.signing(NOW + 0.5, grace_s=100, activation_s=1).id == "k-old"   # none activated yet
+    assert ring.signing(NOW + 0.5, grace_s=100, activation_s=1).id == "k-old"  # none activated yet

@@ -25,8 +25,15 @@ TOKENS = {"tok-a": "alice", "tok-b": "bob"}
 
 def test_create_app_hands_back_its_parts():
     broker, guard = MemoryBroker(), ClientGuard()
-    app = create_app("/imserver", StaticVerifier(TOKENS), Limits(), 64, broker=broker, guard=guard,
-                     issue_credentials=lambda user: {"iceServers": []})
+    app = create_app(
+        "/imserver",
+        StaticVerifier(TOKENS),
+        Limits(),
+        64,
+        broker=broker,
+        guard=guard,
+        issue_credentials=lambda user: {"iceServers": []},
+    )
     assert isinstance(app, SignalingApp)
     assert app.broker is broker and app.service.broker is broker and app.guard is guard
     assert type(app.calls) is CallService and app.calls.broker is broker
@@ -35,10 +42,16 @@ def test_create_app_hands_back_its_parts():
 
 
 async def test_credentials_asked_over_http_and_stomp_are_counted_apart():
-    app = create_app("/imserver", StaticVerifier(TOKENS), Limits(), 64,
-                     issue_credentials=lambda user: {"iceServers": [], "ttl": 9, "user": user})
-    response = await app.web.test_client().get("/imserver/turn/get-turn-credentials",
-                                               headers={"ide": "tok-a"})
+    app = create_app(
+        "/imserver",
+        StaticVerifier(TOKENS),
+        Limits(),
+        64,
+        issue_credentials=lambda user: {"iceServers": [], "ttl": 9, "user": user},
+    )
+    response = await app.web.test_client().get(
+        "/imserver/turn/get-turn-credentials", headers={"ide": "tok-a"}
+    )
     assert (await response.get_json())["data"] == {"iceServers": [], "ttl": 9, "user": "alice"}
     alice = stomp_session(app, "alice", "a1", "/user/queue/turn/get-turn-credentials")
     send(app, alice, "/app/turn/get-turn-credentials", {})
@@ -66,13 +79,17 @@ def send(app: SignalingApp, session: Session, destination: str, body) -> None:
 
 async def test_ring_timeouts_fire_while_the_app_serves():
     app = create_app("/imserver", StaticVerifier(TOKENS), Limits(), 64, ring_timeout_s=0.2)
-    async with app.web.test_app():                    # before_serving .. after_serving
+    async with app.web.test_app():  # before_serving .. after_serving
         alice = stomp_session(app, "alice", "a1", "/user/queue/call/timeout", "/user/queue/errors")
         stomp_session(app, "bob", "b1", "/user/queue/call/request")
-        send(app, alice, "/app/call/request", {"callId": "c1", "callee": "bob", "type": "AUDIO",
-                                               "callerUserName": "A", "calleeUserName": "B"})
+        send(
+            app,
+            alice,
+            "/app/call/request",
+            {"callId": "c1", "callee": "bob", "type": "AUDIO", "callerUserName": "A", "calleeUserName": "B"},
+        )
         assert app.calls.registry.calls
-        await eventually(lambda: bool(alice.outbox), timeout=3.0)   # nobody answers
+        await eventually(lambda: bool(alice.outbox), timeout=3.0)  # nobody answers
         head, _, body = alice.take()[0].partition(b"\n\n")
         assert b"destination:/user/queue/call/timeout" in head
         assert json.loads(body[:-1]) == {"callId": "c1"}
@@ -80,10 +97,23 @@ async def test_ring_timeouts_fire_while_the_app_serves():
 
 
 def test_the_services_load_no_web_framework():
-    services = ("signaling.calls.service", "signaling.calls.cluster", "signaling.turn_credentials",
-                "signaling.service", "signaling.stomp_routes", "signaling.lifecycle")
-    probe = (f"import sys\nfor m in {services!r}: __import__(m)\n"
-             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('quart', 'werkzeug')))")
-    loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
-                            cwd=Path(__file__).resolve().parents[1])
+    services = (
+        "signaling.calls.service",
+        "signaling.calls.cluster",
+        "signaling.turn_credentials",
+        "signaling.service",
+        "signaling.stomp_routes",
+        "signaling.lifecycle",
+    )
+    probe = (
+        f"import sys\nfor m in {services!r}: __import__(m)\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('quart', 'werkzeug')))"
+    )
+    loaded = subprocess.run(
+        [sys.executable, "-c", probe],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=Path(__file__).resolve().parents[1],
+    )
     assert loaded.stdout.strip() == "[]"

@@ -26,8 +26,13 @@ def make_service(credentials=None) -> SignalingService:
     return service
 
 
-def open_session(service, user: str, sid: str, subscribe=("/topic/user/status", "/user/queue/errors"),
-                 max_outbox: int = 1024) -> Session:
+def open_session(
+    service,
+    user: str,
+    sid: str,
+    subscribe=("/topic/user/status", "/user/queue/errors"),
+    max_outbox: int = 1024,
+) -> Session:
     conn = StompServerConnection()
     conn.receive_data(b"CONNECT\naccept-version:1.2\nide:x\n\n\x00", 0)
     conn.accept(0)
@@ -47,7 +52,11 @@ def send(service, session, raw: str) -> None:
 
 def status_query(service, session, users) -> None:
     body = json.dumps(users)
-    send(service, session, f"SEND\ndestination:/app/user/status\ncontent-length:{len(body.encode())}\n\n{body}\x00")
+    send(
+        service,
+        session,
+        f"SEND\ndestination:/app/user/status\ncontent-length:{len(body.encode())}\n\n{body}\x00",
+    )
 
 
 def messages(session) -> list[tuple[str, object]]:
@@ -69,8 +78,12 @@ def test_status_answer_goes_only_to_the_asking_session():
     a2 = open_session(svc, "alice", "a2")
     open_session(svc, "bob", "b1")
     status_query(svc, a1, ["bob", "carol"])
-    assert messages(a1) == [("/topic/user/status", [{"userId": "bob", "status": "ONLINE"},
-                                                    {"userId": "carol", "status": "OFFLINE"}])]
+    assert messages(a1) == [
+        (
+            "/topic/user/status",
+            [{"userId": "bob", "status": "ONLINE"}, {"userId": "carol", "status": "OFFLINE"}],
+        )
+    ]
     assert messages(a2) == []
 
 
@@ -82,10 +95,10 @@ def test_pushes_go_only_to_watchers_on_first_and_last_session():
     messages(watcher)
     c1 = open_session(svc, "carol", "c1")
     assert messages(watcher) == [("/topic/user/status", [{"userId": "carol", "status": "ONLINE"}])]
-    c2 = open_session(svc, "carol", "c2")              # not her first session: no push
+    c2 = open_session(svc, "carol", "c2")  # not her first session: no push
     assert messages(watcher) == []
     svc.closed(c1)
-    assert messages(watcher) == []                     # still online through c2
+    assert messages(watcher) == []  # still online through c2
     svc.closed(c2)
     assert messages(watcher) == [("/topic/user/status", [{"userId": "carol", "status": "OFFLINE"}])]
     assert messages(bystander) == []
@@ -97,12 +110,19 @@ def test_watches_end_with_the_watching_session():
     status_query(svc, watcher, ["carol", "dave"])
     svc.closed(watcher)
     assert svc.presence.watched_count() == 0
-    open_session(svc, "carol", "c1")                   # nobody left to tell
+    open_session(svc, "carol", "c1")  # nobody left to tell
 
 
-@pytest.mark.parametrize("body, message", [
-    ('{"u": 1}', "JSON array"), ('["a", 2]', "JSON array"), ("not json", "not valid JSON"),
-    (json.dumps([f"u{i}" for i in range(201)]), "at most 200"), ('[""]', "1-128 characters")])
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        ('{"u": 1}', "JSON array"),
+        ('["a", 2]', "JSON array"),
+        ("not json", "not valid JSON"),
+        (json.dumps([f"u{i}" for i in range(201)]), "at most 200"),
+        ('[""]', "1-128 characters"),
+    ],
+)
 def test_bad_status_queries_are_400_on_the_senders_errors_queue(body, message):
     svc = make_service()
     asker = open_session(svc, "alice", "a1")
@@ -122,8 +142,10 @@ def test_two_hundred_ids_are_fine():
     assert len(payload) == 200
 
 
-@pytest.mark.parametrize("destination, code", [("/topic/user/status", 403), ("/queue/x", 403),
-                                               ("/user/bob/queue/x", 403), ("/app/nothing", 404)])
+@pytest.mark.parametrize(
+    "destination, code",
+    [("/topic/user/status", 403), ("/queue/x", 403), ("/user/bob/queue/x", 403), ("/app/nothing", 404)],
+)
 def test_sends_outside_app_are_403_and_unknown_app_404(destination, code):
     svc = make_service()
     sender = open_session(svc, "alice", "a1")
@@ -179,8 +201,8 @@ async def test_jwt_verifier():
     verifier = JwtVerifier.hs256("k" * 32)
     now = time.time()
     assert await verifier.verify(mint_jwt("k" * 32, "alice", now, 60)) == "alice"
-    assert await verifier.verify(mint_jwt("k" * 32, "alice", now - 3600, 60)) is None   # expired
-    assert await verifier.verify(mint_jwt("x" * 32, "alice", now, 60)) is None          # wrong key
+    assert await verifier.verify(mint_jwt("k" * 32, "alice", now - 3600, 60)) is None  # expired
+    assert await verifier.verify(mint_jwt("x" * 32, "alice", now, 60)) is None  # wrong key
     assert await verifier.verify("not.a.jwt") is None
 
 
@@ -188,9 +210,11 @@ async def test_jwt_public_key(tmp_path):
     import jwt
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
+
     key = ec.generate_private_key(ec.SECP256R1())
-    pem = key.public_key().public_bytes(serialization.Encoding.PEM,
-                                        serialization.PublicFormat.SubjectPublicKeyInfo)
+    pem = key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
     token = jwt.encode({"sub": "bob", "exp": int(time.time()) + 60}, key, algorithm="ES256")
     assert await JwtVerifier.public_key(pem).verify(token) == "bob"
     no_exp = jwt.encode({"sub": "bob"}, key, algorithm="ES256")
@@ -216,14 +240,18 @@ async def test_http_introspection_verifier_asks_caches_and_fails_closed():
         return httpx.Response(401, json={"code": 401})
 
     clock = [0.0]
-    verifier = HttpVerifier("http://im.test/introspect", cache_s=60, clock=lambda: clock[0],
-                            client=httpx.AsyncClient(transport=httpx.MockTransport(backend)))
+    verifier = HttpVerifier(
+        "http://im.test/introspect",
+        cache_s=60,
+        clock=lambda: clock[0],
+        client=httpx.AsyncClient(transport=httpx.MockTransport(backend)),
+    )
     assert await verifier.verify("good") == "alice"
     assert await verifier.verify("good") == "alice"
-    assert calls == ["good"]                            # the second answer came from the cache
+    assert calls == ["good"]  # the second answer came from the cache
     assert await verifier.verify("enveloped") == "bob"
     assert await verifier.verify("bad") is None
-    assert await verifier.verify("down") is None        # unreachable backend: refused
+    assert await verifier.verify("down") is None  # unreachable backend: refused
     clock[0] = 61
     assert await verifier.verify("good") == "alice"
     assert calls.count("good") == 2
@@ -231,33 +259,39 @@ async def test_http_introspection_verifier_asks_caches_and_fails_closed():
 
 # ------------------------------------------------------------------ TURN credentials and shutdown
 
+
 def credential_service():
     from signaling.turn_credentials import TurnCredentialService
+
     asked = []
 
     def issue(user):
         asked.append(user)
-        return {"iceServers": [{"urls": "turn:t", "url": "turn:t", "username": f"9:{user}",
-                                "credential": "c"}], "ttl": 9}
+        return {
+            "iceServers": [{"urls": "turn:t", "url": "turn:t", "username": f"9:{user}", "credential": "c"}],
+            "ttl": 9,
+        }
 
     return make_service(TurnCredentialService(issue)), asked
 
 
 def test_turn_credentials_answer_only_the_asking_session():
     service, asked = credential_service()
-    phone = open_session(service, "alice", "s1", ("/user/queue/turn/get-turn-credentials",
-                                                  "/user/queue/errors"))
+    phone = open_session(
+        service, "alice", "s1", ("/user/queue/turn/get-turn-credentials", "/user/queue/errors")
+    )
     laptop = open_session(service, "alice", "s2", ("/user/queue/turn/get-turn-credentials",))
     send(service, phone, "SEND\ndestination:/app/turn/get-turn-credentials\n\n{}\x00")
     (answer,) = messages(phone)
     assert answer[0] == "/user/queue/turn/get-turn-credentials"
     assert answer[1]["iceServers"][0]["username"] == "9:alice" and asked == ["alice"]
     assert messages(laptop) == []
-    send(service, phone, "SEND\ndestination:/app/turn/get-turn-credentials\n\n\x00")   # empty is fine
+    send(service, phone, "SEND\ndestination:/app/turn/get-turn-credentials\n\n\x00")  # empty is fine
     assert len(messages(phone)) == 1
-    send(service, phone, "SEND\ndestination:/app/turn/get-turn-credentials\n\n\"x\"\x00")
-    assert messages(phone) == [("/user/queue/errors", {"code": 400,
-                                                       "message": "body must be a JSON object ({})"})]
+    send(service, phone, 'SEND\ndestination:/app/turn/get-turn-credentials\n\n"x"\x00')
+    assert messages(phone) == [
+        ("/user/queue/errors", {"code": 400, "message": "body must be a JSON object ({})"})
+    ]
 
 
 def test_shutdown_sends_every_session_an_error_and_closes_it():

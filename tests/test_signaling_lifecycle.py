@@ -34,7 +34,7 @@ def test_addresses_are_keyed_per_ipv4_address_and_ipv6_64_and_loopback_can_be_ex
     assert policy.key("192.0.2.7") == "192.0.2.7"
     assert policy.key("2001:db8:1:2:aaaa::1") == policy.key("2001:db8:1:2:ffff::9") == "2001:db8:1:2::/64"
     assert policy.key("2001:db8:1:3::1") != policy.key("2001:db8:1:2::1")
-    assert policy.key("::ffff:192.0.2.7") == "192.0.2.7"          # a dual-stack socket's IPv4
+    assert policy.key("::ffff:192.0.2.7") == "192.0.2.7"  # a dual-stack socket's IPv4
     assert policy.key("127.0.0.5") is None and policy.key("::1") is None
     assert policy.key("::ffff:127.0.0.1") is None
     assert policy.key(None) is None and policy.key("not-an-address") is None
@@ -48,7 +48,7 @@ def test_sessions_per_address_are_capped_and_released():
     assert admission.admit("b", 0.0) is None
     admission.release("a")
     assert admission.admit("a", 0.0) is None
-    assert admission.admit(None, 0.0) is None                      # exempt: never counted
+    assert admission.admit(None, 0.0) is None  # exempt: never counted
     for _ in range(3):
         admission.release("a")
     assert admission.live == {"b": 1}
@@ -57,9 +57,9 @@ def test_sessions_per_address_are_capped_and_released():
 def test_new_sessions_per_address_come_from_a_bucket_that_refills():
     admission = SessionAdmission(SessionLimits(new_per_s=2.0, burst=3))
     assert [admission.admit("a", 0.0) for _ in range(4)] == [None, None, None, REFUSED_RATE]
-    assert admission.admit("a", 0.25) == REFUSED_RATE               # half a token
-    assert admission.admit("a", 0.5) is None                        # one token
-    assert admission.admit("b", 0.5) is None                        # its own bucket
+    assert admission.admit("a", 0.25) == REFUSED_RATE  # half a token
+    assert admission.admit("a", 0.5) is None  # one token
+    assert admission.admit("b", 0.5) is None  # its own bucket
 
 
 def test_the_bucket_table_stays_bounded_under_many_addresses():
@@ -85,7 +85,7 @@ def test_connection_table_caps_the_total_and_each_address_and_aborts_by_peer():
     assert table.open(("192.0.2.1", 1000), "192.0.2.1", t1) is None
     assert table.open(("192.0.2.1", 1001), "192.0.2.1", t2) is None
     assert table.open(("192.0.2.1", 1002), "192.0.2.1", FakeTransport()) == REFUSED_PER_ADDRESS
-    assert table.open(("127.0.0.1", 5), None, t3) is None           # exempt, but counted
+    assert table.open(("127.0.0.1", 5), None, t3) is None  # exempt, but counted
     assert table.open(("192.0.2.9", 1), "192.0.2.9", FakeTransport()) == REFUSED_TOTAL
     assert len(table) == 3
     assert table.abort(("192.0.2.1", 1001)) and t2.aborted and not t1.aborted
@@ -98,15 +98,14 @@ def test_connection_table_caps_the_total_and_each_address_and_aborts_by_peer():
 
 def test_guard_refusals_carry_their_status_and_are_counted():
     counters: Counter = Counter()
-    guard = ClientGuard(caps=CapSettings(max_connections=1,
-                                         sessions=SessionLimits(max_per_address=1)))
+    guard = ClientGuard(caps=CapSettings(max_connections=1, sessions=SessionLimits(max_per_address=1)))
     guard.count_into(counters)
     ticket = guard.open_session(("192.0.2.1", 1), 0.0)
     with pytest.raises(Refused) as refused:
         guard.open_session(("192.0.2.1", 2), 0.0)
     assert refused.value.status == 429 and "sessions" in refused.value.message
     ticket.release()
-    ticket.release()                                               # idempotent
+    ticket.release()  # idempotent
     guard.open_session(("192.0.2.1", 3), 0.0)
     assert guard.open_connection(("192.0.2.1", 4), FakeTransport())[1] is None
     _, over = guard.open_connection(("192.0.2.2", 4), FakeTransport())
@@ -123,8 +122,14 @@ def connected_session(max_outbox: int = 1024, max_outbox_bytes: int = 10_000):
     conn.accept(0.0)
     conn.receive_data("SUBSCRIBE\nid:s\ndestination:/q\n\n\x00", 0.0)
     overflows = []
-    session = Session("s1", "alice", conn, max_outbox=max_outbox, max_outbox_bytes=max_outbox_bytes,
-                      overflow=lambda: overflows.append(True))
+    session = Session(
+        "s1",
+        "alice",
+        conn,
+        max_outbox=max_outbox,
+        max_outbox_bytes=max_outbox_bytes,
+        overflow=lambda: overflows.append(True),
+    )
     session.flush()
     session.take()
     return session, overflows
@@ -135,10 +140,10 @@ def test_an_outbox_over_its_byte_budget_is_emptied_and_leaves_only_an_error():
     for _ in range(3):
         session.deliver("/q", b"x" * 3000)
     assert not session.closed and session.outbox_bytes > 9000
-    session.deliver("/q", b"x" * 3000)                             # past 10,000 bytes
+    session.deliver("/q", b"x" * 3000)  # past 10,000 bytes
     assert session.slow and session.closed and overflows == [True]
     assert len(session.outbox) == 0 and session.outbox_bytes == 0
-    session.deliver("/q", b"x" * 3000)                             # nothing more is queued
+    session.deliver("/q", b"x" * 3000)  # nothing more is queued
     (error,) = session.take()
     assert error.startswith(b"ERROR\n") and b"slow consumer" in error
     assert session.take() == []
@@ -163,8 +168,15 @@ def test_discard_drops_what_was_never_written():
 
 def make_endpoint(connect_timeout_s: float | None = 10.0) -> tuple[StompEndpoint, SignalingService]:
     service = SignalingService(MemoryBroker(), StaticVerifier({"tok-a": "alice"}))
-    endpoint = StompEndpoint(service, Limits(heartbeat_ms=(0, 0)), 64, "alice", 100.0,
-                             lambda: None, connect_timeout_s=connect_timeout_s)
+    endpoint = StompEndpoint(
+        service,
+        Limits(heartbeat_ms=(0, 0)),
+        64,
+        "alice",
+        100.0,
+        lambda: None,
+        connect_timeout_s=connect_timeout_s,
+    )
     return endpoint, service
 
 
@@ -184,7 +196,7 @@ async def test_a_connect_in_time_clears_the_deadline():
     endpoint, service = make_endpoint()
     await endpoint.feed(CONNECT, 105.0)
     assert endpoint.take_output()[0].startswith(b"CONNECTED\n")
-    assert endpoint.next_timer() is None                           # no heart-beats asked
+    assert endpoint.next_timer() is None  # no heart-beats asked
     endpoint.tick(200.0)
     assert not endpoint.closed and service.counters["connect_timeouts"] == 0
     endpoint.finish()
@@ -238,7 +250,7 @@ async def test_a_websocket_is_drained_past_its_disconnect_until_the_connection_i
             await queue.put({"type": "websocket.receive", "text": "x"})
         guard.close_connection(peer, "192.0.2.1")
 
-    await asyncio.wait_for(hypercorn_reader(), 2)             # never blocked on the queue
+    await asyncio.wait_for(hypercorn_reader(), 2)  # never blocked on the queue
     await asyncio.wait_for(asyncio.gather(*drain.drains), 2)
     assert guard.counters["aborted_drain"] == 0
 

@@ -14,9 +14,16 @@ from signaling.app import create_app
 from signaling.auth import StaticVerifier
 from signaling.broker import MemoryBroker
 from signaling.origins import OriginPolicy
-from signaling.sockjs.protocol import (DISCONNECT_DELAY_S, PayloadError, SockJSSession, close_frame,
-                                       decode_payload, message_frame, quote)
 from signaling.service import SignalingService
+from signaling.sockjs.protocol import (
+    DISCONNECT_DELAY_S,
+    PayloadError,
+    SockJSSession,
+    close_frame,
+    decode_payload,
+    message_frame,
+    quote,
+)
 from signaling.sockjs.server import SockJSServer
 from signaling.stomp import Limits
 
@@ -26,8 +33,13 @@ CONNECT = "CONNECT\naccept-version:1.2\nide:tok-a\n\n\x00"
 
 @pytest.fixture
 def client():
-    app = create_app("/imserver", StaticVerifier({"tok-a": "alice"}), Limits(heartbeat_ms=(0, 0)), 64,
-                     origins=OriginPolicy(["https://app.example"]))
+    app = create_app(
+        "/imserver",
+        StaticVerifier({"tok-a": "alice"}),
+        Limits(heartbeat_ms=(0, 0)),
+        64,
+        origins=OriginPolicy(["https://app.example"]),
+    )
     return app.web.test_client()
 
 
@@ -83,7 +95,7 @@ async def test_xhr_send_errors(client):
     assert (await client.post(BASE + "/000/unknown/xhr_send", data="[]")).status_code == 404
     response = await client.post(url + "xhr_send", data="")
     assert response.status_code == 500 and await text(response) == "Payload expected."
-    response = await client.post(url + "xhr_send", data="[\"a\"")
+    response = await client.post(url + "xhr_send", data='["a"')
     assert response.status_code == 500 and await text(response) == "Broken JSON encoding."
 
 
@@ -93,7 +105,7 @@ async def test_closed_session_answers_go_away(client):
     await client.post(url + "xhr_send", data=json.dumps(["SEND\ndestination:/app/x\n\n\x00"]))
     frame = await text(await client.post(url + "xhr"))
     (error,) = json.loads(frame[1:])
-    assert error.startswith("ERROR\n")                 # SEND before CONNECT
+    assert error.startswith("ERROR\n")  # SEND before CONNECT
     assert await text(await client.post(url + "xhr")) == 'c[3000,"Go away!"]\n'
 
 
@@ -144,8 +156,8 @@ def test_bad_payloads(payload):
 def test_session_expires_without_a_receiver():
     session = SockJSSession("s", now=0.0)
     assert session.first_frame() == "o" and session.first_frame() is None
-    assert session.attach(1.0) and not session.attach(1.5)      # a second receiver is refused
-    assert not session.expired(100.0)                            # attached: never expires
+    assert session.attach(1.0) and not session.attach(1.5)  # a second receiver is refused
+    assert not session.expired(100.0)  # attached: never expires
     session.detach(2.0)
     assert not session.expired(2.0 + DISCONNECT_DELAY_S)
     assert session.expired(2.1 + DISCONNECT_DELAY_S)
@@ -160,8 +172,12 @@ async def test_stomp_heartbeats_travel_as_an_eol_message_inside_an_a_frame():
     from signaling.sockjs.server import Carrier
 
     service = SignalingService(MemoryBroker(), StaticVerifier({"tok-a": "alice"}))
-    carrier = Carrier(SockJSSession("s", 0.0), lambda wake, overflow: StompEndpoint(
-        service, Limits(heartbeat_ms=(1000, 0)), 64, "alice", 0.0, wake, overflow=overflow))
+    carrier = Carrier(
+        SockJSSession("s", 0.0),
+        lambda wake, overflow: StompEndpoint(
+            service, Limits(heartbeat_ms=(1000, 0)), 64, "alice", 0.0, wake, overflow=overflow
+        ),
+    )
     await carrier.endpoint.feed("CONNECT\naccept-version:1.2\nide:tok-a\nheart-beat:0,1000\n\n\x00", 0.0)
     assert carrier.next_frame().startswith('a["CONNECTED')
     assert carrier.endpoint.next_timer() == 1.0
@@ -174,7 +190,7 @@ async def test_second_receiver_gets_another_connection_still_open(client):
 
     url = BASE + "/000/s6/"
     assert await text(await client.post(url + "xhr?userId=alice")) == "o\n"
-    first = asyncio.ensure_future(client.post(url + "xhr"))      # a long poll, held open
+    first = asyncio.ensure_future(client.post(url + "xhr"))  # a long poll, held open
     await asyncio.sleep(0.05)
     second = await client.post(url + "xhr")
     assert await text(second) == 'c[2010,"Another connection still open"]\n'
@@ -187,15 +203,16 @@ async def test_streaming_response_ends_after_128_kib(client):
     async with client.request(url + "xhr_streaming?userId=alice", method="POST") as connection:
         await connection.send_complete()
         received = b""
-        while b"o\n" not in received:         # the session exists once it has opened
+        while b"o\n" not in received:  # the session exists once it has opened
             received += await connection.receive()
         await client.post(url + "xhr_send", data=json.dumps([CONNECT]))
-        await client.post(url + "xhr_send", data=json.dumps(
-            ["SUBSCRIBE\nid:s\ndestination:/topic/user/status\n\n\x00"]))
+        await client.post(
+            url + "xhr_send", data=json.dumps(["SUBSCRIBE\nid:s\ndestination:/topic/user/status\n\n\x00"])
+        )
         ids = [f"user-{i:04d}-{'x' * 40}" for i in range(200)]
         query = "SEND\ndestination:/app/user/status\ncontent-length:%d\n\n%s\x00"
         body = json.dumps(ids)
-        for _ in range(20):                     # 20 answers of ~9 KiB: past the 128 KiB limit
+        for _ in range(20):  # 20 answers of ~9 KiB: past the 128 KiB limit
             await client.post(url + "xhr_send", data=json.dumps([query % (len(body), body)]))
         while True:
             chunk = await connection.receive()

@@ -16,25 +16,28 @@ def spend(budget: SourceBudget, host: str, times: list[float]) -> int:
     return sum(budget.allow(host, t) for t in times)
 
 
-@pytest.mark.parametrize("rate, burst, times, allowed", [
-    # A new source gets its whole burst at one instant, and not one more.
-    (20, 100, [T0] * 150, 100),
-    (20, 1, [T0] * 5, 1),
-    (0.5, 3, [T0] * 10, 3),
-    # Refill: 20/s is one token per 50 ms after the burst is spent.
-    (20, 100, [T0] * 100 + [T0 + 0.049], 100),
-    (20, 100, [T0] * 100 + [T0 + 0.051], 101),
-    (20, 100, [T0] * 100 + [T0 + 1.0] * 30, 120),
-    # Refill stops at the burst: a long quiet spell is worth `burst`, not more.
-    (20, 10, [T0] * 10 + [T0 + 3600] * 50, 20),
-    # Steady pace at the rate is never refused; twice the rate gets half through.
-    (20, 1, [T0 + i * 0.05 for i in range(200)], 200),
-    (20, 1, [T0 + i * 0.025 for i in range(200)], 100),
-    # A refused request spends nothing: the source is back to one per 1/rate at once.
-    (10, 5, [T0] * 1000 + [T0 + 0.1], 6),
-    # rate 0: no limit.
-    (0, 1, [T0] * 10_000, 10_000),
-])
+@pytest.mark.parametrize(
+    "rate, burst, times, allowed",
+    [
+        # A new source gets its whole burst at one instant, and not one more.
+        (20, 100, [T0] * 150, 100),
+        (20, 1, [T0] * 5, 1),
+        (0.5, 3, [T0] * 10, 3),
+        # Refill: 20/s is one token per 50 ms after the burst is spent.
+        (20, 100, [T0] * 100 + [T0 + 0.049], 100),
+        (20, 100, [T0] * 100 + [T0 + 0.051], 101),
+        (20, 100, [T0] * 100 + [T0 + 1.0] * 30, 120),
+        # Refill stops at the burst: a long quiet spell is worth `burst`, not more.
+        (20, 10, [T0] * 10 + [T0 + 3600] * 50, 20),
+        # Steady pace at the rate is never refused; twice the rate gets half through.
+        (20, 1, [T0 + i * 0.05 for i in range(200)], 200),
+        (20, 1, [T0 + i * 0.025 for i in range(200)], 100),
+        # A refused request spends nothing: the source is back to one per 1/rate at once.
+        (10, 5, [T0] * 1000 + [T0 + 0.1], 6),
+        # rate 0: no limit.
+        (0, 1, [T0] * 10_000, 10_000),
+    ],
+)
 def test_burst_and_refill(rate, burst, times, allowed):
     assert spend(SourceBudget(rate, burst), "203.0.113.9", times) == allowed
 
@@ -46,33 +49,36 @@ def test_rate_zero_keeps_no_table():
     assert len(budget) == 0
 
 
-@pytest.mark.parametrize("a, b, same", [
-    # IPv4: one bucket per address.
-    ("198.51.100.1", "198.51.100.1", True),
-    ("198.51.100.1", "198.51.100.2", False),
-    # IPv6: one bucket per /64, whatever the spelling.
-    ("2001:db8:1:2::1", "2001:db8:1:2:ffff:ffff:ffff:ffff", True),
-    ("2001:db8:1:2::1", "2001:0DB8:0001:0002:0:0:0:9", True),
-    ("2001:db8::1", "2001:db8:0:0:1::", True),
-    ("2001:db8:1:2::1", "2001:db8:1:3::1", False),
-    ("2001:db8::1", "2001:db9::1", False),
-    ("::1", "::2", True),
-    ("fe80::1%eth0", "fe80::2%eth1", True),          # a zone is not part of the address
-    ("fe80::1%eth0", "fe80:0:0:1::1", False),
-    # IPv4-mapped IPv6 is the IPv4 address, in either spelling.
-    ("::ffff:198.51.100.1", "198.51.100.1", True),
-    ("::ffff:c633:6401", "198.51.100.1", True),
-    ("::FFFF:198.51.100.1", "198.51.100.2", False),
-    # Only ::ffff:0:0/96 is mapped: other embedded IPv4 forms are IPv6 sources.
-    ("64:ff9b::198.51.100.1", "198.51.100.1", False),
-    ("64:ff9b::198.51.100.1", "64:ff9b::198.51.100.2", True),
-    ("::198.51.100.1", "198.51.100.1", False),
-])
+@pytest.mark.parametrize(
+    "a, b, same",
+    [
+        # IPv4: one bucket per address.
+        ("198.51.100.1", "198.51.100.1", True),
+        ("198.51.100.1", "198.51.100.2", False),
+        # IPv6: one bucket per /64, whatever the spelling.
+        ("2001:db8:1:2::1", "2001:db8:1:2:ffff:ffff:ffff:ffff", True),
+        ("2001:db8:1:2::1", "2001:0DB8:0001:0002:0:0:0:9", True),
+        ("2001:db8::1", "2001:db8:0:0:1::", True),
+        ("2001:db8:1:2::1", "2001:db8:1:3::1", False),
+        ("2001:db8::1", "2001:db9::1", False),
+        ("::1", "::2", True),
+        ("fe80::1%eth0", "fe80::2%eth1", True),  # a zone is not part of the address
+        ("fe80::1%eth0", "fe80:0:0:1::1", False),
+        # IPv4-mapped IPv6 is the IPv4 address, in either spelling.
+        ("::ffff:198.51.100.1", "198.51.100.1", True),
+        ("::ffff:c633:6401", "198.51.100.1", True),
+        ("::FFFF:198.51.100.1", "198.51.100.2", False),
+        # Only ::ffff:0:0/96 is mapped: other embedded IPv4 forms are IPv6 sources.
+        ("64:ff9b::198.51.100.1", "198.51.100.1", False),
+        ("64:ff9b::198.51.100.1", "64:ff9b::198.51.100.2", True),
+        ("::198.51.100.1", "198.51.100.1", False),
+    ],
+)
 def test_sources_are_ipv4_addresses_and_ipv6_slash_64s(a, b, same):
     assert (source_key(a) == source_key(b)) is same
     budget = SourceBudget(1, 2)
     assert spend(budget, a, [T0] * 2) == 2
-    assert budget.allow(b, T0) is not same           # `a` spent the bucket `b` would use
+    assert budget.allow(b, T0) is not same  # `a` spent the bucket `b` would use
 
 
 def test_an_ipv6_attacker_cannot_multiply_buckets_inside_its_slash_64():
@@ -89,11 +95,14 @@ def test_text_that_is_no_address_is_its_own_bucket_and_never_raises():
         assert not budget.allow(junk, T0)
 
 
-@pytest.mark.parametrize("max_sources, sources", [
-    (2, 10),
-    (16, 1000),
-    (1000, 50_000),
-])
+@pytest.mark.parametrize(
+    "max_sources, sources",
+    [
+        (2, 10),
+        (16, 1000),
+        (1000, 50_000),
+    ],
+)
 def test_the_table_never_grows_past_its_bound(max_sources, sources):
     budget = SourceBudget(20, 1, max_sources=max_sources)
     peak = 0
@@ -104,12 +113,12 @@ def test_the_table_never_grows_past_its_bound(max_sources, sources):
 
 
 def test_a_full_table_forgets_the_sources_not_seen_for_a_generation():
-    budget = SourceBudget(1, 1, max_sources=8)                  # generations of 4
-    assert budget.allow("192.0.2.1", T0)                         # spent, throttled
+    budget = SourceBudget(1, 1, max_sources=8)  # generations of 4
+    assert budget.allow("192.0.2.1", T0)  # spent, throttled
     assert budget.allow("192.0.2.2", T0)
-    for i in range(3, 8):                                        # fills, then rotates
+    for i in range(3, 8):  # fills, then rotates
         assert budget.allow(f"192.0.2.{i}", T0)
-        assert not budget.allow("192.0.2.1", T0)                 # seen again: kept throttled
+        assert not budget.allow("192.0.2.1", T0)  # seen again: kept throttled
     # .2 was not seen while the table filled twice over: forgotten, a new source again.
     for i in range(8, 16):
         budget.allow(f"192.0.2.{i}", T0)

@@ -13,7 +13,7 @@ from signaling.stomp.frames import Frame, FrameError, encode, escape, unescape
 from signaling.stomp.parser import HEARTBEAT, FrameParser, ParserLimits
 
 CONNECT = b"CONNECT\naccept-version:1.1,1.2\nhost:h\nide:token\nheart-beat:10000,10000\n\n\x00"
-SEND = "SEND\ndestination:/app/user/status\ncontent-type:application/json\n\n[\"u1\",\"用户\"]\x00".encode()
+SEND = 'SEND\ndestination:/app/user/status\ncontent-type:application/json\n\n["u1","用户"]\x00'.encode()
 SUBSCRIBE = b"SUBSCRIBE\nid:sub-0\ndestination:/topic/user/status\n\n\x00"
 
 
@@ -24,8 +24,12 @@ def frames_of(items):
 def test_one_frame():
     (frame,) = frames_of(FrameParser().feed(CONNECT))
     assert frame.command == "CONNECT"
-    assert frame.headers == {"accept-version": "1.1,1.2", "host": "h", "ide": "token",
-                             "heart-beat": "10000,10000"}
+    assert frame.headers == {
+        "accept-version": "1.1,1.2",
+        "host": "h",
+        "ide": "token",
+        "heart-beat": "10000,10000",
+    }
     assert frame.body == b""
 
 
@@ -72,11 +76,14 @@ def test_first_header_occurrence_wins():
     assert frame.get("destination") == "/app/a"
 
 
-@pytest.mark.parametrize("version, raw, value", [
-    ("1.2", "a\\cb\\nc\\\\d\\re", "a:b\nc\\d\re"),
-    ("1.1", "a\\cb\\nc\\\\d", "a:b\nc\\d"),
-    ("1.0", "a\\cb", "a\\cb"),
-])
+@pytest.mark.parametrize(
+    "version, raw, value",
+    [
+        ("1.2", "a\\cb\\nc\\\\d\\re", "a:b\nc\\d\re"),
+        ("1.1", "a\\cb\\nc\\\\d", "a:b\nc\\d"),
+        ("1.0", "a\\cb", "a\\cb"),
+    ],
+)
 def test_unescape_by_version(version, raw, value):
     assert unescape(raw, version) == value
     parser = FrameParser()
@@ -96,15 +103,18 @@ def test_escape_round_trip(version):
     assert unescape(escape(value, version), version) == value
 
 
-@pytest.mark.parametrize("data, reason", [
-    (b"BOGUS\n\n\x00", "unknown command"),
-    (b"SEND\ndestination\n\n\x00", "without ':'"),
-    (b"SEND\nk:a\\tb\n\n\x00", "undefined escape"),
-    (b"SEND\ncontent-length:x\n\n\x00", "bad content-length"),
-    (b"SEND\ncontent-length:2\n\nabc\x00", "not followed by NUL"),
-    (b"SEND\nk:\xff\n\n\x00", "not UTF-8"),
-    (b"\rSEND\n\n\x00", "carriage return"),
-])
+@pytest.mark.parametrize(
+    "data, reason",
+    [
+        (b"BOGUS\n\n\x00", "unknown command"),
+        (b"SEND\ndestination\n\n\x00", "without ':'"),
+        (b"SEND\nk:a\\tb\n\n\x00", "undefined escape"),
+        (b"SEND\ncontent-length:x\n\n\x00", "bad content-length"),
+        (b"SEND\ncontent-length:2\n\nabc\x00", "not followed by NUL"),
+        (b"SEND\nk:\xff\n\n\x00", "not UTF-8"),
+        (b"\rSEND\n\n\x00", "carriage return"),
+    ],
+)
 def test_violations(data, reason):
     with pytest.raises(FrameError, match=reason):
         FrameParser().feed(data)
@@ -118,8 +128,9 @@ def test_frame_size_cap_is_enforced_before_buffering_more():
         FrameParser(ParserLimits(max_frame_bytes=100)).feed(b"SEND\ncontent-length:500\n\n")
     with pytest.raises(FrameError, match="larger than 100"):
         FrameParser(ParserLimits(max_frame_bytes=100)).feed(b"SEND\nk:" + b"v" * 200)
-    (frame,) = frames_of(FrameParser(ParserLimits(max_frame_bytes=100)).feed(
-        b"SEND\ndestination:/a\n\n" + b"x" * 70 + b"\x00"))
+    (frame,) = frames_of(
+        FrameParser(ParserLimits(max_frame_bytes=100)).feed(b"SEND\ndestination:/a\n\n" + b"x" * 70 + b"\x00")
+    )
     assert len(frame.body) == 70
 
 
@@ -133,10 +144,10 @@ def test_header_count_and_line_caps():
 
 
 def test_encode_writes_lf_content_length_and_escapes():
-    data = encode(Frame("MESSAGE", {"destination": "/user/queue/x", "k": "a:b\nc"},
-                        "你好".encode()), "1.2")
-    assert data == ("MESSAGE\ndestination:/user/queue/x\nk:a\\cb\\nc\ncontent-length:6\n\n你好"
-                    .encode() + b"\x00")
+    data = encode(Frame("MESSAGE", {"destination": "/user/queue/x", "k": "a:b\nc"}, "你好".encode()), "1.2")
+    assert data == (
+        "MESSAGE\ndestination:/user/queue/x\nk:a\\cb\\nc\ncontent-length:6\n\n你好".encode() + b"\x00"
+    )
     assert b"\r" not in data
 
 
@@ -146,33 +157,45 @@ def test_connected_headers_are_not_escaped():
 
 
 def test_stomp_py_parses_what_we_encode():
-    data = encode(Frame("MESSAGE", {"destination": "/topic/user/status", "subscription": "s-1",
-                                    "message-id": "m1"}, '[{"userId":"u1"}]'.encode()), "1.2")
-    parsed = stomp_utils.parse_frame(data[:-1])       # stomp.py strips the NUL before parsing
+    data = encode(
+        Frame(
+            "MESSAGE",
+            {"destination": "/topic/user/status", "subscription": "s-1", "message-id": "m1"},
+            b'[{"userId":"u1"}]',
+        ),
+        "1.2",
+    )
+    parsed = stomp_utils.parse_frame(data[:-1])  # stomp.py strips the NUL before parsing
     assert parsed.cmd == "MESSAGE"
     assert parsed.headers["destination"] == "/topic/user/status"
     assert parsed.body == b'[{"userId":"u1"}]'
 
 
 def test_we_parse_what_stomp_py_encodes():
-    frame = stomp_utils.Frame("SEND", {"destination": "/app/call/request", "content-type": "application/json"},
-                              '{"callId":"c1","calleeUserName":"李四"}')
-    data = b"".join(stomp_utils.encode(x) if isinstance(x, str) else x
-                    for x in stomp_utils.convert_frame(frame))
+    frame = stomp_utils.Frame(
+        "SEND",
+        {"destination": "/app/call/request", "content-type": "application/json"},
+        '{"callId":"c1","calleeUserName":"李四"}',
+    )
+    data = b"".join(
+        stomp_utils.encode(x) if isinstance(x, str) else x for x in stomp_utils.convert_frame(frame)
+    )
     (parsed,) = frames_of(FrameParser().feed(data))
     assert parsed.command == "SEND" and parsed.get("destination") == "/app/call/request"
     assert parsed.body.decode() == '{"callId":"c1","calleeUserName":"李四"}'
 
 
 # "\r" is excluded: STOMP 1.1 has no escape for it (1.2's \r is tested above).
-header_text = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00\r"),
-                      max_size=20)
+header_text = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00\r"), max_size=20)
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.dictionaries(header_text.filter(lambda s: s and s != "content-length"), header_text,
-                       max_size=6),
-       st.binary(max_size=300), st.sampled_from(["1.1", "1.2"]), st.integers(1, 400))
+@given(
+    st.dictionaries(header_text.filter(lambda s: s and s != "content-length"), header_text, max_size=6),
+    st.binary(max_size=300),
+    st.sampled_from(["1.1", "1.2"]),
+    st.integers(1, 400),
+)
 def test_generated_frames_round_trip_through_any_split(headers, body, version, cut):
     data = encode(Frame("SEND", headers, body), version)
     parser = FrameParser()

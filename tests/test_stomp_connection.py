@@ -5,9 +5,17 @@ from __future__ import annotations
 
 import pytest
 
-from signaling.stomp import (ConnectionFailed, ConnectRequested, DisconnectRequested, Limits,
-                             LocalProtocolError, MessageSent, StompServerConnection, Subscribed,
-                             Unsubscribed)
+from signaling.stomp import (
+    ConnectionFailed,
+    ConnectRequested,
+    DisconnectRequested,
+    Limits,
+    LocalProtocolError,
+    MessageSent,
+    StompServerConnection,
+    Subscribed,
+    Unsubscribed,
+)
 from signaling.stomp.connection import State, negotiate_heartbeat, negotiate_version
 
 
@@ -30,7 +38,8 @@ def server_frame(chunk: bytes):
 def connected(version="1.2", heart_beat="0,0", limits=Limits(), now=0.0):
     conn = StompServerConnection(limits, now=now)
     (event,) = conn.receive_data(
-        f"CONNECT\naccept-version:{version}\nheart-beat:{heart_beat}\nide:t\n\n\x00", now)
+        f"CONNECT\naccept-version:{version}\nheart-beat:{heart_beat}\nide:t\n\n\x00", now
+    )
     assert isinstance(event, ConnectRequested) and event.frame.get("ide") == "t"
     conn.accept(now, session="s1")
     return conn
@@ -46,16 +55,24 @@ def test_connect_negotiates_and_answers_connected():
     assert conn.state is State.CONNECTED
 
 
-@pytest.mark.parametrize("accept, version", [(None, "1.0"), ("1.0", "1.0"), ("1.1", "1.1"),
-                                             ("1.1,1.2", "1.2"), ("1.2,2.0", "1.2"), ("2.0", None)])
+@pytest.mark.parametrize(
+    "accept, version",
+    [(None, "1.0"), ("1.0", "1.0"), ("1.1", "1.1"), ("1.1,1.2", "1.2"), ("1.2,2.0", "1.2"), ("2.0", None)],
+)
 def test_version_negotiation(accept, version):
     assert negotiate_version(accept) == version
 
 
-@pytest.mark.parametrize("client, ours, result", [
-    (None, (10000, 10000), (0, 0)), ("0,0", (10000, 10000), (0, 0)),
-    ("5000,20000", (10000, 10000), (20000, 10000)), ("30000,0", (10000, 10000), (0, 30000)),
-    ("1000,1000", (0, 0), (0, 0))])
+@pytest.mark.parametrize(
+    "client, ours, result",
+    [
+        (None, (10000, 10000), (0, 0)),
+        ("0,0", (10000, 10000), (0, 0)),
+        ("5000,20000", (10000, 10000), (20000, 10000)),
+        ("30000,0", (10000, 10000), (0, 30000)),
+        ("1000,1000", (0, 0), (0, 0)),
+    ],
+)
 def test_heartbeat_negotiation(client, ours, result):
     assert negotiate_heartbeat(client, ours) == result
 
@@ -77,8 +94,10 @@ def test_send_before_connect_is_error_then_closed():
     assert frames(conn)[0][0] == "ERROR" and conn.closed
 
 
-PIPELINED = (b"CONNECT\naccept-version:1.2\n\n\x00SUBSCRIBE\nid:1\ndestination:/x\n\n\x00"
-             b"SEND\ndestination:/app/x\n\n{}\x00")
+PIPELINED = (
+    b"CONNECT\naccept-version:1.2\n\n\x00SUBSCRIBE\nid:1\ndestination:/x\n\n\x00"
+    b"SEND\ndestination:/app/x\n\n{}\x00"
+)
 
 
 def test_frames_behind_a_connect_wait_for_the_application_s_answer():
@@ -121,8 +140,10 @@ def test_subscribe_send_unsubscribe_and_receipts():
     conn.data_to_send()
     events = conn.receive_data(
         b"SUBSCRIBE\nid:sub-0\ndestination:/topic/user/status\nreceipt:r1\n\n\x00"
-        b"SEND\ndestination:/app/user/status\ncontent-length:6\n\n[\"u1\"]\x00"
-        b"UNSUBSCRIBE\nid:sub-0\nreceipt:r2\n\n\x00", 1.0)
+        b'SEND\ndestination:/app/user/status\ncontent-length:6\n\n["u1"]\x00'
+        b"UNSUBSCRIBE\nid:sub-0\nreceipt:r2\n\n\x00",
+        1.0,
+    )
     assert isinstance(events[0], Subscribed) and events[0].destination == "/topic/user/status"
     assert isinstance(events[1], MessageSent) and events[1].frame.body == b'["u1"]'
     assert isinstance(events[2], Unsubscribed) and events[2].id == "sub-0"
@@ -201,10 +222,10 @@ def test_heartbeats_are_sent_and_silence_times_out():
     assert conn.data_to_send() == []
     conn.handle_timer(110.0)
     assert conn.data_to_send() == [b"\n"]
-    conn.receive_data(b"\n", 115.0)                      # the client's heart-beat
+    conn.receive_data(b"\n", 115.0)  # the client's heart-beat
     assert conn.get_timer() == 120.0
     assert conn.handle_timer(134.9) == []
-    (event,) = conn.handle_timer(135.0)                   # 2 intervals of silence after 115
+    (event,) = conn.handle_timer(135.0)  # 2 intervals of silence after 115
     assert isinstance(event, ConnectionFailed) and event.message == "heart-beat timeout"
     assert conn.closed and conn.get_timer() is None
 
@@ -235,7 +256,7 @@ def closed_by_the_client():
 
 def closed_by_the_server():
     conn = connecting()
-    conn.close_with_error("no CONNECT within 10 s")     # the deadline won the race
+    conn.close_with_error("no CONNECT within 10 s")  # the deadline won the race
     return conn
 
 
@@ -251,28 +272,31 @@ def messaging(conn):
     conn.send_message("/user/queue/errors", "sub-0", b"{}")
 
 
-@pytest.mark.parametrize("make, call", [
-    (awaiting_connect, accepting),            # nothing to accept yet
-    (connected, accepting),                   # accepting twice
-    (closed_by_the_server, accepting),        # the caller did not check `closed` after its await
-    (awaiting_connect, rejecting),            # no CONNECT pending
-    (connected, rejecting),                   # ending a session is close_with_error's
-    (awaiting_connect, messaging),            # no subscription can exist before CONNECTED
-    (connecting, messaging),
-])
+@pytest.mark.parametrize(
+    "make, call",
+    [
+        (awaiting_connect, accepting),  # nothing to accept yet
+        (connected, accepting),  # accepting twice
+        (closed_by_the_server, accepting),  # the caller did not check `closed` after its await
+        (awaiting_connect, rejecting),  # no CONNECT pending
+        (connected, rejecting),  # ending a session is close_with_error's
+        (awaiting_connect, messaging),  # no subscription can exist before CONNECTED
+        (connecting, messaging),
+    ],
+)
 def test_a_call_the_state_does_not_allow_is_the_application_s_bug(make, call):
     conn = make()
     state, queued = conn.state, conn.has_output
     with pytest.raises(LocalProtocolError):
         call(conn)
-    assert conn.state is state and conn.has_output == queued      # nothing changed
+    assert conn.state is state and conn.has_output == queued  # nothing changed
 
 
 @pytest.mark.parametrize("make", [closed_by_the_client, closed_by_the_server])
 def test_what_may_race_with_a_close_is_a_silent_no_op(make):
     conn = make()
     conn.data_to_send()
-    messaging(conn)                           # a MESSAGE for a session that has just gone
+    messaging(conn)  # a MESSAGE for a session that has just gone
     conn.close_with_error("server shutting down")
     assert conn.receive_data(b"SEND\ndestination:/app/x\n\n{}\x00", 1) == []
     assert conn.handle_timer(1000) == [] and conn.get_timer() is None
@@ -282,5 +306,5 @@ def test_what_may_race_with_a_close_is_a_silent_no_op(make):
 def test_a_reject_after_the_deadline_closed_the_connection_is_a_no_op():
     conn = closed_by_the_server()
     assert [f[0] for f in frames(conn)] == ["ERROR"]
-    rejecting(conn)                           # the token check ended after the deadline
+    rejecting(conn)  # the token check ended after the deadline
     assert conn.data_to_send() == [] and conn.closed

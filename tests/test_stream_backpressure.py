@@ -87,7 +87,7 @@ class FakeTransport:
         return self.closing
 
     def close(self) -> None:
-        self.closing = True           # and waits for a flush that never comes
+        self.closing = True  # and waits for a flush that never comes
 
     def abort(self) -> None:
         self.closing = self.aborted = True
@@ -114,7 +114,7 @@ async def test_a_client_that_does_not_read_stops_being_read_and_loses_no_answer(
     core, _ = make_core()
     clock = Clock()
     conn, transport = connected(core, clock)
-    flood, ids = bindings(5000)                 # 100 KB in, 160 KB of answers
+    flood, ids = bindings(5000)  # 100 KB in, 160 KB of answers
     conn.data_received(flood)
     assert transport.writing_paused and not transport.reading
     assert conn.write_paused_since == clock.now
@@ -126,11 +126,11 @@ async def test_a_client_that_does_not_read_stops_being_read_and_loses_no_answer(
         if len(answered) == len(ids):
             break
         transport.writes.clear()
-        transport.drain()                       # the client read: the rest is answered
+        transport.drain()  # the client read: the rest is answered
         assert transport.reading
         await asyncio.sleep(0)
         answered += [stun.parse(w).transaction_id for w in transport.writes]
-    assert answered == ids                      # all of them, in order
+    assert answered == ids  # all of them, in order
     assert not transport.aborted and core.counters["malformed"] == 0
 
 
@@ -138,18 +138,18 @@ def test_relayed_data_past_the_budget_is_dropped_and_counted():
     core, _ = make_core()
     conn, transport = connected(core, Clock())
     frame = channel_data(1000)
-    for _ in range(400):                        # 400 KB offered to a client that reads nothing
+    for _ in range(400):  # 400 KB offered to a client that reads nothing
         conn.send_channel_data(frame, len(frame))
     assert transport.queued <= OUTPUT_BUDGET_BYTES
     taken = len(transport.writes)
     assert taken == OUTPUT_BUDGET_BYTES // 1004
     assert core.counters["stream_output_dropped"] == 400 - taken
     indication = b"\x00\x17" + b"i" * 998
-    conn.send_data_indication(indication)                       # a Data indication is relayed data too
+    conn.send_data_indication(indication)  # a Data indication is relayed data too
     assert core.counters["stream_output_dropped"] == 400 - taken + 1
     transport.drain()
     conn.send_data_indication(indication)
-    assert transport.writes[-1] == indication   # room again once the client read
+    assert transport.writes[-1] == indication  # room again once the client read
 
 
 def test_nothing_is_written_to_a_closing_connection():
@@ -175,7 +175,7 @@ def test_a_connection_stalled_past_the_deadline_is_aborted_not_closed():
         reading.send_channel_data(frame, len(frame))
     assert stalled.write_paused_since == T0 and reading.write_paused_since == T0
     clock.now = T0 + STALLED_WRITE_S / 2
-    reading_transport.drain()                   # progress: its deadline starts over
+    reading_transport.drain()  # progress: its deadline starts over
     assert abort_stalled(connections, T0 + STALLED_WRITE_S - 0.5) == 0
     assert abort_stalled(connections, T0 + STALLED_WRITE_S) == 1
     assert stalled_transport.aborted and not reading_transport.closing
@@ -189,10 +189,10 @@ def test_a_closed_connection_that_never_flushes_is_aborted_at_the_deadline():
     connections: set = set()
     conn, transport = connected(core, clock, connections)
     frame = channel_data(1000)
-    for _ in range(10):                         # under the pause mark: never paused
+    for _ in range(10):  # under the pause mark: never paused
         conn.send_channel_data(frame, len(frame))
     clock.now = T0 + 5
-    conn.data_received(b"\xff" * 8)             # lost framing: closed, waits for a flush
+    conn.data_received(b"\xff" * 8)  # lost framing: closed, waits for a flush
     assert transport.closing and not transport.aborted and conn in connections
     assert abort_stalled(connections, T0 + 5 + STALLED_WRITE_S - 0.5) == 0
     assert abort_stalled(connections, T0 + 5 + STALLED_WRITE_S) == 1
@@ -204,7 +204,7 @@ def test_idle_unallocated_connections_are_aborted():
     clock = Clock()
     connections: set = set()
     conn, transport = connected(core, clock, connections)
-    conn.close()                                # a close that never flushes must not hold it
+    conn.close()  # a close that never flushes must not hold it
     assert close_idle_unallocated(connections, core, T0 + UNALLOCATED_IDLE_S) == 0
     assert close_idle_unallocated(connections, core, T0 + UNALLOCATED_IDLE_S + 1) == 1
     assert transport.aborted and not connections
@@ -239,11 +239,15 @@ async def stream_node(request, tmp_path):
         server_ctx.load_cert_chain(cert, key)
         client_ctx = ssl.create_default_context(cafile=cert)
     settings = NodeSettings(
-        relay=RelaySettings(realm=REALM), udp=Endpoint("127.0.0.1", port),
+        relay=RelaySettings(realm=REALM),
+        udp=Endpoint("127.0.0.1", port),
         tcp=endpoint if request.param == "tcp" else None,
         tls=endpoint if request.param == "tls" else None,
-        relay_ips={stun.FAMILY_IPV4: "127.0.0.1"}, relay_ports=(55000, 55999),
-        nonce_lifetime_s=600, reuse_port=False)
+        relay_ips={stun.FAMILY_IPV4: "127.0.0.1"},
+        relay_ports=(55000, 55999),
+        nonce_lifetime_s=600,
+        reuse_port=False,
+    )
     node = RelayNode(settings, (SECRET,), os.urandom(32), AllowAll(), server_ctx, clock=clock)
     await node.start()
     node.clock_ref = clock
@@ -266,12 +270,13 @@ async def test_the_node_sweep_aborts_a_client_that_stopped_reading(stream_node):
     # limit: the client's StreamReader stops reading once it holds 2 KiB.
     loop = asyncio.get_running_loop()
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)     # our kernel holds little
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # our kernel holds little
     sock.setblocking(False)
     await loop.sock_connect(sock, ("127.0.0.1", node.port))
     # limit: the client's StreamReader stops reading once it holds 2 KiB.
-    reader, writer = await asyncio.open_connection(sock=sock, ssl=node.client_ctx, limit=1024,
-                                                   server_hostname="127.0.0.1" if node.client_ctx else None)
+    reader, writer = await asyncio.open_connection(
+        sock=sock, ssl=node.client_ctx, limit=1024, server_hostname="127.0.0.1" if node.client_ctx else None
+    )
     flood, _ = bindings(100_000)
     writer.write(flood)
     assert await wait_for(lambda: any(c.write_paused_since is not None for c in node.connections))

@@ -11,30 +11,33 @@ from turn import stun
 
 # RFC 5769 §2.1-§2.4 (the RFC's bytes, written as hex).
 SAMPLE_REQUEST = bytes.fromhex(
-    "000100582112a442b7e7a701bc34d686fa87dfae"
-    "802200105354554e20746573742063 6c69656e74".replace(" ", "")
+    "000100582112a442b7e7a701bc34d686fa87dfae802200105354554e20746573742063 6c69656e74".replace(" ", "")
     + "002400046e0001ff80290008932ff9b151263b36"
     "000600096576746a3a68367659202020"
     "000800149aeaa70cbfd8cb56781ef2b5b2d3f249c1b571a2"
-    "80280004e57a3bcf")
+    "80280004e57a3bcf"
+)
 SAMPLE_IPV4_RESPONSE = bytes.fromhex(
     "0101003c2112a442b7e7a701bc34d686fa87dfae"
     "8022000b7465737420766563746f7220"
     "002000080001a147e112a643"
     "000800142b91f599fd9e90c38c7489f92af9ba53f06be7d7"
-    "80280004c07d4c96")
+    "80280004c07d4c96"
+)
 SAMPLE_IPV6_RESPONSE = bytes.fromhex(
     "010100482112a442b7e7a701bc34d686fa87dfae"
     "8022000b7465737420766563746f7220"
     "002000140002a1470113a9faa5d3f179bc25f4b5bed2b9d9"
     "00080014a382954e4be67bf11784c97c8292c275bfe3ed41"
-    "80280004c8fb0b4c")
+    "80280004c8fb0b4c"
+)
 SAMPLE_LONG_TERM_REQUEST = bytes.fromhex(
     "000100602112a44278ad3433c6ad72c029da412e"
     "00060012e3839ee38388e383aae38383e382afe382b90000"
     "0015001c662f2f3439396b39353464364f4c33346f4c394653547679363473 41".replace(" ", "")
     + "0014000b6578616d706c652e6f726700"
-    "00080014f67024656dd64a3e02b8e0712e85c9a28ca89666")
+    "00080014f67024656dd64a3e02b8e0712e85c9a28ca89666"
+)
 SHORT_TERM_PASSWORD = b"VOkJxbRl1RmTxUk/WvJxBt"
 
 
@@ -88,7 +91,7 @@ def test_any_flipped_bit_breaks_fingerprint_or_integrity(vector):
         corrupted = bytearray(vector)
         corrupted[position] ^= 0x01
         with pytest.raises(stun.StunParseError):
-            stun.parse(bytes(corrupted))        # the FINGERPRINT no longer matches
+            stun.parse(bytes(corrupted))  # the FINGERPRINT no longer matches
 
 
 def test_flipped_bit_without_fingerprint_breaks_integrity():
@@ -114,8 +117,18 @@ def test_rebuilt_ipv4_response_verifies():
     assert msg.verify_integrity(SHORT_TERM_PASSWORD)
 
 
-@pytest.mark.parametrize("method", [stun.BINDING, stun.ALLOCATE, stun.REFRESH, stun.SEND, stun.DATA,
-                                    stun.CREATE_PERMISSION, stun.CHANNEL_BIND])
+@pytest.mark.parametrize(
+    "method",
+    [
+        stun.BINDING,
+        stun.ALLOCATE,
+        stun.REFRESH,
+        stun.SEND,
+        stun.DATA,
+        stun.CREATE_PERMISSION,
+        stun.CHANNEL_BIND,
+    ],
+)
 @pytest.mark.parametrize("cls", [stun.REQUEST, stun.INDICATION, stun.SUCCESS, stun.ERROR])
 def test_message_type_round_trip(method, cls):
     mtype = stun.message_type(method, cls)
@@ -131,15 +144,22 @@ def test_known_message_types():
     assert stun.message_type(stun.CHANNEL_BIND, stun.SUCCESS) == 0x0109
 
 
-@pytest.mark.parametrize("addr", [("203.0.113.9", 1), ("0.0.0.0", 65535),
-                                  ("2001:db8::1", 3478), ("::", 0)])
+@pytest.mark.parametrize("addr", [("203.0.113.9", 1), ("0.0.0.0", 65535), ("2001:db8::1", 3478), ("::", 0)])
 def test_xor_address_round_trip(addr):
     tid = bytes(range(12))
     assert stun.xor_address(stun.encode_xor_address(addr, tid), tid) == addr
 
 
-@pytest.mark.parametrize("value", [b"", b"\x00\x01\x00", b"\x00\x03\x00\x00\x00\x00\x00\x00",
-                                   b"\x00\x01\x00\x00\x00\x00\x00", b"\x01\x01" + b"\x00" * 6])
+@pytest.mark.parametrize(
+    "value",
+    [
+        b"",
+        b"\x00\x01\x00",
+        b"\x00\x03\x00\x00\x00\x00\x00\x00",
+        b"\x00\x01\x00\x00\x00\x00\x00",
+        b"\x01\x01" + b"\x00" * 6,
+    ],
+)
 def test_malformed_addresses_are_bad_attributes(value):
     with pytest.raises(stun.BadAttribute):
         stun.xor_address(value, bytes(12))
@@ -157,13 +177,14 @@ def test_typed_attribute_getters_read_values():
     peers = [("203.0.113.9", 7), ("2001:db8::1", 3478)]
     msg = request_with(
         (stun.LIFETIME, struct.pack("!I", 3600)),
-        (stun.REQUESTED_TRANSPORT, b"\x11\xff\xff\xff"),        # RFFU bytes are ignored
+        (stun.REQUESTED_TRANSPORT, b"\x11\xff\xff\xff"),  # RFFU bytes are ignored
         (stun.REQUESTED_ADDRESS_FAMILY, b"\x02\x00\x00\x00"),
         (stun.EVEN_PORT, b"\x80"),
         (stun.RESERVATION_TOKEN, b"T" * 8),
         (stun.CHANNEL_NUMBER, b"\x40\x01\xff\xff"),
         *[(stun.XOR_PEER_ADDRESS, stun.encode_xor_address(p, tid)) for p in peers],
-        (stun.DATA_ATTR, b"payload"))
+        (stun.DATA_ATTR, b"payload"),
+    )
     assert msg.lifetime() == 3600
     assert msg.requested_transport() == 17
     assert msg.requested_address_family() == stun.FAMILY_IPV6
@@ -178,18 +199,34 @@ def test_typed_attribute_getters_read_values():
 
 def test_typed_attribute_getters_absent_and_malformed():
     empty = request_with()
-    for getter in (empty.lifetime, empty.requested_transport, empty.requested_address_family,
-                   empty.even_port, empty.reservation_token, empty.channel_number,
-                   empty.xor_peer_address, empty.data):
+    for getter in (
+        empty.lifetime,
+        empty.requested_transport,
+        empty.requested_address_family,
+        empty.even_port,
+        empty.reservation_token,
+        empty.channel_number,
+        empty.xor_peer_address,
+        empty.data,
+    ):
         assert getter() is None, getter
     assert list(empty.xor_peer_addresses()) == []
     malformed = request_with(
-        (stun.LIFETIME, b"\x00\x01"), (stun.REQUESTED_TRANSPORT, b"\x11\x00\x00"),
-        (stun.REQUESTED_ADDRESS_FAMILY, b"\x01"), (stun.EVEN_PORT, b"\x80\x00"),
-        (stun.CHANNEL_NUMBER, b"\x40\x00"), (stun.XOR_PEER_ADDRESS, b"\x00\x01\x00"))
-    for getter in (malformed.lifetime, malformed.requested_transport,
-                   malformed.requested_address_family, malformed.even_port,
-                   malformed.channel_number, malformed.xor_peer_address):
+        (stun.LIFETIME, b"\x00\x01"),
+        (stun.REQUESTED_TRANSPORT, b"\x11\x00\x00"),
+        (stun.REQUESTED_ADDRESS_FAMILY, b"\x01"),
+        (stun.EVEN_PORT, b"\x80\x00"),
+        (stun.CHANNEL_NUMBER, b"\x40\x00"),
+        (stun.XOR_PEER_ADDRESS, b"\x00\x01\x00"),
+    )
+    for getter in (
+        malformed.lifetime,
+        malformed.requested_transport,
+        malformed.requested_address_family,
+        malformed.even_port,
+        malformed.channel_number,
+        malformed.xor_peer_address,
+    ):
         with pytest.raises(stun.BadAttribute):
             getter()
     assert request_with((stun.RESERVATION_TOKEN, b"x")).reservation_token() == b"x"
@@ -197,10 +234,12 @@ def test_typed_attribute_getters_absent_and_malformed():
 
 def test_peer_addresses_are_decoded_one_by_one():
     tid = bytes(range(12))
-    msg = request_with((stun.XOR_PEER_ADDRESS, stun.encode_xor_address(("203.0.113.9", 7), tid)),
-                       (stun.XOR_PEER_ADDRESS, b"\x00\x01\x00"))
+    msg = request_with(
+        (stun.XOR_PEER_ADDRESS, stun.encode_xor_address(("203.0.113.9", 7), tid)),
+        (stun.XOR_PEER_ADDRESS, b"\x00\x01\x00"),
+    )
     peers = msg.xor_peer_addresses()
-    assert next(peers) == ("203.0.113.9", 7)       # the malformed second one is not read yet
+    assert next(peers) == ("203.0.113.9", 7)  # the malformed second one is not read yet
     with pytest.raises(stun.BadAttribute):
         next(peers)
 
@@ -233,11 +272,18 @@ def test_attributes_after_integrity_are_ignored_and_duplicates_keep_first():
     assert stun.xor_address(msg.get(stun.XOR_PEER_ADDRESS), bytes(12))[0] == "198.51.100.1"
 
 
-@pytest.mark.parametrize("data", [b"", b"\x00" * 19, b"\xc0\x01\x00\x00" + stun.MAGIC_COOKIE_BYTES + bytes(12),
-                                  b"\x00\x01\x00\x00\x00\x00\x00\x00" + bytes(12),
-                                  b"\x00\x01\x00\x04" + stun.MAGIC_COOKIE_BYTES + bytes(12),
-                                  b"\x00\x01\x00\x03" + stun.MAGIC_COOKIE_BYTES + bytes(12) + b"abc",
-                                  b"\x00\x01\x00\x04" + stun.MAGIC_COOKIE_BYTES + bytes(12) + b"\x00\x06\x00\x08"])
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"",
+        b"\x00" * 19,
+        b"\xc0\x01\x00\x00" + stun.MAGIC_COOKIE_BYTES + bytes(12),
+        b"\x00\x01\x00\x00\x00\x00\x00\x00" + bytes(12),
+        b"\x00\x01\x00\x04" + stun.MAGIC_COOKIE_BYTES + bytes(12),
+        b"\x00\x01\x00\x03" + stun.MAGIC_COOKIE_BYTES + bytes(12) + b"abc",
+        b"\x00\x01\x00\x04" + stun.MAGIC_COOKIE_BYTES + bytes(12) + b"\x00\x06\x00\x08",
+    ],
+)
 def test_malformed_messages(data):
     with pytest.raises(stun.StunParseError):
         stun.parse(data)
@@ -260,8 +306,9 @@ def test_aioice_parses_what_we_build():
 
 
 def test_we_parse_what_aioice_builds():
-    request = aioice_stun.Message(message_method=aioice_stun.Method.CHANNEL_BIND,
-                                  message_class=aioice_stun.Class.REQUEST)
+    request = aioice_stun.Message(
+        message_method=aioice_stun.Method.CHANNEL_BIND, message_class=aioice_stun.Class.REQUEST
+    )
     request.attributes["CHANNEL-NUMBER"] = 0x4001
     request.attributes["XOR-PEER-ADDRESS"] = ("198.51.100.3", 7000)
     request.attributes["USERNAME"] = "1:bob"

@@ -15,27 +15,30 @@ from signaling.sockjs.request_body import BodyState, read_body, respond
 HOST = "im.example.com:8443"
 
 
-@pytest.mark.parametrize("origin, host, allowed", [
-    (None, HOST, True),                                   # not a browser
-    ("https://im.example.com:8443", HOST, True),          # the appliance's own pages
-    ("http://im.example.com:8443", HOST, True),           # a TLS-terminating proxy in front
-    ("HTTPS://IM.example.com:8443", HOST, True),
-    ("https://im.example.com", "im.example.com", True),   # default ports on both sides
-    ("https://im.example.com:443", "im.example.com", True),
-    ("https://im.example.com", HOST, False),               # another port
-    ("https://evil.example", HOST, False),
-    ("https://evil.example", "evil.example", True),        # (its own origin, to itself)
-    ("https://im.example.com.evil.example:8443", HOST, False),
-    ("null", HOST, False),
-    ("", HOST, False),
-    ("https://im.example.com:8443/", HOST, False),         # not a serialized origin
-    ("https://user@im.example.com:8443", HOST, False),
-    ("https://im.example.com:8443\t", HOST, False),
-    ("https://im.example.com:99999", HOST, False),
-    ("https://im.example.com:8443", None, False),
-    ("https://im.example.com:8443", "im.example.com:bad", False),
-    ("http://[::1]:8443", "[::1]:8443", True),
-])
+@pytest.mark.parametrize(
+    "origin, host, allowed",
+    [
+        (None, HOST, True),  # not a browser
+        ("https://im.example.com:8443", HOST, True),  # the appliance's own pages
+        ("http://im.example.com:8443", HOST, True),  # a TLS-terminating proxy in front
+        ("HTTPS://IM.example.com:8443", HOST, True),
+        ("https://im.example.com", "im.example.com", True),  # default ports on both sides
+        ("https://im.example.com:443", "im.example.com", True),
+        ("https://im.example.com", HOST, False),  # another port
+        ("https://evil.example", HOST, False),
+        ("https://evil.example", "evil.example", True),  # (its own origin, to itself)
+        ("https://im.example.com.evil.example:8443", HOST, False),
+        ("null", HOST, False),
+        ("", HOST, False),
+        ("https://im.example.com:8443/", HOST, False),  # not a serialized origin
+        ("https://user@im.example.com:8443", HOST, False),
+        ("https://im.example.com:8443\t", HOST, False),
+        ("https://im.example.com:99999", HOST, False),
+        ("https://im.example.com:8443", None, False),
+        ("https://im.example.com:8443", "im.example.com:bad", False),
+        ("http://[::1]:8443", "[::1]:8443", True),
+    ],
+)
 def test_own_origin(origin, host, allowed):
     assert OriginPolicy().allows(origin, host) is allowed
 
@@ -49,7 +52,7 @@ def test_listed_origins_any_and_null():
     assert not policy.allows("https://app.example.com:8443", HOST)
     everyone = OriginPolicy(["*"])
     assert everyone.allows("https://evil.example", HOST)
-    assert not everyone.allows("null", HOST)              # "*" never covers null
+    assert not everyone.allows("null", HOST)  # "*" never covers null
     assert OriginPolicy(["null"]).allows("null", HOST)
 
 
@@ -57,20 +60,39 @@ def test_cors_echoes_allowed_origins_only_and_never_a_wildcard():
     policy = OriginPolicy(["*"])
     assert policy.cors_headers("https://evil.example", HOST) == {
         "Access-Control-Allow-Origin": "https://evil.example",
-        "Access-Control-Allow-Credentials": "true"}
+        "Access-Control-Allow-Credentials": "true",
+    }
     assert OriginPolicy().cors_headers("https://evil.example", HOST) == {}
     assert OriginPolicy().cors_headers("null", HOST) == {}
     assert OriginPolicy().cors_headers(None, HOST) == {}
 
 
-@pytest.mark.parametrize("entry", ["https://app.example.com", "http://127.0.0.1:3000", "*", "null",
-                                   "capacitor://localhost", "http://[::1]:8080"])
+@pytest.mark.parametrize(
+    "entry",
+    [
+        "https://app.example.com",
+        "http://127.0.0.1:3000",
+        "*",
+        "null",
+        "capacitor://localhost",
+        "http://[::1]:8080",
+    ],
+)
 def test_valid_entries(entry):
     assert origin_problem(entry) is None
 
 
-@pytest.mark.parametrize("entry", ["app.example.com", "https://app.example.com/", "https://",
-                                   "https://app.example.com/path", "*.example.com", ""])
+@pytest.mark.parametrize(
+    "entry",
+    [
+        "app.example.com",
+        "https://app.example.com/",
+        "https://",
+        "https://app.example.com/path",
+        "*.example.com",
+        "",
+    ],
+)
 def test_invalid_entries(entry):
     assert origin_problem(entry) is not None
     with pytest.raises(ValueError):
@@ -99,6 +121,7 @@ def receiver(chunks: list[bytes]):
         if i >= len(chunks):
             return {"type": "http.disconnect"}
         return {"type": "http.request", "body": chunks[i], "more_body": i < len(chunks) - 1}
+
     return receive, taken
 
 
@@ -132,7 +155,7 @@ async def test_an_early_answer_goes_out_whole_then_the_rest_is_drained():
     (start, _), (first, before_body), (last, after) = sent
     assert start["status"] == 413 and (b"content-length", b"9") in start["headers"]
     assert first == {"type": "http.response.body", "body": b"too large", "more_body": True}
-    assert before_body == 0 and after == 50           # answered first, drained after
+    assert before_body == 0 and after == 50  # answered first, drained after
     assert last == {"type": "http.response.body", "body": b"", "more_body": False}
 
 
@@ -152,5 +175,5 @@ async def test_a_body_that_goes_on_past_the_drain_bound_is_left_unended():
         sent.append(message)
 
     finished = await respond(send, 413, {}, "too large", receive, 5.0, max_bytes=10_000)
-    assert not finished and len(taken) == 11       # the caller cuts the connection off
+    assert not finished and len(taken) == 11  # the caller cuts the connection off
     assert [m.get("more_body") for m in sent[1:]] == [True]

@@ -17,7 +17,7 @@ T0 = 1_900_000_000.0
 
 
 class FakeRelayPort:
-    def __init__(self, opener: "FakeOpener", ip: str, port: int) -> None:
+    def __init__(self, opener: FakeOpener, ip: str, port: int) -> None:
         self.opener = opener
         self.address = (ip, port)
         self.allocation = None
@@ -98,17 +98,26 @@ class FakeClientLink:
 class CoreClient:
     """One client 5-tuple talking to a TurnCore."""
 
-    def __init__(self, core: TurnCore, user: str = "alice", addr=("198.51.100.20", 40000),
-                 transport: str = "udp", secret: bytes = SECRET, expiry: int | None = None,
-                 password: str | None = None, fingerprint: bool = True) -> None:
+    def __init__(
+        self,
+        core: TurnCore,
+        user: str = "alice",
+        addr=("198.51.100.20", 40000),
+        transport: str = "udp",
+        secret: bytes = SECRET,
+        expiry: int | None = None,
+        password: str | None = None,
+        fingerprint: bool = True,
+    ) -> None:
         self.core = core
         self.addr = addr
         self.key_id = addr if transport == "udp" else f"{transport}#{addr}"
         self.transport = transport
         self.link = FakeClientLink(self.key_id, addr, transport)
         username = f"{int(T0) + 3600 if expiry is None else expiry}:{user}"
-        self.creds = ClientCredentials(username, REALM, stun.long_term_key(
-            username, REALM, password or rest_password(secret, username)))
+        self.creds = ClientCredentials(
+            username, REALM, stun.long_term_key(username, REALM, password or rest_password(secret, username))
+        )
         self.fingerprint = fingerprint
         self.now = T0
 

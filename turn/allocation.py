@@ -25,7 +25,8 @@ from __future__ import annotations
 
 import heapq
 import itertools
-from typing import Hashable, Protocol
+from collections.abc import Hashable
+from typing import Protocol
 
 from .bandwidth import Meter
 from .stun import Address
@@ -42,11 +43,23 @@ CHANNEL_MIN = 0x4000
 CHANNEL_MAX = 0x7FFF
 
 
+class DatagramSocket(Protocol):
+    """What the hot paths use of a relay port's socket (a `socket.socket`)."""
+
+    def sendto(self, data: bytes | memoryview, address: Address, /) -> int: ...
+
+
 class RelayPort(Protocol):
     """A relay transport address the I/O layer opened for one allocation."""
 
-    address: Address          # the bound (ip, port)
-    allocation: "Allocation | None"
+    address: Address  # the bound (ip, port)
+    allocation: Allocation | None
+
+    # The hot paths (turn/udp.py, turn/tcp.py) send peer-bound ChannelData on the port's
+    # socket directly: no Python call per packet in between.  Read-only here, so a port may
+    # hold any socket type that has sendto.
+    @property
+    def sock(self) -> DatagramSocket: ...
 
     def sendto(self, data: bytes, addr: Address) -> None: ...
 
@@ -61,10 +74,13 @@ class ClientLink(Protocol):
     """
 
     # The allocation table's key for the client's 5-tuple: plain and hashable (UDP: the
-    # source address as recvfrom gave it; a stream: its connection's name).
-    key: Hashable
-    address: Address          # the client's (ip, port), IPv4-mapped IPv6 shown as IPv4
-    transport_name: str       # "udp", "tcp" or "tls"
+    # source address as recvfrom gave it; a stream: its connection's name).  Read-only
+    # here, so each link may declare its own key type.
+    @property
+    def key(self) -> Hashable: ...
+
+    address: Address  # the client's (ip, port), IPv4-mapped IPv6 shown as IPv4
+    transport_name: str  # "udp", "tcp" or "tls"
 
     def send_channel_data(self, view: memoryview, size: int) -> bool:
         """Send the ChannelData framed in `view[:size]` (a stream pads it to 4 bytes).
@@ -76,23 +92,49 @@ class ClientLink(Protocol):
 
 
 class RelayOpener(Protocol):
-    def open(self, family: int, even_port: bool, reserve_next: bool
-             ) -> tuple[RelayPort, RelayPort | None] | None:
+    dropped: int  # packets the relay ports dropped, for metrics
+
+    def open(
+        self, family: int, even_port: bool, reserve_next: bool
+    ) -> tuple[RelayPort, RelayPort | None] | None:
         """Bind a relay port (even if asked; with the next port held too if
         `reserve_next`), or None when no port is free."""
 
 
 class Allocation:
     __slots__ = (
-        "client", "client_key", "username", "user_id", "family",
-        "relay", "relayed_address", "expires", "permissions", "channels",
-        "channel_of_peer", "channel_routes", "peer_routes", "txid", "response",
-        "fingerprint", "closed", "to_peer_meter", "to_client_meter",
+        "client",
+        "client_key",
+        "username",
+        "user_id",
+        "family",
+        "relay",
+        "relayed_address",
+        "expires",
+        "permissions",
+        "channels",
+        "channel_of_peer",
+        "channel_routes",
+        "peer_routes",
+        "txid",
+        "response",
+        "fingerprint",
+        "closed",
+        "to_peer_meter",
+        "to_client_meter",
     )
 
-    def __init__(self, client: ClientLink, username: str, user_id: str, family: int,
-                 relay: RelayPort, relayed_address: Address, expires: float,
-                 fingerprint: bool) -> None:
+    def __init__(
+        self,
+        client: ClientLink,
+        username: str,
+        user_id: str,
+        family: int,
+        relay: RelayPort,
+        relayed_address: Address,
+        expires: float,
+        fingerprint: bool,
+    ) -> None:
         self.client = client
         self.client_key = client.key
         self.username = username
@@ -173,8 +215,7 @@ class Allocation:
         """Forget expired permissions and channels past their cool-down."""
         for ip in [ip for ip, exp in self.permissions.items() if exp <= now]:
             del self.permissions[ip]
-        for number in [n for n, (_, exp) in self.channels.items()
-                       if exp + CHANNEL_COOLDOWN_S <= now]:
+        for number in [n for n, (_, exp) in self.channels.items() if exp + CHANNEL_COOLDOWN_S <= now]:
             peer = self.channels.pop(number)[0]
             del self.channel_routes[number]
             if self.channel_of_peer.get(peer) == number:

@@ -39,9 +39,9 @@ class TokenBucket:
     def __init__(self, bps: int, now: float) -> None:
         if bps <= 0:
             raise ValueError("a bucket needs a positive rate")
-        self.rate = bps / 8            # bytes per second
+        self.rate = bps / 8  # bytes per second
         self.burst = burst_bytes(bps)
-        self.tokens = self.burst       # starts full: a new allocation may burst at once
+        self.tokens = self.burst  # starts full: a new allocation may burst at once
         self.stamp = now
 
     def refill(self, now: float) -> None:
@@ -141,8 +141,7 @@ class BandwidthCaps:
             to_client.append(user.to_client)
         if self.total_max_bps:
             if self._node is None:
-                self._node = (TokenBucket(self.total_max_bps, now),
-                              TokenBucket(self.total_max_bps, now))
+                self._node = (TokenBucket(self.total_max_bps, now), TokenBucket(self.total_max_bps, now))
             to_peer.append(self._node[0])
             to_client.append(self._node[1])
         alloc.to_peer_meter = Meter(tuple(to_peer))

@@ -8,13 +8,13 @@ rules, so each of them is only a socket loop.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Callable, Iterable, Union
 
 from . import stun
 from .auth import rest_password
 
-AttrValue = Union[bytes, Callable[[bytes], bytes]]   # a callable gets the transaction id
+AttrValue = bytes | Callable[[bytes], bytes]  # a callable gets the transaction id
 
 
 @dataclass
@@ -25,12 +25,17 @@ class ClientCredentials:
     nonce: bytes | None = None
 
     @classmethod
-    def rest(cls, secret: bytes, username: str, realm: str) -> "ClientCredentials":
+    def rest(cls, secret: bytes, username: str, realm: str) -> ClientCredentials:
         """Credentials from the TURN REST scheme's shared secret."""
         return cls(username, realm, stun.long_term_key(username, realm, rest_password(secret, username)))
 
-    def build(self, method: int, attrs: Iterable[tuple[int, AttrValue]] = (),
-              tid: bytes | None = None, fingerprint: bool = True) -> bytes:
+    def build(
+        self,
+        method: int,
+        attrs: Iterable[tuple[int, AttrValue]] = (),
+        tid: bytes | None = None,
+        fingerprint: bool = True,
+    ) -> bytes:
         """A request, authenticated once a nonce is known."""
         tid = tid or os.urandom(12)
         b = stun.Builder(method, stun.REQUEST, tid)
@@ -45,9 +50,10 @@ class ClientCredentials:
 
     def should_retry(self, reply: stun.Message) -> bool:
         """Learn the nonce from a 401 (first time) or 438 (any time): retry then."""
-        if reply.cls != stun.ERROR or reply.get(stun.ERROR_CODE) is None:
+        error = reply.get(stun.ERROR_CODE)
+        if reply.cls != stun.ERROR or error is None:
             return False
-        code = stun.decode_error(reply.get(stun.ERROR_CODE))[0]
+        code = stun.decode_error(error)[0]
         if code == 438 or (code == 401 and self.nonce is None):
             self.nonce = reply.get(stun.NONCE)
             return self.nonce is not None

@@ -17,17 +17,28 @@ import logging
 import secrets
 import struct
 from collections import Counter
+from collections.abc import Callable, Hashable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Hashable, Iterator
+from typing import ClassVar
+
+from ratelog import RateLimitedLog
 
 from . import stun
-from .allocation import (CHANNEL_MAX, CHANNEL_MIN, DEFAULT_LIFETIME_S, Allocation,
-                         AllocationTable, ClientLink, RelayOpener, RelayPort)
+from .allocation import (
+    CHANNEL_MAX,
+    CHANNEL_MIN,
+    DEFAULT_LIFETIME_S,
+    Allocation,
+    AllocationTable,
+    ClientLink,
+    RelayOpener,
+    RelayPort,
+)
 from .auth import NonceBook, RestVerifier, parse_rest_username
 from .bandwidth import BandwidthCaps
 from .ledger import Ledger, LocalLedger
-from ratelog import RateLimitedLog
+from .policy import PeerPolicy
 from .source_budget import SourceBudget
 from .stun import Address, BadAttribute, Builder, Message
 
@@ -42,29 +53,40 @@ SWEEP_INTERVAL_S = 30.0
 class RelaySettings:
     realm: str
     max_lifetime_s: int = 3600
-    user_quota: int = 10                 # 0 = unlimited
-    total_quota: int = 10000             # 0 = unlimited
+    user_quota: int = 10  # 0 = unlimited
+    total_quota: int = 10000  # 0 = unlimited
     max_permissions: int = 64
     max_channels: int = 64
     software: str | None = None
-    external_ip: str | None = None       # advertised instead of the bound IPv4
-    external_ip6: str | None = None      # advertised instead of the bound IPv6
+    external_ip: str | None = None  # advertised instead of the bound IPv4
+    external_ip6: str | None = None  # advertised instead of the bound IPv6
     families: frozenset[int] = frozenset({stun.FAMILY_IPV4})
-    strict_expiry: bool = False          # expired usernames refused on live allocations too
-    unauth_replies_per_s: float = 20.0   # error replies to a source with no allocation; 0 = off
+    strict_expiry: bool = False  # expired usernames refused on live allocations too
+    unauth_replies_per_s: float = 20.0  # error replies to a source with no allocation; 0 = off
     unauth_reply_burst: int = 100
-    max_bps: int = 0                     # per allocation, each direction; 0 = no cap
-    user_max_bps: int = 0                # per user id in this process, each direction
-    total_max_bps: int = 0               # this process, each direction
+    max_bps: int = 0  # per allocation, each direction; 0 = no cap
+    user_max_bps: int = 0  # per user id in this process, each direction
+    total_max_bps: int = 0  # this process, each direction
 
 
-METHOD_NAMES = {stun.BINDING: "Binding", stun.ALLOCATE: "Allocate", stun.REFRESH: "Refresh",
-                stun.CREATE_PERMISSION: "CreatePermission", stun.CHANNEL_BIND: "ChannelBind"}
+METHOD_NAMES = {
+    stun.BINDING: "Binding",
+    stun.ALLOCATE: "Allocate",
+    stun.REFRESH: "Refresh",
+    stun.CREATE_PERMISSION: "CreatePermission",
+    stun.CHANNEL_BIND: "ChannelBind",
+}
 
 
 class Reject(Exception):
-    def __init__(self, code: int, key: bytes | None = None, with_nonce: bool = False,
-                 unknown: list[int] | None = None, detail: str = "") -> None:
+    def __init__(
+        self,
+        code: int,
+        key: bytes | None = None,
+        with_nonce: bool = False,
+        unknown: list[int] | None = None,
+        detail: str = "",
+    ) -> None:
         super().__init__(code)
         self.code = code
         self.detail = detail
@@ -103,8 +125,15 @@ class Traffic:
 
 
 class TurnCore:
-    def __init__(self, settings: RelaySettings, verifier: RestVerifier, nonces: NonceBook,
-                 policy, relays: RelayOpener, ledger: Ledger | None = None) -> None:
+    def __init__(
+        self,
+        settings: RelaySettings,
+        verifier: RestVerifier,
+        nonces: NonceBook,
+        policy: PeerPolicy,
+        relays: RelayOpener,
+        ledger: Ledger | None = None,
+    ) -> None:
         self.settings = settings
         self.verifier = verifier
         self.nonces = nonces
@@ -116,8 +145,7 @@ class TurnCore:
         self.ledger = ledger if ledger is not None else LocalLedger()
         self.counters: Counter[str] = Counter()
         self.traffic = Traffic()
-        self.bandwidth = BandwidthCaps(settings.max_bps, settings.user_max_bps,
-                                       settings.total_max_bps)
+        self.bandwidth = BandwidthCaps(settings.max_bps, settings.user_max_bps, settings.total_max_bps)
         self.draining = False
         # token -> (held port, expiry, user id it counts against)
         self._reservations: dict[bytes, tuple[RelayPort, float, str]] = {}
@@ -128,8 +156,7 @@ class TurnCore:
         self._refusals = RateLimitedLog(log, burst=10)
         # Error replies to sources without an allocation, per source: a UDP source can be
         # forged, and a 401 is five times the Allocate that earns it.
-        self.unauth_replies = SourceBudget(settings.unauth_replies_per_s,
-                                           settings.unauth_reply_burst)
+        self.unauth_replies = SourceBudget(settings.unauth_replies_per_s, settings.unauth_reply_burst)
 
     # ------------------------------------------------------------ entry points
 
@@ -142,15 +169,16 @@ class TurnCore:
         except Exception:
             self.counters["internal_errors_stun"] += 1
             self.counters["internal_errors"] += 1
-            self._failures.exception(now, "internal error on a STUN message from %s/%s",
-                                     client.transport_name, client.address[0])
+            self._failures.exception(
+                now, "internal error on a STUN message from %s/%s", client.transport_name, client.address[0]
+            )
         try:
             msg = stun.parse(data)
             if msg.cls == stun.REQUEST and self._may_send_error(client, now):
                 self.counters["error_500"] += 1
                 return self._error(msg, Reject(500), client.address, now)
         except Exception:
-            pass                      # not even an error response can be made: stay silent
+            pass  # not even an error response can be made: stay silent
         return None
 
     def _handle_stun(self, data: bytes, client: ClientLink, now: float) -> bytes | None:
@@ -167,9 +195,14 @@ class TurnCore:
                     return None
                 self.counters[f"error_{rej.code}"] += 1
                 if log.isEnabledFor(logging.DEBUG):
-                    log.debug("%s from %s/%s: %d (%s)", METHOD_NAMES.get(msg.method, msg.method),
-                              client.transport_name, client.address[0], rej.code,
-                              rej.detail or stun.REASONS.get(rej.code))
+                    log.debug(
+                        "%s from %s/%s: %d (%s)",
+                        METHOD_NAMES.get(msg.method, msg.method),
+                        client.transport_name,
+                        client.address[0],
+                        rej.code,
+                        rej.detail or stun.REASONS.get(rej.code),
+                    )
                 return self._error(msg, rej, client.address, now)
             except BadAttribute:
                 if not self._may_send_error(client, now):
@@ -186,8 +219,7 @@ class TurnCore:
         """Whether an error response may go out: always to a client with an allocation
         (it authenticated, so its address is real), else while its source's budget lasts.
         Checked before the reply is built, so a suppressed one costs no nonce or HMAC."""
-        if self.table.get(client.key) is not None or \
-                self.unauth_replies.allow(client.address[0], now):
+        if self.table.get(client.key) is not None or self.unauth_replies.allow(client.address[0], now):
             return True
         self.counters["unauth_replies_suppressed"] += 1
         return False
@@ -202,7 +234,7 @@ class TurnCore:
 
     def data_indication(self, alloc: Allocation, peer: Address, data: bytes) -> bytes:
         """A Data indication carrying `data` from `peer` (no channel bound)."""
-        txid = secrets.token_bytes(12)      # unpredictable: a client sees it
+        txid = secrets.token_bytes(12)  # unpredictable: a client sees it
         b = Builder(stun.DATA, stun.INDICATION, txid)
         b.add(stun.XOR_PEER_ADDRESS, stun.encode_xor_address(peer, txid))
         b.add(stun.DATA_ATTR, data)
@@ -249,10 +281,9 @@ class TurnCore:
                 raise Reject(420, unknown=unknown)
             self.counters["binding"] += 1
             b = Builder(stun.BINDING, stun.SUCCESS, msg.transaction_id)
-            b.add(stun.XOR_MAPPED_ADDRESS,
-                  stun.encode_xor_address(client.address, msg.transaction_id))
+            b.add(stun.XOR_MAPPED_ADDRESS, stun.encode_xor_address(client.address, msg.transaction_id))
             return self._finish(b, None, msg.has_fingerprint)
-        if msg.method not in self._handlers:
+        if msg.method != stun.ALLOCATE and msg.method not in self._handlers:
             raise Reject(400)
         creds = self._authenticate(msg, client.address, now)
         unknown = msg.unknown_required()
@@ -266,12 +297,16 @@ class TurnCore:
         if msg.method == stun.ALLOCATE:
             if alloc is not None:
                 if alloc.txid == msg.transaction_id:
-                    return alloc.response     # a retransmission (RFC 8656 §7.2)
+                    return alloc.response  # a retransmission (RFC 8656 §7.2)
                 raise Reject(437, creds.key)
             if creds.expiry < now:
                 self.counters["auth_expired"] += 1
-                self._refusals.info(now, "allocate refused: expired username for user %r from %s",
-                                    creds.user_id, client.address[0])
+                self._refusals.info(
+                    now,
+                    "allocate refused: expired username for user %r from %s",
+                    creds.user_id,
+                    client.address[0],
+                )
                 raise Reject(401, with_nonce=True)
             return self._allocate(msg, creds, client, now)
         if alloc is None:
@@ -296,10 +331,9 @@ class TurnCore:
         key = None
         if parsed is not None and stun.text(raw_realm) == self.verifier.realm:
             key = self.verifier.key_for(msg, username)
-        if key is None:
+        if parsed is None or key is None:  # key is None whenever parsed is
             self.counters["auth_bad_credentials"] += 1
-            self._refusals.info(now, "auth failure from %s: credentials do not verify",
-                                client_addr[0])
+            self._refusals.info(now, "auth failure from %s: credentials do not verify", client_addr[0])
             raise Reject(401, with_nonce=True)
         # A bare "<expiry>" username has no user part: its quota is the username's own.
         return Credentials(username, parsed[1] or username, parsed[0], key)
@@ -319,8 +353,7 @@ class TurnCore:
             return max(1, min(lifetime, int(creds.expiry - now)))
         return lifetime
 
-    def _allocate(self, msg: Message, creds: Credentials, client: ClientLink,
-                  now: float) -> bytes:
+    def _allocate(self, msg: Message, creds: Credentials, client: ClientLink, now: float) -> bytes:
         """A new allocation for `client` (RFC 8656 §7.2)."""
         key = creds.key
         if self.draining:
@@ -340,8 +373,7 @@ class TurnCore:
         if token is not None and (family is not None or even_port is not None):
             raise Reject(400, key, detail="a RESERVATION-TOKEN already names the port")
         # A malformed LIFETIME is answered by _handle_stun (400 without integrity).
-        lifetime = self._within_credentials(self._lifetime(msg) or DEFAULT_LIFETIME_S,
-                                            creds, now)
+        lifetime = self._within_credentials(self._lifetime(msg) or DEFAULT_LIFETIME_S, creds, now)
         if token is not None:
             relay, reserved = self._claim_reservation(token, creds), None
             family = stun.address_family(relay.address[0])
@@ -364,13 +396,13 @@ class TurnCore:
         del self._reservations[token]
         return relay
 
-    def _open_relay(self, family: int, even_port: bool | None,
-                    creds: Credentials) -> tuple[RelayPort, RelayPort | None]:
+    def _open_relay(
+        self, family: int, even_port: bool | None, creds: Credentials
+    ) -> tuple[RelayPort, RelayPort | None]:
         """A fresh relay port (even when EVEN-PORT was sent), and the next one held too
         when its R bit was set; counted against the user's quota."""
         key = creds.key
-        if family not in (stun.FAMILY_IPV4, stun.FAMILY_IPV6) or \
-                family not in self.settings.families:
+        if family not in (stun.FAMILY_IPV4, stun.FAMILY_IPV6) or family not in self.settings.families:
             raise Reject(440, key)
         reserve_next = bool(even_port)
         # A reserved port counts like an allocation: it holds a port just the same.
@@ -387,16 +419,30 @@ class TurnCore:
             raise Reject(508, key)
         return opened
 
-    def _add_allocation(self, msg: Message, creds: Credentials, client: ClientLink,
-                        family: int, relay: RelayPort, reserved: RelayPort | None,
-                        lifetime: int, now: float) -> bytes:
+    def _add_allocation(
+        self,
+        msg: Message,
+        creds: Credentials,
+        client: ClientLink,
+        family: int,
+        relay: RelayPort,
+        reserved: RelayPort | None,
+        lifetime: int,
+        now: float,
+    ) -> bytes:
         """Register the allocation and answer the Allocate (kept for retransmissions)."""
         s = self.settings
-        advertised_ip = (s.external_ip if family == stun.FAMILY_IPV4 else s.external_ip6) \
-            or relay.address[0]
-        alloc = Allocation(client, creds.username, creds.user_id, family, relay,
-                           (advertised_ip, relay.address[1]), now + lifetime,
-                           msg.has_fingerprint)
+        advertised_ip = (s.external_ip if family == stun.FAMILY_IPV4 else s.external_ip6) or relay.address[0]
+        alloc = Allocation(
+            client,
+            creds.username,
+            creds.user_id,
+            family,
+            relay,
+            (advertised_ip, relay.address[1]),
+            now + lifetime,
+            msg.has_fingerprint,
+        )
         relay.allocation = alloc
         self.bandwidth.attach(alloc, now)
         self.table.add(alloc)
@@ -408,14 +454,19 @@ class TurnCore:
         b.add(stun.XOR_MAPPED_ADDRESS, stun.encode_xor_address(client.address, tid))
         if reserved is not None:
             new_token = secrets.token_bytes(8)
-            self._reservations[new_token] = (reserved, now + RESERVATION_LIFETIME_S,
-                                             creds.user_id)
+            self._reservations[new_token] = (reserved, now + RESERVATION_LIFETIME_S, creds.user_id)
             b.add(stun.RESERVATION_TOKEN, new_token)
         alloc.txid = tid
         alloc.response = self._finish(b, creds.key, msg.has_fingerprint)
         self.counters["allocations_created"] += 1
-        log.info("allocation %s for user %r from %s/%s, lifetime %ds", relay.address,
-                 creds.user_id, client.transport_name, client.address[0], lifetime)
+        log.info(
+            "allocation %s for user %r from %s/%s, lifetime %ds",
+            relay.address,
+            creds.user_id,
+            client.transport_name,
+            client.address[0],
+            lifetime,
+        )
         return alloc.response
 
     def _admit(self, user_id: str, count: int, key: bytes) -> None:
@@ -426,7 +477,7 @@ class TurnCore:
             raise Reject(refusal, key)
 
     def _refresh(self, msg: Message, creds: Credentials, alloc: Allocation, now: float) -> bytes:
-        with malformed_is(443, creds.key):      # a malformed family matches no allocation's
+        with malformed_is(443, creds.key):  # a malformed family matches no allocation's
             family = msg.requested_address_family()
         if family is not None and family != alloc.family:
             raise Reject(443, creds.key)
@@ -447,8 +498,7 @@ class TurnCore:
             raise Reject(443, key)
         return peer
 
-    def _create_permission(self, msg: Message, creds: Credentials, alloc: Allocation,
-                           now: float) -> bytes:
+    def _create_permission(self, msg: Message, creds: Credentials, alloc: Allocation, now: float) -> bytes:
         ips = []
         # Peers are decoded and judged one by one: the first bad one decides the answer.
         for peer in msg.xor_peer_addresses():
@@ -467,8 +517,7 @@ class TurnCore:
         b = Builder(stun.CREATE_PERMISSION, stun.SUCCESS, msg.transaction_id)
         return self._finish(b, creds.key, msg.has_fingerprint)
 
-    def _channel_bind(self, msg: Message, creds: Credentials, alloc: Allocation,
-                      now: float) -> bytes:
+    def _channel_bind(self, msg: Message, creds: Credentials, alloc: Allocation, now: float) -> bytes:
         key = creds.key
         raw_peer = msg.get(stun.XOR_PEER_ADDRESS)
         with malformed_is(400, key):
@@ -491,15 +540,14 @@ class TurnCore:
             raise Reject(400, key, detail="peer bound to another channel")
         if bound is None and alloc.live_channels(now) >= self.settings.max_channels:
             raise Reject(508, key)
-        if peer[0] not in alloc.permissions and \
-                alloc.live_permissions(now) >= self.settings.max_permissions:
+        if peer[0] not in alloc.permissions and alloc.live_permissions(now) >= self.settings.max_permissions:
             raise Reject(508, key)
         alloc.bind_channel(number, peer, now)
         b = Builder(stun.CHANNEL_BIND, stun.SUCCESS, msg.transaction_id)
         return self._finish(b, key, msg.has_fingerprint)
 
-    _handlers = {
-        stun.ALLOCATE: None,       # handled before the table lookup
+    # Allocate is handled before the table lookup (_request).
+    _handlers: ClassVar[dict[int, Callable[[TurnCore, Message, Credentials, Allocation, float], bytes]]] = {
         stun.REFRESH: _refresh,
         stun.CREATE_PERMISSION: _create_permission,
         stun.CHANNEL_BIND: _channel_bind,
@@ -514,10 +562,14 @@ class TurnCore:
             peer = msg.xor_peer_address()
         except BadAttribute:
             peer = None
-        if alloc is None or peer is None or data is None or \
-                not alloc.permits(peer[0], now) or \
-                stun.address_family(peer[0]) != alloc.family or \
-                not self.policy.permits(peer[0], peer[1]):
+        if (
+            alloc is None
+            or peer is None
+            or data is None
+            or not alloc.permits(peer[0], now)
+            or stun.address_family(peer[0]) != alloc.family
+            or not self.policy.permits(peer[0], peer[1])
+        ):
             self.counters["send_dropped"] += 1
             return
         meter = alloc.to_peer_meter
@@ -547,7 +599,7 @@ class TurnCore:
 
     def _delete(self, alloc: Allocation, reason: str) -> None:
         if alloc.closed:
-            return          # ended already: its counts and port are released once only
+            return  # ended already: its counts and port are released once only
         self.table.remove(alloc)
         self._close(alloc, reason)
 

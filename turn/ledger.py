@@ -118,6 +118,8 @@ class SharedLedger:
         except BaseException:
             os.close(self._fd)
             raise
+        self.processes: int
+        self.slots: int
         magic, self.processes, self.slots = _HEADER.unpack_from(self._map, 0)
         if magic != _MAGIC or not 0 <= index < self.processes:
             self._map.close()
@@ -129,21 +131,19 @@ class SharedLedger:
         self._stride = 8 + 4 * self.processes
         self._counts = struct.Struct(f"<{self.processes}i")
         self._view = memoryview(self._map)
-        self._totals_view = self._view[self._totals:self._ports].cast("i")
-        self._ports_view = self._view[self._ports:self._users]
+        self._totals_view = self._view[self._totals : self._ports].cast("i")
+        self._ports_view = self._view[self._ports : self._users]
 
     @classmethod
-    def create(cls, processes: int, slots: int, key: bytes, directory: Path | None = None
-               ) -> "SharedLedger":
+    def create(cls, processes: int, slots: int, key: bytes, directory: Path | None = None) -> SharedLedger:
         """A new, empty ledger file for `processes` processes, attached as process 0."""
         if directory is None:
             shm = Path("/dev/shm")
-            directory = shm if shm.is_dir() and os.access(shm, os.W_OK) else \
-                Path(tempfile.gettempdir())
+            directory = shm if shm.is_dir() and os.access(shm, os.W_OK) else Path(tempfile.gettempdir())
         fd, name = tempfile.mkstemp(prefix="appliance-ledger-", dir=directory)
         try:
             size = _HEADER.size + 4 * processes + 2 * PORTS + slots * (8 + 4 * processes)
-            os.ftruncate(fd, size)         # zero-filled: every count 0, every slot empty
+            os.ftruncate(fd, size)  # zero-filled: every count 0, every slot empty
             os.pwrite(fd, _HEADER.pack(_MAGIC, processes, slots), 0)
         finally:
             os.close(fd)
@@ -151,7 +151,7 @@ class SharedLedger:
 
     def close(self) -> None:
         for view in (self._totals_view, self._ports_view, self._view):
-            view.release()       # the map cannot close while views of it exist
+            view.release()  # the map cannot close while views of it exist
         self._map.close()
         os.close(self._fd)
 
@@ -173,11 +173,11 @@ class SharedLedger:
                 return NODE_QUOTA_EXCEEDED
             slot = self._find(key, insert=True)
             if slot < 0:
-                return NODE_QUOTA_EXCEEDED          # the table is full: as good as no room
+                return NODE_QUOTA_EXCEEDED  # the table is full: as good as no room
             counts = self._counts.unpack_from(self._map, slot + 8)
             if user_quota and sum(counts) + count > user_quota:
                 return USER_QUOTA_EXCEEDED
-            self._map[slot:slot + 8] = key.to_bytes(8, "little")
+            self._map[slot : slot + 8] = key.to_bytes(8, "little")
             self._add(slot, count)
             return 0
         finally:
@@ -195,16 +195,17 @@ class SharedLedger:
 
     def _add(self, slot: int, count: int) -> None:
         offset = slot + 8 + 4 * self.index
-        mine = int.from_bytes(self._map[offset:offset + 4], "little", signed=True)
-        change = max(count, -mine)          # never below zero, whatever the caller says
-        self._map[offset:offset + 4] = (mine + change).to_bytes(4, "little", signed=True)
+        mine = int.from_bytes(self._map[offset : offset + 4], "little", signed=True)
+        change = max(count, -mine)  # never below zero, whatever the caller says
+        self._map[offset : offset + 4] = (mine + change).to_bytes(4, "little", signed=True)
         self._totals_view[self.index] = max(0, self._totals_view[self.index] + change)
 
     def _user_key(self, user_id: str) -> int:
         # Keyed, so user ids (which the REST secret's holder chooses) cannot be picked
         # to collide; 0 marks an empty slot.
-        digest = hashlib.blake2b(user_id.encode("utf-8", "surrogateescape"), digest_size=8,
-                                 key=self._key).digest()
+        digest = hashlib.blake2b(
+            user_id.encode("utf-8", "surrogateescape"), digest_size=8, key=self._key
+        ).digest()
         return int.from_bytes(digest, "little") or 1
 
     def _find(self, key: int, insert: bool) -> int:
@@ -215,7 +216,7 @@ class SharedLedger:
         reusable = -1
         for probe in range(min(MAX_PROBES, self.slots)):
             slot = self._users + ((start + probe) & mask) * self._stride
-            held = int.from_bytes(self._map[slot:slot + 8], "little")
+            held = int.from_bytes(self._map[slot : slot + 8], "little")
             if held == key:
                 return slot
             if held == 0:
@@ -234,7 +235,7 @@ class SharedLedger:
             zero = (0).to_bytes(4, "little")
             for n in range(self.slots):
                 offset = self._users + n * self._stride + 8 + 4 * index
-                self._map[offset:offset + 4] = zero
+                self._map[offset : offset + 4] = zero
             owner = index + 1
             ports = self._ports_view
             for i in range(len(ports)):
@@ -246,8 +247,7 @@ class SharedLedger:
     # ------------------------------------------------------------ relay ports
 
     def mark_port(self, family: int, port: int, held: bool) -> None:
-        self._ports_view[(0 if family == FAMILY_IPV4 else PORTS) + port] = \
-            self.index + 1 if held else 0
+        self._ports_view[(0 if family == FAMILY_IPV4 else PORTS) + port] = self.index + 1 if held else 0
 
     def holds_port(self, family: int, port: int) -> bool:
         return self._ports_view[(0 if family == FAMILY_IPV4 else PORTS) + port] != 0

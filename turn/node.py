@@ -11,11 +11,14 @@ import asyncio
 import logging
 import ssl
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from .auth import NonceBook, RestVerifier
 from .core import RelaySettings, TurnCore
 from .ledger import Ledger
+from .policy import PeerPolicy
 from .tcp import StreamConnection, abort_stalled, close_idle_unallocated
 from .udp import UdpListener, UdpRelayOpener, open_udp_listener
 
@@ -49,16 +52,23 @@ class NodeSettings:
     udp: Endpoint | None
     tcp: Endpoint | None
     tls: Endpoint | None
-    relay_ips: dict          # family (stun.FAMILY_*) -> bind address
+    relay_ips: dict[int, str]  # family (stun.FAMILY_*) -> bind address
     relay_ports: tuple[int, int]
     nonce_lifetime_s: float
     reuse_port: bool
 
 
 class RelayNode:
-    def __init__(self, settings: NodeSettings, secrets: tuple[bytes, ...], nonce_key: bytes,
-                 policy, tls_context: ssl.SSLContext | None = None, clock=time.time,
-                 ledger: Ledger | None = None) -> None:
+    def __init__(
+        self,
+        settings: NodeSettings,
+        secrets: tuple[bytes, ...],
+        nonce_key: bytes,
+        policy: PeerPolicy,
+        tls_context: ssl.SSLContext | None = None,
+        clock: Callable[[], float] = time.time,
+        ledger: Ledger | None = None,
+    ) -> None:
         self.settings = settings
         self.ledger = ledger
         self.clock = clock
@@ -70,7 +80,7 @@ class RelayNode:
         self.udp: UdpListener | None = None
         self.servers: list[asyncio.AbstractServer] = []
         self.connections: set[StreamConnection] = set()
-        self._timer_task: asyncio.Task | None = None
+        self._timer_task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -81,7 +91,7 @@ class RelayNode:
                 udp_sock = open_udp_listener(s.udp.host, s.udp.port, s.reuse_port)
             except OSError as exc:
                 raise ListenerBindError("udp", s.udp, exc) from exc
-        opener = UdpRelayOpener(loop, lambda: self.core, s.relay_ips, s.relay_ports, self.clock)
+        opener = UdpRelayOpener(loop, self._started_core, s.relay_ips, s.relay_ports, self.clock)
         self.core = TurnCore(s.relay, self.verifier, self.nonces, self.policy, opener, self.ledger)
         try:
             if udp_sock is not None:
@@ -96,18 +106,31 @@ class RelayNode:
             raise
         self._timer_task = loop.create_task(self._run_timer())
 
-    async def _serve_stream(self, ep: Endpoint, name: str, ctx) -> asyncio.AbstractServer:
+    def _started_core(self) -> TurnCore:
+        core = self.core
+        assert core is not None, "used only once start() has built the core"
+        return core
+
+    async def _serve_stream(
+        self, ep: Endpoint, name: str, ctx: ssl.SSLContext | None
+    ) -> asyncio.AbstractServer:
         loop = asyncio.get_running_loop()
+        core = self._started_core()
         try:
             return await loop.create_server(
-                lambda: StreamConnection(self.core, name, self.connections, self.clock),
-                ep.host, ep.port, ssl=ctx, reuse_port=self.settings.reuse_port,
-                reuse_address=True, ssl_handshake_timeout=10 if ctx else None)
+                lambda: StreamConnection(core, name, self.connections, self.clock),
+                ep.host,
+                ep.port,
+                ssl=ctx,
+                reuse_port=self.settings.reuse_port,
+                reuse_address=True,
+                ssl_handshake_timeout=10 if ctx else None,
+            )
         except OSError as exc:
             raise ListenerBindError(name, ep, exc) from exc
 
     async def _run_timer(self) -> None:
-        core = self.core
+        core = self._started_core()
         next_idle_check = self.clock() + IDLE_CHECK_S
         while True:
             now = self.clock()
@@ -119,10 +142,10 @@ class RelayNode:
             if now >= next_idle_check:
                 # One sweep for both, not a timer per connection: a stall is aborted
                 # within STALLED_WRITE_S + IDLE_CHECK_S.
-                core.counters["stalled_connections_aborted"] += abort_stalled(
-                    self.connections, now)
+                core.counters["stalled_connections_aborted"] += abort_stalled(self.connections, now)
                 core.counters["idle_connections_closed"] += close_idle_unallocated(
-                    self.connections, core, now)
+                    self.connections, core, now
+                )
                 next_idle_check = now + IDLE_CHECK_S
 
     def begin_drain(self) -> None:
@@ -140,7 +163,7 @@ class RelayNode:
             await asyncio.sleep(min(poll_s, max(0.0, deadline - loop.time())))
         return self.core is None or not len(self.core.table)
 
-    def stats(self) -> dict:
+    def stats(self) -> dict[str, Any]:
         """A snapshot for metrics: live counts, traffic and event counters."""
         core = self.core
         if core is None:
@@ -155,8 +178,10 @@ class RelayNode:
             "permissions": sum(a.live_permissions(now) for a in allocations),
             "channels": sum(a.live_channels(now) for a in allocations),
             "connections": len(self.connections),
-            "to_peer_packets": t.to_peer_packets, "to_peer_bytes": t.to_peer_bytes,
-            "to_client_packets": t.to_client_packets, "to_client_bytes": t.to_client_bytes,
+            "to_peer_packets": t.to_peer_packets,
+            "to_peer_bytes": t.to_peer_bytes,
+            "to_client_packets": t.to_client_packets,
+            "to_client_bytes": t.to_client_bytes,
             "dropped_packets": dropped,
             "counters": dict(core.counters),
             "draining": core.draining,
@@ -181,6 +206,6 @@ class RelayNode:
         for server in self.servers:
             try:
                 await asyncio.wait_for(server.wait_closed(), 2)
-            except (asyncio.TimeoutError, Exception):
+            except (TimeoutError, Exception):
                 pass
         self.servers.clear()

@@ -74,7 +74,7 @@ class SourceBudget:
             full_at = now
         spent = full_at + self._interval
         if spent - now > self._horizon:
-            young[key] = full_at          # kept young: a throttled source stays remembered
+            young[key] = full_at  # kept young: a throttled source stays remembered
             return False
         young[key] = spent
         return True
@@ -93,7 +93,7 @@ def ipv6_source_key(host: str) -> str | bytes:
     try:
         packed = inet_pton(AF_INET6, host)
     except OSError:
-        zoneless = host.partition("%")[0]         # fe80::1%eth0: the zone is not the address
+        zoneless = host.partition("%")[0]  # fe80::1%eth0: the zone is not the address
         try:
             packed = inet_pton(AF_INET6, zoneless)
         except OSError:
@@ -103,4 +103,4 @@ def ipv6_source_key(host: str) -> str | bytes:
     return packed[:8]
 
 
-_MAPPED_PREFIX = bytes(10) + b"\xff\xff"      # ::ffff:0:0/96
+_MAPPED_PREFIX = bytes(10) + b"\xff\xff"  # ::ffff:0:0/96

@@ -13,8 +13,9 @@ import hashlib
 import hmac
 import ipaddress
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Any
 
 MAGIC_COOKIE = 0x2112A442
 MAGIC_COOKIE_BYTES = struct.pack("!I", MAGIC_COOKIE)
@@ -75,14 +76,31 @@ OTHER_ADDRESS = 0x802C
 
 # Comprehension-required attributes this server understands; any other type
 # below 0x8000 in a request is answered with 420 (RFC 8489 §6.3.1).
-UNDERSTOOD_REQUIRED = frozenset({
-    MAPPED_ADDRESS, USERNAME, MESSAGE_INTEGRITY, ERROR_CODE, UNKNOWN_ATTRIBUTES,
-    CHANNEL_NUMBER, LIFETIME, XOR_PEER_ADDRESS, DATA_ATTR, REALM, NONCE,
-    XOR_RELAYED_ADDRESS, REQUESTED_ADDRESS_FAMILY, EVEN_PORT, REQUESTED_TRANSPORT,
-    DONT_FRAGMENT, XOR_MAPPED_ADDRESS, RESERVATION_TOKEN,
-    # ICE attributes (RFC 8445) that a client may put on a Binding request.
-    PRIORITY, USE_CANDIDATE,
-})
+UNDERSTOOD_REQUIRED = frozenset(
+    {
+        MAPPED_ADDRESS,
+        USERNAME,
+        MESSAGE_INTEGRITY,
+        ERROR_CODE,
+        UNKNOWN_ATTRIBUTES,
+        CHANNEL_NUMBER,
+        LIFETIME,
+        XOR_PEER_ADDRESS,
+        DATA_ATTR,
+        REALM,
+        NONCE,
+        XOR_RELAYED_ADDRESS,
+        REQUESTED_ADDRESS_FAMILY,
+        EVEN_PORT,
+        REQUESTED_TRANSPORT,
+        DONT_FRAGMENT,
+        XOR_MAPPED_ADDRESS,
+        RESERVATION_TOKEN,
+        # ICE attributes (RFC 8445) that a client may put on a Binding request.
+        PRIORITY,
+        USE_CANDIDATE,
+    }
+)
 
 FAMILY_IPV4 = 0x01
 FAMILY_IPV6 = 0x02
@@ -116,8 +134,13 @@ class BadAttribute(ValueError):
 
 
 def message_type(method: int, cls: int) -> int:
-    return ((method & 0x000F) | ((method & 0x0070) << 1) | ((method & 0x0F80) << 2)
-            | ((cls & 0b01) << 4) | ((cls & 0b10) << 7))
+    return (
+        (method & 0x000F)
+        | ((method & 0x0070) << 1)
+        | ((method & 0x0F80) << 2)
+        | ((cls & 0b01) << 4)
+        | ((cls & 0b10) << 7)
+    )
 
 
 def split_type(mtype: int) -> tuple[int, int]:
@@ -174,8 +197,7 @@ class Message:
 
     def requested_address_family(self) -> int | None:
         """FAMILY_IPV4 or FAMILY_IPV6, or whatever other family byte was sent (RFC 8656 §18.8)."""
-        return _first_byte_of_word(self.attrs.get(REQUESTED_ADDRESS_FAMILY),
-                                   "REQUESTED-ADDRESS-FAMILY")
+        return _first_byte_of_word(self.attrs.get(REQUESTED_ADDRESS_FAMILY), "REQUESTED-ADDRESS-FAMILY")
 
     def even_port(self) -> bool | None:
         """EVEN-PORT: None when absent, else whether its R bit asks for the next port to be
@@ -224,7 +246,7 @@ class Message:
         # MESSAGE-INTEGRITY, then every byte before the attribute.
         head = self.raw[:2] + struct.pack("!H", off - HEADER_LENGTH + 24) + self.raw[4:off]
         expected = hmac.new(key, head, hashlib.sha1).digest()
-        return hmac.compare_digest(expected, self.raw[off + 4:off + 24])
+        return hmac.compare_digest(expected, self.raw[off + 4 : off + 24])
 
 
 def parse(data: bytes) -> Message:
@@ -258,7 +280,8 @@ def parse(data: bytes) -> Message:
         value = data[start:end]
         if atype == FINGERPRINT:
             if alen != 4 or struct.unpack("!I", value)[0] != fingerprint_value(
-                    data[:2] + struct.pack("!H", end - HEADER_LENGTH) + data[4:pos]):
+                data[:2] + struct.pack("!H", end - HEADER_LENGTH) + data[4:pos]
+            ):
                 raise StunParseError("bad FINGERPRINT")
             has_fingerprint = True
         elif integrity_offset < 0:
@@ -279,6 +302,7 @@ def parse(data: bytes) -> Message:
 
 # ---------------------------------------------------------------- values
 
+
 def xor_address(value: bytes, transaction_id: bytes) -> Address:
     """Decode an XOR-*-ADDRESS value into (ip string, port)."""
     if len(value) < 4 or value[0] != 0:
@@ -290,7 +314,7 @@ def xor_address(value: bytes, transaction_id: bytes) -> Address:
         return str(ipaddress.IPv4Address(raw)), port
     if family == FAMILY_IPV6 and len(value) == 20:
         mask = MAGIC_COOKIE_BYTES + transaction_id
-        raw = bytes(a ^ b for a, b in zip(value[4:20], mask))
+        raw = bytes(a ^ b for a, b in zip(value[4:20], mask, strict=True))
         return str(ipaddress.IPv6Address(raw)), port
     raise BadAttribute("malformed address")
 
@@ -305,7 +329,9 @@ def encode_xor_address(addr: Address, transaction_id: bytes) -> bytes:
     if ":" in ip:
         packed = ipaddress.IPv6Address(ip).packed
         mask = MAGIC_COOKIE_BYTES + transaction_id
-        return struct.pack("!BBH", 0, FAMILY_IPV6, xport) + bytes(a ^ b for a, b in zip(packed, mask))
+        return struct.pack("!BBH", 0, FAMILY_IPV6, xport) + bytes(
+            a ^ b for a, b in zip(packed, mask, strict=True)
+        )
     raw = int(ipaddress.IPv4Address(ip)) ^ MAGIC_COOKIE
     return struct.pack("!BBHI", 0, FAMILY_IPV4, xport, raw)
 
@@ -322,7 +348,8 @@ def _first_byte_of_word(value: bytes | None, name: str) -> int | None:
 def u32(value: bytes) -> int:
     if len(value) != 4:
         raise BadAttribute("expected a 32-bit value")
-    return struct.unpack("!I", value)[0]
+    number: int = struct.unpack("!I", value)[0]
+    return number
 
 
 def text(value: bytes, limit: int = 763) -> str:
@@ -348,6 +375,7 @@ def decode_error(value: bytes) -> tuple[int, str]:
 
 # ---------------------------------------------------------------- encoding
 
+
 @dataclass
 class Builder:
     """Accumulates attributes and serialises a message.
@@ -361,7 +389,7 @@ class Builder:
     transaction_id: bytes
     parts: list[bytes] = field(default_factory=list)
 
-    def add(self, atype: int, value: bytes) -> "Builder":
+    def add(self, atype: int, value: bytes) -> Builder:
         pad = -len(value) & 3
         self.parts.append(struct.pack("!HH", atype, len(value)) + value + b"\x00" * pad)
         return self
@@ -385,7 +413,7 @@ def long_term_key(username: str, realm: str, password: str) -> bytes:
     return hashlib.md5(f"{username}:{realm}:{password}".encode()).digest()
 
 
-def plain_address(addr: tuple) -> Address:
+def plain_address(addr: tuple[Any, ...]) -> Address:
     """(ip, port) of a socket address, IPv4-mapped IPv6 shown as IPv4.
 
     A dual-stack listener bound to "::" sees IPv4 clients as ::ffff:a.b.c.d;

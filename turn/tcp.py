@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from .core import TurnCore
 from .stun import plain_address
@@ -44,8 +44,13 @@ class StreamConnection(asyncio.Protocol):
     """One TCP or TLS client connection: its parser, its relay paths, and its
     allocation's ClientLink."""
 
-    def __init__(self, core: TurnCore, transport_name: str,
-                 connections: set, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        core: TurnCore,
+        transport_name: str,
+        connections: set[StreamConnection],
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.core = core
         self.transport_name = transport_name
         self.key = f"{transport_name}#{next(_connection_numbers)}"
@@ -60,7 +65,8 @@ class StreamConnection(asyncio.Protocol):
 
     # --------------------------------------------------------- asyncio
 
-    def connection_made(self, transport) -> None:
+    # A stream server's protocol is given an asyncio.Transport; the stub declares the base.
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         self.transport = transport
         self.address = plain_address(transport.get_extra_info("peername"))
         # Explicit, so TCP and TLS pause alike (asyncio's TLS default is 512 KiB).
@@ -86,7 +92,7 @@ class StreamConnection(asyncio.Protocol):
         if t is not None and not t.is_closing() and self.write_paused_since is None:
             self.data_received(b"")
 
-    def connection_lost(self, exc) -> None:
+    def connection_lost(self, exc: Exception | None) -> None:
         self.connections.discard(self)
         self.core.client_gone(self.key)
         self.transport = None
@@ -108,17 +114,17 @@ class StreamConnection(asyncio.Protocol):
         n = len(buf)
         while n - pos >= 4:
             if self.write_paused_since is not None:
-                break     # the client is not reading: the rest waits for resume_writing
+                break  # the client is not reading: the rest waits for resume_writing
             first = buf[pos]
             length = (buf[pos + 2] << 8) | buf[pos + 3]
             if first < 0x40:
                 total = STUN_HEADER + length
                 if n - pos < total:
                     break
-                reply = self.core.handle_stun(bytes(buf[pos:pos + total]), self, now)
+                reply = self.core.handle_stun(bytes(buf[pos : pos + total]), self, now)
                 if reply is not None and self.transport is not None:
                     self.transport.write(reply)
-            elif first <= 0x7F:    # ChannelData, see allocation.CHANNEL_MAX
+            elif first <= 0x7F:  # ChannelData, see allocation.CHANNEL_MAX
                 total = 4 + length + (-length & 3)
                 if n - pos < total:
                     break
@@ -143,7 +149,7 @@ class StreamConnection(asyncio.Protocol):
         if alloc is None:
             return
         route = alloc.channel_routes.get((buf[pos] << 8) | buf[pos + 1])
-        if route is None or route[1] <= now:     # see "the relay rule", allocation.py
+        if route is None or route[1] <= now:  # see "the relay rule", allocation.py
             return
         peer = route[0]
         meter = alloc.to_peer_meter
@@ -153,7 +159,7 @@ class StreamConnection(asyncio.Protocol):
         # The view must be released before the buffer is resized.
         with memoryview(buf) as view:
             try:
-                alloc.relay.sock.sendto(view[pos + 4:pos + 4 + length], peer)
+                alloc.relay.sock.sendto(view[pos + 4 : pos + 4 + length], peer)
             except OSError:
                 return
         traffic = self.core.traffic
@@ -184,8 +190,11 @@ class StreamConnection(asyncio.Protocol):
         and the drop is counted.  A closing transport takes nothing (uvloop raises on a
         write after abort())."""
         transport = self.transport
-        if transport is None or transport.is_closing() or \
-                transport.get_write_buffer_size() + size > OUTPUT_BUDGET_BYTES:
+        if (
+            transport is None
+            or transport.is_closing()
+            or transport.get_write_buffer_size() + size > OUTPUT_BUDGET_BYTES
+        ):
             self.core.counters["stream_output_dropped"] += 1
             return None
         return transport
@@ -211,17 +220,22 @@ class StreamConnection(asyncio.Protocol):
             transport.abort()
 
 
-def close_idle_unallocated(connections: set, core: TurnCore, now: float) -> int:
+def close_idle_unallocated(connections: set[StreamConnection], core: TurnCore, now: float) -> int:
     """Abort connections that never allocated within UNALLOCATED_IDLE_S; returns how many.
     Aborted, not closed: a client that does not read would keep a closing one open."""
-    idle = [c for c in connections if c.transport is not None
-            and now - c.opened_at > UNALLOCATED_IDLE_S and core.table.get(c.key) is None]
+    idle = [
+        c
+        for c in connections
+        if c.transport is not None
+        and now - c.opened_at > UNALLOCATED_IDLE_S
+        and core.table.get(c.key) is None
+    ]
     for conn in idle:
         conn.abort()
     return len(idle)
 
 
-def abort_stalled(connections: set, now: float) -> int:
+def abort_stalled(connections: set[StreamConnection], now: float) -> int:
     """Abort connections whose output has been stalled for STALLED_WRITE_S (see
     StreamConnection.stalled); returns how many."""
     stalled = [c for c in connections if c.transport is not None and c.stalled(now)]

@@ -18,17 +18,23 @@ others on the loop.  Nothing here logs per packet.
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import logging
 import os
 import random
 import socket
 import time
-from typing import Callable
+from collections.abc import Callable
+from typing import Any
 
 from . import stun
-from .allocation import Allocation
+from .allocation import Allocation, RelayPort
 from .core import TurnCore
+from .stun import Address
+
+# A relay port, and the next one when it was reserved too (allocation.RelayOpener.open).
+RelayPorts = tuple[RelayPort, RelayPort | None]
 
 MAX_DATAGRAM = 65535
 READ_BATCH = 64
@@ -50,7 +56,7 @@ class OutOfSockets(Exception):
 
     def __init__(self, cause: OSError) -> None:
         super().__init__(cause.errno)
-        self.code = cause.errno
+        self.code = cause.errno or 0  # never 0: raised only for one of RESOURCE_ERRNOS
 
 
 def _set_buffers(sock: socket.socket, size: int) -> None:
@@ -85,9 +91,9 @@ class UdpClientLink:
     __slots__ = ("sock", "key", "address")
     transport_name = "udp"
 
-    def __init__(self, sock: socket.socket, source: tuple) -> None:
+    def __init__(self, sock: socket.socket, source: tuple[Any, ...]) -> None:
         self.sock = sock
-        self.key = source            # as recvfrom gave it: what the listener looks up
+        self.key = source  # as recvfrom gave it: what the listener looks up
         self.address = stun.plain_address(source)
 
     def send_channel_data(self, view: memoryview, size: int) -> bool:
@@ -108,8 +114,13 @@ class UdpClientLink:
 class UdpListener:
     """Client-facing UDP socket: STUN to the core, ChannelData straight to peers."""
 
-    def __init__(self, loop, core: TurnCore, sock: socket.socket,
-                 clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        core: TurnCore,
+        sock: socket.socket,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.loop = loop
         self.core = core
         self.sock = sock
@@ -146,9 +157,9 @@ class UdpListener:
             except (BlockingIOError, InterruptedError):
                 break
             except OSError:
-                continue   # e.g. an ICMP error queued on the socket
+                continue  # e.g. an ICMP error queued on the socket
             first = buf[0] if n else 0xFF
-            if 0x40 <= first <= 0x7F:    # see allocation.CHANNEL_MAX
+            if 0x40 <= first <= 0x7F:  # see allocation.CHANNEL_MAX
                 # ChannelData (RFC 8656 §12.4): the relay's fast path.
                 alloc = allocations.get(addr)
                 length = (buf[2] << 8) | buf[3] if n >= 4 else MAX_DATAGRAM
@@ -156,7 +167,7 @@ class UdpListener:
                     self.dropped += 1
                     continue
                 route = alloc.channel_routes.get((first << 8) | buf[1])
-                if route is None or route[1] <= now:    # "the relay rule", allocation.py
+                if route is None or route[1] <= now:  # "the relay rule", allocation.py
                     self.dropped += 1
                     continue
                 peer = route[0]
@@ -165,7 +176,7 @@ class UdpListener:
                     throttled += 1
                     continue
                 try:
-                    alloc.relay.sock.sendto(view[4:4 + length], peer)
+                    alloc.relay.sock.sendto(view[4 : 4 + length], peer)
                 except OSError:
                     self.dropped += 1
                     continue
@@ -193,7 +204,7 @@ class UdpRelayPort:
 
     __slots__ = ("loop", "sock", "address", "allocation", "owner", "_fd")
 
-    def __init__(self, loop, sock: socket.socket, owner: "UdpRelayOpener") -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket, owner: UdpRelayOpener) -> None:
         self.loop = loop
         self.sock = sock
         self.address = sock.getsockname()[:2]
@@ -202,7 +213,7 @@ class UdpRelayPort:
         self._fd = sock.fileno()
         loop.add_reader(self._fd, self._on_readable)
 
-    def sendto(self, data: bytes, addr) -> None:
+    def sendto(self, data: bytes, addr: Address) -> None:
         try:
             self.sock.sendto(data, addr)
         except OSError:
@@ -216,7 +227,7 @@ class UdpRelayPort:
             self._fd = -1
 
     def _on_readable(self) -> None:
-        try:                      # see UdpListener._on_readable
+        try:  # see UdpListener._on_readable
             self._drain()
         except Exception:
             self.owner.core.internal_error(self.owner.clock(), "relay_port")
@@ -236,13 +247,13 @@ class UdpRelayPort:
                 continue
             alloc = self.allocation
             if alloc is None:
-                continue   # a reserved port (EVEN-PORT R bit) not yet claimed
+                continue  # a reserved port (EVEN-PORT R bit) not yet claimed
             peer = addr if len(addr) == 2 else addr[:2]
-            route = alloc.peer_routes.get(peer)       # "the relay rule", allocation.py
+            route = alloc.peer_routes.get(peer)  # "the relay rule", allocation.py
             if route is not None and route[1] > now:
                 number = route[0]
             elif alloc.permits(peer[0], now):
-                number = 0            # no live channel: a Data indication
+                number = 0  # no live channel: a Data indication
             else:
                 owner.dropped += 1
                 continue
@@ -258,7 +269,8 @@ class UdpRelayPort:
                 sent = alloc.client.send_channel_data(view, 4 + n)
             else:
                 sent = alloc.client.send_data_indication(
-                    owner.core.data_indication(alloc, peer, bytes(view[4:4 + n])))
+                    owner.core.data_indication(alloc, peer, bytes(view[4 : 4 + n]))
+                )
             if not sent:
                 owner.dropped += 1
                 continue
@@ -279,8 +291,14 @@ class UdpRelayOpener:
     holds just fails to bind and the next candidate is tried.
     """
 
-    def __init__(self, loop, core_ref: Callable[[], TurnCore], relay_ips: dict[int, str],
-                 port_range: tuple[int, int], clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        core_ref: Callable[[], TurnCore],
+        relay_ips: dict[int, str],
+        port_range: tuple[int, int],
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.loop = loop
         self._core_ref = core_ref
         self.relay_ips = relay_ips
@@ -324,7 +342,7 @@ class UdpRelayOpener:
         self.in_use.add(port)
         return sock
 
-    def open(self, family: int, even_port: bool, reserve_next: bool):
+    def open(self, family: int, even_port: bool, reserve_next: bool) -> RelayPorts | None:
         """(port, reserved port or None), or None when no port can be had: the core
         answers 508.  Running out of descriptors is counted apart (relay_fd_exhausted)
         so an operator can tell it from a full port range."""
@@ -337,7 +355,7 @@ class UdpRelayOpener:
             self._out_of_sockets(exc.code)
             return None
 
-    def _open(self, ip: str, even_port: bool, reserve_next: bool):
+    def _open(self, ip: str, even_port: bool, reserve_next: bool) -> RelayPorts | None:
         for _ in range(PORT_TRIES):
             port = self._random.randint(self.low, self.high)
             if even_port:
@@ -367,6 +385,9 @@ class UdpRelayOpener:
         now = self.clock()
         if now - self._resource_warned_at >= RESOURCE_WARNING_INTERVAL_S:
             self._resource_warned_at = now
-            log.warning("cannot open a relay socket (%s): Allocates are answered 508 until "
-                        "descriptors or memory free up (%d so far; raise the open-files limit?)",
-                        os.strerror(code), counters["relay_fd_exhausted"])
+            log.warning(
+                "cannot open a relay socket (%s): Allocates are answered 508 until "
+                "descriptors or memory free up (%d so far; raise the open-files limit?)",
+                os.strerror(code),
+                counters["relay_fd_exhausted"],
+            )

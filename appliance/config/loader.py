@@ -21,9 +21,10 @@ import ipaddress
 import os
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import yaml
 
@@ -34,7 +35,7 @@ ENV_PREFIX = "APPLIANCE__"
 
 # ------------------------------------------------------------------ reading values
 
-TEXT_TYPES = (str, Path, HostPort)     # read from the environment as raw text when YAML disagrees
+TEXT_TYPES = (str, Path, HostPort)  # read from the environment as raw text when YAML disagrees
 
 
 def _is_section(hint) -> bool:
@@ -67,8 +68,7 @@ def _read_env(value: _EnvValue, hint, key: str):
         if text_field:
             return value.raw
         problem = str(exc).splitlines()[0]
-        raise ConfigError(key, f"not a YAML value ({problem}); quote IPv6 items, e.g. ['::1']") \
-            from None
+        raise ConfigError(key, f"not a YAML value ({problem}); quote IPv6 items, e.g. ['::1']") from None
     if text_field and parsed is not None and not isinstance(parsed, str):
         return value.raw
     return parsed
@@ -82,7 +82,7 @@ def _convert(hint, value, key: str, base: Path, meta: Mapping[str, Any]):
         if _optional_of(hint) is not hint:
             return None
         if _is_section(hint):
-            return _build(hint, {}, key, base)    # "turn:" with every line commented out
+            return _build(hint, {}, key, base)  # "turn:" with every line commented out
         raise ConfigError(key, "may not be null")
     hint = _optional_of(hint)
     origin, args = typing.get_origin(hint), typing.get_args(hint)
@@ -146,7 +146,7 @@ def _build(cls, data, prefix: str, base: Path):
         elif _is_section(hints[name]):
             value = _build(hints[name], {}, key, base)
         else:
-            continue                      # the dataclass fills in the default
+            continue  # the dataclass fills in the default
         if value is not None:
             _check(f.metadata.get("check"), value, key)
             for i, item in enumerate(value if f.metadata.get("item_check") else ()):
@@ -157,18 +157,19 @@ def _build(cls, data, prefix: str, base: Path):
 
 # ------------------------------------------------------------------ sources
 
+
 def _apply_env(data: dict, environ: Mapping[str, str]) -> dict[str, str]:
     """Put APPLIANCE__* overrides into `data`; return {dotted key: variable} for error messages."""
     origins = {}
     for var, raw in sorted(environ.items()):
         if not var.upper().startswith(ENV_PREFIX):
             continue
-        path = [p.lower() for p in var[len(ENV_PREFIX):].split("__")]
+        path = [p.lower() for p in var[len(ENV_PREFIX) :].split("__")]
         if not all(path):
             raise ConfigError(var, "malformed override name; use APPLIANCE__SECTION__KEY")
         cls, node = AppConfig, data
         for i, part in enumerate(path):
-            dotted = ".".join(path[:i + 1])
+            dotted = ".".join(path[: i + 1])
             names = {f.name for f in dataclasses.fields(cls)}
             if part not in names:
                 raise ConfigError(var, f"unknown key {dotted}")
@@ -231,8 +232,10 @@ def _check_readable(key: str, path: Path | None) -> None:
 
 def _check_tls_files(section: str, cert: Path | None, key: Path | None) -> None:
     if (cert is None) != (key is None):
-        raise ConfigError(f"{section}.tls_key" if key is None else f"{section}.tls_cert",
-                          "tls_cert and tls_key go together: give both or neither")
+        raise ConfigError(
+            f"{section}.tls_key" if key is None else f"{section}.tls_cert",
+            "tls_cert and tls_key go together: give both or neither",
+        )
     _check_readable(f"{section}.tls_cert", cert)
     _check_readable(f"{section}.tls_key", key)
 
@@ -242,17 +245,22 @@ def _cross_checks(config: AppConfig) -> None:
     t = config.turn
     _check_tls_files("turn", t.tls_cert, t.tls_key)
     if any((t.udp, t.tcp, t.tls)) and not (t.relay_ip or t.relay_ip6):
-        raise ConfigError("turn.relay_ip", "a TURN listener is enabled but neither relay_ip "
-                                           "nor relay_ip6 is set")
-    for family, ip, external in (("", t.relay_ip, config.external_ip),
-                                 ("6", t.relay_ip6, config.external_ip6)):
+        raise ConfigError(
+            "turn.relay_ip", "a TURN listener is enabled but neither relay_ip nor relay_ip6 is set"
+        )
+    for family, ip, external in (
+        ("", t.relay_ip, config.external_ip),
+        ("6", t.relay_ip6, config.external_ip6),
+    ):
         if ip and ipaddress.ip_address(ip).is_unspecified and not external:
-            raise ConfigError(f"turn.relay_ip{family}",
-                              f"{ip} binds every interface, so set external_ip{family} to the "
-                              "address clients reach")
+            raise ConfigError(
+                f"turn.relay_ip{family}",
+                f"{ip} binds every interface, so set external_ip{family} to the address clients reach",
+            )
         if external and not ip:
-            raise ConfigError(f"external_ip{family}",
-                              f"is set but turn.relay_ip{family} is null (no relaying to advertise)")
+            raise ConfigError(
+                f"external_ip{family}", f"is set but turn.relay_ip{family} is null (no relaying to advertise)"
+            )
     if t.tcp and t.tls and (t.tcp.host, t.tcp.port) == (t.tls.host, t.tls.port):
         raise ConfigError("turn.tls", f"same address as turn.tcp ({t.tcp})")
     _check_tls_files("http", config.http.tls_cert, config.http.tls_key)
@@ -265,8 +273,9 @@ def _cross_checks(config: AppConfig) -> None:
     if a.mode == "jwt" and a.jwt_key is not None and a.jwt_public_key is not None:
         raise ConfigError("auth.jwt_public_key", "give jwt_key (HS256) or jwt_public_key, not both")
     if a.jwt_key is not None and len(a.jwt_key) < 32:
-        raise ConfigError("auth.jwt_key", "must be at least 32 characters (HS256 keys shorter "
-                                          "than the hash are guessable)")
+        raise ConfigError(
+            "auth.jwt_key", "must be at least 32 characters (HS256 keys shorter than the hash are guessable)"
+        )
     _credential_checks(config)
     _admin_checks(config.admin)
 
@@ -274,31 +283,38 @@ def _cross_checks(config: AppConfig) -> None:
 def _credential_checks(config: AppConfig) -> None:
     c, t = config.credentials, config.turn
     if c.store == "redis" and c.redis_url is None and config.broker.url is None:
-        raise ConfigError("credentials.redis_url", "store redis needs the Redis URL "
-                                                   "(this key, or broker.url to use the same Redis)")
+        raise ConfigError(
+            "credentials.redis_url",
+            "store redis needs the Redis URL (this key, or broker.url to use the same Redis)",
+        )
     for i, url in enumerate(c.external):
         if not url.startswith(("turn:", "turns:")):
             raise ConfigError(f"credentials.external[{i}]", f"must be a turn: or turns: URL, got {url!r}")
     if c.ice_servers is not None and not c.ice_servers:
-        raise ConfigError("credentials.ice_servers", "is an empty list; give URLs, or null for "
-                                                     "the embedded relay's defaults")
+        raise ConfigError(
+            "credentials.ice_servers",
+            "is an empty list; give URLs, or null for the embedded relay's defaults",
+        )
     relay_on = any((t.udp, t.tcp, t.tls))
     if config.http.listen is not None and not (relay_on or c.external or c.ice_servers):
-        raise ConfigError("credentials.external", "the signaling would hand out no ICE server: "
-                                                  "enable a turn listener, or list external "
-                                                  "TURN servers or credentials.ice_servers")
+        raise ConfigError(
+            "credentials.external",
+            "the signaling would hand out no ICE server: "
+            "enable a turn listener, or list external "
+            "TURN servers or credentials.ice_servers",
+        )
 
 
 def _admin_checks(admin) -> None:
     if admin.token is not None and len(admin.token) < 16:
         raise ConfigError("admin.token", "must be at least 16 characters")
     if admin.listen is not None and admin.token is None and not admin.listen.is_loopback():
-        raise ConfigError("admin.token", f"admin.listen {admin.listen} is not a loopback address, "
-                                         "so a token is required")
+        raise ConfigError(
+            "admin.token", f"admin.listen {admin.listen} is not a loopback address, so a token is required"
+        )
 
 
-def load_config(path: str | os.PathLike | None = None,
-                environ: Mapping[str, str] | None = None) -> AppConfig:
+def load_config(path: str | os.PathLike | None = None, environ: Mapping[str, str] | None = None) -> AppConfig:
     """Load `path` (or the defaults) with APPLIANCE__* overrides from `environ` (os.environ).
 
     Raises ConfigError naming the offending key; when an environment variable
@@ -312,16 +328,16 @@ def load_config(path: str | os.PathLike | None = None,
         data = _read_file(file)
         data = {} if data is None else data
         if not isinstance(data, dict):
-            raise ConfigError("(top level)", f"{file} must hold a mapping of keys, "
-                                             f"not {type(data).__name__}")
+            raise ConfigError("(top level)", f"{file} must hold a mapping of keys, not {type(data).__name__}")
         base = file.resolve().parent
     origins = _apply_env(data, environ)
     try:
         config = _build(AppConfig, data, "", base)
         _cross_checks(config)
     except ConfigError as exc:
-        var = next((v for k, v in origins.items()
-                    if exc.key == k or exc.key.startswith((k + ".", k + "["))), None)
+        var = next(
+            (v for k, v in origins.items() if exc.key == k or exc.key.startswith((k + ".", k + "["))), None
+        )
         if var is None:
             raise
         raise ConfigError(exc.key, f"{exc.reason} (set by {var})") from None
@@ -337,6 +353,6 @@ def describe(cls=AppConfig, prefix: str = "") -> list[tuple[str, Any, str]]:
         if _is_section(hints[f.name]):
             rows.extend(describe(hints[f.name], key))
         else:
-            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+            default = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
             rows.append((key, default, f.metadata.get("doc", "")))
     return rows

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import ipaddress
 import os
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
-MAX_ATTRIBUTE_TEXT = 127    # REALM and SOFTWARE must be fewer than 128 characters (RFC 8489 §14)
+MAX_ATTRIBUTE_TEXT = 127  # REALM and SOFTWARE must be fewer than 128 characters (RFC 8489 §14)
 
 
 def at_least(low: int) -> Callable[[int], str | None]:
@@ -39,6 +40,7 @@ def ip_of(version: int, allow_unspecified: bool = True) -> Callable[[str], str |
         if addr.is_unspecified and not allow_unspecified:
             return f"{value!r} is unspecified; give the concrete address clients reach"
         return None
+
     return check
 
 
@@ -61,6 +63,7 @@ def attribute_text(allow_quotes: bool) -> Callable[[str], str | None]:
     REALM is a quoted-string (RFC 8489 §14.9), so quotes and backslashes in it
     would be read differently by different clients: refused there.
     """
+
     def check(value: str) -> str | None:
         if not value:
             return "must be non-empty"
@@ -71,6 +74,7 @@ def attribute_text(allow_quotes: bool) -> Callable[[str], str | None]:
         if len(value) > MAX_ATTRIBUTE_TEXT:
             return f"must be at most {MAX_ATTRIBUTE_TEXT} characters, got {len(value)}"
         return None
+
     return check
 
 
@@ -138,9 +142,14 @@ def _host_problem(host: str) -> str | None:
     if ":" in host:
         return f"write IPv6 addresses in brackets, e.g. [2001:db8::1], got {host!r}"
     labels = host.lower().split(".")
-    if len(host) > 253 or not all(labels) or any(
-            set(label) - _LABEL_CHARS or label.startswith("-") or label.endswith("-")
-            or len(label) > 63 for label in labels):
+    if (
+        len(host) > 253
+        or not all(labels)
+        or any(
+            set(label) - _LABEL_CHARS or label.startswith("-") or label.endswith("-") or len(label) > 63
+            for label in labels
+        )
+    ):
         return f"{host!r} is not a host name or IP address"
     return None
 
@@ -168,7 +177,7 @@ def ice_url(value: str) -> str | None:
     host, port = address, None
     if address.startswith("["):
         close = address.find("]")
-        host, after = address[:close + 1], address[close + 1:]
+        host, after = address[: close + 1], address[close + 1 :]
         if after:
             if not after.startswith(":"):
                 return f"expected [addr]:port in {value!r}"
@@ -186,8 +195,13 @@ def ice_url(value: str) -> str | None:
 def worker_count(value: Any) -> int:
     """Relay processes: a number, or "auto" for one per core this machine has."""
     if value == "auto":
-        return max(1, min(64, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-                          else (os.cpu_count() or 1)))
+        return max(
+            1,
+            min(
+                64,
+                len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1),
+            ),
+        )
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError(f'expected a number of processes or "auto", got {value!r}')
     return value

@@ -35,8 +35,11 @@ def coturn_config_lines(config: AppConfig, ring: SecretRing, now: float, where: 
         "use-auth-secret",
         f"realm={config.realm}",
     ]
-    ordered = sorted((s for s in ring.secrets if SecretRing.still_accepted(s, now, c.grace_s())),
-                     key=lambda s: s.created, reverse=True)
+    ordered = sorted(
+        (s for s in ring.secrets if SecretRing.still_accepted(s, now, c.grace_s())),
+        key=lambda s: s.created,
+        reverse=True,
+    )
     for secret in ordered:
         lines.append(f"# secret {secret.id}" + (" (retired)" if secret.retired else ""))
         lines.append(f"static-auth-secret={secret.value}")

@@ -10,7 +10,7 @@ the embedded relay and on every coturn sharing the ring.
 from __future__ import annotations
 
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from turn.auth import make_credential
 
@@ -62,8 +62,15 @@ class CredentialIssuer:
     it), so a rotation changes what is handed out without a restart.
     """
 
-    def __init__(self, urls: list[str], ttl_s: int, grace_s: int, activation_s: int,
-                 ring: Callable[[], SecretRing], clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        urls: list[str],
+        ttl_s: int,
+        grace_s: int,
+        activation_s: int,
+        ring: Callable[[], SecretRing],
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.urls = urls
         self.ttl_s = ttl_s
         self.grace_s = grace_s
@@ -72,8 +79,9 @@ class CredentialIssuer:
         self.clock = clock
 
     @classmethod
-    def from_config(cls, config: AppConfig, ring: Callable[[], SecretRing],
-                    clock: Callable[[], float] = time.time) -> "CredentialIssuer":
+    def from_config(
+        cls, config: AppConfig, ring: Callable[[], SecretRing], clock: Callable[[], float] = time.time
+    ) -> CredentialIssuer:
         c = config.credentials
         return cls(handed_out_urls(config), c.ttl_s, c.grace_s(), c.activation_s, ring, clock)
 
@@ -90,7 +98,12 @@ class CredentialIssuer:
         servers = []
         for url in self.urls:
             turn = url.startswith(("turn:", "turns:"))
-            servers.append({"urls": url, "url": url,
-                            "username": username if turn else None,
-                            "credential": credential if turn else None})
+            servers.append(
+                {
+                    "urls": url,
+                    "url": url,
+                    "username": username if turn else None,
+                    "credential": credential if turn else None,
+                }
+            )
         return {"iceServers": servers, "ttl": ttl}

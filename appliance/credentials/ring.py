@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 FORMAT_VERSION = 1
-MIN_VALUE_CHARS = 16     # token_urlsafe(32) gives 43; anything this short was typed by hand
+MIN_VALUE_CHARS = 16  # token_urlsafe(32) gives 43; anything this short was typed by hand
 
 
 class SecretRingError(Exception):
@@ -53,7 +53,7 @@ class SecretRing:
         live = [s for s in self.secrets if s.retired is None]
         if not live:
             raise SecretRingError("the ring has no current (non-retired) secret")
-        return max(reversed(live), key=lambda s: s.created)    # a tie goes to the later entry
+        return max(reversed(live), key=lambda s: s.created)  # a tie goes to the later entry
 
     def accepted(self, now: float, grace_s: float) -> tuple[bytes, ...]:
         """HMAC keys to verify with: the current secret first, then the others, newest first.
@@ -64,9 +64,11 @@ class SecretRing:
         stays accepted.
         """
         current = self.current()
-        others = sorted((s for s in self.secrets if s is not current
-                         and self.still_accepted(s, now, grace_s)),
-                        key=lambda s: s.created, reverse=True)
+        others = sorted(
+            (s for s in self.secrets if s is not current and self.still_accepted(s, now, grace_s)),
+            key=lambda s: s.created,
+            reverse=True,
+        )
         return tuple(s.value.encode() for s in (current, *others))
 
     @staticmethod
@@ -84,19 +86,29 @@ class SecretRing:
         it has had the longest to spread.
         """
         # Newest first; of two created in the same second, the later in the file is newer.
-        usable = [s for _, _, s in sorted(
-            ((s.created, i, s) for i, s in enumerate(self.secrets)
-             if self.still_accepted(s, now, grace_s)), key=lambda t: t[:2], reverse=True)]
+        usable = [
+            s
+            for _, _, s in sorted(
+                (
+                    (s.created, i, s)
+                    for i, s in enumerate(self.secrets)
+                    if self.still_accepted(s, now, grace_s)
+                ),
+                key=lambda t: t[:2],
+                reverse=True,
+            )
+        ]
         usable = usable or [self.current()]
         return next((s for s in usable if s.created + activation_s <= now), usable[-1])
 
-    def rotated(self, new: Secret, now: float) -> "SecretRing":
+    def rotated(self, new: Secret, now: float) -> SecretRing:
         """`new` becomes current; every secret that was live is retired at `now`."""
-        kept = tuple(s if s.retired is not None else Secret(s.id, s.value, s.created, int(now))
-                     for s in self.secrets)
+        kept = tuple(
+            s if s.retired is not None else Secret(s.id, s.value, s.created, int(now)) for s in self.secrets
+        )
         return SecretRing(kept + (new,))
 
-    def pruned(self, now: float, grace_s: float) -> tuple["SecretRing", tuple[Secret, ...]]:
+    def pruned(self, now: float, grace_s: float) -> tuple[SecretRing, tuple[Secret, ...]]:
         """The ring without the secrets past their grace, and those secrets."""
         dropped = tuple(s for s in self.secrets if not self.still_accepted(s, now, grace_s))
         return SecretRing(tuple(s for s in self.secrets if s not in dropped)), dropped
@@ -122,26 +134,30 @@ def _parse_secret(path: Path, i: int, item) -> Secret:
     if not isinstance(sid, str) or not sid:
         raise SecretRingError(f"{where}: id must be non-empty text")
     if not isinstance(value, str) or len(value) < MIN_VALUE_CHARS:
-        raise SecretRingError(f"{where} ({sid}): value is malformed "
-                              f"(text of at least {MIN_VALUE_CHARS} characters)")
+        raise SecretRingError(
+            f"{where} ({sid}): value is malformed (text of at least {MIN_VALUE_CHARS} characters)"
+        )
     if not _is_int(created) or not (retired is None or _is_int(retired)):
-        raise SecretRingError(f"{where} ({sid}): created and retired are malformed "
-                              "(unix seconds; retired may be null)")
+        raise SecretRingError(
+            f"{where} ({sid}): created and retired are malformed (unix seconds; retired may be null)"
+        )
     return Secret(sid, value, created, retired)
 
 
-def parse_ring(path, raw: bytes) -> SecretRing:
-    """Validate a ring document; `path` names where it came from in errors (a file, a Redis key)."""
+def parse_ring(path, raw: bytes | str) -> SecretRing:
+    """Validate a ring document; `path` names where it came from in errors (a file, a Redis key).
+    A str only as the Redis client's stubs allow: the client returns bytes."""
     try:
-        doc = json.loads(raw.decode("utf-8"))
+        doc = json.loads(raw.decode("utf-8") if isinstance(raw, bytes) else raw)
     except UnicodeDecodeError:
         raise SecretRingError(f"{path}: not valid JSON (not UTF-8 text)") from None
     except json.JSONDecodeError as exc:
         raise SecretRingError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
     if not isinstance(doc, dict) or doc.get("version") != FORMAT_VERSION:
         found = doc.get("version") if isinstance(doc, dict) else type(doc).__name__
-        raise SecretRingError(f'{path}: expected {{"version": {FORMAT_VERSION}, "secrets": [...]}}, '
-                              f"found version {found!r}")
+        raise SecretRingError(
+            f'{path}: expected {{"version": {FORMAT_VERSION}, "secrets": [...]}}, found version {found!r}'
+        )
     items = doc.get("secrets")
     if not isinstance(items, list) or not items:
         raise SecretRingError(f'{path}: "secrets" must be a non-empty list')
@@ -187,7 +203,7 @@ def _write_private(path: Path, ring: SecretRing, replace: bool) -> bool:
             written = _link_if_absent(tmp, path)
     finally:
         try:
-            os.unlink(tmp)       # still there after os.link or a failure, gone after os.replace
+            os.unlink(tmp)  # still there after os.link or a failure, gone after os.replace
         except FileNotFoundError:
             pass
     if written:
@@ -198,9 +214,12 @@ def _write_private(path: Path, ring: SecretRing, replace: bool) -> bool:
 def ring_document(ring: SecretRing) -> str:
     """The ring as its JSON document; refuses a ring that parse_ring would refuse."""
     ring.current()
-    doc = {"version": FORMAT_VERSION,
-           "secrets": [{"id": s.id, "value": s.value, "created": s.created, "retired": s.retired}
-                       for s in ring.secrets]}
+    doc = {
+        "version": FORMAT_VERSION,
+        "secrets": [
+            {"id": s.id, "value": s.value, "created": s.created, "retired": s.retired} for s in ring.secrets
+        ],
+    }
     return json.dumps(doc, indent=2) + "\n"
 
 
@@ -227,7 +246,7 @@ def _fsync_directory(directory: Path) -> None:
     try:
         os.fsync(dfd)
     except OSError:
-        pass      # some filesystems refuse fsync on directories; the rename is still atomic
+        pass  # some filesystems refuse fsync on directories; the rename is still atomic
     finally:
         os.close(dfd)
 

@@ -15,12 +15,20 @@ from __future__ import annotations
 
 import hashlib
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from ..config.schema import AppConfig
-from .ring import (SecretRing, SecretRingError, ensure_ring, load_ring, new_secret, parse_ring,
-                   ring_document, update_ring)
+from .ring import (
+    SecretRing,
+    SecretRingError,
+    ensure_ring,
+    load_ring,
+    new_secret,
+    parse_ring,
+    ring_document,
+    update_ring,
+)
 
 Change = Callable[[SecretRing], SecretRing]
 
@@ -62,12 +70,13 @@ class RedisRingStore:
 
         self._redis_errors = (redis.RedisError, OSError)
         self._watch_error = redis.WatchError
-        self.client = redis.Redis.from_url(url, socket_timeout=REDIS_TIMEOUT_S,
-                                           socket_connect_timeout=REDIS_TIMEOUT_S)
+        self.client = redis.Redis.from_url(
+            url, socket_timeout=REDIS_TIMEOUT_S, socket_connect_timeout=REDIS_TIMEOUT_S
+        )
         self.key = key
         self.where = f"{safe_url(url)} key {key}"
 
-    def _get(self) -> bytes | None:
+    def _get(self) -> bytes | str | None:  # bytes: the client does not decode
         try:
             return self.client.get(self.key)
         except self._redis_errors as exc:
@@ -111,7 +120,7 @@ class RedisRingStore:
                     pipe.execute()
                     return new
             except self._watch_error:
-                time.sleep(0.01)        # another node changed it between WATCH and EXEC: again
+                time.sleep(0.01)  # another node changed it between WATCH and EXEC: again
             except self._redis_errors as exc:
                 raise SecretRingError(f"{self.where}: Redis unavailable ({exc})") from None
         raise SecretRingError(f"{self.where}: the ring kept changing under us; try again")
@@ -128,5 +137,5 @@ def safe_url(url: str) -> str:
 def ring_store(config: AppConfig):
     c = config.credentials
     if c.store == "redis":
-        return RedisRingStore(c.redis_url or config.broker.url, c.redis_key)
+        return RedisRingStore(config.ring_redis_url(), c.redis_key)
     return FileRingStore(config.secrets_path())

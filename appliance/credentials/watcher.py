@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from .ring import SecretRing, SecretRingError
 
@@ -26,8 +26,9 @@ Apply = Callable[[tuple[bytes, ...]], None]
 
 
 class RingWatcher:
-    def __init__(self, store, grace_s: float, apply: Apply | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self, store, grace_s: float, apply: Apply | None = None, clock: Callable[[], float] = time.time
+    ) -> None:
         self.store = store
         self.grace_s = grace_s
         self.apply = apply
@@ -49,10 +50,10 @@ class RingWatcher:
         try:
             stamp = self.store.stamp()
         except SecretRingError as exc:
-            return exc                    # not stamped: asked again at the next poll
+            return exc  # not stamped: asked again at the next poll
         if not force and stamp == self._stamp:
             return None
-        self._stamp = stamp               # a broken ring is not re-read until it changes
+        self._stamp = stamp  # a broken ring is not re-read until it changes
         try:
             return self.store.load()
         except SecretRingError as exc:
@@ -64,7 +65,7 @@ class RingWatcher:
             return False
         if isinstance(fetched, SecretRingError):
             self.failures += 1
-            if str(fetched) != self._last_error:         # one line per distinct problem
+            if str(fetched) != self._last_error:  # one line per distinct problem
                 log.error("secret ring not reloaded, keeping the last good one: %s", fetched)
             self._last_error = str(fetched)
             return False
@@ -73,8 +74,12 @@ class RingWatcher:
         self.ring = fetched
         self.refresh()
         if changed:
-            log.info("secret ring loaded: %d secret(s), %d accepted, current %s",
-                     len(fetched.secrets), len(self._accepted or ()), fetched.current().id)
+            log.info(
+                "secret ring loaded: %d secret(s), %d accepted, current %s",
+                len(fetched.secrets),
+                len(self._accepted or ()),
+                fetched.current().id,
+            )
         return changed
 
     def load(self, force: bool = False) -> bool:

@@ -13,8 +13,8 @@ one others can reach, never hands out tokens.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from quart import Quart, redirect, request, send_file
 
@@ -23,9 +23,12 @@ from signaling.http_api import envelope
 
 from ..config.schema import is_loopback_address
 
-DEMO_DIR = Path(__file__).parent      # the page files sit next to this module
-PAGE_FILES = {"index.html": "text/html; charset=utf-8", "demo.js": "text/javascript; charset=utf-8",
-              "demo.css": "text/css; charset=utf-8"}
+DEMO_DIR = Path(__file__).parent  # the page files sit next to this module
+PAGE_FILES = {
+    "index.html": "text/html; charset=utf-8",
+    "demo.js": "text/javascript; charset=utf-8",
+    "demo.css": "text/css; charset=utf-8",
+}
 LIBRARIES = {
     "stomp.umd.min.js": "node_modules/@stomp/stompjs/bundles/stomp.umd.min.js",
     "sockjs.min.js": "node_modules/sockjs-client/dist/sockjs.min.js",
@@ -45,25 +48,28 @@ def local_request() -> bool:
     and addressed to a loopback name.  The last part stops DNS rebinding: a page of
     evil.example whose name the attacker points at 127.0.0.1 reaches this port from the
     user's own browser (a loopback peer, and its own origin), but its Host is evil.example."""
-    return is_loopback_address(request.remote_addr or "") \
-        and not any(name in request.headers for name in PROXY_HEADERS) \
+    return (
+        is_loopback_address(request.remote_addr or "")
+        and not any(name in request.headers for name in PROXY_HEADERS)
         and loopback_host(request.headers.get("Host", ""))
+    )
 
 
 def loopback_host(host: str) -> bool:
     """A Host header (name[:port]) that names this machine's loopback: localhost or a
     loopback address literal."""
-    if host.startswith("["):             # [::1]:8443
-        name = host[1:host.find("]")] if "]" in host else ""
-    elif host.count(":") == 1:           # 127.0.0.1:8443, localhost:8443
+    if host.startswith("["):  # [::1]:8443
+        name = host[1 : host.find("]")] if "]" in host else ""
+    elif host.count(":") == 1:  # 127.0.0.1:8443, localhost:8443
         name = host.split(":", 1)[0]
-    else:                                # no port (or a bare IPv6 literal, invalid anyway)
+    else:  # no port (or a bare IPv6 literal, invalid anyway)
         name = host
     return name.lower() == "localhost" or is_loopback_address(name)
 
 
-def install_demo(app: Quart, prefix: str, mint_token: Callable[[str], str] | None,
-                 directory: Path = DEMO_DIR) -> None:
+def install_demo(
+    app: Quart, prefix: str, mint_token: Callable[[str], str] | None, directory: Path = DEMO_DIR
+) -> None:
     base = f"{prefix}/demo"
 
     async def serve(path: Path, mimetype: str):
@@ -86,8 +92,13 @@ def install_demo(app: Quart, prefix: str, mint_token: Callable[[str], str] | Non
         if name == "config.json":
             # True only when POST token would mint one for this very requester.
             dev_tokens = mint_token is not None and local_request()
-            return envelope(data={"prefix": prefix, "devTokens": dev_tokens,
-                                  "librariesInstalled": libraries_installed(directory)})
+            return envelope(
+                data={
+                    "prefix": prefix,
+                    "devTokens": dev_tokens,
+                    "librariesInstalled": libraries_installed(directory),
+                }
+            )
         if name not in PAGE_FILES:
             raise SignalingError(404)
         return await serve(directory / name, PAGE_FILES[name])
@@ -101,14 +112,17 @@ def install_demo(app: Quart, prefix: str, mint_token: Callable[[str], str] | Non
     @app.post(f"{base}/token")
     async def demo_token():
         if mint_token is None:
-            raise SignalingError(403, "tokens are minted only with the development JWT key "
-                                      "and a loopback http.listen")
+            raise SignalingError(
+                403, "tokens are minted only with the development JWT key and a loopback http.listen"
+            )
         if not local_request():
-            raise SignalingError(403, "development tokens are handed out only to requests from "
-                                      f"this machine (loopback, no proxy), not {request.remote_addr}")
+            raise SignalingError(
+                403,
+                "development tokens are handed out only to requests from "
+                f"this machine (loopback, no proxy), not {request.remote_addr}",
+            )
         body = await request.get_json(silent=True, force=True)
         user = body.get("userId") if isinstance(body, dict) else None
-        if not isinstance(user, str) or not user.strip() or len(user) > MAX_USER_ID \
-                or not user.isprintable():
+        if not isinstance(user, str) or not user.strip() or len(user) > MAX_USER_ID or not user.isprintable():
             raise bad_request("userId must be 1-100 printable characters")
         return envelope(data={"token": mint_token(user.strip())})

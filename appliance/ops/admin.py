@@ -21,15 +21,15 @@ import hmac
 import logging
 import time
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Awaitable, Callable
 
 from quart import Quart, Response, jsonify, request
 from werkzeug.exceptions import HTTPException
 
-from .metrics import render
-from ..credentials.watcher import RingWatcher
 from ..credentials.ring import SecretRing, SecretRingError, prune, rotate
+from ..credentials.watcher import RingWatcher
+from .metrics import render
 
 log = logging.getLogger("appliance.admin")
 
@@ -42,12 +42,12 @@ class AdminContext:
 
     token: str | None
     watcher: RingWatcher
-    store: object                            # credentials.store.FileRingStore | RedisRingStore
+    store: object  # credentials.store.FileRingStore | RedisRingStore
     grace_s: int
     activation_s: int
-    registry: object                         # prometheus CollectorRegistry
+    registry: object  # prometheus CollectorRegistry
     readiness: Callable[[], dict[str, bool]]
-    secrets_changed: Callable[[], Awaitable[None]]   # re-read the ring here and in every worker
+    secrets_changed: Callable[[], Awaitable[None]]  # re-read the ring here and in every worker
     clock: Callable[[], float] = time.time
     refusals: Counter = field(default_factory=Counter)
 
@@ -65,11 +65,18 @@ def describe_ring(ring: SecretRing, now: float, grace_s: int, activation_s: int)
     rows = []
     for s in sorted(ring.secrets, key=lambda s: s.created, reverse=True):
         accepted = SecretRing.still_accepted(s, now, grace_s)
-        rows.append({"id": s.id, "created": s.created, "retired": s.retired,
-                     "ageSeconds": int(now - s.created),
-                     "state": "current" if s is current else ("retired" if accepted else "expired"),
-                     "accepted": accepted, "signing": s is signing,
-                     "acceptedUntil": None if s.retired is None else s.retired + grace_s})
+        rows.append(
+            {
+                "id": s.id,
+                "created": s.created,
+                "retired": s.retired,
+                "ageSeconds": int(now - s.created),
+                "state": "current" if s is current else ("retired" if accepted else "expired"),
+                "accepted": accepted,
+                "signing": s is signing,
+                "acceptedUntil": None if s.retired is None else s.retired + grace_s,
+            }
+        )
     return {"current": current.id, "signing": signing.id, "secrets": rows}
 
 
@@ -91,8 +98,9 @@ def create_admin_app(ctx: AdminContext) -> Quart:
 
     def require_secret_access() -> None:
         if ctx.token is None:
-            raise AdminRefusal(403, "set admin.token to manage secrets over HTTP "
-                                    "(or use `appliance secret` on this machine)")
+            raise AdminRefusal(
+                403, "set admin.token to manage secrets over HTTP (or use `appliance secret` on this machine)"
+            )
         require_token()
 
     @app.errorhandler(AdminRefusal)
@@ -136,8 +144,7 @@ def create_admin_app(ctx: AdminContext) -> Quart:
     @app.get("/admin/secrets")
     async def list_secrets():
         require_secret_access()
-        return jsonify(describe_ring(ctx.watcher.current_ring(), ctx.clock(), ctx.grace_s,
-                                     ctx.activation_s))
+        return jsonify(describe_ring(ctx.watcher.current_ring(), ctx.clock(), ctx.grace_s, ctx.activation_s))
 
     @app.post("/admin/secrets/rotate")
     async def rotate_secret():
@@ -146,9 +153,13 @@ def create_admin_app(ctx: AdminContext) -> Quart:
         _, secret = await asyncio.to_thread(rotate, ctx.store.update, now)
         log.info("secret rotated over the admin API: new current %s", secret.id)
         await ctx.secrets_changed()
-        return jsonify({"current": secret.id, "signingFrom": secret.created + ctx.activation_s,
-                        **describe_ring(ctx.watcher.current_ring(), now, ctx.grace_s,
-                                        ctx.activation_s)})
+        return jsonify(
+            {
+                "current": secret.id,
+                "signingFrom": secret.created + ctx.activation_s,
+                **describe_ring(ctx.watcher.current_ring(), now, ctx.grace_s, ctx.activation_s),
+            }
+        )
 
     @app.post("/admin/secrets/prune")
     async def prune_secrets():

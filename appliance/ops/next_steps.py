@@ -12,8 +12,10 @@ from ..config.schema import AppConfig
 
 def _token_hint(config: AppConfig) -> str:
     if config.auth.uses_dev_key():
-        return ("appliance token --user NAME (run it with this server's --config or "
-                "APPLIANCE__DATA_DIR, if you gave one)")
+        return (
+            "appliance token --user NAME (run it with this server's --config or "
+            "APPLIANCE__DATA_DIR, if you gave one)"
+        )
     if config.auth.mode == "static":
         return "the tokens listed in auth.tokens"
     if config.auth.mode == "http":

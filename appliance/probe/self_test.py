@@ -33,8 +33,14 @@ RTT_SAMPLES = 20
 THROUGHPUT_BYTES = 1 << 20
 CHUNK_BYTES = 16 * 1024
 
-QUEUES = ("/user/queue/errors", "/user/queue/turn/get-turn-credentials", "/user/queue/call/request",
-          "/user/queue/call/response", "/user/queue/call/hangup", "/user/queue/rtc/signaling")
+QUEUES = (
+    "/user/queue/errors",
+    "/user/queue/turn/get-turn-credentials",
+    "/user/queue/call/request",
+    "/user/queue/call/response",
+    "/user/queue/call/hangup",
+    "/user/queue/rtc/signaling",
+)
 
 
 class ProbeFailure(Exception):
@@ -65,14 +71,27 @@ class ProbeReport:
     failure: ProbeFailure | None = None
 
     def as_dict(self) -> dict:
-        return {"ok": self.failure is None, "signaling": self.signaling, "users": list(self.users),
-                "loginMs": round(self.login_ms, 1), "turnUrls": self.turn_urls,
-                "failedStep": self.failure.step if self.failure else None,
-                "failure": self.failure.detail if self.failure else None,
-                "results": [{"url": r.url, "allocationMs": round(r.allocation_ms, 1),
-                             "setupMs": round(r.setup_ms, 1), "rttMs": round(r.rtt_ms, 2),
-                             "throughputKiBs": round(r.throughput_kib_s), "audioFrames": r.audio_frames,
-                             "path": list(r.path)} for r in self.results]}
+        return {
+            "ok": self.failure is None,
+            "signaling": self.signaling,
+            "users": list(self.users),
+            "loginMs": round(self.login_ms, 1),
+            "turnUrls": self.turn_urls,
+            "failedStep": self.failure.step if self.failure else None,
+            "failure": self.failure.detail if self.failure else None,
+            "results": [
+                {
+                    "url": r.url,
+                    "allocationMs": round(r.allocation_ms, 1),
+                    "setupMs": round(r.setup_ms, 1),
+                    "rttMs": round(r.rtt_ms, 2),
+                    "throughputKiBs": round(r.throughput_kib_s),
+                    "audioFrames": r.audio_frames,
+                    "path": list(r.path),
+                }
+                for r in self.results
+            ],
+        }
 
     def lines(self) -> list[str]:
         out = [f"probe: signaling {self.signaling} as {self.users[0]} and {self.users[1]}"]
@@ -84,9 +103,11 @@ class ProbeReport:
             out.append(f"  {r.url}")
             out.append(f"    ok  allocation  both users allocated ({r.allocation_ms:.0f} ms)")
             out.append("    ok  permission  relayed data reached the other allocation")
-            out.append(f"    ok  media       connected {r.path[0]}<->{r.path[1]} in {r.setup_ms:.0f} ms "
-                       f"from call/request; RTT {r.rtt_ms:.1f} ms; data {r.throughput_kib_s:,.0f} KiB/s; "
-                       f"{r.audio_frames} audio frames")
+            out.append(
+                f"    ok  media       connected {r.path[0]}<->{r.path[1]} in {r.setup_ms:.0f} ms "
+                f"from call/request; RTT {r.rtt_ms:.1f} ms; data {r.throughput_kib_s:,.0f} KiB/s; "
+                f"{r.audio_frames} audio frames"
+            )
         if self.failure:
             out.append(f"  FAIL  {self.failure.step}: {self.failure.detail}")
             out.append("probe failed")
@@ -114,9 +135,10 @@ async def _login(report: ProbeReport, signaling: str, users, ssl_context) -> lis
             await client.connect(STEP_TIMEOUT_S)
         except StompRefused as exc:
             raise ProbeFailure("auth", f"the signaling refused {user}'s token ({exc})") from None
-        except Exception as exc:          # refused, reset, TLS, timeout, HTTP error: all "unreachable"
-            raise ProbeFailure("signaling", f"cannot open {client.url}: "
-                                            f"{str(exc) or type(exc).__name__}") from None
+        except Exception as exc:  # refused, reset, TLS, timeout, HTTP error: all "unreachable"
+            raise ProbeFailure(
+                "signaling", f"cannot open {client.url}: {str(exc) or type(exc).__name__}"
+            ) from None
         clients.append(client)
         for queue in QUEUES:
             await client.subscribe(queue)
@@ -127,7 +149,7 @@ async def _login(report: ProbeReport, signaling: str, users, ssl_context) -> lis
 async def _expect(client: StompClient, destination: str, what: str):
     try:
         return await client.next(destination, STEP_TIMEOUT_S)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         errors = []
         while not client.errors.empty():
             errors.append(str(client.errors.get_nowait()))
@@ -135,8 +157,9 @@ async def _expect(client: StompClient, destination: str, what: str):
         while not queued.empty():
             errors.append(str(queued.get_nowait()))
         detail = f"; errors: {'; '.join(errors)}" if errors else ""
-        raise ProbeFailure("signaling", f"{client.user} got no {what} within "
-                                        f"{STEP_TIMEOUT_S:.0f} s{detail}") from None
+        raise ProbeFailure(
+            "signaling", f"{client.user} got no {what} within {STEP_TIMEOUT_S:.0f} s{detail}"
+        ) from None
 
 
 def _turn_entries(answer: dict, override: list[str]) -> list[dict]:
@@ -145,8 +168,9 @@ def _turn_entries(answer: dict, override: list[str]) -> list[dict]:
         raise ProbeFailure("signaling", "the credentials answer holds no TURN URL")
     if override:
         pair = turn[0]
-        return [{"urls": url, "username": pair["username"], "credential": pair["credential"]}
-                for url in override]
+        return [
+            {"urls": url, "username": pair["username"], "credential": pair["credential"]} for url in override
+        ]
     return turn
 
 
@@ -177,19 +201,31 @@ async def _check_relay(entry: dict) -> float:
     try:
         for _ in range(2):
             try:
-                turn, _ = await asyncio.wait_for(create_turn_endpoint(
-                    Receiver, (host, port), entry["username"], entry["credential"],
-                    transport=transport, ssl=ssl.create_default_context() if tls else None),
-                    STEP_TIMEOUT_S)
+                turn, _ = await asyncio.wait_for(
+                    create_turn_endpoint(
+                        Receiver,
+                        (host, port),
+                        entry["username"],
+                        entry["credential"],
+                        transport=transport,
+                        ssl=ssl.create_default_context() if tls else None,
+                    ),
+                    STEP_TIMEOUT_S,
+                )
             except aioice_stun.TransactionFailed as exc:
                 code, reason = exc.response.attributes.get("ERROR-CODE", (0, ""))
-                hint = (": the relay does not accept the signaling's secret (or the credentials "
-                        "expired)") if code == 401 else ""
-                raise ProbeFailure("allocation", f"{entry['urls']} refused the Allocate with "
-                                                 f"{code} {reason}{hint}") from None
-            except (asyncio.TimeoutError, aioice_stun.TransactionTimeout):
-                raise ProbeFailure("allocation", f"no answer from the relay at {entry['urls']} "
-                                                 f"within {STEP_TIMEOUT_S:.0f} s") from None
+                hint = (
+                    (": the relay does not accept the signaling's secret (or the credentials expired)")
+                    if code == 401
+                    else ""
+                )
+                raise ProbeFailure(
+                    "allocation", f"{entry['urls']} refused the Allocate with {code} {reason}{hint}"
+                ) from None
+            except (TimeoutError, aioice_stun.TransactionTimeout):
+                raise ProbeFailure(
+                    "allocation", f"no answer from the relay at {entry['urls']} within {STEP_TIMEOUT_S:.0f} s"
+                ) from None
             except (OSError, ConnectionError, ssl.SSLError) as exc:
                 raise ProbeFailure("allocation", f"cannot reach {entry['urls']}: {exc}") from None
             endpoints.append(turn)
@@ -199,20 +235,26 @@ async def _check_relay(entry: dict) -> float:
         # channel to the first (its datagram is dropped there, no permission yet), then the
         # first sends to the second, which must now receive it.
         for sender, target in ((endpoints[1], first), (endpoints[0], second)):
-            inner = sender._TurnTransport__inner_protocol
+            # aioice keeps its TURN client protocol private (name-mangled); its send_data
+            # is the only way to send from the relayed address.
+            inner = sender._TurnTransport__inner_protocol  # type: ignore[attr-defined]
             try:
                 await asyncio.wait_for(inner.send_data(b"appliance-probe", target), STEP_TIMEOUT_S)
             except aioice_stun.TransactionFailed as exc:
                 code, reason = exc.response.attributes.get("ERROR-CODE", (0, ""))
-                raise ProbeFailure("permission", f"the relay refused a channel to the relayed "
-                                                 f"address {target[0]}:{target[1]} with {code} "
-                                                 f"{reason} (turn.deny_peers / allow_peers)") from None
+                raise ProbeFailure(
+                    "permission",
+                    f"the relay refused a channel to the relayed "
+                    f"address {target[0]}:{target[1]} with {code} "
+                    f"{reason} (turn.deny_peers / allow_peers)",
+                ) from None
         target = second
         try:
             await asyncio.wait_for(received.wait(), STEP_TIMEOUT_S)
-        except asyncio.TimeoutError:
-            raise ProbeFailure("permission", f"data sent to {target[0]}:{target[1]} through the relay "
-                                             "never arrived") from None
+        except TimeoutError:
+            raise ProbeFailure(
+                "permission", f"data sent to {target[0]}:{target[1]} through the relay never arrived"
+            ) from None
         return elapsed
     finally:
         for turn in endpoints:
@@ -226,10 +268,10 @@ def _peer(entry: dict):
     from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection
     from aiortc.rtcconfiguration import RTCIceTransportPolicy
 
-    server = RTCIceServer(urls=entry["urls"], username=entry["username"],
-                          credential=entry["credential"])
-    return RTCPeerConnection(RTCConfiguration(iceServers=[server],
-                                              iceTransportPolicy=RTCIceTransportPolicy.RELAY))
+    server = RTCIceServer(urls=entry["urls"], username=entry["username"], credential=entry["credential"])
+    return RTCPeerConnection(
+        RTCConfiguration(iceServers=[server], iceTransportPolicy=RTCIceTransportPolicy.RELAY)
+    )
 
 
 def _selected_path(pc) -> tuple[str, str]:
@@ -247,8 +289,16 @@ async def _call(caller: StompClient, callee: StompClient, entry: dict, result: U
 
     call_id = f"probe-{secrets.token_hex(6)}"
     started = time.monotonic()
-    await caller.send("/app/call/request", {"callId": call_id, "type": "AUDIO", "callee": callee.user,
-                                            "callerUserName": caller.user, "calleeUserName": callee.user})
+    await caller.send(
+        "/app/call/request",
+        {
+            "callId": call_id,
+            "type": "AUDIO",
+            "callee": callee.user,
+            "callerUserName": caller.user,
+            "calleeUserName": callee.user,
+        },
+    )
     request = await _expect(callee, "/user/queue/call/request", "call/request")
     if request.get("callId") != call_id:
         raise ProbeFailure("signaling", f"{callee.user} got call {request.get('callId')!r}, not {call_id}")
@@ -260,7 +310,7 @@ async def _call(caller: StompClient, callee: StompClient, entry: dict, result: U
     a, b = _peer(entry), _peer(entry)
     try:
         channel = a.createDataChannel("probe")
-        a.addTrack(AudioStreamTrack())          # synthetic audio
+        a.addTrack(AudioStreamTrack())  # synthetic audio
         opened = asyncio.Event()
         channel.on("open", opened.set)
         echoes: asyncio.Queue = asyncio.Queue()
@@ -274,7 +324,7 @@ async def _call(caller: StompClient, callee: StompClient, entry: dict, result: U
             @remote.on("message")
             def on_message(message):
                 if isinstance(message, str):
-                    remote.send(message)              # ping -> pong
+                    remote.send(message)  # ping -> pong
                 else:
                     received_bytes[0] += len(message)
                     if received_bytes[0] >= THROUGHPUT_BYTES:
@@ -286,21 +336,25 @@ async def _call(caller: StompClient, callee: StompClient, entry: dict, result: U
                 track_future.set_result(track)
 
         await a.setLocalDescription(await a.createOffer())
-        await caller.send("/app/rtc/signaling", {"callId": call_id, "type": "OFFER",
-                                                 "payload": a.localDescription.sdp})
+        await caller.send(
+            "/app/rtc/signaling", {"callId": call_id, "type": "OFFER", "payload": a.localDescription.sdp}
+        )
         offer = await _expect(callee, "/user/queue/rtc/signaling", "OFFER")
         await b.setRemoteDescription(RTCSessionDescription(offer["payload"], "offer"))
         await b.setLocalDescription(await b.createAnswer())
-        await callee.send("/app/rtc/signaling", {"callId": call_id, "type": "ANSWER",
-                                                 "payload": b.localDescription.sdp})
+        await callee.send(
+            "/app/rtc/signaling", {"callId": call_id, "type": "ANSWER", "payload": b.localDescription.sdp}
+        )
         answer = await _expect(caller, "/user/queue/rtc/signaling", "ANSWER")
         await a.setRemoteDescription(RTCSessionDescription(answer["payload"], "answer"))
         try:
             await asyncio.wait_for(opened.wait(), CONNECT_TIMEOUT_S)
-        except asyncio.TimeoutError:
-            raise ProbeFailure("media", f"ICE/DTLS did not connect through {entry['urls']} within "
-                                        f"{CONNECT_TIMEOUT_S:.0f} s (ICE {a.iceConnectionState})") \
-                from None
+        except TimeoutError:
+            raise ProbeFailure(
+                "media",
+                f"ICE/DTLS did not connect through {entry['urls']} within "
+                f"{CONNECT_TIMEOUT_S:.0f} s (ICE {a.iceConnectionState})",
+            ) from None
         result.setup_ms = _ms(started)
         result.path = _selected_path(a)
 
@@ -310,7 +364,7 @@ async def _call(caller: StompClient, callee: StompClient, entry: dict, result: U
             channel.send(f"ping {i}")
             try:
                 await asyncio.wait_for(echoes.get(), STEP_TIMEOUT_S)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 raise ProbeFailure("media", "data channel pings stopped coming back") from None
             samples.append(_ms(sent))
         result.rtt_ms = statistics.median(samples)
@@ -323,9 +377,10 @@ async def _call(caller: StompClient, callee: StompClient, entry: dict, result: U
             channel.send(payload)
         try:
             await asyncio.wait_for(all_received.wait(), CONNECT_TIMEOUT_S)
-        except asyncio.TimeoutError:
-            raise ProbeFailure("media", f"only {received_bytes[0]} of {THROUGHPUT_BYTES} bytes "
-                                        "crossed the relay") from None
+        except TimeoutError:
+            raise ProbeFailure(
+                "media", f"only {received_bytes[0]} of {THROUGHPUT_BYTES} bytes crossed the relay"
+            ) from None
         result.throughput_kib_s = THROUGHPUT_BYTES / 1024 / max(time.monotonic() - sent_at, 1e-6)
 
         try:
@@ -333,7 +388,7 @@ async def _call(caller: StompClient, callee: StompClient, entry: dict, result: U
             for _ in range(10):
                 await asyncio.wait_for(track.recv(), STEP_TIMEOUT_S)
                 result.audio_frames += 1
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise ProbeFailure("media", "no audio frames arrived through the relay") from None
     finally:
         await a.close()
@@ -342,8 +397,9 @@ async def _call(caller: StompClient, callee: StompClient, entry: dict, result: U
     await _expect(callee, "/user/queue/call/hangup", "call/hangup")
 
 
-async def run_probe(signaling: str, users: list[tuple[str, str]], turn_override: list[str],
-                    ssl_context: ssl.SSLContext | None) -> ProbeReport:
+async def run_probe(
+    signaling: str, users: list[tuple[str, str]], turn_override: list[str], ssl_context: ssl.SSLContext | None
+) -> ProbeReport:
     report = ProbeReport(signaling, (users[0][0], users[1][0]))
     clients: list[StompClient] = []
     try:

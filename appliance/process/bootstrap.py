@@ -9,8 +9,8 @@ import logging
 
 try:
     import uvloop
-except ImportError:          # an optional dependency (not on Windows): plain asyncio then
-    uvloop = None
+except ImportError:  # an optional dependency (not on Windows): plain asyncio then
+    uvloop = None  # type: ignore[assignment]  # the module, or None when not installed
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"
 

@@ -19,16 +19,19 @@ def _family(address: HostPort) -> socket.AddressFamily:
 
 def _reason(key: str, address: HostPort, exc: OSError) -> str:
     if exc.errno == errno.EADDRINUSE:
-        holder = ("another TURN server such as coturn.service" if key.startswith("turn.")
-                  else "another server")
+        holder = "another TURN server such as coturn.service" if key.startswith("turn.") else "another server"
         return f"address already in use ({holder} may hold it; set {key} or stop it)"
     if exc.errno == errno.EACCES:
-        return (f"permission denied (ports below 1024 need root or CAP_NET_BIND_SERVICE; "
-                f"set {key} to a higher port or grant the capability)")
+        return (
+            f"permission denied (ports below 1024 need root or CAP_NET_BIND_SERVICE; "
+            f"set {key} to a higher port or grant the capability)"
+        )
     if exc.errno == errno.EADDRNOTAVAIL:
         wildcard = "::" if _family(address) == socket.AF_INET6 else "0.0.0.0"
-        return (f"cannot assign requested address ({address.host} is not an address of this "
-                f"host; set {key} to one that is, or to {wildcard})")
+        return (
+            f"cannot assign requested address ({address.host} is not an address of this "
+            f"host; set {key} to one that is, or to {wildcard})"
+        )
     return exc.strerror or str(exc)
 
 
@@ -70,9 +73,11 @@ def check_unshared(key: str, address: HostPort, kind: socket.SocketKind) -> None
 def check_relay_unshared(turn: TurnConfig) -> None:
     """check_unshared for every relay listener: what the supervisor does before its relay
     binds, when relay workers will join the ports."""
-    for transport, address, kind in (("udp", turn.udp, socket.SOCK_DGRAM),
-                                     ("tcp", turn.tcp, socket.SOCK_STREAM),
-                                     ("tls", turn.tls, socket.SOCK_STREAM)):
+    for transport, address, kind in (
+        ("udp", turn.udp, socket.SOCK_DGRAM),
+        ("tcp", turn.tcp, socket.SOCK_STREAM),
+        ("tls", turn.tls, socket.SOCK_STREAM),
+    ):
         if address is not None:
             check_unshared(f"turn.{transport}", address, kind)
 
@@ -86,4 +91,4 @@ def hypercorn_bind(key: str, address: HostPort) -> str:
     once, with the key.
     """
     sock = _bound(key, address, socket.SOCK_STREAM)
-    return f"fd://{sock.detach()}"       # Hypercorn owns the descriptor from here on
+    return f"fd://{sock.detach()}"  # Hypercorn owns the descriptor from here on

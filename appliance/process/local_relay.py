@@ -34,19 +34,32 @@ def ledger_key(nonce_key: bytes) -> bytes:
 
 
 class LocalRelay:
-    def __init__(self, config: AppConfig, files: TlsFiles, nonce_key: bytes,
-                 ledger: LocalLedger | SharedLedger, watcher: RingWatcher,
-                 certificates: CertificateReloader) -> None:
+    def __init__(
+        self,
+        config: AppConfig,
+        files: TlsFiles,
+        nonce_key: bytes,
+        ledger: LocalLedger | SharedLedger,
+        watcher: RingWatcher,
+        certificates: CertificateReloader,
+    ) -> None:
         self.config = config
         self.watcher = watcher
         t, f = config.turn, files
         ctx = None
         if t.tls and f.turn_cert and f.turn_key:
-            ctx = certificates.track("turn tls", tls_context(f.turn_cert, f.turn_key),
-                                     f.turn_cert, f.turn_key)
+            ctx = certificates.track(
+                "turn tls", tls_context(f.turn_cert, f.turn_key), f.turn_cert, f.turn_key
+            )
         ring = watcher.current_ring()
-        self.node = RelayNode(node_settings(config), ring.accepted(time.time(), watcher.grace_s),
-                              nonce_key, peer_policy(config, ledger), ctx, ledger=ledger)
+        self.node = RelayNode(
+            node_settings(config),
+            ring.accepted(time.time(), watcher.grace_s),
+            nonce_key,
+            peer_policy(config, ledger),
+            ctx,
+            ledger=ledger,
+        )
 
     async def start(self) -> None:
         """Bind the relay's listeners; ListenerError names the one that cannot bind."""
@@ -56,7 +69,9 @@ class LocalRelay:
             await self.node.start()
         except ListenerBindError as exc:
             listeners = {"udp": t.udp, "tcp": t.tcp, "tls": t.tls}
-            raise ListenerError(f"turn.{exc.transport}", listeners[exc.transport], exc) from exc
+            address = listeners[exc.transport]
+            assert address is not None, "the node binds only configured listeners"
+            raise ListenerError(f"turn.{exc.transport}", address, exc) from exc
         log.info("relay ready: udp=%s tcp=%s tls=%s", t.udp, t.tcp, t.tls)
 
     @property

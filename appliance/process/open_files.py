@@ -27,8 +27,7 @@ def raise_open_files_limit() -> int:
         try:
             resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
         except (ValueError, OSError) as exc:
-            log.warning("open-files limit stays at %d (could not raise it to %d: %s)",
-                        soft, target, exc)
+            log.warning("open-files limit stays at %d (could not raise it to %d: %s)", soft, target, exc)
             return soft
         log.info("open-files limit raised from %d to %d", soft, target)
         return target

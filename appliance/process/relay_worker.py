@@ -37,8 +37,15 @@ STATS_EVERY_S = 1.0
 
 
 class RelayWorker:
-    def __init__(self, config: AppConfig, files: TlsFiles, nonce_key: bytes, ledger_path: Path,
-                 process_index: int, stats_pipe: Connection) -> None:
+    def __init__(
+        self,
+        config: AppConfig,
+        files: TlsFiles,
+        nonce_key: bytes,
+        ledger_path: Path,
+        process_index: int,
+        stats_pipe: Connection,
+    ) -> None:
         self.config = config
         self.files = files
         self.nonce_key = nonce_key
@@ -58,12 +65,12 @@ class RelayWorker:
             raise OSError(f"cannot start: the secret ring ({self.watcher.store.where}) did not load")
         self.signals.install(on_hup=self._on_hup)
         try:
-            self.ledger = SharedLedger(self.ledger_path, self.process_index,
-                                       key=ledger_key(self.nonce_key))
-            self.relay = LocalRelay(self.config, self.files, self.nonce_key, self.ledger,
-                                    self.watcher, self.certificates)
+            self.ledger = SharedLedger(self.ledger_path, self.process_index, key=ledger_key(self.nonce_key))
+            self.relay = LocalRelay(
+                self.config, self.files, self.nonce_key, self.ledger, self.watcher, self.certificates
+            )
             await self.relay.start()
-            self._tasks.append(loop.create_task(self._report_stats()))
+            self._tasks.append(loop.create_task(self._report_stats(self.relay)))
             self._tasks.append(loop.create_task(self.watcher.run()))
             await self.signals.stop.wait()
             log.info("stopping: draining for up to %d s", self.config.turn.drain_s)
@@ -72,14 +79,14 @@ class RelayWorker:
             await self._stop_everything()
         return 0
 
-    async def _report_stats(self) -> None:
+    async def _report_stats(self, relay: LocalRelay) -> None:
         """Send the relay's figures to the supervisor."""
         while True:
             await asyncio.sleep(STATS_EVERY_S)
             try:
-                self.stats_pipe.send(self.relay.stats())
+                self.stats_pipe.send(relay.stats())
             except (OSError, ValueError):
-                return           # the supervisor is gone or stopping
+                return  # the supervisor is gone or stopping
 
     def _on_hup(self) -> None:
         log.info("SIGHUP: reloading the secret ring and certificates")
@@ -96,13 +103,18 @@ class RelayWorker:
         log.info("stopped")
 
 
-def worker_main(config: AppConfig, files: TlsFiles, nonce_key: bytes, ledger_path: Path,
-                process_index: int, stats_pipe: Connection) -> None:
+def worker_main(
+    config: AppConfig,
+    files: TlsFiles,
+    nonce_key: bytes,
+    ledger_path: Path,
+    process_index: int,
+    stats_pipe: Connection,
+) -> None:
     """What a spawned relay worker runs (worker_pool.RelayWorkers starts it)."""
     configure_logging(config.log_level)
     install_uvloop()
     try:
-        asyncio.run(RelayWorker(config, files, nonce_key, ledger_path, process_index,
-                                stats_pipe).run())
+        asyncio.run(RelayWorker(config, files, nonce_key, ledger_path, process_index, stats_pipe).run())
     except KeyboardInterrupt:
         pass

@@ -7,15 +7,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from typing import Callable
+from collections.abc import Callable
 
 log = logging.getLogger("appliance")
 
 
 class ProcessSignals:
     def __init__(self) -> None:
-        self.stop = asyncio.Event()      # drain, then stop
-        self.hurry = asyncio.Event()     # a second stop signal: cut the drain short
+        self.stop = asyncio.Event()  # drain, then stop
+        self.hurry = asyncio.Event()  # a second stop signal: cut the drain short
 
     def install(self, on_hup: Callable[[], None]) -> None:
         """Answer the signals on the running loop from now on."""

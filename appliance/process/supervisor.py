@@ -98,10 +98,11 @@ class Supervisor:
     async def _start_relay(self) -> None:
         t = self.config.turn
         self.ledger = self._open_ledger()
-        self.relay = LocalRelay(self.config, self.files, self.nonce_key, self.ledger,
-                                self.watcher, self.certificates)
+        self.relay = LocalRelay(
+            self.config, self.files, self.nonce_key, self.ledger, self.watcher, self.certificates
+        )
         if t.workers > 1:
-            check_relay_unshared(t)      # before any SO_REUSEPORT bind: see check_unshared
+            check_relay_unshared(t)  # before any SO_REUSEPORT bind: see check_unshared
         await self.relay.start()
 
     def _open_ledger(self) -> LocalLedger | SharedLedger:
@@ -111,39 +112,56 @@ class Supervisor:
             return LocalLedger()
         return SharedLedger.create(t.workers, user_slots(t.total_quota), ledger_key(self.nonce_key))
 
-    async def _start_signaling(self) -> None:
+    async def _start_signaling(self, listen: HostPort) -> None:
         c, f = self.config, self.files
-        bind = hypercorn_bind("http.listen", c.http.listen)
+        bind = hypercorn_bind("http.listen", listen)
         issuer = CredentialIssuer.from_config(c, self.watcher.current_ring)
         self.signaling = signaling_app(c, issuer.issue)
-        hc = hypercorn_config(c, bind, f.http_cert or f.turn_cert, f.http_key or f.turn_key,
-                              self.certificates)
+        hc = hypercorn_config(
+            c, bind, f.http_cert or f.turn_cert, f.http_key or f.turn_key, self.certificates
+        )
         self._http_task = asyncio.get_running_loop().create_task(
-            serve(self.signaling.web, hc, shutdown_trigger=self._http_stop.wait))
-        await wait_listening(c.http.listen, self._http_task, "http")
-        log.info("signaling ready: %s://%s%s/ws", "https" if c.http.tls else "http",
-                 c.http.listen, c.http.prefix)
+            serve(self.signaling.web, hc, shutdown_trigger=self._http_stop.wait)
+        )
+        await wait_listening(listen, self._http_task, "http")
+        log.info(
+            "signaling ready: %s://%s%s/ws", "https" if c.http.tls else "http", c.http.listen, c.http.prefix
+        )
 
-    async def _start_admin(self) -> None:
+    async def _start_admin(self, listen: HostPort) -> None:
         c = self.config
-        bind = hypercorn_bind("admin.listen", c.admin.listen)
+        bind = hypercorn_bind("admin.listen", listen)
         collector = ApplianceCollector(
             relay_stats=self.relay_stats if self.relay is not None else None,
-            signaling=self.signaling, watcher=self.watcher, draining=lambda: self.draining)
-        app = create_admin_app(AdminContext(
-            token=c.admin.token, watcher=self.watcher, store=self.watcher.store,
-            grace_s=c.credentials.grace_s(),
-            activation_s=c.credentials.activation_s, registry=metrics_registry(collector),
-            readiness=self.readiness, secrets_changed=self.reload_secrets))
+            signaling=self.signaling,
+            watcher=self.watcher,
+            draining=lambda: self.draining,
+        )
+        app = create_admin_app(
+            AdminContext(
+                token=c.admin.token,
+                watcher=self.watcher,
+                store=self.watcher.store,
+                grace_s=c.credentials.grace_s(),
+                activation_s=c.credentials.activation_s,
+                registry=metrics_registry(collector),
+                readiness=self.readiness,
+                secrets_changed=self.reload_secrets,
+            )
+        )
         hc = Config()
         hc.bind = [bind]
         hc.accesslog = hc.errorlog = None
         hc.graceful_timeout = 1
         self._admin_task = asyncio.get_running_loop().create_task(
-            serve(app, hc, shutdown_trigger=self._admin_stop.wait))
-        await wait_listening(c.admin.listen, self._admin_task, "admin")
-        log.info("admin ready: http://%s (token %s)", c.admin.listen,
-                 "required" if c.admin.token else "not set: /admin/secrets disabled")
+            serve(app, hc, shutdown_trigger=self._admin_stop.wait)
+        )
+        await wait_listening(listen, self._admin_task, "admin")
+        log.info(
+            "admin ready: http://%s (token %s)",
+            c.admin.listen,
+            "required" if c.admin.token else "not set: /admin/secrets disabled",
+        )
 
     def _start_workers(self) -> None:
         """Workers only once every listener here is bound: one that cannot bind
@@ -151,16 +169,18 @@ class Supervisor:
         relay's ports through SO_REUSEPORT, which the kernel grants this user once the
         supervisor holds them."""
         if self.relay is None or not isinstance(self.ledger, SharedLedger):
-            return                        # no relay here, or turn.workers is 1
-        self.workers = RelayWorkers(self.config.turn.workers - 1, self.config, self.files,
-                                    self.nonce_key, self.ledger)
+            return  # no relay here, or turn.workers is 1
+        self.workers = RelayWorkers(
+            self.config.turn.workers - 1, self.config, self.files, self.nonce_key, self.ledger
+        )
         self.workers.start()
         self._tasks.append(asyncio.get_running_loop().create_task(self.workers.watch()))
 
     def relay_stats(self) -> dict:
         """This process's relay figures plus the workers' latest (ops.metrics.combine_stats)."""
+        own = [self.relay.stats()] if self.relay is not None else []  # asked only when there is one
         workers = self.workers.snapshots() if self.workers is not None else []
-        return combine_stats([self.relay.stats(), *workers])
+        return combine_stats([*own, *workers])
 
     def readiness(self) -> dict[str, bool]:
         checks = {"secret_ring": self.watcher.ring is not None, "accepting": not self.draining}
@@ -172,7 +192,7 @@ class Supervisor:
             checks["signaling"] = not self._http_task.done()
             broker = self.signaling.broker
             if broker.node_bus is not None:
-                checks["broker"] = broker.healthy          # Redis reachable
+                checks["broker"] = broker.healthy  # Redis reachable
         return checks
 
     # ------------------------------------------------------------ signals
@@ -199,11 +219,11 @@ class Supervisor:
             if relay_enabled(self.config):
                 await self._start_relay()
             if self.config.http.listen is not None:
-                await self._start_signaling()
+                await self._start_signaling(self.config.http.listen)
             if self.config.admin.listen is not None:
-                await self._start_admin()
+                await self._start_admin(self.config.admin.listen)
             self._start_workers()
-            log.info("%s", next_steps(self.config))      # every listener is up now
+            log.info("%s", next_steps(self.config))  # every listener is up now
             self._tasks.append(loop.create_task(self.watcher.run()))
             await self.signals.stop.wait()
             await self._drain()
@@ -230,7 +250,7 @@ class Supervisor:
         if self._http_task is not None:
             try:
                 await asyncio.wait_for(self._http_task, HTTP_STOP_TIMEOUT_S)
-            except (asyncio.TimeoutError, Exception):
+            except (TimeoutError, Exception):
                 log.warning("signaling did not stop cleanly")
         if self.relay is not None:
             await self.relay.stop()
@@ -238,12 +258,12 @@ class Supervisor:
             self.workers.begin_stop()
             await self.workers.join(self.config.turn.drain_s + CHILD_STOP_MARGIN_S)
         if isinstance(self.ledger, SharedLedger):
-            self.ledger.remove()       # every worker is gone: nobody maps it any more
+            self.ledger.remove()  # every worker is gone: nobody maps it any more
         self._admin_stop.set()
         if self._admin_task is not None:
             try:
                 await asyncio.wait_for(self._admin_task, HTTP_STOP_TIMEOUT_S)
-            except (asyncio.TimeoutError, Exception):
+            except (TimeoutError, Exception):
                 pass
         log.info("stopped")
 

@@ -14,6 +14,7 @@ import os
 import signal
 import time
 from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
 
 from turn.ledger import SharedLedger
 
@@ -28,23 +29,23 @@ CHILD_POLL_S = 1.0
 
 
 class RelayWorkers:
-    def __init__(self, count: int, config: AppConfig, files: TlsFiles, nonce_key: bytes,
-                 ledger: SharedLedger) -> None:
+    def __init__(
+        self, count: int, config: AppConfig, files: TlsFiles, nonce_key: bytes, ledger: SharedLedger
+    ) -> None:
         self.count = count
         self.args = (config, files, nonce_key, ledger.path)
         self.ledger = ledger
-        self.procs: list[multiprocessing.Process] = []
+        self.procs: list[BaseProcess] = []
         self.pipes: list[Connection] = []
         self.latest: list[dict] = []
         self.retired: list[dict] = []
         self.stopping = False
         self._ctx = multiprocessing.get_context("spawn")
 
-    def _spawn(self, index: int) -> multiprocessing.Process:
+    def _spawn(self, index: int) -> BaseProcess:
         receiver, sender = self._ctx.Pipe(duplex=False)
         # Process index 0 is the supervisor; worker i is index i + 1 in the ledger.
-        proc = self._ctx.Process(target=worker_main, args=(*self.args, index + 1, sender),
-                                 daemon=True)
+        proc = self._ctx.Process(target=worker_main, args=(*self.args, index + 1, sender), daemon=True)
         proc.start()
         sender.close()
         loop = asyncio.get_running_loop()
@@ -82,7 +83,7 @@ class RelayWorkers:
             for i, proc in enumerate(self.procs):
                 if not proc.is_alive() and not self.stopping:
                     log.error("relay worker %s exited with %s; restarting", proc.pid, proc.exitcode)
-                    self.ledger.forget_process(i + 1)     # what it held died with it
+                    self.ledger.forget_process(i + 1)  # what it held died with it
                     self._spawn(i)
 
     def signal_all(self, signum: int) -> None:

@@ -12,8 +12,8 @@ import datetime
 import ipaddress
 import os
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -21,20 +21,19 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 VALID_DAYS = 365
-RENEW_BEFORE = datetime.timedelta(days=1)    # never hand out a certificate about to expire
-BACKDATE = datetime.timedelta(minutes=5)     # tolerate clients whose clock is slightly behind
+RENEW_BEFORE = datetime.timedelta(days=1)  # never hand out a certificate about to expire
+BACKDATE = datetime.timedelta(minutes=5)  # tolerate clients whose clock is slightly behind
 
 
 def _not_valid_after(cert: x509.Certificate) -> datetime.datetime:
     try:
-        return cert.not_valid_after_utc                 # cryptography >= 42
+        return cert.not_valid_after_utc  # cryptography >= 42
     except AttributeError:
-        return cert.not_valid_after.replace(tzinfo=datetime.timezone.utc)
+        return cert.not_valid_after.replace(tzinfo=datetime.UTC)
 
 
 def _wanted_names(hostnames: Iterable[str], ips: Iterable[str]) -> list[x509.GeneralName]:
-    return [x509.DNSName(h) for h in hostnames] + \
-           [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ips]
+    return [x509.DNSName(h) for h in hostnames] + [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ips]
 
 
 def _reusable(cert_path: Path, key_path: Path, names: list, now: datetime.datetime) -> bool:
@@ -46,9 +45,10 @@ def _reusable(cert_path: Path, key_path: Path, names: list, now: datetime.dateti
     except (OSError, ValueError, TypeError, x509.ExtensionNotFound):
         return False
     same_key = key.public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo) == \
-        cert.public_key().public_bytes(
-            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    ) == cert.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
     return same_key and set(sans) == set(names) and _not_valid_after(cert) > now + RENEW_BEFORE
 
 
@@ -68,9 +68,13 @@ def _write_atomic(path: Path, data: bytes, mode: int) -> None:
         raise
 
 
-def ensure_dev_certificate(directory: Path, hostnames: Iterable[str] = ("localhost",),
-                           ips: Iterable[str] = ("127.0.0.1", "::1"), *,
-                           now: datetime.datetime | None = None) -> tuple[Path, Path, bool]:
+def ensure_dev_certificate(
+    directory: Path,
+    hostnames: Iterable[str] = ("localhost",),
+    ips: Iterable[str] = ("127.0.0.1", "::1"),
+    *,
+    now: datetime.datetime | None = None,
+) -> tuple[Path, Path, bool]:
     """Return (cert.pem, key.pem, created) in `directory`, generating them when needed.
 
     `now` (timezone-aware) defaults to the current time; tests pass another.
@@ -78,7 +82,7 @@ def ensure_dev_certificate(directory: Path, hostnames: Iterable[str] = ("localho
     hostnames, ips = tuple(hostnames), tuple(ips)
     if not hostnames:
         raise ValueError("a development certificate needs at least one hostname")
-    now = now or datetime.datetime.now(datetime.timezone.utc)
+    now = now or datetime.datetime.now(datetime.UTC)
     directory = Path(directory)
     cert_path, key_path = directory / "cert.pem", directory / "key.pem"
     names = _wanted_names(hostnames, ips)
@@ -87,21 +91,28 @@ def ensure_dev_certificate(directory: Path, hostnames: Iterable[str] = ("localho
 
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostnames[0]),
-                         x509.NameAttribute(NameOID.ORGANIZATION_NAME, "appliance development")])
-    cert = (x509.CertificateBuilder()
-            .subject_name(subject).issuer_name(subject)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - BACKDATE)
-            .not_valid_after(now + datetime.timedelta(days=VALID_DAYS))
-            .add_extension(x509.SubjectAlternativeName(names), critical=False)
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]),
-                           critical=False)
-            .sign(key, hashes.SHA256()))
-    key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                serialization.NoEncryption())
+    subject = x509.Name(
+        [
+            x509.NameAttribute(NameOID.COMMON_NAME, hostnames[0]),
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "appliance development"),
+        ]
+    )
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - BACKDATE)
+        .not_valid_after(now + datetime.timedelta(days=VALID_DAYS))
+        .add_extension(x509.SubjectAlternativeName(names), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
     # Key first: a crash between the two writes leaves a mismatched pair, which
     # _reusable rejects, so the next start regenerates both.
     _write_atomic(key_path, key_pem, 0o600)

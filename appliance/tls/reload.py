@@ -37,9 +37,7 @@ class CertificateReloader:
                 ctx.load_cert_chain(str(cert), str(key))
             except (OSError, ssl.SSLError) as exc:
                 failed.append(name)
-                log.error("%s certificate not reloaded, keeping the current one: %s (%s)",
-                          name, cert, exc)
+                log.error("%s certificate not reloaded, keeping the current one: %s (%s)", name, cert, exc)
             else:
                 log.info("%s certificate reloaded from %s", name, cert)
         return failed
-

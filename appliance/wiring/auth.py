@@ -6,8 +6,8 @@ from __future__ import annotations
 import os
 import secrets
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from signaling.auth import HttpVerifier, JwtVerifier, StaticVerifier, TokenVerifier, mint_jwt
 
@@ -29,7 +29,7 @@ def dev_jwt_key(data_dir: Path) -> tuple[str, bool]:
     key = secrets.token_urlsafe(48)
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:           # another process made it first: use theirs
+    except FileExistsError:  # another process made it first: use theirs
         return path.read_text().strip(), False
     with os.fdopen(fd, "w") as f:
         f.write(key + "\n")
@@ -49,10 +49,12 @@ def token_verifier(config: AppConfig) -> TokenVerifier:
     if auth.mode == "static":
         return StaticVerifier(dict(auth.tokens))
     if auth.mode == "http":
+        if auth.introspect_url is None:  # the loader refuses this; a hand-built config may not
+            raise ValueError("auth.mode http needs auth.introspect_url")
         return HttpVerifier(auth.introspect_url, auth.cache_s)
     if auth.jwt_public_key is not None:
         return JwtVerifier.public_key(auth.jwt_public_key.read_bytes())
-    key, _ = jwt_signing_key(config)     # serve making the key on first start is normal
+    key, _ = jwt_signing_key(config)  # serve making the key on first start is normal
     return JwtVerifier.hs256(key)
 
 

@@ -32,6 +32,6 @@ class DeclinedDeflate(PerMessageDeflate):
 
 def decline_websocket_compression() -> None:
     """Make every Hypercorn WebSocket handshake in this process decline permessage-deflate."""
-    built = ws_stream.PerMessageDeflate      # AttributeError if Hypercorn renamed it
+    built = ws_stream.PerMessageDeflate  # AttributeError if Hypercorn renamed it
     if built is not DeclinedDeflate:
-        ws_stream.PerMessageDeflate = DeclinedDeflate
+        ws_stream.PerMessageDeflate = DeclinedDeflate  # type: ignore[misc]  # the patch itself

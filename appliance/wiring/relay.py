@@ -68,14 +68,16 @@ def own_endpoints(config: AppConfig) -> list[tuple[str, int]]:
     """Every address:port the appliance listens on (relay, signaling, admin): never a
     relay target, so a client cannot reach the admin API through the relay."""
     t = config.turn
-    return [(hp.host, hp.port) for hp in (t.udp, t.tcp, t.tls, config.http.listen,
-                                          config.admin.listen) if hp is not None]
+    return [
+        (hp.host, hp.port)
+        for hp in (t.udp, t.tcp, t.tls, config.http.listen, config.admin.listen)
+        if hp is not None
+    ]
 
 
 def peer_policy(config: AppConfig, ports_in_use: RelayPortsInUse | None = None):
     t = config.turn
-    relay_addresses = [ip for ip in (t.relay_ip, t.relay_ip6, config.external_ip,
-                                     config.external_ip6) if ip]
+    relay_addresses = [ip for ip in (t.relay_ip, t.relay_ip6, config.external_ip, config.external_ip6) if ip]
     return build_policy(
         deny_specs=t.deny_peers,
         allow_specs=t.allow_peers,

@@ -26,10 +26,17 @@ from .hypercorn_patches import decline_websocket_compression
 
 def stomp_limits(config: AppConfig) -> Limits:
     s = config.stomp
-    return Limits(max_frame_bytes=s.max_frame_bytes, max_subscriptions=s.max_subscriptions,
-                  heartbeat_ms=s.heartbeat_ms, send_rate=s.send_rate, send_burst=s.send_burst,
-                  send_refusals_to_close=s.send_refusals_to_close, max_watched=s.max_watched,
-                  max_json_depth=s.max_json_depth, max_user_id_chars=s.max_user_id_chars)
+    return Limits(
+        max_frame_bytes=s.max_frame_bytes,
+        max_subscriptions=s.max_subscriptions,
+        heartbeat_ms=s.heartbeat_ms,
+        send_rate=s.send_rate,
+        send_burst=s.send_burst,
+        send_refusals_to_close=s.send_refusals_to_close,
+        max_watched=s.max_watched,
+        max_json_depth=s.max_json_depth,
+        max_user_id_chars=s.max_user_id_chars,
+    )
 
 
 _guards: weakref.WeakKeyDictionary[AppConfig, ClientGuard] = weakref.WeakKeyDictionary()
@@ -42,15 +49,17 @@ def client_guard(config: AppConfig) -> ClientGuard:
     guard = _guards.get(config)
     if guard is None:
         s = config.stomp
-        policy = LifecyclePolicy(connect_timeout_s=s.connect_timeout_s,
-                                 send_timeout_s=s.send_timeout_s,
-                                 max_outbox_bytes=s.max_outbox_bytes)
-        caps = CapSettings(max_connections=s.max_connections,
-                           max_connections_per_ip=s.max_connections_per_ip,
-                           sessions=SessionLimits(s.max_sessions_per_ip,
-                                                  s.new_sessions_per_ip_per_s,
-                                                  s.new_session_burst),
-                           exempt=s.per_ip_exempt)
+        policy = LifecyclePolicy(
+            connect_timeout_s=s.connect_timeout_s,
+            send_timeout_s=s.send_timeout_s,
+            max_outbox_bytes=s.max_outbox_bytes,
+        )
+        caps = CapSettings(
+            max_connections=s.max_connections,
+            max_connections_per_ip=s.max_connections_per_ip,
+            sessions=SessionLimits(s.max_sessions_per_ip, s.new_sessions_per_ip_per_s, s.new_session_burst),
+            exempt=s.per_ip_exempt,
+        )
         guard = _guards[config] = ClientGuard(policy, caps)
     return guard
 
@@ -65,11 +74,20 @@ def broker(config: AppConfig):
 
 def signaling_app(config: AppConfig, issue_credentials=None) -> SignalingApp:
     guard = client_guard(config)
-    app = create_app(config.http.prefix, token_verifier(config), stomp_limits(config),
-                     config.stomp.max_outbox, config.calls.ring_timeout_s, config.calls.grace_s,
-                     issue_credentials, broker(config), guard,
-                     OriginPolicy(config.http.allowed_origins))
-    app.web.asgi_app = ReceiveDrain(app.web.asgi_app, guard)
+    app = create_app(
+        config.http.prefix,
+        token_verifier(config),
+        stomp_limits(config),
+        config.stomp.max_outbox,
+        config.calls.ring_timeout_s,
+        config.calls.grace_s,
+        issue_credentials,
+        broker(config),
+        guard,
+        OriginPolicy(config.http.allowed_origins),
+    )
+    # Wrapping asgi_app is Quart's way to put ASGI middleware in front of the app.
+    app.web.asgi_app = ReceiveDrain(app.web.asgi_app, guard)  # type: ignore[method-assign]
     if config.http.demo:
         install_demo(app.web, config.http.prefix, dev_token_minter(config))
     return app
@@ -88,8 +106,13 @@ def reloadable_hypercorn_config(reloader: CertificateReloader, name: str) -> Con
     return TrackedConfig()
 
 
-def hypercorn_config(config: AppConfig, bind: str, cert: Path | None, key: Path | None,
-                     reloader: CertificateReloader | None = None) -> Config:
+def hypercorn_config(
+    config: AppConfig,
+    bind: str,
+    cert: Path | None,
+    key: Path | None,
+    reloader: CertificateReloader | None = None,
+) -> Config:
     """Hypercorn's settings for the signaling; `bind` is what process.listeners.hypercorn_bind
     gave (the appliance binds the socket itself, so a failure names http.listen).  Its
     connections go through the configuration's ClientGuard (signaling.hypercorn_guard):
@@ -104,7 +127,7 @@ def hypercorn_config(config: AppConfig, bind: str, cert: Path | None, key: Path 
     hc.websocket_max_message_size = max_message_bytes(config.stomp.max_frame_bytes)
     hc.bind = [bind]
     hc.accesslog = None
-    hc.errorlog = None            # our logging, not hypercorn's
+    hc.errorlog = None  # our logging, not hypercorn's
     hc.graceful_timeout = 5
     if h.tls:
         hc.certfile, hc.keyfile = str(cert), str(key)

@@ -9,12 +9,13 @@ need; on one node it is None.
 
 from __future__ import annotations
 
-from typing import Callable, Collection, Protocol
+from collections.abc import Callable, Collection
+from typing import Protocol
 
 from ..session import Session
 from .bus import NodeBus
 
-PresenceListener = Callable[[str, bool], object]      # (user id, online); any result is ignored
+PresenceListener = Callable[[str, bool], object]  # (user id, online); any result is ignored
 
 
 class Broker(Protocol):
@@ -56,8 +57,14 @@ class Broker(Protocol):
 
     def user_count(self) -> int: ...
 
-    def to_user(self, user_id: str, destination: str, body: bytes,
-                only: Collection[str] | None = None, exclude: Collection[str] = ()) -> int:
+    def to_user(
+        self,
+        user_id: str,
+        destination: str,
+        body: bytes,
+        only: Collection[str] | None = None,
+        exclude: Collection[str] = (),
+    ) -> int:
         """Deliver to the user's sessions (or the given ones of them); how many took it."""
 
 
@@ -69,7 +76,7 @@ class MemoryBroker:
 
     @property
     def healthy(self) -> bool:
-        return True                  # nothing outside this process to lose
+        return True  # nothing outside this process to lose
 
     @property
     def node_bus(self) -> None:
@@ -119,8 +126,19 @@ class MemoryBroker:
     def user_count(self) -> int:
         return len(self._by_user)
 
-    def to_user(self, user_id: str, destination: str, body: bytes,
-                only: Collection[str] | None = None, exclude: Collection[str] = ()) -> int:
-        return sum(1 for s in self.sessions_of(user_id)
-                   if (only is None or s.id in only) and s.id not in exclude
-                   and not s.closed and s.deliver(destination, body))
+    def to_user(
+        self,
+        user_id: str,
+        destination: str,
+        body: bytes,
+        only: Collection[str] | None = None,
+        exclude: Collection[str] = (),
+    ) -> int:
+        return sum(
+            1
+            for s in self.sessions_of(user_id)
+            if (only is None or s.id in only)
+            and s.id not in exclude
+            and not s.closed
+            and s.deliver(destination, body)
+        )

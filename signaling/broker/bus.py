@@ -22,15 +22,17 @@ from __future__ import annotations
 
 import asyncio
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Protocol
 
 
 class Kind(enum.Enum):
     """What a message between nodes carries; each has one handler per node."""
-    DELIVER = "deliver"              # a user destination's message for this node's sessions
-    CALL = "call"                    # a call message for the node that owns the call
-    CALL_RESULT = "call-result"      # the owner's answer to a forwarded call message
+
+    DELIVER = "deliver"  # a user destination's message for this node's sessions
+    CALL = "call"  # a call message for the node that owns the call
+    CALL_RESULT = "call-result"  # the owner's answer to a forwarded call message
 
 
 class StoreUnavailable(Exception):
@@ -66,6 +68,7 @@ class Delete:
 @dataclass(frozen=True)
 class Script:
     """A Lua script run atomically on `keys` with `args` (Redis EVAL)."""
+
     source: str
     keys: tuple[str, ...]
     args: tuple[str | int, ...]

@@ -41,27 +41,40 @@ import asyncio
 import json
 import logging
 import secrets
+from collections.abc import Collection
 from dataclasses import dataclass
-from typing import Collection
 
 import redis.asyncio as aioredis
+from redis.asyncio.client import PubSub
 from redis.exceptions import RedisError
 
 from ..session import Session
 from . import MemoryBroker, PresenceListener
-from .bus import (Command, Delete, Get, HGet, HGetAll, Kind, MessageHandler, NodeWatcher, Script,
-                  SMembers, StoreUnavailable)
+from .bus import (
+    Command,
+    Delete,
+    Get,
+    HGet,
+    HGetAll,
+    Kind,
+    MessageHandler,
+    NodeWatcher,
+    Script,
+    SMembers,
+    StoreUnavailable,
+)
 
 log = logging.getLogger("signaling.broker")
 
 RETRY_S = 1.0
 MAX_PENDING = 100_000
 STOP_DRAIN_S = 2.0
-MAX_BATCH = 500              # writes per pipeline round trip
+MAX_BATCH = 500  # writes per pipeline round trip
 
 
 # What waits for the writer, in order: a message to publish, a user's session count
 # on this node (written to the user's hash and announced), or a service's commands.
+
 
 @dataclass(slots=True)
 class _Publish:
@@ -117,26 +130,33 @@ def _error_name(exc: BaseException) -> str:
     return type(exc).__name__
 
 
+def _text(raw: bytes | str) -> str:
+    """A key or member as Redis returned it: bytes, as the client does not decode (its
+    stubs cannot tell, so they say bytes or str)."""
+    return raw.decode() if isinstance(raw, bytes) else raw
+
+
 class RedisBroker:
-    def __init__(self, url: str, prefix: str = "appliance:", node_id: str | None = None,
-                 node_ttl_s: float = 15.0) -> None:
+    def __init__(
+        self, url: str, prefix: str = "appliance:", node_id: str | None = None, node_ttl_s: float = 15.0
+    ) -> None:
         self.url = url
         self.prefix = prefix
         self.node = node_id or secrets.token_hex(6)
         self.node_ttl_s = node_ttl_s
         self.local = MemoryBroker()
-        self.remote: dict[str, dict[str, int]] = {}      # user -> {other node: sessions}
+        self.remote: dict[str, dict[str, int]] = {}  # user -> {other node: sessions}
         self.healthy = False
         self._pending: asyncio.Queue[_Write] = asyncio.Queue(MAX_PENDING)
         self._tasks: list[asyncio.Task] = []
-        self._client = None
-        self._pubsub = None
-        self._generation = 0                 # bumped by every recovery
+        self._client: aioredis.Redis | None = None  # made by start()
+        self._pubsub: PubSub | None = None
+        self._generation = 0  # bumped by every recovery
         self._recovering = asyncio.Lock()
         self._writing = False
         self._presence_listeners: list[PresenceListener] = []
         self._watchers: list[NodeWatcher] = []
-        self._handlers: dict[str, MessageHandler] = {}     # Kind's value -> its handler
+        self._handlers: dict[str, MessageHandler] = {}  # Kind's value -> its handler
         self.subscribe(Kind.DELIVER, self._on_deliver)
 
     # ------------------------------------------------------------ keys
@@ -191,13 +211,24 @@ class RedisBroker:
     def is_online(self, user_id: str) -> bool:
         return self.local.is_online(user_id) or bool(self.remote.get(user_id))
 
-    def to_user(self, user_id: str, destination: str, body: bytes,
-                only: Collection[str] | None = None, exclude: Collection[str] = ()) -> int:
+    def to_user(
+        self,
+        user_id: str,
+        destination: str,
+        body: bytes,
+        only: Collection[str] | None = None,
+        exclude: Collection[str] = (),
+    ) -> int:
         delivered = self.local.to_user(user_id, destination, body, only, exclude)
         nodes = self.remote.get(user_id)
         if nodes:
-            message = {"user": user_id, "destination": destination, "body": body.decode("utf-8"),
-                       "only": None if only is None else sorted(only), "exclude": sorted(exclude)}
+            message = {
+                "user": user_id,
+                "destination": destination,
+                "body": body.decode("utf-8"),
+                "only": None if only is None else sorted(only),
+                "exclude": sorted(exclude),
+            }
             for node in nodes:
                 self.send(node, Kind.DELIVER, message)
         return delivered
@@ -226,7 +257,7 @@ class RedisBroker:
 
     async def query(self, *commands: Command) -> list:
         """At once, in one round trip of their own."""
-        pipe = self._client.pipeline(transaction=False)
+        pipe = self._started_client.pipeline(transaction=False)
         for command in commands:
             _queue_command(pipe, command)
         try:
@@ -247,7 +278,7 @@ class RedisBroker:
             self._pending.put_nowait(item)
             return True
         except asyncio.QueueFull:
-            self.healthy = False        # Redis is far behind: say so rather than grow
+            self.healthy = False  # Redis is far behind: say so rather than grow
             log.error("redis broker: %d writes pending; dropping", MAX_PENDING)
             return False
 
@@ -265,13 +296,14 @@ class RedisBroker:
                 else:
                     pipe.hdel(self._user_key(user), self.node)
                     pipe.srem(self._node_users_key(self.node), user)
-                pipe.publish(self._presence_channel,
-                             json.dumps({"node": self.node, "user": user, "count": count}))
+                pipe.publish(
+                    self._presence_channel, json.dumps({"node": self.node, "user": user, "count": count})
+                )
 
     async def _write(self, batch: list[_Write]) -> None:
         """One round trip for everything waiting: a pipeline keeps the order, and each
         `run` item gets the results of its own commands."""
-        pipe = self._client.pipeline(transaction=False)
+        pipe = self._started_client.pipeline(transaction=False)
         runs = []
         for item in batch:
             first = len(pipe)
@@ -342,23 +374,29 @@ class RedisBroker:
             return
         try:
             handler(message)
-        except Exception:                   # one bad message never stops the listener
+        except Exception:  # one bad message never stops the listener
             log.exception("redis broker: handling a %s message failed", message.get("kind"))
 
     def _on_deliver(self, message: dict) -> None:
         only = message.get("only")
-        self.local.to_user(message["user"], message["destination"], message["body"].encode("utf-8"),
-                           None if only is None else set(only), set(message.get("exclude", ())))
+        self.local.to_user(
+            message["user"],
+            message["destination"],
+            message["body"].encode("utf-8"),
+            None if only is None else set(only),
+            set(message.get("exclude", ())),
+        )
 
     async def _listen(self) -> None:
         while True:
             generation = self._generation
             try:
-                async for message in self._pubsub.listen():
+                async for message in self._started_pubsub.listen():
                     if message.get("type") == "message":
                         channel = message["channel"]
-                        self._on_message(channel.decode() if isinstance(channel, bytes) else channel,
-                                         message["data"])
+                        self._on_message(
+                            channel.decode() if isinstance(channel, bytes) else channel, message["data"]
+                        )
                 # listen() also ends quietly when nothing is subscribed (a subscription
                 # that failed half-way): resubscribe rather than spin.
                 raise ConnectionError("not subscribed")
@@ -371,25 +409,26 @@ class RedisBroker:
         """Every other live node's sessions, from the user hashes."""
         remote: dict[str, dict[str, int]] = {}
         alive: dict[str, bool] = {}
-        async for key in self._client.scan_iter(match=f"{self.prefix}u:*", count=500):
-            user = key.decode()[len(self.prefix) + 2:]
-            for node, count in (await self._client.hgetall(key)).items():
-                node = node.decode()
+        async for key in self._started_client.scan_iter(match=f"{self.prefix}u:*", count=500):
+            user = _text(key)[len(self.prefix) + 2 :]
+            for raw_node, count in (await self._started_client.hgetall(key)).items():
+                node = _text(raw_node)
                 if node == self.node or int(count) <= 0:
                     continue
                 if node not in alive:
-                    alive[node] = bool(await self._client.exists(self._alive_key(node)))
+                    alive[node] = bool(await self._started_client.exists(self._alive_key(node)))
                 if alive[node]:
                     remote.setdefault(user, {})[node] = int(count)
-        for user in set(self.remote) | set(remote):        # announce what changed
+        for user in set(self.remote) | set(remote):  # announce what changed
             for node in set(self.remote.get(user, {})) | set(remote.get(user, {})):
                 self._set_remote(node, user, remote.get(user, {}).get(node, 0))
 
     async def _publish_own(self) -> None:
         counts: list[_Write] = [
-            _Count(user, len(self.local.sessions_of(user))) for user in self.local.users()]
+            _Count(user, len(self.local.sessions_of(user))) for user in self.local.users()
+        ]
         for i in range(0, len(counts), MAX_BATCH):
-            await self._write(counts[i:i + MAX_BATCH])
+            await self._write(counts[i : i + MAX_BATCH])
 
     # ------------------------------------------------------------ liveness
 
@@ -397,9 +436,10 @@ class RedisBroker:
         while True:
             generation = self._generation
             try:
-                was_alive = await self._client.set(self._alive_key(self.node), "1",
-                                                   px=int(self.node_ttl_s * 1000), get=True)
-                await self._client.sadd(self._nodes_key, self.node)
+                was_alive = await self._started_client.set(
+                    self._alive_key(self.node), "1", px=int(self.node_ttl_s * 1000), get=True
+                )
+                await self._started_client.sadd(self._nodes_key, self.node)
                 if was_alive is None:
                     await self._written_off()
                 await self._reap()
@@ -413,8 +453,7 @@ class RedisBroker:
         """Our heartbeat had lapsed (a stall longer than node_ttl_s, or a Redis that lost
         its keys): the other nodes count us gone and ended our calls.  Say again who is
         here, and let the services drop what the others already ended."""
-        log.warning("redis broker: node %s was taken for dead; announcing its sessions again",
-                    self.node)
+        log.warning("redis broker: node %s was taken for dead; announcing its sessions again", self.node)
         await self._publish_own()
         for watcher in self._watchers:
             watcher.taken_for_dead()
@@ -422,26 +461,27 @@ class RedisBroker:
     async def _reap(self) -> None:
         """Forget nodes whose heartbeat expired; one node cleans up after each."""
         nodes = {n for nodes in self.remote.values() for n in nodes}
-        nodes |= {n.decode() for n in await self._client.smembers(self._nodes_key)}
+        nodes |= {_text(n) for n in await self._started_client.smembers(self._nodes_key)}
         nodes.discard(self.node)
         for node in nodes:
-            if await self._client.exists(self._alive_key(node)):
+            if await self._started_client.exists(self._alive_key(node)):
                 continue
             if any(node in ns for ns in self.remote.values()):
                 log.warning("redis broker: node %s stopped; its sessions are offline", node)
             for user in [u for u, ns in self.remote.items() if node in ns]:
                 self._set_remote(node, user, 0)
-            if await self._client.set(f"{self.prefix}reap:{node}", self.node, nx=True,
-                                      px=int(self.node_ttl_s * 1000)):
-                users = await self._client.smembers(self._node_users_key(node))
-                pipe = self._client.pipeline(transaction=False)
-                for user in users:
-                    pipe.hdel(self._user_key(user.decode()), node)
+            if await self._started_client.set(
+                f"{self.prefix}reap:{node}", self.node, nx=True, px=int(self.node_ttl_s * 1000)
+            ):
+                users = await self._started_client.smembers(self._node_users_key(node))
+                pipe = self._started_client.pipeline(transaction=False)
+                for member in users:
+                    pipe.hdel(self._user_key(_text(member)), node)
                 pipe.delete(self._node_users_key(node))
                 await pipe.execute()
                 for watcher in self._watchers:
                     await watcher.node_gone(node)
-                await self._client.srem(self._nodes_key, node)
+                await self._started_client.srem(self._nodes_key, node)
 
     async def _recover(self, exc: Exception, generation: int) -> None:
         """After a Redis error: unhealthy until a ping answers, then resynchronise (our
@@ -457,7 +497,7 @@ class RedisBroker:
             while True:
                 await asyncio.sleep(RETRY_S)
                 try:
-                    await self._client.ping()
+                    await self._started_client.ping()
                     await self._resubscribe()
                     await self._publish_own()
                     await self._load_replica()
@@ -470,13 +510,24 @@ class RedisBroker:
             self.healthy = True
             log.info("redis broker: Redis is back; node %s resynchronised", self.node)
 
+    @property
+    def _started_client(self) -> aioredis.Redis:
+        """The client start() made (a broker is used only once started)."""
+        assert self._client is not None, "RedisBroker used before start()"
+        return self._client
+
+    @property
+    def _started_pubsub(self) -> PubSub:
+        assert self._pubsub is not None, "RedisBroker listening before start()"
+        return self._pubsub
+
     async def _resubscribe(self) -> None:
         if self._pubsub is not None:
             try:
                 await self._pubsub.aclose()
             except Exception:
                 pass
-        self._pubsub = self._client.pubsub()
+        self._pubsub = self._started_client.pubsub()
         await self._pubsub.subscribe(self._presence_channel, self._node_channel(self.node))
 
     # ------------------------------------------------------------ lifecycle
@@ -485,22 +536,28 @@ class RedisBroker:
         """Join the other nodes.  A Redis that does not answer yet is an outage like any
         other: the node serves (503 to what needs Redis, readiness false) and joins when
         Redis answers, rather than failing to start."""
-        self._client = aioredis.from_url(self.url, socket_timeout=5, socket_connect_timeout=5,
-                                         health_check_interval=10)
+        self._client = aioredis.from_url(
+            self.url, socket_timeout=5, socket_connect_timeout=5, health_check_interval=10
+        )
         try:
-            await self._client.set(self._alive_key(self.node), "1", px=int(self.node_ttl_s * 1000))
-            await self._client.sadd(self._nodes_key, self.node)
-            await self._resubscribe()            # before loading, so no change falls in between
+            await self._started_client.set(self._alive_key(self.node), "1", px=int(self.node_ttl_s * 1000))
+            await self._started_client.sadd(self._nodes_key, self.node)
+            await self._resubscribe()  # before loading, so no change falls in between
             await self._load_replica()
             self.healthy = True
-            log.info("redis broker: node %s joined (%d users online elsewhere)", self.node,
-                     len(self.remote))
+            log.info("redis broker: node %s joined (%d users online elsewhere)", self.node, len(self.remote))
         except Exception as exc:
-            log.error("redis broker: Redis does not answer (%s: %s); signaling answers 503 "
-                      "until it does", type(exc).__name__, exc)
+            log.error(
+                "redis broker: Redis does not answer (%s: %s); signaling answers 503 until it does",
+                type(exc).__name__,
+                exc,
+            )
         loop = asyncio.get_running_loop()
-        self._tasks = [loop.create_task(self._writer()), loop.create_task(self._listen()),
-                       loop.create_task(self._heartbeat())]
+        self._tasks = [
+            loop.create_task(self._writer()),
+            loop.create_task(self._listen()),
+            loop.create_task(self._heartbeat()),
+        ]
 
     async def stop(self) -> None:
         """Leave cleanly: what is queued is written (for a moment at most), and our
@@ -516,7 +573,7 @@ class RedisBroker:
         try:
             await self._write([_Count(user, 0) for user in self.local.users()])
             await self._client.delete(self._alive_key(self.node), self._node_users_key(self.node))
-            await self._client.srem(self._nodes_key, self.node)
+            await self._started_client.srem(self._nodes_key, self.node)
         except Exception as exc:
             log.warning("redis broker: could not leave cleanly (%s)", type(exc).__name__)
         if self._pubsub is not None:

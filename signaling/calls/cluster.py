@@ -36,12 +36,23 @@ import logging
 import secrets
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any
 
 from ..broker import Broker
-from ..broker.bus import (Command, Delete, Get, HGet, HGetAll, Kind, NodeBus, Script, SMembers,
-                          StoreUnavailable)
+from ..broker.bus import (
+    Command,
+    Delete,
+    Get,
+    HGet,
+    HGetAll,
+    Kind,
+    NodeBus,
+    Script,
+    SMembers,
+    StoreUnavailable,
+)
 from ..client_text import loggable
 from ..errors import SignalingError, unavailable
 from ..session import Session
@@ -55,7 +66,7 @@ CALL_ID_MEMORY_S = 86400
 REPLY_TIMEOUT_S = 5.0
 REDIS_TIMEOUT_S = 5.0
 KNOWN_OWNERS = 10_000
-MAX_WAITING = 100_000            # sessions with call messages waiting on Redis
+MAX_WAITING = 100_000  # sessions with call messages waiting on Redis
 
 # How a session hears of an error that came after its SEND was handled (a refusal from
 # Redis or from the call's owner): SignalingService.error, a MESSAGE on its
@@ -65,17 +76,17 @@ TellError = Callable[[Session, SignalingError], None]
 # KEYS: callid, busy caller, busy callee, call, owner's calls
 # ARGV: call id, owner, caller, callee, callid memory (ms)
 # Returns 0, or the business code that refuses the call.
-CLAIM = """
-if redis.call('EXISTS', KEYS[1]) == 1 then return %d end
-if redis.call('EXISTS', KEYS[2]) == 1 then return %d end
-if redis.call('EXISTS', KEYS[3]) == 1 then return %d end
+CLAIM = f"""
+if redis.call('EXISTS', KEYS[1]) == 1 then return {CALL_ID_USED} end
+if redis.call('EXISTS', KEYS[2]) == 1 then return {CALLER_BUSY} end
+if redis.call('EXISTS', KEYS[3]) == 1 then return {CALLEE_BUSY} end
 redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[5])
 redis.call('SET', KEYS[2], ARGV[1])
 redis.call('SET', KEYS[3], ARGV[1])
 redis.call('HSET', KEYS[4], 'owner', ARGV[2], 'caller', ARGV[3], 'callee', ARGV[4])
 redis.call('SADD', KEYS[5], ARGV[1])
 return 0
-""" % (CALL_ID_USED, CALLER_BUSY, CALLEE_BUSY)
+"""
 
 # KEYS: busy caller, busy callee, call, owner's calls, callid (forgotten when ARGV[2] == '1')
 # ARGV: call id, forget
@@ -96,11 +107,17 @@ class Pending:
     session: str | None
     body: object
     last: bool
-    done: asyncio.Future | None          # an HTTP request waiting; None for STOMP
+    done: asyncio.Future[None] | None  # an HTTP request waiting; None for STOMP
 
 
-def calls_across_nodes(broker: Broker, bus: NodeBus, registry: CallRegistry, max_payload_bytes: int,
-                       tell_error: TellError, clock=time.monotonic) -> CallCluster:
+def calls_across_nodes(
+    broker: Broker,
+    bus: NodeBus,
+    registry: CallRegistry,
+    max_payload_bytes: int,
+    tell_error: TellError,
+    clock: Callable[[], float] = time.monotonic,
+) -> CallCluster:
     """The CallService of nodes that share a Redis, connected to what it hears from: the
     registry's ended calls, the bus's call messages, dead nodes and this node's return."""
     cluster = CallCluster(broker, bus, registry, max_payload_bytes, tell_error, clock)
@@ -112,14 +129,21 @@ def calls_across_nodes(broker: Broker, bus: NodeBus, registry: CallRegistry, max
 
 
 class CallCluster(CallService):
-    def __init__(self, broker: Broker, bus: NodeBus, registry: CallRegistry, max_payload_bytes: int,
-                 tell_error: TellError, clock=time.monotonic) -> None:
+    def __init__(
+        self,
+        broker: Broker,
+        bus: NodeBus,
+        registry: CallRegistry,
+        max_payload_bytes: int,
+        tell_error: TellError,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         super().__init__(broker, registry, max_payload_bytes, clock)
         self.bus = bus
         self.tell_error = tell_error
-        self._chains: dict[object, asyncio.Task] = {}   # session -> its latest waiting message
+        self._chains: dict[object, asyncio.Task[None]] = {}  # session -> its latest waiting message
         self._owners: OrderedDict[str, str] = OrderedDict()
-        self._replies: dict[str, asyncio.Future] = {}
+        self._replies: dict[str, asyncio.Future[None]] = {}
 
     # ------------------------------------------------------------ keys
 
@@ -128,7 +152,7 @@ class CallCluster(CallService):
 
     # ------------------------------------------------------------ entry points
 
-    def submit(self, op: CallOp, user: str, session: str | None, body, last: bool = False) -> None:
+    def submit(self, op: CallOp, user: str, session: str | None, body: object, last: bool = False) -> None:
         if op is not CallOp.LOST and not self.bus.healthy:
             raise unavailable()
         if op is not CallOp.REQUEST and self._is_local(op, user, body) and session not in self._chains:
@@ -136,14 +160,14 @@ class CallCluster(CallService):
             return
         self._enqueue(Pending(op, user, session, body, last, None))
 
-    async def perform(self, op: CallOp, user: str, body) -> None:
+    async def perform(self, op: CallOp, user: str, body: object) -> None:
         if not self.bus.healthy:
             raise unavailable()
         done = asyncio.get_running_loop().create_future()
         self._enqueue(Pending(op, user, None, body, False, done))
         await done
 
-    def _is_local(self, op: CallOp, user: str, body) -> bool:
+    def _is_local(self, op: CallOp, user: str, body: object) -> bool:
         if op in (CallOp.LOST, CallOp.HANGUP) and body is None:
             return user in self.registry.live_call_of
         call_id = body.get("callId") if isinstance(body, dict) else None
@@ -161,7 +185,7 @@ class CallCluster(CallService):
         self._chains[key] = task
         task.add_done_callback(lambda done: self._chains.get(key) is done and self._chains.pop(key))
 
-    async def _run_after(self, previous: asyncio.Task | None, item: Pending) -> None:
+    async def _run_after(self, previous: asyncio.Task[None] | None, item: Pending) -> None:
         if previous is not None:
             await asyncio.wait((previous,))
         try:
@@ -169,8 +193,7 @@ class CallCluster(CallService):
         except SignalingError as err:
             self._fail(item, err)
         except Exception as exc:
-            log.warning("call %s from %s failed: %s", item.op.value, loggable(item.user),
-                        type(exc).__name__)
+            log.warning("call %s from %s failed: %s", item.op.value, loggable(item.user), type(exc).__name__)
             self._fail(item, unavailable())
 
     async def _process(self, item: Pending) -> None:
@@ -183,7 +206,7 @@ class CallCluster(CallService):
             if call_id is None:
                 (call_id,) = await self._redis(Get(self._key("busy", item.user)))
             if call_id is None:
-                self._succeed(item)            # no call to end
+                self._succeed(item)  # no call to end
                 return
             call_id = call_id.decode() if isinstance(call_id, bytes) else call_id
             if item.op is CallOp.HANGUP:
@@ -198,8 +221,14 @@ class CallCluster(CallService):
             if item.op is CallOp.LOST:
                 return
             raise refused(CALL_NOT_FOUND)
-        message = {"op": item.op.value, "user": item.user, "session": item.session,
-                   "body": body, "last": item.last, "from": self.bus.node}
+        message = {
+            "op": item.op.value,
+            "user": item.user,
+            "session": item.session,
+            "body": body,
+            "last": item.last,
+            "from": self.bus.node,
+        }
         if item.done is not None:
             rid = secrets.token_hex(8)
             message["rid"] = rid
@@ -207,22 +236,28 @@ class CallCluster(CallService):
             asyncio.get_running_loop().call_later(REPLY_TIMEOUT_S, self._reply_expired, rid)
         self.bus.send(owner, Kind.CALL, message)
 
-    def _run_here(self, item: Pending, body) -> None:
+    def _run_here(self, item: Pending, body: object) -> None:
         self.run(item.op, item.user, item.session, body, item.last)
         self._succeed(item)
 
     async def _request(self, item: Pending) -> None:
         call_id, callee, _ = CallRegistry.parse_request(item.user, item.body)
-        keys = (self._key("callid", call_id), self._key("busy", item.user), self._key("busy", callee),
-                self._key("call", call_id), self._key("calls", self.bus.node))
-        (code,) = await self._redis(Script(CLAIM, keys, (call_id, self.bus.node, item.user, callee,
-                                                         CALL_ID_MEMORY_S * 1000)))
+        keys = (
+            self._key("callid", call_id),
+            self._key("busy", item.user),
+            self._key("busy", callee),
+            self._key("call", call_id),
+            self._key("calls", self.bus.node),
+        )
+        (code,) = await self._redis(
+            Script(CLAIM, keys, (call_id, self.bus.node, item.user, callee, CALL_ID_MEMORY_S * 1000))
+        )
         if code:
             raise refused(code)
         try:
             self._run_here(item, item.body)
         except SignalingError:
-            self._release(call_id, item.user, callee, forget=True)    # e.g. callee offline: never placed
+            self._release(call_id, item.user, callee, forget=True)  # e.g. callee offline: never placed
             raise
         self._remember_owner(call_id, self.bus.node)
 
@@ -251,27 +286,36 @@ class CallCluster(CallService):
 
     # ------------------------------------------------------------ messages from other nodes
 
-    def run_forwarded(self, message: dict) -> None:
+    def run_forwarded(self, message: dict[str, Any]) -> None:
         """Another node's message about a call this node owns (Kind.CALL): run it here."""
         op = CallOp(message["op"])
         try:
             if op is not CallOp.LOST and not self._owns(message):
                 raise refused(CALL_NOT_FOUND)
-            self.run(op, message["user"], message.get("session"), message.get("body"),
-                     bool(message.get("last")))
+            self.run(
+                op, message["user"], message.get("session"), message.get("body"), bool(message.get("last"))
+            )
             code, text = 0, ""
         except SignalingError as err:
             code, text = err.code, err.message
         if message.get("rid") or (code and op is not CallOp.LOST):
-            self.bus.send(message["from"], Kind.CALL_RESULT, {
-                "rid": message.get("rid"), "user": message["user"],
-                "session": message.get("session"), "code": code, "message": text})
+            self.bus.send(
+                message["from"],
+                Kind.CALL_RESULT,
+                {
+                    "rid": message.get("rid"),
+                    "user": message["user"],
+                    "session": message.get("session"),
+                    "code": code,
+                    "message": text,
+                },
+            )
 
-    def _owns(self, message: dict) -> bool:
+    def _owns(self, message: dict[str, Any]) -> bool:
         body = message.get("body")
         return isinstance(body, dict) and body.get("callId") in self.registry.calls
 
-    def take_result(self, message: dict) -> None:
+    def take_result(self, message: dict[str, Any]) -> None:
         """The owner's answer to a message forwarded from here (Kind.CALL_RESULT)."""
         code = int(message.get("code") or 0)
         err = SignalingError(code, message.get("message") or "") if code else None
@@ -288,13 +332,13 @@ class CallCluster(CallService):
 
     # ------------------------------------------------------------ Redis
 
-    async def _redis(self, *commands: Command) -> list:
+    async def _redis(self, *commands: Command) -> list[Any]:
         """Run commands through the bus's ordered, pipelined writer; 503 if Redis fails."""
         if not self.bus.healthy:
             raise unavailable()
         try:
             return await asyncio.wait_for(self.bus.run(*commands), REDIS_TIMEOUT_S)
-        except (asyncio.TimeoutError, StoreUnavailable) as exc:
+        except (TimeoutError, StoreUnavailable) as exc:
             raise unavailable() from exc
 
     async def _owner_of(self, call_id: str) -> str | None:
@@ -312,15 +356,23 @@ class CallCluster(CallService):
         while len(self._owners) > KNOWN_OWNERS:
             self._owners.popitem(last=False)
 
-    def _release_script(self, call_id: str, caller: str, callee: str, owner: str,
-                        forget: bool = False) -> Script:
+    def _release_script(
+        self, call_id: str, caller: str, callee: str, owner: str, forget: bool = False
+    ) -> Script:
         """The RELEASE script: free the parties, forget the call (and, with `forget`, its
         callId too)."""
-        keys = (self._key("busy", caller), self._key("busy", callee), self._key("call", call_id),
-                self._key("calls", owner), self._key("callid", call_id))
+        keys = (
+            self._key("busy", caller),
+            self._key("busy", callee),
+            self._key("call", call_id),
+            self._key("calls", owner),
+            self._key("callid", call_id),
+        )
         return Script(RELEASE, keys, (call_id, "1" if forget else "0"))
 
-    def _release(self, call_id: str, caller: str, callee: str, forget: bool = False) -> asyncio.Future:
+    def _release(
+        self, call_id: str, caller: str, callee: str, forget: bool = False
+    ) -> asyncio.Future[list[Any]]:
         future = self.bus.run(self._release_script(call_id, caller, callee, self.bus.node, forget))
         # A failure here is the bus's outage; recovery is its business, not ours.
         future.add_done_callback(lambda f: f.cancelled() or f.exception())
@@ -343,8 +395,13 @@ class CallCluster(CallService):
             caller, callee = parties.get("caller"), parties.get("callee")
             if caller and callee:
                 await self.bus.query(self._release_script(call_id, caller, callee, node))
-                log.warning("call %s: %s -> %s ended, its node %s stopped", loggable(call_id),
-                            loggable(caller), loggable(callee), node)
+                log.warning(
+                    "call %s: %s -> %s ended, its node %s stopped",
+                    loggable(call_id),
+                    loggable(caller),
+                    loggable(callee),
+                    node,
+                )
                 self.deliver(ended_notices(call_id, caller, callee))
         await self.bus.query(Delete(self._key("calls", node)))
 

@@ -13,7 +13,7 @@ import enum
 
 
 class CallState(enum.Enum):
-    NEW = "new"                      # created, its request not yet applied
+    NEW = "new"  # created, its request not yet applied
     RINGING = "ringing"
     ACCEPTED = "accepted"
     ENDED = "ended"
@@ -26,19 +26,20 @@ class Role(enum.Enum):
 
 
 class CallEvent(enum.Enum):
-    REQUEST = "request"              # Call-Request: the caller places the call
-    ACCEPT = "accept"                # Call-Response ACCEPT
-    REJECT = "reject"                # Call-Response REJECT
-    HANGUP = "hangup"                # Call-Hangup
-    SIGNAL = "signal"                # RTC signaling (OFFER / ANSWER / ICE_CANDIDATE)
-    RING_TIMEOUT = "ring timeout"    # nobody answered within calls.ring_timeout_s
+    REQUEST = "request"  # Call-Request: the caller places the call
+    ACCEPT = "accept"  # Call-Response ACCEPT
+    REJECT = "reject"  # Call-Response REJECT
+    HANGUP = "hangup"  # Call-Hangup
+    SIGNAL = "signal"  # RTC signaling (OFFER / ANSWER / ICE_CANDIDATE)
+    RING_TIMEOUT = "ring timeout"  # nobody answered within calls.ring_timeout_s
     GRACE_EXPIRED = "grace expired"  # a party's session dropped and did not come back
-    LAST_SESSION_CLOSED = "last session closed"   # the party has no session left at all
-    SHUTDOWN = "shutdown"            # the node that holds the call is going away
+    LAST_SESSION_CLOSED = "last session closed"  # the party has no session left at all
+    SHUTDOWN = "shutdown"  # the node that holds the call is going away
 
 
 class Outcome(enum.Enum):
     """How a call ended (or that it was answered): one counter each."""
+
     ACCEPTED = "accepted"
     REJECTED = "rejected"
     CANCELLED = "cancelled"
@@ -48,12 +49,12 @@ class Outcome(enum.Enum):
 
 
 # Business codes (docs/api.md §2): the only place they are written as numbers.
-CALLEE_BUSY = 1001           # the callee is in a call, or being called
-CALLEE_OFFLINE = 1002        # the callee has no session anywhere
-CALL_NOT_FOUND = 1003        # unknown or already ended
-NOT_ALLOWED = 1004           # not a participant, or not in this state
-CALL_ID_USED = 1005          # callIds are single use
-CALLER_BUSY = 1006           # the caller is in a call already
+CALLEE_BUSY = 1001  # the callee is in a call, or being called
+CALLEE_OFFLINE = 1002  # the callee has no session anywhere
+CALL_NOT_FOUND = 1003  # unknown or already ended
+NOT_ALLOWED = 1004  # not a participant, or not in this state
+CALL_ID_USED = 1005  # callIds are single use
+CALLER_BUSY = 1006  # the caller is in a call already
 
 # What each code says to the client (1004 says more when a state refuses an event).
 REFUSALS = {

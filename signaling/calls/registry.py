@@ -28,13 +28,26 @@ import heapq
 import itertools
 import logging
 from collections import Counter, OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from typing import Any, Protocol
 
 from ..client_text import loggable
 from ..errors import SignalingError, bad_request
-from .machine import (CALL_ID_USED, CALL_NOT_FOUND, CALLEE_BUSY, CALLEE_OFFLINE, CALLER_BUSY,
-                      NOT_ALLOWED, REFUSALS, CallEvent, CallState, Outcome, Role, transition)
+from .machine import (
+    CALL_ID_USED,
+    CALL_NOT_FOUND,
+    CALLEE_BUSY,
+    CALLEE_OFFLINE,
+    CALLER_BUSY,
+    NOT_ALLOWED,
+    REFUSALS,
+    CallEvent,
+    CallState,
+    Outcome,
+    Role,
+    transition,
+)
 
 log = logging.getLogger("signaling.calls")
 
@@ -54,8 +67,8 @@ def refused(code: int) -> SignalingError:
 class Notice:
     user: str
     destination: str
-    body: dict
-    sessions: frozenset[str] | None = None      # None: every session of the user
+    body: dict[str, Any]
+    sessions: frozenset[str] | None = None  # None: every session of the user
     except_sessions: frozenset[str] = frozenset()
 
 
@@ -65,9 +78,9 @@ class Call:
     type: str
     caller: str
     callee: str
-    request: dict
+    request: dict[str, Any]
     ring_deadline: float
-    caller_sessions: frozenset[str] | None       # None: placed over HTTP, all caller sessions
+    caller_sessions: frozenset[str] | None  # None: placed over HTTP, all caller sessions
     callee_session: str | None = None
     state: CallState = CallState.NEW
     grace: dict[Role, float] = field(default_factory=dict)
@@ -88,6 +101,7 @@ class Call:
 @dataclass(frozen=True)
 class CallEnded:
     """A call left the registry, whichever row ended it."""
+
     call_id: str
     caller: str
     callee: str
@@ -103,7 +117,7 @@ def ended_notices(call_id: str, *users: str) -> list[Notice]:
     return [Notice(user, "/user/queue/call/hangup", {"callId": call_id}) for user in users]
 
 
-def _text(body: dict, name: str, limit: int = 100) -> str:
+def _text(body: dict[str, Any], name: str, limit: int = 100) -> str:
     value = body.get(name)
     if not isinstance(value, str) or not value.strip():
         raise bad_request(f"{name} is required")
@@ -112,7 +126,7 @@ def _text(body: dict, name: str, limit: int = 100) -> str:
     return value
 
 
-def _object(body) -> dict:
+def _object(body: object) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise bad_request("body must be a JSON object")
     return body
@@ -123,7 +137,7 @@ class CallRegistry:
         self.ring_timeout_s = ring_timeout_s
         self.grace_s = grace_s
         self.calls: dict[str, Call] = {}
-        self.live_call_of: dict[str, str] = {}            # user -> live call id
+        self.live_call_of: dict[str, str] = {}  # user -> live call id
         self.outcomes: Counter[Outcome] = Counter()
         self._used_ids: OrderedDict[str, None] = OrderedDict()
         self._timers: list[tuple[float, int, str]] = []
@@ -137,7 +151,7 @@ class CallRegistry:
     # ------------------------------------------------------------ requests
 
     @staticmethod
-    def parse_request(caller: str, body) -> tuple[str, str, dict]:
+    def parse_request(caller: str, body: object) -> tuple[str, str, dict[str, Any]]:
         """(callId, callee, the request as the callee sees it), or 400 naming the field."""
         body = _object(body)
         call_id = _text(body, "callId", MAX_CALL_ID)
@@ -151,8 +165,9 @@ class CallRegistry:
             raise bad_request("a user cannot call themselves")
         return call_id, callee, {**body, "type": call_type, "caller": caller}
 
-    def request(self, caller: str, session: str | None, body, now: float,
-                online: Callable[[str], bool]) -> list[Notice]:
+    def request(
+        self, caller: str, session: str | None, body: object, now: float, online: Callable[[str], bool]
+    ) -> list[Notice]:
         call_id, callee, request = self.parse_request(caller, body)
         if call_id in self.calls or call_id in self._used_ids:
             raise refused(CALL_ID_USED)
@@ -162,8 +177,15 @@ class CallRegistry:
             raise refused(CALLEE_BUSY)
         if not online(callee):
             raise refused(CALLEE_OFFLINE)
-        call = Call(call_id, request["type"], caller, callee, request, now + self.ring_timeout_s,
-                    frozenset({session}) if session else None)
+        call = Call(
+            call_id,
+            request["type"],
+            caller,
+            callee,
+            request,
+            now + self.ring_timeout_s,
+            frozenset({session}) if session else None,
+        )
         self._step(call, CallEvent.REQUEST, Role.CALLER, now)
         self.calls[call_id] = call
         self.live_call_of[caller] = self.live_call_of[callee] = call_id
@@ -171,7 +193,7 @@ class CallRegistry:
         self._arm(call.ring_deadline, call_id)
         return [Notice(callee, "/user/queue/call/request", request)]
 
-    def respond(self, user: str, session: str | None, body, now: float) -> list[Notice]:
+    def respond(self, user: str, session: str | None, body: object, now: float) -> list[Notice]:
         body = _object(body)
         answer = body.get("type")
         if answer not in RESPONSE_TYPES:
@@ -183,23 +205,32 @@ class CallRegistry:
             call.callee_session = session
         message = {"callId": call.id, "type": answer}
         answered_on = frozenset({session}) if session else frozenset()
-        return [Notice(call.caller, "/user/queue/call/response", message, call.caller_sessions),
-                Notice(call.callee, "/user/queue/call/down", message, None, answered_on)]
+        return [
+            Notice(call.caller, "/user/queue/call/response", message, call.caller_sessions),
+            Notice(call.callee, "/user/queue/call/down", message, None, answered_on),
+        ]
 
-    def hangup(self, user: str, session: str | None, body, now: float) -> list[Notice]:
+    def hangup(self, user: str, session: str | None, body: object, now: float) -> list[Notice]:
         body = _object(body)
         call, role = self._party(user, _text(body, "callId", MAX_CALL_ID))
         self._rebind(call, role, session)
         was_ringing = call.state is CallState.RINGING
         self._step(call, CallEvent.HANGUP, role, now)
         other = Role.CALLEE if role is Role.CALLER else Role.CALLER
-        notices = [Notice(call.other(role), "/user/queue/call/hangup", {"callId": call.id},
-                          call.sessions_of(other))]
+        notices = [
+            Notice(call.other(role), "/user/queue/call/hangup", {"callId": call.id}, call.sessions_of(other))
+        ]
         if was_ringing and role is Role.CALLEE:
             # Declined from one device: the callee's other devices stop ringing.
-            notices.append(Notice(call.callee, "/user/queue/call/down",
-                                  {"callId": call.id, "type": "REJECT"}, None,
-                                  frozenset({session}) if session else frozenset()))
+            notices.append(
+                Notice(
+                    call.callee,
+                    "/user/queue/call/down",
+                    {"callId": call.id, "type": "REJECT"},
+                    None,
+                    frozenset({session}) if session else frozenset(),
+                )
+            )
         return notices
 
     def hangup_all(self, user: str, now: float) -> list[Notice]:
@@ -207,7 +238,9 @@ class CallRegistry:
         call_id = self.live_call_of.get(user)
         return [] if call_id is None else self.hangup(user, None, {"callId": call_id}, now)
 
-    def signal(self, user: str, session: str | None, body, now: float, max_bytes: int) -> list[Notice]:
+    def signal(
+        self, user: str, session: str | None, body: object, now: float, max_bytes: int
+    ) -> list[Notice]:
         body = _object(body)
         kind = body.get("type")
         if kind not in SIGNAL_TYPES:
@@ -224,23 +257,29 @@ class CallRegistry:
         self._rebind(call, role, session)
         self._step(call, CallEvent.SIGNAL, role, now)
         other = Role.CALLEE if role is Role.CALLER else Role.CALLER
-        return [Notice(call.other(role), "/user/queue/rtc/signaling", {**body, "from": user},
-                       call.sessions_of(other))]
+        return [
+            Notice(
+                call.other(role), "/user/queue/rtc/signaling", {**body, "from": user}, call.sessions_of(other)
+            )
+        ]
 
     # ------------------------------------------------------------ sessions and time
 
-    def session_lost(self, user: str, session: str, last_of_user: bool, now: float) -> list[Notice]:
+    def session_lost(self, user: str, session: str | None, last_of_user: bool, now: float) -> list[Notice]:
         call_id = self.live_call_of.get(user)
         call = self.calls.get(call_id) if call_id else None
         if call is None:
             return []
         role = call.role_of(user)
+        if role is None:
+            return []  # never: live_call_of names only a call's parties
         if role is Role.CALLEE and call.state is CallState.RINGING:
             if not last_of_user:
-                return []               # another device still rings
+                return []  # another device still rings
             self._step(call, CallEvent.LAST_SESSION_CLOSED, Role.CALLEE, now)
-            return [Notice(call.caller, "/user/queue/call/timeout", {"callId": call.id},
-                           call.caller_sessions)]
+            return [
+                Notice(call.caller, "/user/queue/call/timeout", {"callId": call.id}, call.caller_sessions)
+            ]
         bound = call.sessions_of(role)
         if bound is not None and session in bound and role not in call.grace:
             call.grace[role] = now + self.grace_s
@@ -269,15 +308,23 @@ class CallRegistry:
             if call.state is CallState.RINGING and call.ring_deadline <= now:
                 self._step(call, CallEvent.RING_TIMEOUT, Role.SERVER, now)
                 timeout = {"callId": call.id}
-                notices += [Notice(call.callee, "/user/queue/call/timeout", timeout),
-                            Notice(call.caller, "/user/queue/call/timeout", timeout, call.caller_sessions)]
+                notices += [
+                    Notice(call.callee, "/user/queue/call/timeout", timeout),
+                    Notice(call.caller, "/user/queue/call/timeout", timeout, call.caller_sessions),
+                ]
                 continue
             for role, deadline in list(call.grace.items()):
                 if deadline <= now and call.state is not CallState.ENDED:
                     self._step(call, CallEvent.GRACE_EXPIRED, role, now)
                     other = Role.CALLEE if role is Role.CALLER else Role.CALLER
-                    notices.append(Notice(call.other(role), "/user/queue/call/hangup",
-                                          {"callId": call.id}, call.sessions_of(other)))
+                    notices.append(
+                        Notice(
+                            call.other(role),
+                            "/user/queue/call/hangup",
+                            {"callId": call.id},
+                            call.sessions_of(other),
+                        )
+                    )
         return notices
 
     # ------------------------------------------------------------ helpers
@@ -304,13 +351,22 @@ class CallRegistry:
         result = transition(call.state, event, role)
         if isinstance(result, int):
             if result == NOT_ALLOWED:
-                raise SignalingError(result, f"{event.value} is not allowed while the call is "
-                                             f"{call.state.value}")
+                raise SignalingError(
+                    result, f"{event.value} is not allowed while the call is {call.state.value}"
+                )
             raise refused(result)
         new_state, outcome = result
         if new_state is not call.state:
-            log.info("call %s: %s -> %s, %s -> %s (%s by %s)", loggable(call.id), loggable(call.caller),
-                     loggable(call.callee), call.state.value, new_state.value, event.value, role.value)
+            log.info(
+                "call %s: %s -> %s, %s -> %s (%s by %s)",
+                loggable(call.id),
+                loggable(call.caller),
+                loggable(call.callee),
+                call.state.value,
+                new_state.value,
+                event.value,
+                role.value,
+            )
         call.state = new_state
         if outcome is not None:
             self.outcomes[outcome] += 1

@@ -20,6 +20,7 @@ from __future__ import annotations
 import enum
 import json
 import time
+from collections.abc import Callable
 
 from ..broker import Broker
 from ..errors import SignalingError
@@ -28,16 +29,22 @@ from .registry import CallRegistry, Notice
 
 class CallOp(enum.Enum):
     """What a call message asks; its value travels between nodes."""
+
     REQUEST = "request"
     RESPOND = "respond"
-    HANGUP = "hangup"                # a None body: every call of the user (HTTP)
+    HANGUP = "hangup"  # a None body: every call of the user (HTTP)
     SIGNAL = "signal"
-    LOST = "lost"                    # a session of the user dropped
+    LOST = "lost"  # a session of the user dropped
 
 
 class CallService:
-    def __init__(self, broker: Broker, registry: CallRegistry, max_payload_bytes: int,
-                 clock=time.monotonic) -> None:
+    def __init__(
+        self,
+        broker: Broker,
+        registry: CallRegistry,
+        max_payload_bytes: int,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.broker = broker
         self.registry = registry
         self.max_payload_bytes = max_payload_bytes
@@ -46,11 +53,11 @@ class CallService:
     def deliver(self, notices: list[Notice]) -> None:
         for n in notices:
             body = json.dumps(n.body, ensure_ascii=False, separators=(",", ":")).encode()
-            self.broker.to_user(n.user, n.destination, body, only=n.sessions,
-                                exclude=n.except_sessions)
+            self.broker.to_user(n.user, n.destination, body, only=n.sessions, exclude=n.except_sessions)
 
-    def run_local(self, op: CallOp, user: str, session: str | None, body, now: float,
-                  last: bool = False) -> list[Notice]:
+    def run_local(
+        self, op: CallOp, user: str, session: str | None, body: object, now: float, last: bool = False
+    ) -> list[Notice]:
         """One operation on this node's registry (`last`: for LOST, the session was the
         user's last one)."""
         reg = self.registry
@@ -68,17 +75,17 @@ class CallService:
             case CallOp.LOST:
                 return reg.session_lost(user, session, last, now)
 
-    def run(self, op: CallOp, user: str, session: str | None, body, last: bool = False) -> None:
+    def run(self, op: CallOp, user: str, session: str | None, body: object, last: bool = False) -> None:
         """Run one operation here, now, and deliver what it says; errors raise."""
         self.deliver(self.run_local(op, user, session, body, self.clock(), last))
 
     # ------------------------------------------------------------ what the transports call
 
-    def submit(self, op: CallOp, user: str, session: str | None, body, last: bool = False) -> None:
+    def submit(self, op: CallOp, user: str, session: str | None, body: object, last: bool = False) -> None:
         """A call message from a STOMP session (or a dropped session); errors raise."""
         self.run(op, user, session, body, last)
 
-    async def perform(self, op: CallOp, user: str, body) -> None:
+    async def perform(self, op: CallOp, user: str, body: object) -> None:
         """A call message over HTTP; returns when it is done, errors raise."""
         self.run(op, user, None, body)
 
@@ -87,7 +94,7 @@ class CallService:
         try:
             self.submit(CallOp.LOST, user, session, None, last_of_user)
         except SignalingError:
-            pass                     # nobody to tell: the session is gone
+            pass  # nobody to tell: the session is gone
 
     # ------------------------------------------------------------ time
 

@@ -27,8 +27,10 @@ ANOTHER_CONNECTION = (2010, "Another connection still open")
 # Characters browsers or proxies may mangle inside a JSON string: escaped as \uXXXX
 # (the SockJS protocol's JSONEncoding rule); everything else, Chinese included,
 # travels as UTF-8.
-_ESCAPE = re.compile("[\x00-\x1f\u007f-\u009f\u00ad\u0600-\u0604\u070f\u17b4\u17b5"
-                     "\u200c-\u200f\u2028-\u202f\u2060-\u206f\ufeff\ufff0-\uffff\ud800-\udfff]")
+_ESCAPE = re.compile(
+    "[\x00-\x1f\u007f-\u009f\u00ad\u0600-\u0604\u070f\u17b4\u17b5"
+    "\u200c-\u200f\u2028-\u202f\u2060-\u206f\ufeff\ufff0-\uffff\ud800-\udfff]"
+)
 
 
 def quote(text: str) -> str:
@@ -62,8 +64,11 @@ def decode_payload(text: str) -> list[str]:
         raise PayloadError("Broken JSON encoding.") from None
     if isinstance(value, str):
         value = [value]
-    if not isinstance(value, list) or not all(isinstance(m, str) for m in value) or \
-            has_unpaired_surrogate(text, value):
+    if (
+        not isinstance(value, list)
+        or not all(isinstance(m, str) for m in value)
+        or has_unpaired_surrogate(text, value)
+    ):
         raise PayloadError("Broken JSON encoding.")
     return value
 

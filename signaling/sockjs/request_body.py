@@ -28,14 +28,14 @@ class BodyState(enum.Enum):
     COMPLETE = "complete"
     TOO_LARGE = "too large"
     TIMEOUT = "timeout"
-    GONE = "gone"                   # the client disconnected
+    GONE = "gone"  # the client disconnected
 
 
 @dataclass(frozen=True)
 class Body:
-    data: bytes | None              # the whole body, only when COMPLETE
+    data: bytes | None  # the whole body, only when COMPLETE
     state: BodyState
-    finished: bool                  # nothing more will arrive (all read, or the client gone)
+    finished: bool  # nothing more will arrive (all read, or the client gone)
 
 
 async def _next(receive: Receive, deadline: float) -> dict | None:
@@ -85,9 +85,15 @@ async def drain(receive: Receive, timeout_s: float, max_bytes: int = DRAIN_MAX_B
     return False
 
 
-async def respond(send: Send, status: int, headers: dict[str, str], text: str,
-                  receive: Receive | None = None, drain_s: float = 0.0,
-                  max_bytes: int = DRAIN_MAX_BYTES) -> bool:
+async def respond(
+    send: Send,
+    status: int,
+    headers: dict[str, str],
+    text: str,
+    receive: Receive | None = None,
+    drain_s: float = 0.0,
+    max_bytes: int = DRAIN_MAX_BYTES,
+) -> bool:
     """Send a complete text response.  With `receive`, the request body is still arriving:
     the answer goes out whole first (its length declared, so the client can read it while
     it sends), then the rest of the body is drained, then the response ends.

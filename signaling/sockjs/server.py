@@ -47,11 +47,21 @@ from ..guard import ClientGuard, SessionTicket
 from ..origins import OriginPolicy
 from ..service import SignalingService
 from ..stomp import Limits
-from ..ws import (REFUSED_ORIGIN, EndpointFactory, Framing, WebSocketCarrier, admit_origin,
-                  admit_session)
-from .protocol import (ANOTHER_CONNECTION, GO_AWAY, HEARTBEAT_FRAME, HEARTBEAT_S, OPEN_FRAME,
-                       STREAMING_LIMIT_BYTES, PayloadError, SockJSSession, State, close_frame,
-                       decode_payload, message_frame)
+from ..ws import REFUSED_ORIGIN, EndpointFactory, Framing, WebSocketCarrier, admit_origin, admit_session
+from .protocol import (
+    ANOTHER_CONNECTION,
+    GO_AWAY,
+    HEARTBEAT_FRAME,
+    HEARTBEAT_S,
+    OPEN_FRAME,
+    STREAMING_LIMIT_BYTES,
+    PayloadError,
+    SockJSSession,
+    State,
+    close_frame,
+    decode_payload,
+    message_frame,
+)
 from .request_body import BodyState, read_body, respond
 
 log = logging.getLogger("signaling.sockjs")
@@ -60,7 +70,7 @@ JS = "application/javascript; charset=UTF-8"
 TEXT = "text/plain; charset=UTF-8"
 SESSION_TICK_S = 1.0
 MAX_SESSIONS = 20000
-BODY_TIMEOUT_S = 30.0           # an xhr_send body (or what is left of a refused one) arrives within
+BODY_TIMEOUT_S = 30.0  # an xhr_send body (or what is left of a refused one) arrives within
 
 REFUSED_OTHER_ADDRESS = "refused_sockjs_other_address"
 REFUSED_BODY_TOO_LARGE = "refused_sockjs_body_too_large"
@@ -74,27 +84,35 @@ def _sockjs_decode(data: str | bytes) -> str | None:
     try:
         return "".join(decode_payload(text))
     except PayloadError:
-        return None              # the protocol says: broken JSON closes the connection
+        return None  # the protocol says: broken JSON closes the connection
 
 
-SOCKJS_WEBSOCKET = Framing(encode=lambda frames: [message_frame([f.decode("utf-8") for f in frames])],
-                           decode=_sockjs_decode,
-                           opening=OPEN_FRAME, closing=close_frame(*GO_AWAY),
-                           idle=(HEARTBEAT_S, HEARTBEAT_FRAME))
+SOCKJS_WEBSOCKET = Framing(
+    encode=lambda frames: [message_frame([f.decode("utf-8") for f in frames])],
+    decode=_sockjs_decode,
+    opening=OPEN_FRAME,
+    closing=close_frame(*GO_AWAY),
+    idle=(HEARTBEAT_S, HEARTBEAT_FRAME),
+)
 
 
 class Carrier:
     """A SockJS session together with the STOMP client it carries."""
 
-    def __init__(self, session: SockJSSession, endpoint_factory: EndpointFactory,
-                 guard: ClientGuard | None = None,
-                 ticket: SessionTicket | None = None, owner: str | None = None) -> None:
+    def __init__(
+        self,
+        session: SockJSSession,
+        endpoint_factory: EndpointFactory,
+        guard: ClientGuard | None = None,
+        ticket: SessionTicket | None = None,
+        owner: str | None = None,
+    ) -> None:
         self.sockjs = session
         self.guard = guard
         self.ticket = ticket
-        self.owner = owner                    # the opener's address: the only one served
-        self.ready = asyncio.Event()          # a frame is waiting for a receiver
-        self.receiver = None                  # the attached receiving request's client address
+        self.owner = owner  # the opener's address: the only one served
+        self.ready = asyncio.Event()  # a frame is waiting for a receiver
+        self.receiver: tuple[str, int] | None = None  # the attached receiving request's client address
         self.endpoint: StompEndpoint = endpoint_factory(self.ready.set, self._overflow)
         self.task: asyncio.Task | None = None
 
@@ -118,7 +136,7 @@ class Carrier:
             self.ready.clear()
             try:
                 await asyncio.wait_for(self.ready.wait(), timeout)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 return HEARTBEAT_FRAME
             frame = self.next_frame()
         return frame
@@ -133,8 +151,14 @@ class Carrier:
 
 
 class SockJSServer:
-    def __init__(self, service: SignalingService, limits: Limits, max_outbox: int,
-                 guard: ClientGuard | None = None, origins: OriginPolicy | None = None) -> None:
+    def __init__(
+        self,
+        service: SignalingService,
+        limits: Limits,
+        max_outbox: int,
+        guard: ClientGuard | None = None,
+        origins: OriginPolicy | None = None,
+    ) -> None:
         self.service = service
         self.limits = limits
         self.max_outbox = max_outbox
@@ -149,8 +173,11 @@ class SockJSServer:
         if carrier is None or carrier.owner == exact_address_key(client[0] if client else None):
             return carrier
         self.guard.count(REFUSED_OTHER_ADDRESS)
-        log.debug("SockJS session %s refused to %r: opened from another address",
-                  loggable(carrier.sockjs.id), client)
+        log.debug(
+            "SockJS session %s refused to %r: opened from another address",
+            loggable(carrier.sockjs.id),
+            client,
+        )
         return None
 
     def _carrier(self, session_id: str, create: bool) -> Carrier | None:
@@ -168,12 +195,23 @@ class SockJSServer:
         ticket = admit_session(self.guard, client, now)
         user = request.args.get("userId")
         policy = self.guard.policy
-        carrier = Carrier(SockJSSession(session_id, now),
-                          lambda wake, overflow: StompEndpoint(
-                              self.service, self.limits, self.max_outbox, user, now, wake,
-                              connect_timeout_s=policy.connect_timeout_s,
-                              max_outbox_bytes=policy.max_outbox_bytes, overflow=overflow),
-                          self.guard, ticket, exact_address_key(client[0] if client else None))
+        carrier = Carrier(
+            SockJSSession(session_id, now),
+            lambda wake, overflow: StompEndpoint(
+                self.service,
+                self.limits,
+                self.max_outbox,
+                user,
+                now,
+                wake,
+                connect_timeout_s=policy.connect_timeout_s,
+                max_outbox_bytes=policy.max_outbox_bytes,
+                overflow=overflow,
+            ),
+            self.guard,
+            ticket,
+            exact_address_key(client[0] if client else None),
+        )
         self.carriers[session_id] = carrier
         carrier.task = asyncio.get_running_loop().create_task(self._watch(carrier))
         return carrier
@@ -188,11 +226,16 @@ class SockJSServer:
                 timer = carrier.endpoint.next_timer()
                 if timer is not None and timer <= now:
                     carrier.endpoint.tick(now)
+                if carrier.endpoint.closed:
+                    # A heart-beat timeout closes the session without output that would wake
+                    # the receiver: wake it, so the client gets its close frame now and the
+                    # session ends DISCONNECT_DELAY_S later, not after the receiver's 25 s.
+                    carrier.ready.set()
                 if carrier.sockjs.expired(now):
                     break
         finally:
             carrier.sockjs.close()
-            carrier.sockjs.drain()              # nobody will receive it: free it now
+            carrier.sockjs.drain()  # nobody will receive it: free it now
             carrier.endpoint.finish()
             if carrier.ticket is not None:
                 carrier.ticket.release()
@@ -211,7 +254,8 @@ class SockJSServer:
         """The SockJS routes under `base`; xhr_send's POST is served in front of Quart (see
         serve_xhr_send), so the app's asgi_app is wrapped."""
         session_url = base + "/<server_id>/<session_id>"
-        app.asgi_app = self._xhr_send_in_front(app.asgi_app, base)
+        # Wrapping asgi_app is Quart's way to put ASGI middleware in front of the app.
+        app.asgi_app = self._xhr_send_in_front(app.asgi_app, base)  # type: ignore[method-assign]
 
         @app.route(base, methods=["GET"])
         @app.route(base + "/", methods=["GET"])
@@ -225,20 +269,30 @@ class SockJSServer:
                 return refusal
             if request.method == "OPTIONS":
                 return self._options("OPTIONS, GET")
-            response = await make_response({"websocket": True, "origins": ["*:*"],
-                                            "cookie_needed": False,
-                                            "entropy": random.getrandbits(32)})
+            response = await make_response(
+                {
+                    "websocket": True,
+                    "origins": ["*:*"],
+                    "cookie_needed": False,
+                    "entropy": random.getrandbits(32),
+                }
+            )
             return self._cors(self._no_cache(response))
 
         async def xhr_streaming(session_id: str) -> Response:
             return self._stream(session_id, "h" * 2048 + "\n", lambda f: f + "\n", JS)
 
         for transport, serve in (("xhr", self._poll), ("xhr_streaming", xhr_streaming)):
-            app.add_url_rule(session_url + "/" + transport, f"sockjs_{transport}",
-                             self._xhr_route(serve), methods=["POST", "OPTIONS"])
+            app.add_url_rule(
+                session_url + "/" + transport,
+                f"sockjs_{transport}",
+                self._xhr_route(serve),
+                methods=["POST", "OPTIONS"],
+            )
         # Its POST never reaches Quart (_xhr_send_in_front); the preflight does.
-        app.add_url_rule(session_url + "/xhr_send", "sockjs_xhr_send", self._xhr_route(None),
-                         methods=["OPTIONS"])
+        app.add_url_rule(
+            session_url + "/xhr_send", "sockjs_xhr_send", self._xhr_route(None), methods=["OPTIONS"]
+        )
 
         @app.route(session_url + "/eventsource", methods=["GET"])
         async def eventsource(server_id: str, session_id: str):
@@ -246,8 +300,9 @@ class SockJSServer:
             refusal = self._refuse_origin()
             if refusal is not None:
                 return refusal
-            return self._stream(session_id, "\r\n", lambda f: f"data: {f}\r\n\r\n",
-                                "text/event-stream; charset=UTF-8")
+            return self._stream(
+                session_id, "\r\n", lambda f: f"data: {f}\r\n\r\n", "text/event-stream; charset=UTF-8"
+            )
 
         @app.websocket(session_url + "/websocket")
         async def sockjs_websocket(server_id: str, session_id: str):
@@ -257,6 +312,7 @@ class SockJSServer:
     def _xhr_route(self, serve):
         """An XHR transport's view: the Origin check, CORS preflight, session URL check,
         then `serve`."""
+
         async def view(server_id: str, session_id: str):
             refusal = self._refuse_origin()
             if refusal is not None:
@@ -265,6 +321,7 @@ class SockJSServer:
                 return self._options("OPTIONS, POST")
             self._check_ids(server_id, session_id)
             return await serve(session_id)
+
         return view
 
     def _refuse_origin(self) -> Response | None:
@@ -307,14 +364,16 @@ class SockJSServer:
                 await app(scope, receive, send)
                 return
             await self.serve_xhr_send(scope, receive, send, match.group(1), match.group(2))
+
         return asgi
 
     async def serve_xhr_send(self, scope, receive, send, server_id: str, session_id: str) -> None:
         """A client's messages for its session.  Every refusal is answered before the body is
         read (and the body then dropped as it arrives); the body itself is read only up to
         stomp.max_frame_bytes."""
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1")
-                   for k, v in reversed(scope.get("headers", []))}      # the first one wins
+        headers = {
+            k.decode("latin-1").lower(): v.decode("latin-1") for k, v in reversed(scope.get("headers", []))
+        }  # the first one wins
         origin, host = headers.get("origin"), headers.get("host")
         client = scope.get("client")
         # CORS headers only for an allowed page: a refused one cannot even read its 403.
@@ -322,41 +381,49 @@ class SockJSServer:
 
         async def answer_early(status: int, text: str) -> None:
             if not await respond(send, status, answer, text, receive, BODY_TIMEOUT_S):
-                self.guard.abort(client, "drain")     # it sends on and on: cut it off
+                self.guard.abort(client, "drain")  # it sends on and on: cut it off
 
         if not server_id or not session_id or "." in server_id or "." in session_id:
-            return await answer_early(404, "")
+            await answer_early(404, "")
+            return
         if not self.origins.allows(origin, host):
             self.guard.count(REFUSED_ORIGIN)
             log.debug("SockJS xhr_send from origin %s refused", loggable(origin))
-            return await answer_early(403, "Origin not allowed.\n")
+            await answer_early(403, "Origin not allowed.\n")
+            return
         carrier = self._owned(self.carriers.get(session_id), client)
         if carrier is None:
-            return await answer_early(404, "")
+            await answer_early(404, "")
+            return
         try:
             declared = int(headers["content-length"]) if "content-length" in headers else None
         except ValueError:
-            declared = None                     # h11 refuses such a request before us
+            declared = None  # h11 refuses such a request before us
         body = await read_body(receive, self.limits.max_frame_bytes, declared, BODY_TIMEOUT_S)
         if body.state is BodyState.TOO_LARGE:
             self.guard.count(REFUSED_BODY_TOO_LARGE)
             text = f"Payload too large (more than {self.limits.max_frame_bytes} bytes)."
             if body.finished:
-                return await respond(send, 413, answer, text)
-            return await answer_early(413, text)
+                await respond(send, 413, answer, text)
+            else:
+                await answer_early(413, text)
+            return
         if body.state is BodyState.TIMEOUT:
-            return await respond(send, 408, answer, "Payload not received in time.")
-        if body.state is BodyState.GONE:
+            await respond(send, 408, answer, "Payload not received in time.")
+            return
+        if body.state is BodyState.GONE or body.data is None:  # data: None unless COMPLETE
             return
         try:
             messages = decode_payload(body.data.decode("utf-8", "replace"))
         except PayloadError as exc:
-            return await respond(send, 500, answer, str(exc))
+            await respond(send, 500, answer, str(exc))
+            return
         try:
             await self._feed(carrier, messages)
-        except Exception:        # a bug must not take the connection's answer with it
+        except Exception:  # a bug must not take the connection's answer with it
             log.exception("SockJS xhr_send for session %s failed", loggable(session_id))
-            return await respond(send, 500, answer, "Internal error.")
+            await respond(send, 500, answer, "Internal error.")
+            return
         await respond(send, 204, answer, "")
 
     def _stream(self, session_id: str, prelude: str, wrap, content_type: str) -> Response:
@@ -377,7 +444,7 @@ class SockJSServer:
             if not carrier.sockjs.attach(loop.time()):
                 yield wrap(close_frame(*ANOTHER_CONNECTION)).encode()
                 return
-            carrier.receiver = client        # stuck writing when the outbox overflows: cut off
+            carrier.receiver = client  # stuck writing when the outbox overflows: cut off
             sent = 0
             try:
                 while sent < STREAMING_LIMIT_BYTES:
@@ -404,13 +471,22 @@ class SockJSServer:
             await websocket.accept()
             user = websocket.args.get("userId")
             policy = self.guard.policy
-            carrier = WebSocketCarrier(websocket, self.guard, SOCKJS_WEBSOCKET,
-                                       lambda wake, overflow: StompEndpoint(
-                                           self.service, self.limits, self.max_outbox, user,
-                                           loop.time(), wake,
-                                           connect_timeout_s=policy.connect_timeout_s,
-                                           max_outbox_bytes=policy.max_outbox_bytes,
-                                           overflow=overflow))
+            carrier = WebSocketCarrier(
+                websocket,
+                self.guard,
+                SOCKJS_WEBSOCKET,
+                lambda wake, overflow: StompEndpoint(
+                    self.service,
+                    self.limits,
+                    self.max_outbox,
+                    user,
+                    loop.time(),
+                    wake,
+                    connect_timeout_s=policy.connect_timeout_s,
+                    max_outbox_bytes=policy.max_outbox_bytes,
+                    overflow=overflow,
+                ),
+            )
             await carrier.run()
         finally:
             ticket.release()
@@ -435,7 +511,9 @@ class SockJSServer:
         if cors:
             response.headers.update(cors)
             if request.headers.get("Access-Control-Request-Headers"):
-                response.headers["Access-Control-Allow-Headers"] = request.headers["Access-Control-Request-Headers"]
+                response.headers["Access-Control-Allow-Headers"] = request.headers[
+                    "Access-Control-Request-Headers"
+                ]
         return response
 
     def _options(self, methods: str) -> Response:

@@ -6,13 +6,31 @@ come back as the ConnectionFailed event; the application's wrong-state calls
 raise LocalProtocolError (connection.py says which calls are allowed when).
 """
 
-from .connection import (ConnectionFailed, ConnectRequested, DisconnectRequested, Limits,
-                         LocalProtocolError, MessageSent, SendRefused, StompServerConnection,
-                         Subscribed, Unsubscribed)
+from .connection import (
+    ConnectionFailed,
+    ConnectRequested,
+    DisconnectRequested,
+    Limits,
+    LocalProtocolError,
+    MessageSent,
+    SendRefused,
+    StompServerConnection,
+    Subscribed,
+    Unsubscribed,
+)
 from .frames import Frame, FrameError
 
 __all__ = [
-    "ConnectRequested", "ConnectionFailed", "DisconnectRequested", "Frame", "FrameError", "Limits",
-    "LocalProtocolError", "MessageSent", "SendRefused", "StompServerConnection", "Subscribed",
+    "ConnectRequested",
+    "ConnectionFailed",
+    "DisconnectRequested",
+    "Frame",
+    "FrameError",
+    "Limits",
+    "LocalProtocolError",
+    "MessageSent",
+    "SendRefused",
+    "StompServerConnection",
+    "Subscribed",
     "Unsubscribed",
 ]

@@ -44,7 +44,7 @@ from .frames import Frame, FrameError, encode
 from .parser import HEARTBEAT, FrameParser, ParserLimits
 
 SUPPORTED_VERSIONS = ("1.2", "1.1", "1.0")
-HEARTBEAT_GRACE = 2.0       # a peer may be this many intervals late before it is declared gone
+HEARTBEAT_GRACE = 2.0  # a peer may be this many intervals late before it is declared gone
 SEND_REFUSAL_WINDOW_S = 10.0
 
 
@@ -59,7 +59,7 @@ class Limits:
     max_headers: int = 64
     max_header_line_bytes: int = 8192
     max_subscriptions: int = 100
-    heartbeat_ms: tuple[int, int] = (10000, 10000)   # (we send every, we want every)
+    heartbeat_ms: tuple[int, int] = (10000, 10000)  # (we send every, we want every)
     # The SEND budget: one client must not keep the event loop busy for everyone.  Past it a
     # SEND is refused (SendRefused: the application answers 429); at this many refusals within
     # SEND_REFUSAL_WINDOW_S the application ends the session.  A rate of 0: no budget.
@@ -73,6 +73,7 @@ class Limits:
 
 
 # ---------------------------------------------------------------- events
+
 
 @dataclass
 class ConnectRequested:
@@ -107,6 +108,7 @@ class SendRefused:
     and the application, once it has answered, ends the session with
     `close_with_error(close_message)`.  (Closing here would drop the answers to the
     refusals that came in the same data: a closed connection sends no MESSAGE.)"""
+
     destination: str
     message: str
     close_message: str | None = None
@@ -122,7 +124,20 @@ class ConnectionFailed:
     """The client broke the protocol (an ERROR frame saying so is queued) or went silent
     past its heart-beat (nothing is queued: nobody would read it); either way the
     connection is closed.  `message` says which, safe to log (through loggable)."""
+
     message: str
+
+
+# What receive_data and handle_timer return.
+Event = (
+    ConnectRequested
+    | Subscribed
+    | Unsubscribed
+    | MessageSent
+    | SendRefused
+    | DisconnectRequested
+    | ConnectionFailed
+)
 
 
 class State(enum.Enum):
@@ -157,18 +172,19 @@ class StompServerConnection:
         self.server = server
         self.state = State.AWAITING_CONNECT
         self.version = "1.2"
-        self.subscriptions: dict[str, str] = {}          # id -> destination
-        self.send_interval = 0.0                          # seconds; 0 = no heart-beats
+        self.subscriptions: dict[str, str] = {}  # id -> destination
+        self.send_interval = 0.0  # seconds; 0 = no heart-beats
         self.expect_interval = 0.0
-        self._parser = FrameParser(ParserLimits(limits.max_frame_bytes, limits.max_headers,
-                                                limits.max_header_line_bytes))
+        self._parser = FrameParser(
+            ParserLimits(limits.max_frame_bytes, limits.max_headers, limits.max_header_line_bytes)
+        )
         self._out: list[bytes] = []
         self._last_received = now
         self._last_sent = now
         self._pending_heartbeat: str | None = None
         self._send_budget = TokenBucket(limits.send_rate, limits.send_burst, now)
         self._send_refusals = WindowCount(SEND_REFUSAL_WINDOW_S)
-        self._input_stopped = False       # a SEND flood: the application is ending the session
+        self._input_stopped = False  # a SEND flood: the application is ending the session
 
     @property
     def closed(self) -> bool:
@@ -176,7 +192,7 @@ class StompServerConnection:
 
     # ------------------------------------------------------------ input
 
-    def receive_data(self, data: bytes | str, now: float) -> list:
+    def receive_data(self, data: bytes | str, now: float) -> list[Event]:
         """The events of the frames `data` completes.  Frames that follow a CONNECT wait,
         unparsed, until the application has accepted or rejected it (as a server that checks
         tokens synchronously would read them): call again with b"" after `accept` to get
@@ -190,7 +206,7 @@ class StompServerConnection:
                 data = data.encode("utf-8", "surrogatepass")
             self._last_received = now
             self._parser.add(data)
-        events: list = []
+        events: list[Event] = []
         while self.state is not State.CONNECTING:
             try:
                 item = self._parser.next()
@@ -211,7 +227,7 @@ class StompServerConnection:
             events.append(self._fail(f"more than {self.limits.max_frame_bytes} bytes sent before CONNECTED"))
         return events
 
-    def _on_frame(self, frame: Frame, now: float) -> list:
+    def _on_frame(self, frame: Frame, now: float) -> list[Event]:
         command = frame.command
         if self.state is State.AWAITING_CONNECT:
             if command not in ("CONNECT", "STOMP"):
@@ -222,12 +238,12 @@ class StompServerConnection:
             self.version = version
             self._parser.version = version
             self._pending_heartbeat = frame.get("heart-beat")
-            negotiate_heartbeat(self._pending_heartbeat, self.limits.heartbeat_ms)   # validate now
+            negotiate_heartbeat(self._pending_heartbeat, self.limits.heartbeat_ms)  # validate now
             self.state = State.CONNECTING
             return [ConnectRequested(frame, version)]
         if command in ("CONNECT", "STOMP"):
             raise FrameError("already connected")
-        events: list = []
+        events: list[Event] = []
         if command == "SEND":
             destination = self._required(frame, "destination")
             if self._send_budget.take(now):
@@ -249,14 +265,14 @@ class StompServerConnection:
             sub_id = frame.get("id") or (frame.get("destination") if self.version == "1.0" else None)
             if sub_id is None:
                 raise FrameError("UNSUBSCRIBE without id")
-            destination = self.subscriptions.pop(sub_id, None)
-            if destination is None and self.version == "1.0":
+            unsubscribed = self.subscriptions.pop(sub_id, None)
+            if unsubscribed is None and self.version == "1.0":
                 ids = [i for i, d in self.subscriptions.items() if d == sub_id]
-                destination = sub_id if ids else None
+                unsubscribed = sub_id if ids else None
                 for i in ids:
                     del self.subscriptions[i]
-            if destination is not None:
-                events.append(Unsubscribed(sub_id, destination))
+            if unsubscribed is not None:
+                events.append(Unsubscribed(sub_id, unsubscribed))
         elif command == "DISCONNECT":
             receipt = frame.get("receipt")
             if receipt is not None:
@@ -272,13 +288,18 @@ class StompServerConnection:
 
     def _refuse_send(self, destination: str, now: float) -> SendRefused:
         limits = self.limits
-        refused = SendRefused(destination, f"too many messages: at most {limits.send_rate:g} SEND "
-                                           f"frames a second (burst {limits.send_burst}); slow down")
+        refused = SendRefused(
+            destination,
+            f"too many messages: at most {limits.send_rate:g} SEND "
+            f"frames a second (burst {limits.send_burst}); slow down",
+        )
         if self._send_refusals.add(now) >= limits.send_refusals_to_close:
             self._input_stopped = True
-            refused.close_message = (f"too many SEND frames: {limits.send_refusals_to_close} over "
-                                     f"the budget of {limits.send_rate:g}/s (burst "
-                                     f"{limits.send_burst}) within {SEND_REFUSAL_WINDOW_S:g} s")
+            refused.close_message = (
+                f"too many SEND frames: {limits.send_refusals_to_close} over "
+                f"the budget of {limits.send_rate:g}/s (burst "
+                f"{limits.send_burst}) within {SEND_REFUSAL_WINDOW_S:g} s"
+            )
         return refused
 
     @staticmethod
@@ -296,8 +317,7 @@ class StompServerConnection:
             raise LocalProtocolError(f"accept() in state {self.state.value}")
         send_ms, expect_ms = negotiate_heartbeat(self._pending_heartbeat, self.limits.heartbeat_ms)
         self.send_interval, self.expect_interval = send_ms / 1000, expect_ms / 1000
-        headers = {"version": self.version, "heart-beat": f"{send_ms},{expect_ms}",
-                   "server": self.server}
+        headers = {"version": self.version, "heart-beat": f"{send_ms},{expect_ms}", "server": self.server}
         if session:
             headers["session"] = session
         if user_name:
@@ -310,8 +330,10 @@ class StompServerConnection:
         """Refuse the pending CONNECT: ERROR, then closed.  A no-op if the connection closed
         while the application was deciding."""
         if self.state in (State.AWAITING_CONNECT, State.CONNECTED):
-            raise LocalProtocolError(f"reject() in state {self.state.value}: no CONNECT is "
-                                     "pending (close_with_error ends a connection)")
+            raise LocalProtocolError(
+                f"reject() in state {self.state.value}: no CONNECT is "
+                "pending (close_with_error ends a connection)"
+            )
         self._error(message)
 
     def close_with_error(self, message: str) -> None:
@@ -319,17 +341,27 @@ class StompServerConnection:
         consumer): ERROR, then closed.  A no-op if it is closed already."""
         self._error(message)
 
-    def send_message(self, destination: str, subscription: str, body: bytes,
-                     headers: dict[str, str] | None = None, message_id: str = "",
-                     now: float | None = None) -> None:
+    def send_message(
+        self,
+        destination: str,
+        subscription: str,
+        body: bytes,
+        headers: dict[str, str] | None = None,
+        message_id: str = "",
+        now: float | None = None,
+    ) -> None:
         """A MESSAGE on `subscription`.  Dropped without a word once the connection is
         closed: a message for a session that has just gone is normal, not an error."""
         if self.state is State.CLOSED:
             return
         if self.state is not State.CONNECTED:
             raise LocalProtocolError(f"send_message() in state {self.state.value}")
-        h = {"destination": destination, "subscription": subscription,
-             "message-id": message_id or destination, "content-type": "application/json;charset=UTF-8"}
+        h = {
+            "destination": destination,
+            "subscription": subscription,
+            "message-id": message_id or destination,
+            "content-type": "application/json;charset=UTF-8",
+        }
         if headers:
             h.update(headers)
         self._queue(Frame("MESSAGE", h, body), now)
@@ -354,12 +386,12 @@ class StompServerConnection:
             times.append(self._last_received + self.expect_interval * HEARTBEAT_GRACE)
         return min(times) if times else None
 
-    def handle_timer(self, now: float) -> list:
+    def handle_timer(self, now: float) -> list[Event]:
         """Queue a heart-beat EOL when due; fail the connection if the client went silent."""
         if self.state is not State.CONNECTED:
             return []
         if self.expect_interval and now >= self._last_received + self.expect_interval * HEARTBEAT_GRACE:
-            self.state = State.CLOSED          # a silent peer gets no ERROR: nobody would read it
+            self.state = State.CLOSED  # a silent peer gets no ERROR: nobody would read it
             return [ConnectionFailed("heart-beat timeout")]
         if self.send_interval and now >= self._last_sent + self.send_interval:
             self._out.append(b"\n")

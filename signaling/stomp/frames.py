@@ -12,16 +12,30 @@ escape for it) is refused rather than allowed to forge a header.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import overload
 
 SERVER_COMMANDS = frozenset({"CONNECTED", "MESSAGE", "RECEIPT", "ERROR"})
-CLIENT_COMMANDS = frozenset({"CONNECT", "STOMP", "SEND", "SUBSCRIBE", "UNSUBSCRIBE", "ACK", "NACK",
-                             "BEGIN", "COMMIT", "ABORT", "DISCONNECT"})
+CLIENT_COMMANDS = frozenset(
+    {
+        "CONNECT",
+        "STOMP",
+        "SEND",
+        "SUBSCRIBE",
+        "UNSUBSCRIBE",
+        "ACK",
+        "NACK",
+        "BEGIN",
+        "COMMIT",
+        "ABORT",
+        "DISCONNECT",
+    }
+)
 
 _ESCAPE_11 = {"\\": "\\\\", "\n": "\\n", ":": "\\c"}
 _ESCAPE_12 = {**_ESCAPE_11, "\r": "\\r"}
 _UNESCAPE_11 = {"\\": "\\", "n": "\n", "c": ":"}
 _UNESCAPE_12 = {**_UNESCAPE_11, "r": "\r"}
-_UNSENDABLE = ("\n", "\r", "\x00")      # would end the header line, or the frame
+_UNSENDABLE = ("\n", "\r", "\x00")  # would end the header line, or the frame
 
 
 class FrameError(ValueError):
@@ -33,6 +47,13 @@ class Frame:
     command: str
     headers: dict[str, str] = field(default_factory=dict)
     body: bytes = b""
+
+    @overload
+    def get(self, name: str) -> str | None: ...
+    @overload
+    def get(self, name: str, default: str) -> str: ...
+    @overload
+    def get(self, name: str, default: str | None) -> str | None: ...
 
     def get(self, name: str, default: str | None = None) -> str | None:
         return self.headers.get(name, default)

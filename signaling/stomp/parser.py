@@ -10,11 +10,20 @@ hold at most one frame's worth of memory.
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
+from typing import Final
 
 from .frames import CLIENT_COMMANDS, Frame, FrameError, unescape
 
-HEARTBEAT = object()     # returned once for a run of EOLs between frames
+
+class Heartbeat(enum.Enum):
+    """Returned once for a run of EOLs between frames (a one-member enum: a typed marker)."""
+
+    HEARTBEAT = "heartbeat"
+
+
+HEARTBEAT: Final = Heartbeat.HEARTBEAT
 
 
 @dataclass(frozen=True)
@@ -25,26 +34,27 @@ class ParserLimits:
 
 
 class FrameParser:
-    def __init__(self, limits: ParserLimits = ParserLimits(),
-                 commands: frozenset[str] = CLIENT_COMMANDS) -> None:
+    def __init__(
+        self, limits: ParserLimits = ParserLimits(), commands: frozenset[str] = CLIENT_COMMANDS
+    ) -> None:
         """`commands`: the frames this side may receive (a server parses client commands)."""
         self.limits = limits
         self.commands = commands
-        self.version = "1.2"          # how header values are unescaped; set on CONNECT
+        self.version = "1.2"  # how header values are unescaped; set on CONNECT
         self._buf = bytearray()
         # The frame being received: (raw headers, body start, version read with, Frame) once
         # its headers are complete, and how far its buffer has been searched.
         self._head: tuple[bytes, int, str, Frame] | None = None
         self._scanned = 0
 
-    def feed(self, data: bytes) -> list:
+    def feed(self, data: bytes) -> list[Frame | Heartbeat]:
         """Frames (and HEARTBEAT markers) completed by `data`; FrameError on a violation.
 
         Linear in what arrives: the searches for the end of the headers and for the body's
         NUL resume where the last feed left off, and a frame's headers are parsed once (a
         frame sent a byte at a time used to be rescanned from its start on every byte)."""
         self.add(data)
-        out: list = []
+        out: list[Frame | Heartbeat] = []
         while True:
             item = self.next()
             if item is None:
@@ -60,7 +70,7 @@ class FrameParser:
         """Bytes received and not yet returned as a frame."""
         return len(self._buf)
 
-    def next(self):
+    def next(self) -> Frame | Heartbeat | None:
         """The next frame (or HEARTBEAT marker) of what was added, or None until more comes;
         FrameError on a violation."""
         buf = self._buf
@@ -70,7 +80,7 @@ class FrameParser:
             while start < n and buf[start] in (0x0A, 0x0D):
                 if buf[start] == 0x0D and (start + 1 >= n or buf[start + 1] != 0x0A):
                     if start + 1 >= n:
-                        break                    # a lone CR may be the start of CRLF
+                        break  # a lone CR may be the start of CRLF
                     raise FrameError("stray carriage return between frames")
                 start += 1
             if start:
@@ -81,13 +91,17 @@ class FrameParser:
             head_end, body_start = self._find_header_end(buf, self._scanned)
             if head_end < 0:
                 self._check_size(len(buf))
-                self._scanned = max(0, len(buf) - 2)      # a marker may straddle the feeds
+                self._scanned = max(0, len(buf) - 2)  # a marker may straddle the feeds
                 return None
-            self._head = (bytes(buf[:head_end]), body_start, self.version,
-                          self._parse_head(bytes(buf[:head_end])))
+            self._head = (
+                bytes(buf[:head_end]),
+                body_start,
+                self.version,
+                self._parse_head(bytes(buf[:head_end])),
+            )
             self._scanned = body_start
         head, body_start, version, frame = self._head
-        if version != self.version:               # CONNECT came in between: re-read them
+        if version != self.version:  # CONNECT came in between: re-read them
             frame = self._parse_head(head)
             self._head = (head, body_start, self.version, frame)
         length = frame.headers.get("content-length")
@@ -108,7 +122,7 @@ class FrameParser:
                 return None
             self._check_size(end + 1)
         frame.body = bytes(buf[body_start:end])
-        del buf[:end + 1]
+        del buf[: end + 1]
         self._head = None
         self._scanned = 0
         return frame
@@ -157,5 +171,5 @@ class FrameParser:
             if not sep:
                 raise FrameError(f"header line without ':' {line[:40]!r}")
             name, value = unescape(name, version), unescape(value, version)
-            headers.setdefault(name, value)      # the first occurrence wins
+            headers.setdefault(name, value)  # the first occurrence wins
         return Frame(command, headers)

@@ -49,7 +49,7 @@ def rest_credentials(secret: str, user: str, ttl_s: int = 3600, now: float | Non
 class RunningRelay:
     proc: subprocess.Popen
     host: str
-    port: int            # UDP and TCP
+    port: int  # UDP and TCP
     tls_port: int
     secret: str
     cert: Path
@@ -67,6 +67,7 @@ class RunningRelay:
 
 def stun_binding_ok(host: str, port: int) -> bool:
     from turn import stun
+
     tid = os.urandom(12)
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.settimeout(0.3)
@@ -89,12 +90,19 @@ def tcp_open(host: str, port: int) -> bool:
         return False
 
 
-def start_appliance(directory: Path, extra_turn: dict | None = None, workers: int = 1,
-                    auth: dict | None = None, stomp: dict | None = None,
-                    calls: dict | None = None, credentials: dict | None = None,
-                    admin: dict | None = None, http: dict | None = None,
-                    broker: dict | None = None,
-                    open_files: tuple[int, int] | None = None) -> RunningRelay:
+def start_appliance(
+    directory: Path,
+    extra_turn: dict | None = None,
+    workers: int = 1,
+    auth: dict | None = None,
+    stomp: dict | None = None,
+    calls: dict | None = None,
+    credentials: dict | None = None,
+    admin: dict | None = None,
+    http: dict | None = None,
+    broker: dict | None = None,
+    open_files: tuple[int, int] | None = None,
+) -> RunningRelay:
     """The appliance as an operator runs it; `open_files` (soft, hard) is its RLIMIT_NOFILE
     at exec, as a shell's ulimit would set it."""
     directory.mkdir(parents=True, exist_ok=True)
@@ -103,34 +111,50 @@ def start_appliance(directory: Path, extra_turn: dict | None = None, workers: in
     cert, key, _ = ensure_dev_certificate(directory / "certs")
     port, tls_port, http_port, admin_port = distinct_port_pairs(4)
     turn = {
-        "udp": f"127.0.0.1:{port}", "tcp": f"127.0.0.1:{port}", "tls": f"127.0.0.1:{tls_port}",
-        "tls_cert": str(cert), "tls_key": str(key),
-        "relay_ip": "127.0.0.1", "relay_ip6": "::1", "relay_ports": "40000-44999",
+        "udp": f"127.0.0.1:{port}",
+        "tcp": f"127.0.0.1:{port}",
+        "tls": f"127.0.0.1:{tls_port}",
+        "tls_cert": str(cert),
+        "tls_key": str(key),
+        "relay_ip": "127.0.0.1",
+        "relay_ip6": "::1",
+        "relay_ports": "40000-44999",
         # Interop peers live on loopback: allowed explicitly, as an operator would.
-        "allow_peers": ["127.0.0.1", "::1"], "user_quota": 0, "workers": workers,
+        "allow_peers": ["127.0.0.1", "::1"],
+        "user_quota": 0,
+        "workers": workers,
         "drain_s": 1,
     }
     turn.update(extra_turn or {})
-    config = {"realm": REALM, "data_dir": str(directory / "data"), "turn": turn,
-              "credentials": {"secrets_file": str(directory / "secrets.json"),
-                              **(credentials or {})},
-              "admin": {"listen": f"127.0.0.1:{admin_port}", "token": ADMIN_TOKEN, **(admin or {})},
-              "http": {"listen": f"127.0.0.1:{http_port}", "tls": False, **(http or {})},
-              "auth": auth or {"mode": "static", "tokens": TOKENS}, "stomp": stomp or {},
-              "calls": calls or {"ring_timeout_s": 3, "grace_s": 1}, "broker": broker or {}}
+    config = {
+        "realm": REALM,
+        "data_dir": str(directory / "data"),
+        "turn": turn,
+        "credentials": {"secrets_file": str(directory / "secrets.json"), **(credentials or {})},
+        "admin": {"listen": f"127.0.0.1:{admin_port}", "token": ADMIN_TOKEN, **(admin or {})},
+        "http": {"listen": f"127.0.0.1:{http_port}", "tls": False, **(http or {})},
+        "auth": auth or {"mode": "static", "tokens": TOKENS},
+        "stomp": stomp or {},
+        "calls": calls or {"ring_timeout_s": 3, "grace_s": 1},
+        "broker": broker or {},
+    }
     if config["http"]["tls"] and "tls_cert" not in config["http"]:
-        config["http"].update(tls_cert=str(cert), tls_key=str(key))     # one pair for both
+        config["http"].update(tls_cert=str(cert), tls_key=str(key))  # one pair for both
     config_path = directory / "appliance.yaml"
-    config_path.write_text(json.dumps(config))          # JSON is YAML
+    config_path.write_text(json.dumps(config))  # JSON is YAML
     log_path = directory / "appliance.log"
     log_file = open(log_path, "wb")
-    limit = None if open_files is None else \
-        (lambda: resource.setrlimit(resource.RLIMIT_NOFILE, open_files))
-    proc = subprocess.Popen([sys.executable, "-m", "appliance", "serve", "--config", str(config_path)],
-                            stdout=log_file, stderr=subprocess.STDOUT, preexec_fn=limit)
+    limit = None if open_files is None else (lambda: resource.setrlimit(resource.RLIMIT_NOFILE, open_files))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "appliance", "serve", "--config", str(config_path)],
+        stdout=log_file,
+        stderr=subprocess.STDOUT,
+        preexec_fn=limit,
+    )
     log_file.close()
-    relay = RunningRelay(proc, "127.0.0.1", port, tls_port, secret.value, cert, log_path, http_port,
-                         admin_port, config_path)
+    relay = RunningRelay(
+        proc, "127.0.0.1", port, tls_port, secret.value, cert, log_path, http_port, admin_port, config_path
+    )
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -177,8 +201,11 @@ def turn_peer():
     """coturn's turnutils_peer: a UDP echo peer on 127.0.0.1 and ::1."""
     program = require_program("turnutils_peer")
     port = free_port_pair()
-    proc = subprocess.Popen([program, "-L", "127.0.0.1", "-L", "::1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [program, "-L", "127.0.0.1", "-L", "::1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     time.sleep(0.3)
     yield port
     proc.terminate()

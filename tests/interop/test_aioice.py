@@ -42,8 +42,13 @@ async def open_endpoint(relay, transport: str, username: str, password: str):
         ssl_ctx = ssl.create_default_context(cafile=str(relay.cert))
         port = relay.tls_port
     return await create_turn_endpoint(
-        Collector, (relay.host, port), username, password,
-        transport="tcp" if transport in ("tcp", "tls") else "udp", ssl=ssl_ctx)
+        Collector,
+        (relay.host, port),
+        username,
+        password,
+        transport="tcp" if transport in ("tcp", "tls") else "udp",
+        ssl=ssl_ctx,
+    )
 
 
 def inner(turn_transport):
@@ -55,6 +60,7 @@ async def wait_for_count(collector: Collector, count: int, timeout: float = 5.0)
         while len(collector.received) < count:
             collector.event.clear()
             await collector.event.wait()
+
     await asyncio.wait_for(loop(), timeout)
 
 
@@ -87,18 +93,20 @@ async def test_aioice_refresh_and_delete(relay):
     username, password = relay.credentials("aioice-refresh")
     turn, _ = await open_endpoint(relay, "udp", username, password)
     protocol = inner(turn)
-    request = aioice_stun.Message(message_method=aioice_stun.Method.REFRESH,
-                                  message_class=aioice_stun.Class.REQUEST)
+    request = aioice_stun.Message(
+        message_method=aioice_stun.Method.REFRESH, message_class=aioice_stun.Class.REQUEST
+    )
     request.attributes["LIFETIME"] = 1200
     response, _ = await protocol.request_with_retry(request)
     assert response.attributes["LIFETIME"] == 1200
-    request = aioice_stun.Message(message_method=aioice_stun.Method.REFRESH,
-                                  message_class=aioice_stun.Class.REQUEST)
-    request.attributes["LIFETIME"] = 99999          # clamped to turn.max_lifetime_s
+    request = aioice_stun.Message(
+        message_method=aioice_stun.Method.REFRESH, message_class=aioice_stun.Class.REQUEST
+    )
+    request.attributes["LIFETIME"] = 99999  # clamped to turn.max_lifetime_s
     response, _ = await protocol.request_with_retry(request)
     assert response.attributes["LIFETIME"] == 3600
     relayed = turn.get_extra_info("sockname")
-    await protocol.delete()                         # Refresh with LIFETIME 0
+    await protocol.delete()  # Refresh with LIFETIME 0
     for _ in range(50):
         if f"allocation {relayed} for user 'aioice-refresh' ended: refreshed to 0" in relay.log():
             break
@@ -124,15 +132,17 @@ async def test_expired_username_is_401(relay):
     assert await expect_allocate_error(relay, username, password) == 401
 
 
-@pytest.mark.parametrize("peer", [("192.0.2.1", 9), ("10.0.0.1", 9), ("169.254.169.254", 80),
-                                  ("::ffff:10.0.0.1", 9)])
+@pytest.mark.parametrize(
+    "peer", [("192.0.2.1", 9), ("10.0.0.1", 9), ("169.254.169.254", 80), ("::ffff:10.0.0.1", 9)]
+)
 async def test_denied_peer_is_403(relay, peer):
     username, password = relay.credentials("prober")
     turn, _ = await open_endpoint(relay, "udp", username, password)
     try:
         protocol = inner(turn)
-        request = aioice_stun.Message(message_method=aioice_stun.Method.CREATE_PERMISSION,
-                                      message_class=aioice_stun.Class.REQUEST)
+        request = aioice_stun.Message(
+            message_method=aioice_stun.Method.CREATE_PERMISSION, message_class=aioice_stun.Class.REQUEST
+        )
         request.attributes["XOR-PEER-ADDRESS"] = peer
         with pytest.raises(aioice_stun.TransactionFailed) as failed:
             await protocol.request_with_retry(request)

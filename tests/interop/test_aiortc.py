@@ -7,8 +7,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from aiortc import (RTCConfiguration, RTCIceServer, RTCPeerConnection,
-                    RTCSessionDescription)
+from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import AudioStreamTrack
 from aiortc.rtcconfiguration import RTCIceTransportPolicy
 
@@ -18,8 +17,10 @@ MESSAGES = 20
 def relay_only(relay, user: str, transport: str) -> RTCConfiguration:
     username, password = relay.credentials(user)
     url = f"turn:{relay.host}:{relay.port}?transport={transport}"
-    return RTCConfiguration(iceServers=[RTCIceServer(urls=url, username=username, credential=password)],
-                            iceTransportPolicy=RTCIceTransportPolicy.RELAY)
+    return RTCConfiguration(
+        iceServers=[RTCIceServer(urls=url, username=username, credential=password)],
+        iceTransportPolicy=RTCIceTransportPolicy.RELAY,
+    )
 
 
 @pytest.mark.parametrize("transport", ["udp", "tcp"])

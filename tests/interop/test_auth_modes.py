@@ -37,8 +37,12 @@ class Backend(BaseHTTPRequestHandler):
 
 
 def stomp_connect(relay, user: str, token: str):
-    conn = stomp.WSConnection([("127.0.0.1", relay.http_port)], ws_path=f"/imserver/ws?userId={user}",
-                              heartbeats=(0, 0), reconnect_attempts_max=1)
+    conn = stomp.WSConnection(
+        [("127.0.0.1", relay.http_port)],
+        ws_path=f"/imserver/ws?userId={user}",
+        heartbeats=(0, 0),
+        reconnect_attempts_max=1,
+    )
     conn.connect(headers={"ide": token}, wait=True)
     return conn
 
@@ -54,18 +58,19 @@ def backend():
 
 
 def test_http_introspection_mode(tmp_path, backend):
-    relay = start_appliance(tmp_path / "http-mode", auth={"mode": "http", "introspect_url": backend,
-                                                          "cache_s": 60})
+    relay = start_appliance(
+        tmp_path / "http-mode", auth={"mode": "http", "introspect_url": backend, "cache_s": 60}
+    )
     try:
         conn = stomp_connect(relay, "alice", "im-token-alice")
         conn.disconnect()
-        conn = stomp_connect(relay, "alice", "im-token-alice")        # answered from the cache
+        conn = stomp_connect(relay, "alice", "im-token-alice")  # answered from the cache
         conn.disconnect()
         assert Backend.asked.count("im-token-alice") == 1
         with pytest.raises(ConnectFailedException):
             stomp_connect(relay, "alice", "forged")
         with pytest.raises(ConnectFailedException):
-            stomp_connect(relay, "bob", "im-token-alice")               # alice's token, bob's URL
+            stomp_connect(relay, "bob", "im-token-alice")  # alice's token, bob's URL
         assert "forged" not in relay.log() and "im-token-alice" not in relay.log()
     finally:
         assert stop_appliance(relay) == 0
@@ -75,13 +80,29 @@ def test_jwt_mode_with_appliance_token(tmp_path):
     relay = start_appliance(tmp_path / "jwt-mode", auth={"mode": "jwt", "jwt_key": "k" * 40})
     config = tmp_path / "jwt-mode" / "appliance.yaml"
     try:
+
         def mint(user: str, ttl: int) -> str:
-            return subprocess.run([sys.executable, "-m", "appliance", "token", "--user", user,
-                                   "--ttl", str(ttl), "--config", str(config)],
-                                  capture_output=True, text=True, check=True).stdout.strip()
+            return subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "appliance",
+                    "token",
+                    "--user",
+                    user,
+                    "--ttl",
+                    str(ttl),
+                    "--config",
+                    str(config),
+                ],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout.strip()
+
         stomp_connect(relay, "carol", mint("carol", 60)).disconnect()
         with pytest.raises(ConnectFailedException):
-            stomp_connect(relay, "carol", mint("carol", -120))           # expired
+            stomp_connect(relay, "carol", mint("carol", -120))  # expired
         assert mint("carol", 60) not in relay.log()
     finally:
         assert stop_appliance(relay) == 0

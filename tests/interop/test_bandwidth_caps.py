@@ -16,10 +16,10 @@ from .conftest import start_appliance, stop_appliance
 from .test_credentials_admin import admin, metric_samples
 from .test_relay_quotas import UdpTurnClient, code, peer, relayed
 
-CAP_BPS = 1_000_000                  # 125 000 bytes/s each way
+CAP_BPS = 1_000_000  # 125 000 bytes/s each way
 CAP_BYTES_S = CAP_BPS / 8
-BURST_BYTES = CAP_BYTES_S * 0.2      # turn/bandwidth.py BURST_S
-OFFERED_X = 6                        # the blast, in multiples of the cap
+BURST_BYTES = CAP_BYTES_S * 0.2  # turn/bandwidth.py BURST_S
+OFFERED_X = 6  # the blast, in multiples of the cap
 BLAST_S = 2.5
 PAYLOAD = 1000
 
@@ -36,15 +36,26 @@ def bound_client(app, user: str, number: int, peer_sock: socket.socket):
     client = UdpTurnClient(app, user)
     reply = client.allocate()
     assert code(reply) == 0
-    assert code(client.request(stun.CHANNEL_BIND, (stun.CHANNEL_NUMBER, struct.pack("!HH", number, 0)),
-                               peer(peer_sock.getsockname()))) == 0
+    assert (
+        code(
+            client.request(
+                stun.CHANNEL_BIND,
+                (stun.CHANNEL_NUMBER, struct.pack("!HH", number, 0)),
+                peer(peer_sock.getsockname()),
+            )
+        )
+        == 0
+    )
     client.sock.setblocking(False)
     return client, relayed(reply)
 
 
-def blast(senders: list[tuple[socket.socket, bytes, tuple]],
-          receivers: dict[str, tuple[socket.socket, int]],
-          seconds: float, packets_per_s: float) -> tuple[dict[str, int], float]:
+def blast(
+    senders: list[tuple[socket.socket, bytes, tuple]],
+    receivers: dict[str, tuple[socket.socket, int]],
+    seconds: float,
+    packets_per_s: float,
+) -> tuple[dict[str, int], float]:
     """Each sender sends its datagram `packets_per_s` times a second for `seconds`, while
     every receiver (socket, header bytes to discount) is drained; payload bytes received
     per receiver, and the seconds from the first send to the last datagram received."""
@@ -63,7 +74,7 @@ def blast(senders: list[tuple[socket.socket, bytes, tuple]],
                 try:
                     sock.sendto(data, destination)
                 except BlockingIOError:
-                    pass          # a full send buffer loses it, as the network would
+                    pass  # a full send buffer loses it, as the network would
             sent += 1
         readable, _, _ = select.select(sockets, [], [], 0.002)
         for sock in readable:
@@ -86,9 +97,12 @@ def assert_about_the_cap(received: int, elapsed: float) -> None:
 
 def dropped(app) -> dict[str, float]:
     samples = metric_samples(admin(app, "GET", "/metrics").text)
-    return {direction: samples.get(("appliance_relay_bandwidth_dropped_packets_total",
-                                    (("direction", direction),)), 0)
-            for direction in ("to_peer", "to_client")}
+    return {
+        direction: samples.get(
+            ("appliance_relay_bandwidth_dropped_packets_total", (("direction", direction),)), 0
+        )
+        for direction in ("to_peer", "to_client")
+    }
 
 
 def test_an_allocation_gets_its_cap_each_way_and_the_excess_is_dropped(tmp_path):
@@ -98,10 +112,14 @@ def test_an_allocation_gets_its_cap_each_way_and_the_excess_is_dropped(tmp_path)
     try:
         payload = bytes(PAYLOAD)
         received, elapsed = blast(
-            [(client.sock, struct.pack("!HH", 0x4000, PAYLOAD) + payload, client.address),
-             (peer_sock, payload, relay_address)],
+            [
+                (client.sock, struct.pack("!HH", 0x4000, PAYLOAD) + payload, client.address),
+                (peer_sock, payload, relay_address),
+            ],
             {"peer": (peer_sock, 0), "client": (client.sock, 4)},
-            BLAST_S, OFFERED_X * CAP_BYTES_S / PAYLOAD)
+            BLAST_S,
+            OFFERED_X * CAP_BYTES_S / PAYLOAD,
+        )
         assert_about_the_cap(received["peer"], elapsed)
         assert_about_the_cap(received["client"], elapsed)
         counts = dropped(app)
@@ -123,13 +141,11 @@ def test_a_users_allocations_share_the_user_cap(tmp_path):
         payload = bytes(PAYLOAD)
         senders, receivers = [], {"peer": (peer_sock, 0)}
         for i, (client, relay_address) in enumerate(clients):
-            senders.append((client.sock, struct.pack("!HH", 0x4000 + i, PAYLOAD) + payload,
-                            client.address))
+            senders.append((client.sock, struct.pack("!HH", 0x4000 + i, PAYLOAD) + payload, client.address))
             senders.append((peer_sock, payload, relay_address))
             receivers[f"client{i}"] = (client.sock, 4)
         # Each allocation offers 3x the user's cap each way: 6x together.
-        received, elapsed = blast(senders, receivers, BLAST_S,
-                                  OFFERED_X / 2 * CAP_BYTES_S / PAYLOAD)
+        received, elapsed = blast(senders, receivers, BLAST_S, OFFERED_X / 2 * CAP_BYTES_S / PAYLOAD)
         assert_about_the_cap(received["peer"], elapsed)
         assert_about_the_cap(received["client0"] + received["client1"], elapsed)
         counts = dropped(app)

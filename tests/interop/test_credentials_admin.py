@@ -50,8 +50,11 @@ def appliance(tmp_path):
 
 
 def http_credentials(app, token: str = "tok-alice") -> dict:
-    r = httpx.get(f"http://127.0.0.1:{app.http_port}/imserver/turn/get-turn-credentials",
-                  headers={"ide": token}, timeout=5)
+    r = httpx.get(
+        f"http://127.0.0.1:{app.http_port}/imserver/turn/get-turn-credentials",
+        headers={"ide": token},
+        timeout=5,
+    )
     body = r.json()
     assert r.status_code == 200 and body["code"] == 200, body
     return body["data"]
@@ -62,8 +65,7 @@ def turn_entry(answer: dict, prefix: str) -> dict:
 
 
 def admin(app, method: str, path: str, headers=AUTH) -> httpx.Response:
-    return httpx.request(method, f"http://127.0.0.1:{app.admin_port}{path}", headers=headers,
-                         timeout=5)
+    return httpx.request(method, f"http://127.0.0.1:{app.admin_port}{path}", headers=headers, timeout=5)
 
 
 async def allocate(host: str, port: int, username: str, password: str):
@@ -77,8 +79,9 @@ async def allocate(host: str, port: int, username: str, password: str):
 
 async def refresh(turn, lifetime: int = 600) -> int:
     """One Refresh on the live allocation (aioice's own loop waits minutes); the LIFETIME granted."""
-    request = aioice_stun.Message(message_method=aioice_stun.Method.REFRESH,
-                                  message_class=aioice_stun.Class.REQUEST)
+    request = aioice_stun.Message(
+        message_method=aioice_stun.Method.REFRESH, message_class=aioice_stun.Class.REQUEST
+    )
     request.attributes["LIFETIME"] = lifetime
     response, _ = await turn._TurnTransport__inner_protocol.request_with_retry(request)
     return response.attributes["LIFETIME"]
@@ -120,30 +123,47 @@ async def test_stomp_and_http_credentials_allocate_on_our_relay(appliance):
     for answer in (over_stomp, over_http):
         assert answer["ttl"] == 86400
         urls = [e["urls"] for e in answer["iceServers"]]
-        assert urls == [f"stun:127.0.0.1:{app.port}", f"turn:127.0.0.1:{app.port}?transport=udp",
-                        f"turn:127.0.0.1:{app.port}?transport=tcp",
-                        f"turns:127.0.0.1:{app.tls_port}?transport=tcp"]
+        assert urls == [
+            f"stun:127.0.0.1:{app.port}",
+            f"turn:127.0.0.1:{app.port}?transport=udp",
+            f"turn:127.0.0.1:{app.port}?transport=tcp",
+            f"turns:127.0.0.1:{app.tls_port}?transport=tcp",
+        ]
         entry = turn_entry(answer, "turn:")
         assert entry["username"].endswith(":alice") and entry["url"] == entry["urls"]
         assert await allocation_works("127.0.0.1", app.port, entry["username"], entry["credential"])
-    refused = httpx.get(f"http://127.0.0.1:{app.http_port}/imserver/turn/get-turn-credentials",
-                        timeout=5)
+    refused = httpx.get(f"http://127.0.0.1:{app.http_port}/imserver/turn/get-turn-credentials", timeout=5)
     assert refused.status_code == 401 and refused.json()["code"] == 401
 
 
 def start_coturn(directory, conf_lines: list[str], port: int) -> subprocess.Popen:
     program = require_program("turnserver")
     conf = directory / "turnserver.conf"
-    conf.write_text("\n".join(conf_lines + [
-        f"listening-port={port}", "listening-ip=127.0.0.1", "relay-ip=127.0.0.1",
-        "min-port=46000", "max-port=46999", "no-cli", "no-tls", "no-dtls", "no-tcp",
-        f"log-file={directory / 'coturn.log'}", "simple-log", f"pidfile={directory / 'coturn.pid'}",
-    ]) + "\n")
+    conf.write_text(
+        "\n".join(
+            conf_lines
+            + [
+                f"listening-port={port}",
+                "listening-ip=127.0.0.1",
+                "relay-ip=127.0.0.1",
+                "min-port=46000",
+                "max-port=46999",
+                "no-cli",
+                "no-tls",
+                "no-dtls",
+                "no-tcp",
+                f"log-file={directory / 'coturn.log'}",
+                "simple-log",
+                f"pidfile={directory / 'coturn.pid'}",
+            ]
+        )
+        + "\n"
+    )
     os.chmod(conf, 0o600)
-    proc = subprocess.Popen([program, "-c", str(conf)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen([program, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 10
     from .conftest import stun_binding_ok
+
     while not stun_binding_ok("127.0.0.1", port):
         assert proc.poll() is None and time.monotonic() < deadline, "coturn did not start"
         time.sleep(0.1)
@@ -160,18 +180,23 @@ def stop_process(proc: subprocess.Popen) -> None:
 
 
 def coturn_config(app) -> list[str]:
-    out = subprocess.run([sys.executable, "-m", "appliance", "coturn-config", "--config",
-                          str(app.config_path)], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "appliance", "coturn-config", "--config", str(app.config_path)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return out.stdout.splitlines()
 
 
 async def test_credentials_for_an_external_coturn_configured_by_coturn_config(appliance, tmp_path):
     coturn_port = free_port_pair()
     url = f"turn:127.0.0.1:{coturn_port}?transport=udp"
-    app = appliance(extra_turn={"udp": None, "tcp": None, "tls": None},
-                    credentials={"external": [url], "activation_s": 0})
+    app = appliance(
+        extra_turn={"udp": None, "tcp": None, "tls": None}, credentials={"external": [url], "activation_s": 0}
+    )
     answer = http_credentials(app)
-    assert [e["urls"] for e in answer["iceServers"]] == [url]     # signaling-only: coturn alone
+    assert [e["urls"] for e in answer["iceServers"]] == [url]  # signaling-only: coturn alone
     entry = answer["iceServers"][0]
     coturn = start_coturn(tmp_path, coturn_config(app), coturn_port)
     try:
@@ -199,15 +224,16 @@ async def test_rotation_while_an_allocation_is_live(appliance):
     first = load_ring(ring_path).current()
     old = turn_entry(http_credentials(app), "turn:")
     assert old["credential"] == rest_password(first.value.encode(), old["username"])
-    turn, _ = await create_turn_endpoint(Collector, ("127.0.0.1", app.port), old["username"],
-                                         old["credential"])
+    turn, _ = await create_turn_endpoint(
+        Collector, ("127.0.0.1", app.port), old["username"], old["credential"]
+    )
     try:
         rotated = admin(app, "POST", "/admin/secrets/rotate")
         assert rotated.status_code == 200
         rotated_at = time.monotonic()
         body = rotated.json()
         new_id = body["current"]
-        assert body["signing"] == first.id           # still activating
+        assert body["signing"] == first.id  # still activating
         assert all("value" not in row for row in body["secrets"])
         await asyncio.sleep(1.5)
         new = turn_entry(http_credentials(app), "turn:")
@@ -233,13 +259,15 @@ async def test_admin_endpoints_need_the_token_and_metrics_move(appliance):
     assert admin(app, "GET", "/healthz", headers={}).json() == {"status": "ok"}
     ready = admin(app, "GET", "/readyz", headers={})
     assert ready.status_code == 200 and ready.json()["ready"] is True, ready.json()
-    for path, method in (("/metrics", "GET"), ("/admin/secrets", "GET"),
-                         ("/admin/secrets/rotate", "POST")):
-        for headers in ({}, {"Authorization": "Bearer wrong-token-xxxxxxxxxxxxxxx"},
-                        {"Authorization": ADMIN_TOKEN}):
+    for path, method in (("/metrics", "GET"), ("/admin/secrets", "GET"), ("/admin/secrets/rotate", "POST")):
+        for headers in (
+            {},
+            {"Authorization": "Bearer wrong-token-xxxxxxxxxxxxxxx"},
+            {"Authorization": ADMIN_TOKEN},
+        ):
             r = admin(app, method, path, headers=headers)
             assert r.status_code == 401 and r.headers["WWW-Authenticate"].startswith("Bearer")
-    assert len(load_ring(app.config_path.parent / "secrets.json").secrets) == 1   # nothing rotated
+    assert len(load_ring(app.config_path.parent / "secrets.json").secrets) == 1  # nothing rotated
     listed = admin(app, "GET", "/admin/secrets").json()
     assert app.secret not in json.dumps(listed) and listed["secrets"][0]["state"] == "current"
 
@@ -247,12 +275,13 @@ async def test_admin_endpoints_need_the_token_and_metrics_move(appliance):
     loop = asyncio.get_running_loop()
     peer_transport, peer = await loop.create_datagram_endpoint(EchoPeer, local_addr=("127.0.0.1", 0))
     entry = turn_entry(http_credentials(app), "turn:")
-    turn, collector = await create_turn_endpoint(Collector, ("127.0.0.1", app.port),
-                                                 entry["username"], entry["credential"])
+    turn, collector = await create_turn_endpoint(
+        Collector, ("127.0.0.1", app.port), entry["username"], entry["credential"]
+    )
     conn, _ = client(app, "bob", "tok-bob")
     try:
         peer_addr = peer_transport.get_extra_info("sockname")
-        for i in range(20):
+        for _ in range(20):
             turn.sendto(b"x" * 100, peer_addr)
         await wait_for_count(collector, 20)
         assert not await allocation_works("127.0.0.1", app.port, entry["username"], "bad")
@@ -293,8 +322,9 @@ async def test_sigterm_closes_sessions_cleanly_and_drains_allocations(appliance)
     sockjs.send(json.dumps([CONNECT.format(token="tok-alice")]))
     assert json.loads(sockjs.recv()[1:])[0].startswith("CONNECTED\n")
     entry = turn_entry(http_credentials(app), "turn:")
-    turn, _ = await create_turn_endpoint(Collector, ("127.0.0.1", app.port), entry["username"],
-                                         entry["credential"])
+    turn, _ = await create_turn_endpoint(
+        Collector, ("127.0.0.1", app.port), entry["username"], entry["credential"]
+    )
     try:
         started = time.monotonic()
         app.proc.send_signal(signal.SIGTERM)
@@ -340,6 +370,7 @@ def tls_peer_certificate(port: int) -> bytes:
 
 def stun_over(tls_sock) -> bool:
     from turn import stun
+
     tid = os.urandom(12)
     tls_sock.sendall(stun.Builder(stun.BINDING, stun.REQUEST, tid).encode())
     return stun.parse(tls_sock.recv(2048)).transaction_id == tid
@@ -365,8 +396,8 @@ def test_sighup_reloads_the_tls_certificates_and_keeps_connections(appliance, tm
             time.sleep(0.1)
         new_der = ssl.PEM_cert_to_DER_cert(new_cert.read_text())
         assert tls_peer_certificate(app.tls_port) == new_der
-        assert tls_peer_certificate(app.http_port) == new_der        # HTTPS too
-        assert stun_over(established)                  # the old connection lives on
+        assert tls_peer_certificate(app.http_port) == new_der  # HTTPS too
+        assert stun_over(established)  # the old connection lives on
         # A broken pair is refused and the current certificate stays.
         key_path.write_text("not a key")
         app.proc.send_signal(signal.SIGHUP)
@@ -382,11 +413,12 @@ async def test_metrics_sum_every_relay_worker(appliance):
     entry = turn_entry(http_credentials(app), "turn:")
     held = []
     try:
-        for _ in range(6):      # distinct source ports: the kernel spreads them over the workers
-            turn, _ = await create_turn_endpoint(Collector, ("127.0.0.1", app.port),
-                                                 entry["username"], entry["credential"])
+        for _ in range(6):  # distinct source ports: the kernel spreads them over the workers
+            turn, _ = await create_turn_endpoint(
+                Collector, ("127.0.0.1", app.port), entry["username"], entry["credential"]
+            )
             held.append(turn)
-        await asyncio.sleep(2.5)              # a worker reports every second
+        await asyncio.sleep(2.5)  # a worker reports every second
         samples = metric_samples(admin(app, "GET", "/metrics").text)
         assert samples[("appliance_relay_processes", ())] == 2
         assert samples[("appliance_relay_allocations", ())] == 6

@@ -91,8 +91,13 @@ def refused(samples: dict, reason: str) -> float:
 # ---------------------------------------------------------------- hostile clients
 
 
-def raw_ws(relay, path: str = "/imserver/ws?userId=alice", source: str = "127.0.0.1",
-           rcvbuf: int | None = None, timeout: float = 5):
+def raw_ws(
+    relay,
+    path: str = "/imserver/ws?userId=alice",
+    source: str = "127.0.0.1",
+    rcvbuf: int | None = None,
+    timeout: float = 5,
+):
     """A WebSocket from `source` (any 127.0.0.x), optionally with a tiny receive buffer;
     STOMP's subprotocol on the native endpoint, none on SockJS's."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -102,8 +107,9 @@ def raw_ws(relay, path: str = "/imserver/ws?userId=alice", source: str = "127.0.
     sock.settimeout(timeout)
     sock.connect(("127.0.0.1", relay.http_port))
     subprotocols = None if "/websocket" in path else ["v12.stomp"]
-    return websocket.create_connection(f"ws://127.0.0.1:{relay.http_port}{path}", socket=sock,
-                                       subprotocols=subprotocols, timeout=timeout)
+    return websocket.create_connection(
+        f"ws://127.0.0.1:{relay.http_port}{path}", socket=sock, subprotocols=subprotocols, timeout=timeout
+    )
 
 
 def handshake_status(relay, path: str = "/imserver/ws?userId=alice", source: str = "127.0.0.1"):
@@ -117,10 +123,12 @@ def handshake_status(relay, path: str = "/imserver/ws?userId=alice", source: str
 
 def http_status(relay, method: str, path: str, source: str = "127.0.0.1") -> int:
     """Status of one HTTP request made from `source` (raw socket, Connection: close)."""
-    with socket.create_connection(("127.0.0.1", relay.http_port), timeout=5,
-                                  source_address=(source, 0)) as sock:
-        sock.sendall(f"{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n"
-                     f"Connection: close\r\n\r\n".encode())
+    with socket.create_connection(
+        ("127.0.0.1", relay.http_port), timeout=5, source_address=(source, 0)
+    ) as sock:
+        sock.sendall(
+            f"{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".encode()
+        )
         head = b""
         while b"\r\n" not in head:
             chunk = sock.recv(4096)
@@ -151,9 +159,9 @@ def ended_but_still_sending(relay, index: int) -> None:
     assert ws.recv().startswith("ERROR\n")
     try:
         for _ in range(60):
-            ws.send("SEND\ndestination:/app/user/status\n\n[\"bob\"]\x00")
+            ws.send('SEND\ndestination:/app/user/status\n\n["bob"]\x00')
     except (websocket.WebSocketException, OSError):
-        pass                                   # the server may already have hung up
+        pass  # the server may already have hung up
     drain_and_close(ws)
 
 
@@ -166,10 +174,14 @@ def test_sessions_ended_by_the_server_while_the_client_keeps_sending_leave_no_cl
         baseline = open_fds(relay.proc.pid)
         for i in range(20):
             ended_but_still_sending(relay, i)
-        settled = wait_until(lambda: close_wait_count(relay.http_port) == 0
-                             and open_fds(relay.proc.pid) <= baseline + 2, timeout=15)
-        assert settled, (f"{close_wait_count(relay.http_port)} connections in CLOSE-WAIT, "
-                         f"{open_fds(relay.proc.pid) - baseline} descriptors more than before")
+        settled = wait_until(
+            lambda: close_wait_count(relay.http_port) == 0 and open_fds(relay.proc.pid) <= baseline + 2,
+            timeout=15,
+        )
+        assert settled, (
+            f"{close_wait_count(relay.http_port)} connections in CLOSE-WAIT, "
+            f"{open_fds(relay.proc.pid) - baseline} descriptors more than before"
+        )
         # The server still serves.
         ws = raw_ws(relay)
         ws.send(CONNECT.format(token="tok-alice"))
@@ -212,8 +224,9 @@ def test_websockets_and_sockjs_sessions_that_never_connect_are_closed_at_the_dea
         xhr = f"http://127.0.0.1:{relay.http_port}/imserver/ws/000/idle2/xhr?userId=alice"
 
         def poll() -> str:
-            with urllib.request.urlopen(urllib.request.Request(xhr, data=b"", method="POST"),
-                                        timeout=8) as response:
+            with urllib.request.urlopen(
+                urllib.request.Request(xhr, data=b"", method="POST"), timeout=8
+            ) as response:
                 return response.read().decode()
 
         assert poll() == "o\n"
@@ -222,21 +235,28 @@ def test_websockets_and_sockjs_sessions_that_never_connect_are_closed_at_the_dea
         frame = sockjs_ws.recv()
         assert frame.startswith('a["ERROR') and "no CONNECT" in frame, frame
         assert sockjs_ws.recv() == 'c[3000,"Go away!"]'
-        frame = poll()                   # the polling session got the same, in order
+        frame = poll()  # the polling session got the same, in order
         assert frame.startswith('a["ERROR') and "no CONNECT" in frame, frame
         assert poll() == 'c[3000,"Go away!"]\n'
         elapsed = time.monotonic() - started
-        assert wait_until(lambda: open_server_sockets(relay.http_port) == 0
-                          and open_fds(relay.proc.pid) <= baseline + 2, timeout=10), \
-            (server_sockets(relay.http_port), open_fds(relay.proc.pid) - baseline)
+        assert wait_until(
+            lambda: open_server_sockets(relay.http_port) == 0 and open_fds(relay.proc.pid) <= baseline + 2,
+            timeout=10,
+        ), (server_sockets(relay.http_port), open_fds(relay.proc.pid) - baseline)
         assert metrics(relay)[("appliance_signaling_connect_timeouts_total", ())] >= 52
     finally:
         assert stop_appliance(relay) == 0
     print(f"\n52 sessions without CONNECT (deadline 1 s) closed within {elapsed:.1f} s")
 
 
-CAPPED = {**NO_EXEMPTION, "connect_timeout_s": 30, "max_connections_per_ip": 6,
-          "max_sessions_per_ip": 3, "new_sessions_per_ip_per_s": 100, "new_session_burst": 100}
+CAPPED = {
+    **NO_EXEMPTION,
+    "connect_timeout_s": 30,
+    "max_connections_per_ip": 6,
+    "max_sessions_per_ip": 3,
+    "new_sessions_per_ip_per_s": 100,
+    "new_session_burst": 100,
+}
 
 
 def test_per_address_caps_on_sessions_and_connections_answer_429_and_are_counted(tmp_path):
@@ -250,8 +270,7 @@ def test_per_address_caps_on_sessions_and_connections_answer_429_and_are_counted
             held.append(ws)
         assert handshake_status(relay, source="127.0.0.2")[0] == 429
         assert http_status(relay, "POST", "/imserver/ws/000/capped1/xhr", "127.0.0.2") == 429
-        assert handshake_status(relay, "/imserver/ws/000/capped2/websocket",
-                                source="127.0.0.2")[0] == 429
+        assert handshake_status(relay, "/imserver/ws/000/capped2/websocket", source="127.0.0.2")[0] == 429
         # Another address is not affected.
         status, other = handshake_status(relay, source="127.0.0.3")
         assert status == 101
@@ -261,8 +280,12 @@ def test_per_address_caps_on_sessions_and_connections_answer_429_and_are_counted
         assert wait_until(lambda: _opened(relay, "127.0.0.2", held), timeout=5)
 
         # Connections, from 127.0.0.4: six idle ones held, the seventh answered 429 at once.
-        idle = [socket.create_connection(("127.0.0.1", relay.http_port), timeout=5,
-                                         source_address=("127.0.0.4", 0)) for _ in range(6)]
+        idle = [
+            socket.create_connection(
+                ("127.0.0.1", relay.http_port), timeout=5, source_address=("127.0.0.4", 0)
+            )
+            for _ in range(6)
+        ]
         held.extend(idle)
         assert http_status(relay, "GET", "/imserver/ws/info", "127.0.0.4") == 429
         assert http_status(relay, "GET", "/imserver/ws/info", "127.0.0.5") == 200
@@ -283,22 +306,22 @@ def _opened(relay, source: str, held: list) -> bool:
 
 
 def test_new_sessions_per_second_from_one_address_are_capped_at_the_burst(tmp_path):
-    relay = start_appliance(tmp_path / "a", stomp={**NO_EXEMPTION, "new_sessions_per_ip_per_s": 1,
-                                                   "new_session_burst": 5})
+    relay = start_appliance(
+        tmp_path / "a", stomp={**NO_EXEMPTION, "new_sessions_per_ip_per_s": 1, "new_session_burst": 5}
+    )
     held = []
     try:
         statuses = []
-        for i in range(8):            # SockJS and WebSocket sessions draw on one bucket
+        for i in range(8):  # SockJS and WebSocket sessions draw on one bucket
             if i % 2:
-                statuses.append(http_status(relay, "POST", f"/imserver/ws/000/rate{i}/xhr",
-                                            "127.0.0.6"))
+                statuses.append(http_status(relay, "POST", f"/imserver/ws/000/rate{i}/xhr", "127.0.0.6"))
             else:
                 status, ws = handshake_status(relay, source="127.0.0.6")
                 statuses.append(200 if status == 101 else status)
                 if ws is not None:
                     held.append(ws)
         assert statuses.count(429) >= 2 and statuses[:5] == [200] * 5, statuses
-        time.sleep(1.2)               # a second refills one
+        time.sleep(1.2)  # a second refills one
         assert handshake_status(relay, source="127.0.0.6")[0] == 101
         assert refused(metrics(relay), "session_rate") == statuses.count(429)
     finally:
@@ -314,8 +337,10 @@ def allocate(relay, user: str) -> int | None:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         sock.settimeout(2)
         for _ in range(2):
-            sock.sendto(creds.build(stun.ALLOCATE, [(stun.REQUESTED_TRANSPORT, b"\x11\x00\x00\x00")]),
-                        (relay.host, relay.port))
+            sock.sendto(
+                creds.build(stun.ALLOCATE, [(stun.REQUESTED_TRANSPORT, b"\x11\x00\x00\x00")]),
+                (relay.host, relay.port),
+            )
             try:
                 reply = stun.parse(sock.recv(2048))
             except TimeoutError:
@@ -337,7 +362,7 @@ def test_past_the_total_cap_connections_get_503_and_the_relay_and_admin_keep_wor
     resource.prlimit(pid, resource.RLIMIT_NOFILE, (300, hard))
     held, statuses = [], []
     try:
-        for _ in range(300):                        # without the cap: descriptors run out
+        for _ in range(300):  # without the cap: descriptors run out
             try:
                 status, ws = handshake_status(relay)
             except (websocket.WebSocketException, OSError) as exc:
@@ -349,11 +374,11 @@ def test_past_the_total_cap_connections_get_503_and_the_relay_and_admin_keep_wor
         assert statuses[-1] == 503, f"{len(held)} WebSockets and no refusal"
         assert 60 <= len(held) <= 86, len(held)
         assert http_status(relay, "GET", "/imserver/ws/info") == 503
-        for i in range(20):                         # the relay keeps its descriptors
+        for i in range(20):  # the relay keeps its descriptors
             assert allocate(relay, f"user{i}") == 200, f"Allocate {i} refused or unanswered"
         assert admin(relay, "GET", "/healthz").status_code == 200
         assert refused(metrics(relay), "connections") >= 2
-        held.pop().close()                          # room again for one
+        held.pop().close()  # room again for one
         assert wait_until(lambda: _opened(relay, "127.0.0.1", held), timeout=5)
     finally:
         for ws in held:
@@ -387,32 +412,44 @@ def peer_port_hex(ws) -> str:
 def connection_open(relay, ws) -> bool:
     """The appliance still holds its side of `ws` (not closed, or not yet)."""
     port = peer_port_hex(ws)
-    return any(remote.endswith(":" + port) and state in ("01", TCP_CLOSE_WAIT)
-               for state, remote in server_sockets(relay.http_port))
+    return any(
+        remote.endswith(":" + port) and state in ("01", TCP_CLOSE_WAIT)
+        for state, remote in server_sockets(relay.http_port)
+    )
 
 
-def silent_callee_under_an_offer_flood(relay, offers: int, payload_bytes: int,
-                                       senders: int = 4, call_id: str = "flood") -> dict:
+def silent_callee_under_an_offer_flood(
+    relay, offers: int, payload_bytes: int, senders: int = 4, call_id: str = "flood"
+) -> dict:
     """Bob answers a call from one session, then stops reading it (a 4 KiB receive buffer);
     Alice sends `offers` OFFERs of `payload_bytes` each, spread over `senders` sessions (each
     within its own SEND budget).  Returns the appliance's RSS (MB) before, at its peak and
     after the flood, and how long after the flood's end Bob's connection was closed (None:
     not within 20 s)."""
     pid = relay.proc.pid
-    bob = stomp_client(relay, "bob", ["/user/queue/call/request", "/user/queue/rtc/signaling"],
-                       rcvbuf=4096)
+    bob = stomp_client(relay, "bob", ["/user/queue/call/request", "/user/queue/rtc/signaling"], rcvbuf=4096)
     alices = [stomp_client(relay, "alice", ["/user/queue/call/response"]) for _ in range(senders)]
     figures = {}
     try:
-        alices[0].send(stomp_send("/app/call/request", {"callId": call_id, "type": "VIDEO",
-                                                         "callee": "bob", "callerUserName": "A",
-                                                         "calleeUserName": "B"}))
+        alices[0].send(
+            stomp_send(
+                "/app/call/request",
+                {
+                    "callId": call_id,
+                    "type": "VIDEO",
+                    "callee": "bob",
+                    "callerUserName": "A",
+                    "calleeUserName": "B",
+                },
+            )
+        )
         assert "call/request" in bob.recv()
         bob.send(stomp_send("/app/call/response", {"callId": call_id, "type": "ACCEPT"}))
         assert "ACCEPT" in alices[0].recv()
         figures["before"] = rss_mb(pid)
-        offer = stomp_send("/app/rtc/signaling", {"callId": call_id, "type": "OFFER",
-                                                  "payload": "v" * payload_bytes})
+        offer = stomp_send(
+            "/app/rtc/signaling", {"callId": call_id, "type": "OFFER", "payload": "v" * payload_bytes}
+        )
         peak = [figures["before"]]
         sampling = threading.Event()
 
@@ -450,12 +487,14 @@ def test_a_callee_that_stops_reading_under_an_offer_flood_is_cut_off_at_its_outb
         samples = metrics(relay)
     finally:
         assert stop_appliance(relay) == 0
-    print(f"\noutbox budget: RSS {figures['before']:.1f} MB before, {figures['peak']:.1f} MB at "
-          f"the peak, {figures['after']:.1f} MB after; closed {figures['closed_after_s']} s "
-          f"after the flood")
+    print(
+        f"\noutbox budget: RSS {figures['before']:.1f} MB before, {figures['peak']:.1f} MB at "
+        f"the peak, {figures['after']:.1f} MB after; closed {figures['closed_after_s']} s "
+        f"after the flood"
+    )
     assert figures["closed_after_s"] is not None, "the silent session was never closed"
-    assert figures["closed_after_s"] < 10                      # within stomp.send_timeout_s
-    assert figures["peak"] - figures["before"] < 20, figures   # the flood was 36 MB
+    assert figures["closed_after_s"] < 10  # within stomp.send_timeout_s
+    assert figures["peak"] - figures["before"] < 20, figures  # the flood was 36 MB
     assert figures["after"] - figures["before"] < 12, figures
     assert samples[("appliance_signaling_slow_consumers_total", ())] == 1
     assert samples[("appliance_signaling_connections_aborted_total", (("reason", "overflow"),))] == 1
@@ -463,13 +502,16 @@ def test_a_callee_that_stops_reading_under_an_offer_flood_is_cut_off_at_its_outb
 
 def test_a_send_stalled_past_the_send_timeout_aborts_the_connection_and_frees_its_output(tmp_path):
     # An outbox budget too large to matter: the send timeout alone cuts the session off.
-    relay = start_appliance(tmp_path / "a", stomp={"send_timeout_s": 2, "max_outbox": 100000,
-                                                   "max_outbox_bytes": 64 * 1024 * 1024})
+    relay = start_appliance(
+        tmp_path / "a",
+        stomp={"send_timeout_s": 2, "max_outbox": 100000, "max_outbox_bytes": 64 * 1024 * 1024},
+    )
     rounds = []
     try:
         for i in range(2):
-            figures = silent_callee_under_an_offer_flood(relay, offers=400, payload_bytes=60000,
-                                                         call_id=f"stall{i}")
+            figures = silent_callee_under_an_offer_flood(
+                relay, offers=400, payload_bytes=60000, call_id=f"stall{i}"
+            )
             rounds.append(figures)
             assert figures["closed_after_s"] is not None, "the stalled session was never closed"
             assert figures["closed_after_s"] < 2 + 5, figures
@@ -479,8 +521,7 @@ def test_a_send_stalled_past_the_send_timeout_aborts_the_connection_and_frees_it
     print(f"\nsend timeout 2 s: {rounds}")
     # What the first session held was given back: the second flood reuses it.
     assert rounds[1]["after"] - rounds[0]["after"] < 10, rounds
-    assert samples[("appliance_signaling_connections_aborted_total",
-                    (("reason", "send_timeout"),))] == 2
+    assert samples[("appliance_signaling_connections_aborted_total", (("reason", "send_timeout"),))] == 2
 
 
 def test_a_sockjs_session_that_stops_polling_under_a_flood_is_cut_off_at_its_budget(tmp_path):
@@ -496,26 +537,39 @@ def test_a_sockjs_session_that_stops_polling_under_a_flood_is_cut_off_at_its_bud
     alices = []
     try:
         assert post("xhr") == "o\n"
-        post("xhr_send", [CONNECT.format(token="tok-bob"),
-                          "SUBSCRIBE\nid:r\ndestination:/user/queue/call/request\n\n\x00",
-                          "SUBSCRIBE\nid:s\ndestination:/user/queue/rtc/signaling\n\n\x00"])
+        post(
+            "xhr_send",
+            [
+                CONNECT.format(token="tok-bob"),
+                "SUBSCRIBE\nid:r\ndestination:/user/queue/call/request\n\n\x00",
+                "SUBSCRIBE\nid:s\ndestination:/user/queue/rtc/signaling\n\n\x00",
+            ],
+        )
         assert "CONNECTED" in post("xhr")
         alices = [stomp_client(relay, "alice", ["/user/queue/call/response"]) for _ in range(4)]
-        alices[0].send(stomp_send("/app/call/request", {"callId": "quiet", "type": "VIDEO",
-                                                         "callee": "bob", "callerUserName": "A",
-                                                         "calleeUserName": "B"}))
+        alices[0].send(
+            stomp_send(
+                "/app/call/request",
+                {
+                    "callId": "quiet",
+                    "type": "VIDEO",
+                    "callee": "bob",
+                    "callerUserName": "A",
+                    "calleeUserName": "B",
+                },
+            )
+        )
         assert "call/request" in post("xhr")
         post("xhr_send", [stomp_send("/app/call/response", {"callId": "quiet", "type": "ACCEPT"})])
         assert "ACCEPT" in alices[0].recv()
         before = peak = rss_mb(relay.proc.pid)
-        offer = stomp_send("/app/rtc/signaling", {"callId": "quiet", "type": "OFFER",
-                                                  "payload": "v" * 60000})
-        for i in range(600):                     # 36 MB for a session nobody polls
+        offer = stomp_send("/app/rtc/signaling", {"callId": "quiet", "type": "OFFER", "payload": "v" * 60000})
+        for i in range(600):  # 36 MB for a session nobody polls
             alices[i % 4].send(offer)
             if i % 50 == 0:
                 peak = max(peak, rss_mb(relay.proc.pid))
         peak = max(peak, rss_mb(relay.proc.pid))
-        frame = post("xhr")                       # the next poll: the ERROR, then the close
+        frame = post("xhr")  # the next poll: the ERROR, then the close
         assert frame.startswith('a["ERROR') and "slow consumer" in frame, frame[:200]
         assert post("xhr") == 'c[3000,"Go away!"]\n'
     finally:

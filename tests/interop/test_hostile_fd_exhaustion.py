@@ -23,7 +23,6 @@ SPARE_FDS = 4
 MAX_ATTEMPTS = SPARE_FDS + 40
 
 
-
 def request(sock, creds: ClientCredentials, address, method: int, attrs) -> stun.Message | None:
     reply = None
     for _ in range(2):
@@ -53,22 +52,23 @@ def test_an_allocate_past_the_open_files_limit_is_answered_508(fresh_appliance):
             sock.settimeout(2)
             creds = ClientCredentials(username, REALM, stun.long_term_key(username, REALM, password))
             clients.append((sock, creds))
-            reply = request(sock, creds, address, stun.ALLOCATE,
-                            [(stun.REQUESTED_TRANSPORT, b"\x11\x00\x00\x00")])
+            reply = request(
+                sock, creds, address, stun.ALLOCATE, [(stun.REQUESTED_TRANSPORT, b"\x11\x00\x00\x00")]
+            )
             assert reply is not None, "an Allocate went unanswered"
             if reply.cls == stun.ERROR:
                 refused = reply
                 break
         assert refused is not None, f"{MAX_ATTEMPTS} allocations and no descriptor ran out"
         assert error_code(refused) == 508, f"answered {error_code(refused)}, not 508"
-        assert len(clients) > 1                  # the limit left room for some, as measured
-        binding = ask(clients[0][0], stun.Builder(stun.BINDING, stun.REQUEST, os.urandom(12)).encode(),
-                      address)
+        assert len(clients) > 1  # the limit left room for some, as measured
+        binding = ask(
+            clients[0][0], stun.Builder(stun.BINDING, stun.REQUEST, os.urandom(12)).encode(), address
+        )
         assert binding is not None and binding.cls == stun.SUCCESS
         # Give descriptors back, so the admin listener can take our /metrics connection.
         for sock, creds in clients[:-1]:
-            reply = request(sock, creds, address, stun.REFRESH,
-                            [(stun.LIFETIME, b"\x00\x00\x00\x00")])
+            reply = request(sock, creds, address, stun.REFRESH, [(stun.LIFETIME, b"\x00\x00\x00\x00")])
             assert reply is not None and reply.cls == stun.SUCCESS
         samples = metric_samples(admin(fresh_appliance, "GET", "/metrics").text)
     finally:

@@ -28,16 +28,18 @@ import websockets
 from .conftest import start_appliance, stop_appliance
 
 CONNECT = "CONNECT\naccept-version:1.1,1.2\nide:{token}\nheart-beat:0,0\n\n\x00"
-SUBSCRIBE = ("SUBSCRIBE\nid:status\ndestination:/topic/user/status\n\n\x00"
-             "SUBSCRIBE\nid:errors\ndestination:/user/queue/errors\n\n\x00")
+SUBSCRIBE = (
+    "SUBSCRIBE\nid:status\ndestination:/topic/user/status\n\n\x00"
+    "SUBSCRIBE\nid:errors\ndestination:/user/queue/errors\n\n\x00"
+)
 JWT_KEY = "k" * 40
 WAIT_S = 5.0
-FLOOD_BATCH = 50            # SEND frames per WebSocket message
-FLOOD_WINDOW = 500         # SENDs the flooder keeps unanswered
+FLOOD_BATCH = 50  # SEND frames per WebSocket message
+FLOOD_WINDOW = 500  # SENDs the flooder keeps unanswered
 
 
 def send_frame(destination: str, body: bytes) -> bytes:
-    return (f"SEND\ndestination:{destination}\ncontent-length:{len(body)}\n\n".encode() + body + b"\x00")
+    return f"SEND\ndestination:{destination}\ncontent-length:{len(body)}\n\n".encode() + body + b"\x00"
 
 
 def frame_of(text: str | bytes) -> tuple[str, dict, str]:
@@ -50,8 +52,9 @@ def frame_of(text: str | bytes) -> tuple[str, dict, str]:
 
 def open_ws(port: int, user: str | None):
     query = "" if user is None else f"?userId={urllib.parse.quote(user, safe='')}"
-    return websocket.create_connection(f"ws://127.0.0.1:{port}/imserver/ws{query}",
-                                       subprotocols=["v12.stomp"], timeout=5)
+    return websocket.create_connection(
+        f"ws://127.0.0.1:{port}/imserver/ws{query}", subprotocols=["v12.stomp"], timeout=5
+    )
 
 
 def stomp_session(port: int, user: str = "alice", token: str = "tok-alice"):
@@ -88,9 +91,12 @@ def refused_connect(port: int, user: str | None, token: str) -> str:
 
 def http(relay_port: int, method: str, path: str, token: str, body: bytes | None = None):
     """(HTTP status, the envelope) of one request to the HTTP API."""
-    req = urllib.request.Request(f"http://127.0.0.1:{relay_port}/imserver{path}", data=body,
-                                 headers={"ide": token, "Content-Type": "application/json"},
-                                 method=method)
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{relay_port}/imserver{path}",
+        data=body,
+        headers={"ide": token, "Content-Type": "application/json"},
+        method=method,
+    )
     try:
         with urllib.request.urlopen(req, timeout=5) as response:
             return response.status, json.loads(response.read())
@@ -110,15 +116,15 @@ def test_watching_a_hundred_thousand_ids_is_refused_past_the_cap(relay):
     ws = stomp_session(relay.http_port)
     try:
         refused_at = None
-        for q in range(500):                                    # 500 x 200 = 100,000 ids
+        for q in range(500):  # 500 x 200 = 100,000 ids
             dest, body = status_query(ws, [f"watched-{q:03d}-{i:03d}" for i in range(200)])
             if dest == "/user/queue/errors":
                 refused_at = q
                 break
             assert len(body) == 200
-        assert refused_at == 5, refused_at                       # 1,000 watched, the 1,001st not
+        assert refused_at == 5, refused_at  # 1,000 watched, the 1,001st not
         assert body["code"] == 400 and "1000" in body["message"], body
-        dest, body = status_query(ws, ["watched-000-000"])       # already watched: still answered
+        dest, body = status_query(ws, ["watched-000-000"])  # already watched: still answered
         assert dest == "/topic/user/status" and body[0]["userId"] == "watched-000-000"
         dest, body = status_query(ws, ["one-more"])
         assert dest == "/user/queue/errors" and body["code"] == 400
@@ -129,9 +135,13 @@ def test_watching_a_hundred_thousand_ids_is_refused_past_the_cap(relay):
 # ---------------------------------------------------------------- item 5: parse errors
 
 
-NESTED = b"[" * 30000 + b"]" * 30000                             # fits a 64 KiB frame
-NESTED_CALL = b'{"callId":"c1","callee":"bob","callerUserName":"a","calleeUserName":"b","x":' + \
-    b"[" * 20000 + b"]" * 20000 + b"}"
+NESTED = b"[" * 30000 + b"]" * 30000  # fits a 64 KiB frame
+NESTED_CALL = (
+    b'{"callId":"c1","callee":"bob","callerUserName":"a","calleeUserName":"b","x":'
+    + b"[" * 20000
+    + b"]" * 20000
+    + b"}"
+)
 NOT_UTF8 = b'["\xff\xfe"]'
 # Valid JSON, but "\ud800" decodes to a lone surrogate that no UTF-8 encoder takes: echoed
 # in a status or an OFFER it raised UnicodeEncodeError (found by bench/fuzz_signaling.py).
@@ -142,14 +152,17 @@ LONE_SURROGATE_CALL = b'{"callId":"c3","callee":"bob","callerUserName":"\\udcc0"
 def test_nested_json_and_invalid_utf8_on_stomp_are_400_and_the_session_lives(relay):
     ws = stomp_session(relay.http_port)
     try:
-        for destination, body in (("/app/user/status", NESTED), ("/app/call/request", NESTED_CALL),
-                                  ("/app/user/status", NOT_UTF8),
-                                  ("/app/user/status", LONE_SURROGATE),
-                                  ("/app/call/request", LONE_SURROGATE_CALL)):
+        for destination, body in (
+            ("/app/user/status", NESTED),
+            ("/app/call/request", NESTED_CALL),
+            ("/app/user/status", NOT_UTF8),
+            ("/app/user/status", LONE_SURROGATE),
+            ("/app/call/request", LONE_SURROGATE_CALL),
+        ):
             ws.send_binary(send_frame(destination, body))
             dest, answer = next_message(ws)
             assert dest == "/user/queue/errors" and answer["code"] == 400, answer
-        assert status_query(ws, ["bob"])[0] == "/topic/user/status"       # still served
+        assert status_query(ws, ["bob"])[0] == "/topic/user/status"  # still served
     finally:
         ws.close()
     assert_no_traceback(relay)
@@ -177,15 +190,18 @@ def test_nested_json_inside_sockjs_xhr_send_is_400_not_500(relay):
     # by that protocol), not a crash.
     for envelope in (NESTED, b'["SEND\\ndestination:/app/user/status\\n\\n[\\"\\udcc0\\"]\\u0000"]'):
         with pytest.raises(urllib.error.HTTPError) as refused:
-            urllib.request.urlopen(urllib.request.Request(f"{base}/xhr_send", data=envelope,
-                                                          method="POST"), timeout=5)
+            urllib.request.urlopen(
+                urllib.request.Request(f"{base}/xhr_send", data=envelope, method="POST"), timeout=5
+            )
         assert refused.value.read() == b"Broken JSON encoding."
     assert_no_traceback(relay)
 
 
-@pytest.mark.parametrize("body", [NESTED_CALL, b'{"callId":"c2","callee":"\xff"}',
-                                  LONE_SURROGATE_CALL],
-                         ids=["nested", "not-utf8", "lone-surrogate"])
+@pytest.mark.parametrize(
+    "body",
+    [NESTED_CALL, b'{"callId":"c2","callee":"\xff"}', LONE_SURROGATE_CALL],
+    ids=["nested", "not-utf8", "lone-surrogate"],
+)
 def test_nested_json_and_invalid_utf8_over_http_are_400(relay, body):
     status, envelope = http(relay.http_port, "POST", "/call/request", "tok-alice", body)
     assert (status, envelope["code"]) == (400, 400), envelope
@@ -204,8 +220,10 @@ def _upload(port: int, size: int, chunked: bool) -> bytes:
     framing = "Transfer-Encoding: chunked" if chunked else f"Content-Length: {size}"
     piece = b"x" * (256 * 1024)
     with socket.create_connection(("127.0.0.1", port), timeout=20) as sock:
-        sock.sendall(f"POST /imserver/call/request HTTP/1.1\r\nHost: 127.0.0.1\r\nide: tok-alice\r\n"
-                     f"Content-Type: application/json\r\n{framing}\r\n\r\n".encode())
+        sock.sendall(
+            f"POST /imserver/call/request HTTP/1.1\r\nHost: 127.0.0.1\r\nide: tok-alice\r\n"
+            f"Content-Type: application/json\r\n{framing}\r\n\r\n".encode()
+        )
         for _ in range(size // len(piece)):
             sock.sendall(b"%x\r\n%s\r\n" % (len(piece), piece) if chunked else piece)
         if chunked:
@@ -245,6 +263,7 @@ def test_a_user_id_with_a_newline_is_refused_and_forges_no_log_line(relay):
 def test_a_jwt_sub_with_a_newline_or_too_long_is_refused(tmp_path):
     relay = start_appliance(tmp_path / "jwt", auth={"mode": "jwt", "jwt_key": JWT_KEY})
     try:
+
         def token(sub: str) -> str:
             return jwt.encode({"sub": sub, "exp": int(time.time()) + 600}, JWT_KEY, algorithm="HS256")
 
@@ -258,7 +277,7 @@ def test_a_jwt_sub_with_a_newline_or_too_long_is_refused(tmp_path):
             assert (status, envelope["code"]) == (400, 400), envelope
             status, envelope = http(relay.http_port, "POST", "/call/hangup", token(sub))
             assert (status, envelope["code"]) == (400, 400), envelope
-        ws = stomp_session(relay.http_port, "eve", token("eve"))                 # a plain one works
+        ws = stomp_session(relay.http_port, "eve", token("eve"))  # a plain one works
         ws.close()
         assert not any(line.startswith(("FORGED", "user-name")) for line in relay.log().splitlines())
     finally:
@@ -269,8 +288,12 @@ def test_a_jwt_sub_with_a_newline_or_too_long_is_refused(tmp_path):
 
 
 async def _ws_session(port: int, user: str, token: str):
-    ws = await websockets.connect(f"ws://127.0.0.1:{port}/imserver/ws?userId={user}",
-                                  subprotocols=["v12.stomp"], max_queue=None, ping_interval=None)
+    ws = await websockets.connect(
+        f"ws://127.0.0.1:{port}/imserver/ws?userId={user}",
+        subprotocols=["v12.stomp"],
+        max_queue=None,
+        ping_interval=None,
+    )
     await ws.send(CONNECT.format(token=token))
     assert (await ws.recv()).startswith("CONNECTED")
     await ws.send(SUBSCRIBE)
@@ -299,14 +322,13 @@ async def _flood_once(port: int, deadline: float) -> dict:
                 command, headers, body = frame_of(message)
                 if command == "ERROR":
                     seen["error"] = headers.get("message")
-                elif headers.get("destination") == "/user/queue/errors" and \
-                        json.loads(body)["code"] == 429:
+                elif headers.get("destination") == "/user/queue/errors" and json.loads(body)["code"] == 429:
                     seen["429"] += 1
                 else:
                     seen["answers"] += 1
                 answered.set()
         finally:
-            answered.set()                # the sender must not wait for a closed connection
+            answered.set()  # the sender must not wait for a closed connection
 
     reader = asyncio.get_running_loop().create_task(read())
     try:
@@ -322,7 +344,7 @@ async def _flood_once(port: int, deadline: float) -> dict:
         pass
     finally:
         reader.cancel()
-        ws.transport.abort()            # no closing handshake behind a queue of answers
+        ws.transport.abort()  # no closing handshake behind a queue of answers
     return seen
 
 
@@ -338,15 +360,17 @@ async def flood(port: int, seconds: float, sessions_per_s: float) -> list[dict]:
         next_start = time.monotonic() + 1 / sessions_per_s
         try:
             sessions.append(await _flood_once(port, deadline))
-        except websockets.InvalidStatus as refused:      # the per-address session caps
+        except websockets.InvalidStatus as refused:  # the per-address session caps
             sessions.append({"refused": refused.response.status_code})
     return sessions
 
 
-FLOODER = ("import asyncio, json, sys\n"
-           "from tests.interop.test_hostile_signaling import flood\n"
-           "print(json.dumps(asyncio.run(flood(int(sys.argv[1]), float(sys.argv[2]), "
-           "float(sys.argv[3])))))\n")
+FLOODER = (
+    "import asyncio, json, sys\n"
+    "from tests.interop.test_hostile_signaling import flood\n"
+    "print(json.dumps(asyncio.run(flood(int(sys.argv[1]), float(sys.argv[2]), "
+    "float(sys.argv[3])))))\n"
+)
 
 
 async def test_a_send_flood_gets_429_then_a_disconnect_and_a_bystander_keeps_its_pace(relay):
@@ -355,11 +379,18 @@ async def test_a_send_flood_gets_429_then_a_disconnect_and_a_bystander_keeps_its
         idle = [await _round_trip(bystander) for _ in range(50)]
         # The flooder is its own process, so its work does not slow the bystander's client.
         flooder = await asyncio.create_subprocess_exec(
-            sys.executable, "-c", FLOODER, str(relay.http_port), "2.0", "10",
-            cwd=str(Path(__file__).resolve().parents[2]), stdout=asyncio.subprocess.PIPE)
+            sys.executable,
+            "-c",
+            FLOODER,
+            str(relay.http_port),
+            "2.0",
+            "10",
+            cwd=str(Path(__file__).resolve().parents[2]),
+            stdout=asyncio.subprocess.PIPE,
+        )
         try:
             loaded: list[float] = []
-            await asyncio.sleep(0.7)                     # the child starts and begins to flood
+            await asyncio.sleep(0.7)  # the child starts and begins to flood
             while flooder.returncode is None and len(loaded) < 200:
                 loaded.append(await _round_trip(bystander))
                 await asyncio.sleep(0.005)
@@ -372,10 +403,12 @@ async def test_a_send_flood_gets_429_then_a_disconnect_and_a_bystander_keeps_its
     finally:
         await bystander.close()
     idle_ms, loaded_ms = statistics.median(idle) * 1000, statistics.median(loaded) * 1000
-    print(f"\nbystander status round trip: idle median {idle_ms:.2f} ms; under flood median "
-          f"{loaded_ms:.2f} ms, p90 {sorted(loaded)[len(loaded) * 9 // 10] * 1000:.2f} ms, max "
-          f"{max(loaded) * 1000:.1f} ms ({len(loaded)} samples); {len(floods)} flood session(s), "
-          f"first: {floods[:2]}")
+    print(
+        f"\nbystander status round trip: idle median {idle_ms:.2f} ms; under flood median "
+        f"{loaded_ms:.2f} ms, p90 {sorted(loaded)[len(loaded) * 9 // 10] * 1000:.2f} ms, max "
+        f"{max(loaded) * 1000:.1f} ms ({len(loaded)} samples); {len(floods)} flood session(s), "
+        f"first: {floods[:2]}"
+    )
     assert floods and floods[0]["429"] > 0, floods
     assert floods[0]["error"] and "SEND" in floods[0]["error"], floods
     assert all(f.get("answers", 0) <= 400 for f in floods), floods  # burst + what refilled
@@ -392,8 +425,7 @@ def _send_envelope(port: int, name: str, elements: int) -> tuple[str, object]:
     """A SockJS websocket client that sends one message: an envelope of `elements` one-byte
     strings (a SEND's head and then "x" after "x").  What came back: ("close", code) or
     ("frame", the first STOMP frame)."""
-    ws = websocket.create_connection(f"ws://127.0.0.1:{port}/imserver/ws/000/{name}/websocket",
-                                     timeout=10)
+    ws = websocket.create_connection(f"ws://127.0.0.1:{port}/imserver/ws/000/{name}/websocket", timeout=10)
     try:
         assert ws.recv() == "o"
         ws.send('["SEND\\ndestination:/app/user/status\\n\\n",' + '"x",' * (elements - 1) + '"x"]')
@@ -417,8 +449,10 @@ async def test_a_huge_sockjs_websocket_envelope_never_holds_the_loop(relay):
     try:
         idle = [await _round_trip(bystander) for _ in range(20)]
         loop = asyncio.get_running_loop()
-        attacks = [loop.run_in_executor(None, _send_envelope, relay.http_port, "huge1", 200_000),
-                   loop.run_in_executor(None, _send_envelope, relay.http_port, "huge2", 97_000)]
+        attacks = [
+            loop.run_in_executor(None, _send_envelope, relay.http_port, "huge1", 200_000),
+            loop.run_in_executor(None, _send_envelope, relay.http_port, "huge2", 97_000),
+        ]
         loaded = []
         while not all(a.done() for a in attacks):
             loaded.append(await _round_trip(bystander))
@@ -426,8 +460,10 @@ async def test_a_huge_sockjs_websocket_envelope_never_holds_the_loop(relay):
         too_big, just_under = [await a for a in attacks]
     finally:
         await bystander.close()
-    print(f"\nbystander status round trip: idle max {max(idle) * 1000:.1f} ms; during the huge "
-          f"envelopes max {max(loaded) * 1000:.1f} ms ({len(loaded)} samples)")
+    print(
+        f"\nbystander status round trip: idle max {max(idle) * 1000:.1f} ms; during the huge "
+        f"envelopes max {max(loaded) * 1000:.1f} ms ({len(loaded)} samples)"
+    )
     assert too_big == ("close", 1009), too_big
     assert just_under[0] == "frame" and just_under[1].startswith("ERROR\n"), just_under
     assert "frame larger than 65536 bytes" in just_under[1], just_under

@@ -32,7 +32,6 @@ PEER_DATAGRAMS = 30_000
 PEER_PAYLOAD = 1000
 
 
-
 def rss_kib(pid: int) -> int:
     with open(f"/proc/{pid}/status") as status:
         for line in status:
@@ -78,7 +77,7 @@ def push(sock: socket.socket, payload: bytes, stall_s: float = 0.5, limit_s: flo
     deadline = last_progress + limit_s
     while sent < len(payload) and time.monotonic() < min(deadline, last_progress + stall_s):
         try:
-            n = sock.send(view[sent:sent + 16384])
+            n = sock.send(view[sent : sent + 16384])
         except (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
             time.sleep(0.005)
             continue
@@ -89,8 +88,9 @@ def push(sock: socket.socket, payload: bytes, stall_s: float = 0.5, limit_s: flo
 
 def binding_flood(count: int) -> bytes:
     # Distinct ids for realism, repeated in blocks so building the flood stays cheap.
-    block = b"".join(stun.Builder(stun.BINDING, stun.REQUEST, os.urandom(12)).encode(fingerprint=True)
-                     for _ in range(1000))
+    block = b"".join(
+        stun.Builder(stun.BINDING, stun.REQUEST, os.urandom(12)).encode(fingerprint=True) for _ in range(1000)
+    )
     return block * (count // 1000)
 
 
@@ -154,8 +154,9 @@ def test_a_client_that_floods_bindings_and_never_reads_is_held_to_a_budget(fresh
         assert udp_binding_answered(fresh_appliance), "a UDP Binding went unanswered during the flood"
         assert tcp_binding_answered(fresh_appliance), "a TCP Binding went unanswered during the flood"
         grown = peak_growth_kib(pid, before)
-        assert grown <= RSS_GROWTH_BUDGET_KIB, \
+        assert grown <= RSS_GROWTH_BUDGET_KIB, (
             f"RSS grew {grown} KiB (from {before} KiB) after {sent} of {len(flood)} bytes"
+        )
         # The relay stopped reading: the kernel's window pushed back on the attacker.
         assert sent < len(flood)
     finally:
@@ -174,15 +175,19 @@ def test_an_allocation_whose_client_never_reads_drops_relayed_data(fresh_applian
     peer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     peer.bind(("127.0.0.1", 0))
     try:
-        reply = stream_request(client, creds, stun.ALLOCATE,
-                               [(stun.REQUESTED_TRANSPORT, b"\x11\x00\x00\x00")])
+        reply = stream_request(
+            client, creds, stun.ALLOCATE, [(stun.REQUESTED_TRANSPORT, b"\x11\x00\x00\x00")]
+        )
         assert reply.cls == stun.SUCCESS
         relayed = stun.xor_address(reply.get(stun.XOR_RELAYED_ADDRESS), reply.transaction_id)
-        peer_attr = (stun.XOR_PEER_ADDRESS,
-                     lambda tid: stun.encode_xor_address(peer.getsockname(), tid))
+        peer_attr = (stun.XOR_PEER_ADDRESS, lambda tid: stun.encode_xor_address(peer.getsockname(), tid))
         if framing == "channel":
-            reply = stream_request(client, creds, stun.CHANNEL_BIND,
-                                   [(stun.CHANNEL_NUMBER, struct.pack("!HH", 0x4000, 0)), peer_attr])
+            reply = stream_request(
+                client,
+                creds,
+                stun.CHANNEL_BIND,
+                [(stun.CHANNEL_NUMBER, struct.pack("!HH", 0x4000, 0)), peer_attr],
+            )
         else:
             reply = stream_request(client, creds, stun.CREATE_PERMISSION, [peer_attr])
         assert reply.cls == stun.SUCCESS
@@ -191,11 +196,12 @@ def test_an_allocation_whose_client_never_reads_drops_relayed_data(fresh_applian
         for i in range(PEER_DATAGRAMS):
             peer.sendto(payload, relayed)
             if i % 64 == 63:
-                time.sleep(0.0005)     # at a pace the relay keeps up with: little lost in the kernel
+                time.sleep(0.0005)  # at a pace the relay keeps up with: little lost in the kernel
         assert udp_binding_answered(fresh_appliance)
         grown = peak_growth_kib(pid, before)
-        assert grown <= RSS_GROWTH_BUDGET_KIB, \
+        assert grown <= RSS_GROWTH_BUDGET_KIB, (
             f"RSS grew {grown} KiB (from {before} KiB) for {PEER_DATAGRAMS * PEER_PAYLOAD} bytes offered"
+        )
         samples = metric_samples(admin(fresh_appliance, "GET", "/metrics").text)
         assert samples[("appliance_relay_stream_output_dropped_total", ())] > 0
     finally:

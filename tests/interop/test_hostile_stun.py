@@ -43,8 +43,10 @@ def ask(sock: socket.socket, data: bytes, address) -> stun.Message | None:
 def test_a_crafted_username_expiry_is_a_401_not_a_crash(relay):
     address = (relay.host, relay.port)
     transport = (stun.REQUESTED_TRANSPORT, bytes([17, 0, 0, 0]))
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as attacker, \
-            socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as bystander:
+    with (
+        socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as attacker,
+        socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as bystander,
+    ):
         attacker.bind((CRAFTED_EXPIRY_SOURCE, 0))
         attacker.settimeout(2)
         bystander.settimeout(2)
@@ -62,7 +64,7 @@ def test_a_crafted_username_expiry_is_a_401_not_a_crash(relay):
         assert binding is not None and binding.cls == stun.SUCCESS
     assert "Traceback" not in relay.log()
     samples = metric_samples(admin(relay, "GET", "/metrics").text)
-    assert samples[("appliance_relay_internal_errors_total", ())] == 0    # not even a caught bug
+    assert samples[("appliance_relay_internal_errors_total", ())] == 0  # not even a caught bug
 
 
 def drain(sock: socket.socket) -> list[stun.Message]:
@@ -97,7 +99,7 @@ def test_unauthenticated_allocates_from_one_source_get_a_bounded_number_of_401s(
         for i in range(FLOOD):
             attacker.sendto(request(stun.ALLOCATE, ALLOCATE_UDP), address)
             if i % 20 == 19:
-                time.sleep(0.001)          # paced: the relay's socket buffer drops nothing
+                time.sleep(0.001)  # paced: the relay's socket buffer drops nothing
                 replies += drain(attacker)
         # A Binding is answered in order after the flood (success is never budgeted): when
         # it is back, the relay has handled every Allocate.
@@ -112,8 +114,9 @@ def test_unauthenticated_allocates_from_one_source_get_a_bounded_number_of_401s(
         replies += drain(attacker)
     assert all(stun.decode_error(m.get(stun.ERROR_CODE))[0] == 401 for m in replies)
     allowed = UNAUTH_REPLY_BURST + UNAUTH_REPLIES_PER_S * elapsed
-    assert UNAUTH_REPLY_BURST <= len(replies) <= allowed + 2, \
+    assert UNAUTH_REPLY_BURST <= len(replies) <= allowed + 2, (
         f"{len(replies)} 401s in {elapsed:.2f}s to one source"
+    )
     assert suppressed(relay) - before == FLOOD - len(replies)
 
     # Another source is untouched: its Allocate is challenged, then succeeds.

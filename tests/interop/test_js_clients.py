@@ -17,9 +17,15 @@ from ..external import unavailable
 
 JS_DIR = Path(__file__).resolve().parent.parent / "js"
 
-MODES = ["stompjs-ws",
-         "stompjs-sockjs-websocket", "stompjs-sockjs-xhr-streaming", "stompjs-sockjs-xhr-polling",
-         "legacy-sockjs-websocket", "legacy-sockjs-xhr-streaming", "legacy-sockjs-xhr-polling"]
+MODES = [
+    "stompjs-ws",
+    "stompjs-sockjs-websocket",
+    "stompjs-sockjs-xhr-streaming",
+    "stompjs-sockjs-xhr-polling",
+    "legacy-sockjs-websocket",
+    "legacy-sockjs-xhr-streaming",
+    "legacy-sockjs-xhr-polling",
+]
 
 
 def node_with_clients() -> str:
@@ -37,25 +43,49 @@ def node_with_clients() -> str:
 @pytest.mark.parametrize("mode", MODES)
 def test_js_client_session(relay, mode):
     node = node_with_clients()
-    done = subprocess.run([node, str(JS_DIR / "client.js"), mode, f"http://127.0.0.1:{relay.http_port}",
-                           "/imserver"], capture_output=True, text=True, timeout=90)
+    done = subprocess.run(
+        [node, str(JS_DIR / "client.js"), mode, f"http://127.0.0.1:{relay.http_port}", "/imserver"],
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
     steps = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
-    assert done.returncode == 0 and steps and steps[-1]["step"] == "ok", \
+    assert done.returncode == 0 and steps and steps[-1]["step"] == "ok", (
         f"{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    )
     names = [s["step"] for s in steps]
-    assert names == ["connected", "status answer", "online push", "offline push", "error code",
-                     "still served", "ok"]
+    assert names == [
+        "connected",
+        "status answer",
+        "online push",
+        "offline push",
+        "error code",
+        "still served",
+        "ok",
+    ]
 
 
 def run_js_call(base: str, phone_base: str | None = None) -> None:
     """tests/js/calls.js: a call between @stomp/stompjs devices, the phone maybe on another node."""
     node = node_with_clients()
-    done = subprocess.run([node, str(JS_DIR / "calls.js"), base, "/imserver", *filter(None, [phone_base])],
-                          capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [node, str(JS_DIR / "calls.js"), base, "/imserver", *filter(None, [phone_base])],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     steps = [json.loads(line)["step"] for line in done.stdout.splitlines() if line.startswith("{")]
     assert done.returncode == 0 and steps[-1:] == ["ok"], f"{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
-    assert steps == ["phone rings", "laptop rings", "caller told", "laptop stops ringing",
-                     "offer to phone", "answer to caller", "hangup to phone", "ok"]
+    assert steps == [
+        "phone rings",
+        "laptop rings",
+        "caller told",
+        "laptop stops ringing",
+        "offer to phone",
+        "answer to caller",
+        "hangup to phone",
+        "ok",
+    ]
 
 
 def test_js_call_between_devices(relay):

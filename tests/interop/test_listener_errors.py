@@ -26,7 +26,7 @@ from .conftest import ADMIN_TOKEN
 
 EXIT_TIMEOUT_S = 20.0
 LEFTOVER_WAIT_S = 5.0
-NOT_THIS_HOST = "192.0.2.1"        # TEST-NET-1 (RFC 5737): no host has it
+NOT_THIS_HOST = "192.0.2.1"  # TEST-NET-1 (RFC 5737): no host has it
 TURN_HOLDER = "another TURN server such as coturn.service may hold it"
 OTHER_HOLDER = "another server may hold it"
 
@@ -40,9 +40,13 @@ def tls_pair(tmp_path_factory):
 def free_listeners() -> dict[str, str]:
     """Every listener on a free loopback port, keyed by its configuration key."""
     port, tls_port, http_port, admin_port = distinct_port_pairs(4)
-    return {"turn.udp": f"127.0.0.1:{port}", "turn.tcp": f"127.0.0.1:{port}",
-            "turn.tls": f"127.0.0.1:{tls_port}", "http.listen": f"127.0.0.1:{http_port}",
-            "admin.listen": f"127.0.0.1:{admin_port}"}
+    return {
+        "turn.udp": f"127.0.0.1:{port}",
+        "turn.tcp": f"127.0.0.1:{port}",
+        "turn.tls": f"127.0.0.1:{tls_port}",
+        "http.listen": f"127.0.0.1:{http_port}",
+        "admin.listen": f"127.0.0.1:{admin_port}",
+    }
 
 
 def marked_processes(mark: bytes) -> list[int]:
@@ -53,12 +57,13 @@ def marked_processes(mark: bytes) -> list[int]:
             if mark in environ.read_bytes().split(b"\0"):
                 pids.append(int(environ.parent.name))
         except (OSError, ValueError):
-            continue                    # gone meanwhile
+            continue  # gone meanwhile
     return pids
 
 
-def serve(directory: Path, tls_pair, listen: dict[str, str], workers: int = 1,
-          prefix: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+def serve(
+    directory: Path, tls_pair, listen: dict[str, str], workers: int = 1, prefix: tuple[str, ...] = ()
+) -> subprocess.CompletedProcess:
     """Run `appliance serve` as an operator does, expecting it to give up on its own; fail
     if it keeps running, or if any process it started outlives it."""
     directory.mkdir(parents=True, exist_ok=True)
@@ -66,24 +71,37 @@ def serve(directory: Path, tls_pair, listen: dict[str, str], workers: int = 1,
     config = {
         "data_dir": str(directory / "data"),
         "credentials": {"secrets_file": str(directory / "secrets.json")},
-        "turn": {"udp": listen["turn.udp"], "tcp": listen["turn.tcp"], "tls": listen["turn.tls"],
-                 "tls_cert": str(cert), "tls_key": str(key), "workers": workers, "drain_s": 1},
+        "turn": {
+            "udp": listen["turn.udp"],
+            "tcp": listen["turn.tcp"],
+            "tls": listen["turn.tls"],
+            "tls_cert": str(cert),
+            "tls_key": str(key),
+            "workers": workers,
+            "drain_s": 1,
+        },
         "http": {"listen": listen["http.listen"], "tls": False},
-        "admin": {"listen": listen["admin.listen"], "token": ADMIN_TOKEN},     # off loopback too
+        "admin": {"listen": listen["admin.listen"], "token": ADMIN_TOKEN},  # off loopback too
     }
     config_path = directory / "appliance.yaml"
-    config_path.write_text(json.dumps(config))          # JSON is YAML
+    config_path.write_text(json.dumps(config))  # JSON is YAML
     run_id = uuid.uuid4().hex
     mark = f"APPLIANCE_TEST_RUN={run_id}".encode()
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith("APPLIANCE_")},
-           "APPLIANCE_TEST_RUN": run_id}
-    proc = subprocess.Popen([*prefix, sys.executable, "-m", "appliance", "serve",
-                             "--config", str(config_path)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("APPLIANCE_")},
+        "APPLIANCE_TEST_RUN": run_id,
+    }
+    proc = subprocess.Popen(
+        [*prefix, sys.executable, "-m", "appliance", "serve", "--config", str(config_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     try:
         out, err = proc.communicate(timeout=EXIT_TIMEOUT_S)
     except subprocess.TimeoutExpired:
-        for pid in marked_processes(mark):      # its workers too: they hold its stderr open
+        for pid in marked_processes(mark):  # its workers too: they hold its stderr open
             os.kill(pid, signal.SIGKILL)
         out, err = proc.communicate()
         pytest.fail(f"appliance kept running although a listener could not bind:\n{err}")
@@ -123,8 +141,8 @@ def in_use(key: str, address: str) -> str:
 
 # ------------------------------------------------------------------ address already in use
 
-@pytest.mark.parametrize("key", ["turn.udp", "turn.tcp", "turn.tls", "http.listen",
-                                 "admin.listen"])
+
+@pytest.mark.parametrize("key", ["turn.udp", "turn.tcp", "turn.tls", "http.listen", "admin.listen"])
 def test_a_port_another_server_holds_is_named_with_its_key(tmp_path, tls_pair, key):
     listen = free_listeners()
     kind = socket.SOCK_DGRAM if key == "turn.udp" else socket.SOCK_STREAM
@@ -133,8 +151,7 @@ def test_a_port_another_server_holds_is_named_with_its_key(tmp_path, tls_pair, k
     assert_refused(done, in_use(key, listen[key]))
 
 
-@pytest.mark.parametrize("key, kind", [("turn.udp", socket.SOCK_DGRAM),
-                                       ("turn.tcp", socket.SOCK_STREAM)])
+@pytest.mark.parametrize("key, kind", [("turn.udp", socket.SOCK_DGRAM), ("turn.tcp", socket.SOCK_STREAM)])
 def test_workers_do_not_join_a_port_another_process_shares_out(tmp_path, tls_pair, key, kind):
     """With turn.workers > 1 the relay binds with SO_REUSEPORT, which the kernel lets join
     any socket of the same user that set it too (a second appliance with workers, a coturn
@@ -154,17 +171,22 @@ def test_workers_are_not_left_running_when_the_signaling_cannot_bind(tmp_path, t
 
 # ------------------------------------------------------------------ not this host's address
 
+
 @pytest.mark.parametrize("key", ["turn.tcp", "admin.listen"])
 def test_an_address_of_another_host_is_named_with_its_key(tmp_path, tls_pair, key):
     listen = free_listeners()
     listen[key] = f"{NOT_THIS_HOST}:{listen[key].rsplit(':', 1)[1]}"
     done = serve(tmp_path, tls_pair, listen)
-    assert_refused(done, f"{key} {listen[key]}: cannot assign requested address "
-                         f"({NOT_THIS_HOST} is not an address of this host; set {key} to one "
-                         "that is, or to 0.0.0.0)")
+    assert_refused(
+        done,
+        f"{key} {listen[key]}: cannot assign requested address "
+        f"({NOT_THIS_HOST} is not an address of this host; set {key} to one "
+        "that is, or to 0.0.0.0)",
+    )
 
 
 # ------------------------------------------------------------------ privileged port
+
 
 def unprivileged_port_start() -> int:
     try:
@@ -192,6 +214,9 @@ def test_a_privileged_port_is_named_with_its_key(tmp_path, tls_pair, key):
     # fixed number cannot collide with another test's server.
     listen[key] = f"127.0.0.1:{port}"
     done = serve(tmp_path, tls_pair, listen, prefix=without_bind_privilege())
-    assert_refused(done, f"{key} {listen[key]}: permission denied (ports below 1024 need root "
-                         f"or CAP_NET_BIND_SERVICE; set {key} to a higher port or grant the "
-                         "capability)")
+    assert_refused(
+        done,
+        f"{key} {listen[key]}: permission denied (ports below 1024 need root "
+        f"or CAP_NET_BIND_SERVICE; set {key} to a higher port or grant the "
+        "capability)",
+    )

@@ -35,9 +35,12 @@ def two_nodes(tmp_path, redis_url, redis_prefix):
 
 
 def http_post(node, path: str, body, token: str) -> dict:
-    request = urllib.request.Request(f"http://127.0.0.1:{node.http_port}/imserver{path}",
-                                     data=json.dumps(body).encode(), method="POST",
-                                     headers={"ide": token, "Content-Type": "application/json"})
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{node.http_port}/imserver{path}",
+        data=json.dumps(body).encode(),
+        method="POST",
+        headers={"ide": token, "Content-Type": "application/json"},
+    )
     with urllib.request.urlopen(request, timeout=10) as answer:
         return json.load(answer)
 
@@ -109,16 +112,21 @@ def test_a_killed_node_takes_its_sessions_offline_within_the_ttl(two_nodes):
     phone, and a call to Bob rings there and connects."""
     one, two = two_nodes
     alice, phone = Device(one, "alice"), Device(one, "bob")
-    Device(two, "bob"), Device(two, "carol")             # sessions that die with node 2
+    Device(two, "bob"), Device(two, "carol")  # sessions that die with node 2
     try:
         alice.send("/app/user/status", ["bob", "carol"])
-        assert alice.next() == ("/topic/user/status", [{"userId": "bob", "status": "ONLINE"},
-                                                       {"userId": "carol", "status": "ONLINE"}])
-        two.proc.send_signal(signal.SIGKILL)              # no goodbye
+        assert alice.next() == (
+            "/topic/user/status",
+            [{"userId": "bob", "status": "ONLINE"}, {"userId": "carol", "status": "ONLINE"}],
+        )
+        two.proc.send_signal(signal.SIGKILL)  # no goodbye
         killed = time.monotonic()
-        assert alice.next(NODE_TTL_S * 3) == ("/topic/user/status", [{"userId": "carol", "status": "OFFLINE"}])
+        assert alice.next(NODE_TTL_S * 3) == (
+            "/topic/user/status",
+            [{"userId": "carol", "status": "OFFLINE"}],
+        )
         assert time.monotonic() - killed <= NODE_TTL_S * 2 + 1
-        assert alice.quiet(0.5)                           # Bob is still online, on his phone
+        assert alice.quiet(0.5)  # Bob is still online, on his phone
         alice.send("/app/call/request", call_request("k-1"))
         assert phone.next() == ("/user/queue/call/request", {**call_request("k-1"), "caller": "alice"})
         phone.send("/app/call/response", {"callId": "k-1", "type": "ACCEPT"})
@@ -153,22 +161,28 @@ def test_a_redis_outage_gives_503_and_heals(tmp_path, private_redis):
             time.sleep(0.2)
         assert readyz(node).json()["checks"]["broker"] is False and broker_up(node) == 0
         alice.send("/app/call/request", call_request("o-1"))
-        assert alice.next() == ("/user/queue/errors",
-                                {"code": 503, "message": "signaling backend unavailable, try again"})
+        assert alice.next() == (
+            "/user/queue/errors",
+            {"code": 503, "message": "signaling backend unavailable, try again"},
+        )
         with pytest.raises(urllib.error.HTTPError) as refused:
             http_post(node, "/call/hangup", {"callId": "o-1"}, "tok-alice")
         assert refused.value.code == 503 and json.load(refused.value)["code"] == 503
-        credentials = urllib.request.urlopen(urllib.request.Request(
-            f"http://127.0.0.1:{node.http_port}/imserver/turn/get-turn-credentials",
-            headers={"ide": "tok-alice"}), timeout=5)
-        assert json.load(credentials)["code"] == 200          # needs no Redis
+        credentials = urllib.request.urlopen(
+            urllib.request.Request(
+                f"http://127.0.0.1:{node.http_port}/imserver/turn/get-turn-credentials",
+                headers={"ide": "tok-alice"},
+            ),
+            timeout=5,
+        )
+        assert json.load(credentials)["code"] == 200  # needs no Redis
 
         private_redis.start()
         deadline = time.monotonic() + 15
         while readyz(node).status_code != 200:
             assert time.monotonic() < deadline, "readiness did not come back with Redis"
             time.sleep(0.2)
-        alice.send("/app/user/status", ["alice"])              # her session was written back
+        alice.send("/app/user/status", ["alice"])  # her session was written back
         assert alice.next() == ("/topic/user/status", [{"userId": "alice", "status": "ONLINE"}])
     finally:
         alice.close()
@@ -189,7 +203,7 @@ def test_a_node_starts_before_redis_and_joins_when_it_answers(tmp_path, private_
         while readyz(node).status_code != 200:
             assert time.monotonic() < deadline, "the node did not join when Redis came"
             time.sleep(0.2)
-        alice = Device(node, "alice")                   # its status query is answered
+        alice = Device(node, "alice")  # its status query is answered
         alice.close()
     finally:
         assert stop_appliance(node) == 0, node.log()

@@ -68,7 +68,7 @@ async def test_rotation_by_file_change_keeps_old_credentials_working(own_relay):
     ring_path = relay.log_path.parent / "secrets.json"
     assert await allocate_ok(relay, relay.secret, "before")
     old, new = rotate(ring_path, time.time())
-    assert await eventually(lambda: allocate_ok(relay, new, "after"))       # change detected
+    assert await eventually(lambda: allocate_ok(relay, new, "after"))  # change detected
     assert await allocate_ok(relay, old, "still-in-grace")
     # Drop the old secret entirely: its credentials stop working for new allocations.
     save_ring(ring_path, SecretRing((load_ring(ring_path).current(),)))
@@ -99,7 +99,7 @@ async def test_two_workers_share_the_ports(own_relay):
     assert await eventually(lambda: _both_ready(relay)), relay.log()
     with open(f"/proc/{relay.proc.pid}/task/{relay.proc.pid}/children") as f:
         children = f.read().split()
-    assert len(children) >= 1          # the extra relay process (and possibly a resource tracker)
+    assert len(children) >= 1  # the extra relay process (and possibly a resource tracker)
     loop = asyncio.get_running_loop()
     peer_transport, peer = await loop.create_datagram_endpoint(EchoPeer, local_addr=("127.0.0.1", 0))
     peer_addr = peer_transport.get_extra_info("sockname")
@@ -124,5 +124,7 @@ async def test_two_workers_share_the_ports(own_relay):
 
 async def _both_ready(relay) -> bool:
     """Both relay processes logged "relay ready" (the log names each process's pid)."""
-    return len({line.split("[")[1].split("]")[0] for line in relay.log().splitlines()
-                if "relay ready" in line}) == 2
+    return (
+        len({line.split("[")[1].split("]")[0] for line in relay.log().splitlines() if "relay ready" in line})
+        == 2
+    )

@@ -17,9 +17,23 @@ from .conftest import start_appliance, stop_appliance
 
 
 def probe(app, *extra: str) -> tuple[int, dict]:
-    done = subprocess.run([sys.executable, "-m", "appliance", "probe", "--json", "--config",
-                           str(app.config_path), "--ca", str(app.cert), *extra],
-                          capture_output=True, text=True, timeout=240)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "appliance",
+            "probe",
+            "--json",
+            "--config",
+            str(app.config_path),
+            "--ca",
+            str(app.cert),
+            *extra,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert done.stdout.strip(), done.stderr
     return done.returncode, json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -28,8 +42,10 @@ def test_probe_passes_over_udp_tcp_and_tls(relay):
     code, report = probe(relay)
     assert code == 0 and report["ok"], report
     assert [r["url"] for r in report["results"]] == [
-        f"turn:127.0.0.1:{relay.port}?transport=udp", f"turn:127.0.0.1:{relay.port}?transport=tcp",
-        f"turns:127.0.0.1:{relay.tls_port}?transport=tcp"]
+        f"turn:127.0.0.1:{relay.port}?transport=udp",
+        f"turn:127.0.0.1:{relay.port}?transport=tcp",
+        f"turns:127.0.0.1:{relay.tls_port}?transport=tcp",
+    ]
     for result in report["results"]:
         assert result["path"] == ["relay", "relay"]
         assert result["audioFrames"] >= 10 and result["throughputKiBs"] > 0 and result["rttMs"] > 0
@@ -45,9 +61,11 @@ def signaling_only(tmp_path):
     started = []
 
     def start(external_url: str):
-        app = start_appliance(tmp_path / f"s{len(started)}",
-                              extra_turn={"udp": None, "tcp": None, "tls": None},
-                              credentials={"external": [external_url]})
+        app = start_appliance(
+            tmp_path / f"s{len(started)}",
+            extra_turn={"udp": None, "tcp": None, "tls": None},
+            credentials={"external": [external_url]},
+        )
         started.append(app)
         return app
 

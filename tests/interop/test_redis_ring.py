@@ -21,8 +21,7 @@ from .test_credentials_admin import allocation_works, http_credentials, turn_ent
 
 @pytest.fixture
 def two_nodes(tmp_path, redis_url, redis_prefix):
-    shared = {"store": "redis", "redis_url": redis_url, "redis_key": f"{redis_prefix}ring",
-              "activation_s": 1}
+    shared = {"store": "redis", "redis_url": redis_url, "redis_key": f"{redis_prefix}ring", "activation_s": 1}
     nodes = [start_appliance(tmp_path / f"node{i}", credentials=shared) for i in (1, 2)]
     yield nodes, RedisRingStore(redis_url, shared["redis_key"])
     for node in nodes:
@@ -40,13 +39,17 @@ async def test_nodes_share_and_rotate_one_ring(two_nodes):
     assert await allocation_works("127.0.0.1", two.port, from_one["username"], from_one["credential"])
     assert await allocation_works("127.0.0.1", one.port, from_two["username"], from_two["credential"])
 
-    done = subprocess.run([sys.executable, "-m", "appliance", "secret", "rotate", "--config",
-                           str(one.config_path)], capture_output=True, text=True, timeout=30)
+    done = subprocess.run(
+        [sys.executable, "-m", "appliance", "secret", "rotate", "--config", str(one.config_path)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert done.returncode == 0, done.stderr
     new = store.load().current()
     assert new.id != first.id and new.id in done.stdout
 
-    deadline = time.monotonic() + 8          # a 2 s poll plus the 1 s activation, with room
+    deadline = time.monotonic() + 8  # a 2 s poll plus the 1 s activation, with room
     while True:
         entry = turn_entry(http_credentials(two), "turn:")
         if entry["credential"] == rest_password(new.value.encode(), entry["username"]):
@@ -56,5 +59,4 @@ async def test_nodes_share_and_rotate_one_ring(two_nodes):
     assert await allocation_works("127.0.0.1", one.port, entry["username"], entry["credential"])
     # The old credentials are still in grace on both relays.
     for node in (one, two):
-        assert await allocation_works("127.0.0.1", node.port, from_one["username"],
-                                      from_one["credential"])
+        assert await allocation_works("127.0.0.1", node.port, from_one["username"], from_one["credential"])

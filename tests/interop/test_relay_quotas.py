@@ -28,8 +28,7 @@ class UdpTurnClient:
         self.sock.bind(("127.0.0.1", 0))
         self.sock.settimeout(2)
         username, password = relay.credentials(user, ttl_s)
-        self.creds = ClientCredentials(username, REALM,
-                                       stun.long_term_key(username, REALM, password))
+        self.creds = ClientCredentials(username, REALM, stun.long_term_key(username, REALM, password))
 
     def request(self, method: int, *attrs) -> stun.Message:
         for _ in range(3):
@@ -98,7 +97,7 @@ def test_a_local_socket_in_the_relay_range_receives_nothing(tmp_path):
     bystander = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     alice, bob = UdpTurnClient(app, "alice"), UdpTurnClient(app, "bob")
     try:
-        for port in range(44999, 40000, -1):     # a port of the range nobody holds
+        for port in range(44999, 40000, -1):  # a port of the range nobody holds
             try:
                 bystander.bind(("127.0.0.1", port))
                 break
@@ -108,13 +107,19 @@ def test_a_local_socket_in_the_relay_range_receives_nothing(tmp_path):
         target = bystander.getsockname()
         alice_relay = relayed(alice.allocate())
         bob_relay = relayed(bob.allocate())
-        assert code(alice.request(stun.CREATE_PERMISSION, peer(target))) == 0   # the relay's IP
+        assert code(alice.request(stun.CREATE_PERMISSION, peer(target))) == 0  # the relay's IP
         assert code(bob.request(stun.CREATE_PERMISSION, peer(alice_relay))) == 0
         # The bystander's port is refused; bob's live relay port is a peer.
-        assert code(alice.request(stun.CHANNEL_BIND, (stun.CHANNEL_NUMBER, b"\x40\x00\x00\x00"),
-                                  peer(target))) == 403
-        assert code(alice.request(stun.CHANNEL_BIND, (stun.CHANNEL_NUMBER, b"\x40\x01\x00\x00"),
-                                  peer(bob_relay))) == 0
+        assert (
+            code(alice.request(stun.CHANNEL_BIND, (stun.CHANNEL_NUMBER, b"\x40\x00\x00\x00"), peer(target)))
+            == 403
+        )
+        assert (
+            code(
+                alice.request(stun.CHANNEL_BIND, (stun.CHANNEL_NUMBER, b"\x40\x01\x00\x00"), peer(bob_relay))
+            )
+            == 0
+        )
         for destination in (target, bob_relay):
             tid = os.urandom(12)
             send = stun.Builder(stun.SEND, stun.INDICATION, tid)
@@ -125,7 +130,7 @@ def test_a_local_socket_in_the_relay_range_receives_nothing(tmp_path):
         assert data.method == stun.DATA and data.get(stun.DATA_ATTR) == b"through the relay"
         try:
             leaked = bystander.recv(2048)
-        except socket.timeout:
+        except TimeoutError:
             leaked = None
         assert leaked is None
     finally:

@@ -45,8 +45,9 @@ class Inbox(stomp.ConnectionListener):
 
 
 def client(relay, user: str, token: str | None):
-    conn = stomp.WSConnection([("127.0.0.1", relay.http_port)], ws_path=f"/imserver/ws?userId={user}",
-                              heartbeats=(0, 0))
+    conn = stomp.WSConnection(
+        [("127.0.0.1", relay.http_port)], ws_path=f"/imserver/ws?userId={user}", heartbeats=(0, 0)
+    )
     inbox = Inbox()
     conn.set_listener("inbox", inbox)
     headers = {"ide": token} if token else {}
@@ -67,12 +68,14 @@ def test_status_query_pushes_and_disconnect_receipt(relay):
     alice, alice_in = client(relay, "alice", "tok-alice")
     subscribe_all(alice)
     send_json(alice, "/app/user/status", ["bob", "carol"])
-    assert alice_in.next() == ("/topic/user/status", [{"userId": "bob", "status": "OFFLINE"},
-                                                      {"userId": "carol", "status": "OFFLINE"}])
+    assert alice_in.next() == (
+        "/topic/user/status",
+        [{"userId": "bob", "status": "OFFLINE"}, {"userId": "carol", "status": "OFFLINE"}],
+    )
     bob, bob_in = client(relay, "bob", "tok-bob")
     subscribe_all(bob)
     assert alice_in.next() == ("/topic/user/status", [{"userId": "bob", "status": "ONLINE"}])
-    assert bob_in.nothing()                      # bob asked about nobody
+    assert bob_in.nothing()  # bob asked about nobody
     bob.disconnect(receipt="bye-bob")
     assert "bye-bob" in bob_in.receipts
     assert alice_in.next() == ("/topic/user/status", [{"userId": "bob", "status": "OFFLINE"}])
@@ -91,19 +94,24 @@ def test_errors_reach_only_the_sender_and_the_connection_stays(relay):
     assert alice_in.next()[1]["code"] == 403
     send_json(alice, "/app/user/status", [f"u{i}" for i in range(201)])
     assert alice_in.next()[1]["code"] == 400
-    send_json(alice, "/app/user/status", ["carol"])        # still connected and served
+    send_json(alice, "/app/user/status", ["carol"])  # still connected and served
     assert alice_in.next() == ("/topic/user/status", [{"userId": "carol", "status": "ONLINE"}])
     assert carol_in.nothing()
     alice.disconnect()
     carol.disconnect()
 
 
-@pytest.mark.parametrize("user, token, message", [("alice", None, "unauthorized"),
-                                                  ("alice", "wrong", "unauthorized"),
-                                                  ("alice", "tok-bob", "forbidden")])
+@pytest.mark.parametrize(
+    "user, token, message",
+    [("alice", None, "unauthorized"), ("alice", "wrong", "unauthorized"), ("alice", "tok-bob", "forbidden")],
+)
 def test_refused_connects_get_an_error_frame(relay, user, token, message):
-    conn = stomp.WSConnection([("127.0.0.1", relay.http_port)], ws_path=f"/imserver/ws?userId={user}",
-                              heartbeats=(0, 0), reconnect_attempts_max=1)
+    conn = stomp.WSConnection(
+        [("127.0.0.1", relay.http_port)],
+        ws_path=f"/imserver/ws?userId={user}",
+        heartbeats=(0, 0),
+        reconnect_attempts_max=1,
+    )
     inbox = Inbox()
     conn.set_listener("inbox", inbox)
     with pytest.raises(ConnectFailedException):

@@ -27,14 +27,40 @@ CASES = {
 }
 
 
-def run_uclient(relay, peer_port: int, flags: list[str], peer_ip: str, port: int | None = None,
-                secret: str | None = None, messages: int = MESSAGES, user: str | None = "interop") -> str:
+def run_uclient(
+    relay,
+    peer_port: int,
+    flags: list[str],
+    peer_ip: str,
+    port: int | None = None,
+    secret: str | None = None,
+    messages: int = MESSAGES,
+    user: str | None = "interop",
+) -> str:
     program = require_program("turnutils_uclient")
     tls = "-S" in flags
-    cmd = [program, *flags, "-W", secret or relay.secret, *(["-u", user] if user else []),
-           "-p", str(port or (relay.tls_port if tls else relay.port)),
-           "-e", peer_ip, "-r", str(peer_port), "-n", str(messages), "-m", str(CLIENTS),
-           "-l", "180", "-z", "5", relay.host]
+    cmd = [
+        program,
+        *flags,
+        "-W",
+        secret or relay.secret,
+        *(["-u", user] if user else []),
+        "-p",
+        str(port or (relay.tls_port if tls else relay.port)),
+        "-e",
+        peer_ip,
+        "-r",
+        str(peer_port),
+        "-n",
+        str(messages),
+        "-m",
+        str(CLIENTS),
+        "-l",
+        "180",
+        "-z",
+        "5",
+        relay.host,
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     return done.stdout + done.stderr
 
@@ -56,8 +82,7 @@ def test_uclient_relays_without_loss(relay, turn_peer, case):
 
 
 def test_uclient_with_wrong_secret_is_refused(relay, turn_peer):
-    output = run_uclient(relay, turn_peer, [], "127.0.0.1", secret="not-the-secret-at-all",
-                         messages=5)
+    output = run_uclient(relay, turn_peer, [], "127.0.0.1", secret="not-the-secret-at-all", messages=5)
     assert "Cannot complete Allocation" in output
     assert "credentials do not verify" in relay.log()
 

@@ -15,8 +15,11 @@ CONNECT = "CONNECT\naccept-version:1.1,1.2\nide:{token}\nheart-beat:0,0\n\n\x00"
 
 
 def open_ws(relay, user="alice", subprotocols=("v10.stomp", "v11.stomp", "v12.stomp")):
-    return websocket.create_connection(f"ws://127.0.0.1:{relay.http_port}/imserver/ws?userId={user}",
-                                       subprotocols=list(subprotocols), timeout=5)
+    return websocket.create_connection(
+        f"ws://127.0.0.1:{relay.http_port}/imserver/ws?userId={user}",
+        subprotocols=list(subprotocols),
+        timeout=5,
+    )
 
 
 def connect(relay, user="alice", token="tok-alice"):
@@ -50,14 +53,14 @@ def test_a_message_over_the_size_limit_then_a_binary_frame_ends_only_that_connec
     session stayed registered for good (found by the fuzz run).  Now Hypercorn's failure is
     one bounded warning line, the session ends with its connection, and everyone else is
     served as before."""
-    from .test_credentials_admin import admin, metric_samples   # it imports this module
+    from .test_credentials_admin import admin, metric_samples  # it imports this module
 
     def sessions() -> float:
         return metric_samples(admin(relay, "GET", "/metrics").text)[("appliance_signaling_sessions", ())]
 
     bystander = connect(relay, "bob", "tok-bob")
     before = sessions()
-    ws = connect(relay)                 # a session: it must end with its connection
+    ws = connect(relay)  # a session: it must end with its connection
     assert sessions() == before + 1
     big = websocket.ABNF.create_frame("x" * size, websocket.ABNF.OPCODE_TEXT)
     binary = websocket.ABNF.create_frame(b"y" * 300, websocket.ABNF.OPCODE_BINARY)
@@ -66,8 +69,10 @@ def test_a_message_over_the_size_limit_then_a_binary_frame_ends_only_that_connec
     opcode, payload = ws.recv_data(control_frame=True)
     assert (opcode, int.from_bytes(payload[:2], "big")) == (websocket.ABNF.OPCODE_CLOSE, 1009)
     ws.sock.close()
-    bystander.send("SUBSCRIBE\nid:s\ndestination:/topic/user/status\n\n\x00"
-                   'SEND\ndestination:/app/user/status\ncontent-length:9\n\n["carol"]\x00')
+    bystander.send(
+        "SUBSCRIBE\nid:s\ndestination:/topic/user/status\n\n\x00"
+        'SEND\ndestination:/app/user/status\ncontent-length:9\n\n["carol"]\x00'
+    )
     assert frame_of(bystander.recv())[0] == "MESSAGE"
     deadline = time.monotonic() + 5
     while sessions() > before and time.monotonic() < deadline:
@@ -81,9 +86,11 @@ def test_frames_sent_behind_connect_in_one_message_are_served_after_connected(re
     """CONNECT, SUBSCRIBE and SEND in one message (a client that does not wait for
     CONNECTED): the token is checked first, then the rest is read, as Spring reads it."""
     ws = open_ws(relay)
-    ws.send(CONNECT.format(token="tok-alice")
-            + "SUBSCRIBE\nid:s\ndestination:/topic/user/status\n\n\x00"
-            + 'SEND\ndestination:/app/user/status\ncontent-length:9\n\n["carol"]\x00')
+    ws.send(
+        CONNECT.format(token="tok-alice")
+        + "SUBSCRIBE\nid:s\ndestination:/topic/user/status\n\n\x00"
+        + 'SEND\ndestination:/app/user/status\ncontent-length:9\n\n["carol"]\x00'
+    )
     assert ws.recv().startswith("CONNECTED\n")
     command, headers, body = frame_of(ws.recv())
     assert (command, headers["destination"]) == ("MESSAGE", "/topic/user/status"), headers
@@ -91,9 +98,14 @@ def test_frames_sent_behind_connect_in_one_message_are_served_after_connected(re
     ws.close()
 
 
-@pytest.mark.parametrize("offered, chosen", [(["v10.stomp", "v12.stomp"], "v12.stomp"),
-                                             (["v11.stomp", "v10.stomp"], "v11.stomp"),
-                                             (["v10.stomp"], "v10.stomp")])
+@pytest.mark.parametrize(
+    "offered, chosen",
+    [
+        (["v10.stomp", "v12.stomp"], "v12.stomp"),
+        (["v11.stomp", "v10.stomp"], "v11.stomp"),
+        (["v10.stomp"], "v10.stomp"),
+    ],
+)
 def test_subprotocol_echo_prefers_the_newest(relay, offered, chosen):
     ws = open_ws(relay, subprotocols=offered)
     assert ws.getsubprotocol() == chosen
@@ -103,29 +115,34 @@ def test_subprotocol_echo_prefers_the_newest(relay, offered, chosen):
 def test_frames_split_into_16k_messages_are_reassembled(relay):
     ws = connect(relay)
     ws.send("SUBSCRIBE\nid:s\ndestination:/topic/user/status\n\n\x00")
-    ids = [f"user-{i:05d}-{'x' * 60}" for i in range(200)]          # ~17 KiB of JSON
+    ids = [f"user-{i:05d}-{'x' * 60}" for i in range(200)]  # ~17 KiB of JSON
     body = json.dumps(ids)
     frame = f"SEND\ndestination:/app/user/status\ncontent-length:{len(body)}\n\n{body}\x00"
     for i in range(0, len(frame), 16384):
-        ws.send(frame[i:i + 16384])
+        ws.send(frame[i : i + 16384])
     command, headers, payload = frame_of(ws.recv())
     assert command == "MESSAGE" and len(json.loads(payload)) == 200
     assert int(headers["content-length"]) == len(payload.encode())
     ws.close()
 
 
-@pytest.mark.parametrize("data, fragment", [
-    ("SEND\ndestination:/app/x\n\n\x00", "before CONNECT"),
-    ("\x01\x02garbage\n\n\x00", "unknown command"),
-    ("CONNECT\naccept-version:9.9\n\n\x00", "Supported protocol versions"),
-])
+@pytest.mark.parametrize(
+    "data, fragment",
+    [
+        ("SEND\ndestination:/app/x\n\n\x00", "before CONNECT"),
+        ("\x01\x02garbage\n\n\x00", "unknown command"),
+        ("CONNECT\naccept-version:9.9\n\n\x00", "Supported protocol versions"),
+    ],
+)
 def test_protocol_violations_get_error_then_close(relay, data, fragment):
     bystander = connect(relay, "bob", "tok-bob")
     ws = open_ws(relay)
     ws.send(data)
     assert_error_then_close(ws, fragment)
-    bystander.send("SUBSCRIBE\nid:s\ndestination:/topic/user/status\n\n\x00"
-                   "SEND\ndestination:/app/user/status\n\n[\"bob\"]\x00")
+    bystander.send(
+        "SUBSCRIBE\nid:s\ndestination:/topic/user/status\n\n\x00"
+        'SEND\ndestination:/app/user/status\n\n["bob"]\x00'
+    )
     assert json.loads(frame_of(bystander.recv())[2]) == [{"userId": "bob", "status": "ONLINE"}]
     bystander.close()
 
@@ -139,8 +156,11 @@ def test_oversized_frame_is_error_then_close(relay):
 async def test_permessage_deflate_is_declined(relay):
     import websockets
 
-    async with websockets.connect(f"ws://127.0.0.1:{relay.http_port}/imserver/ws?userId=alice",
-                                  subprotocols=["v12.stomp"], compression="deflate") as ws:
+    async with websockets.connect(
+        f"ws://127.0.0.1:{relay.http_port}/imserver/ws?userId=alice",
+        subprotocols=["v12.stomp"],
+        compression="deflate",
+    ) as ws:
         assert "Sec-WebSocket-Extensions" not in ws.response.headers
         await ws.send(CONNECT.format(token="tok-alice"))
         assert (await ws.recv()).startswith("CONNECTED\n")
@@ -158,17 +178,17 @@ def test_a_client_that_stops_reading_is_cut_off_and_nobody_else_notices(tmp_path
         slow.send("SUBSCRIBE\nid:s\ndestination:/topic/user/status\n\n\x00")
         body = json.dumps([f"someone-with-a-long-user-id-{i:04d}" for i in range(200)])
         query = f"SEND\ndestination:/app/user/status\ncontent-length:{len(body)}\n\n{body}\x00"
-        for _ in range(600):                   # ~5 MB of answers it never reads
+        for _ in range(600):  # ~5 MB of answers it never reads
             try:
                 slow.send(query)
             except (websocket.WebSocketException, OSError):
-                break                          # the server already hung up
+                break  # the server already hung up
         for _ in range(100):
             if "stopped reading" in relay.log():
                 break
             time.sleep(0.05)
         assert "stopped reading" in relay.log()
-        bystander.send("SEND\ndestination:/app/user/status\n\n[\"alice\"]\x00")
+        bystander.send('SEND\ndestination:/app/user/status\n\n["alice"]\x00')
         assert json.loads(frame_of(bystander.recv())[2]) == [{"userId": "alice", "status": "OFFLINE"}]
         bystander.close()
     finally:
@@ -177,7 +197,8 @@ def test_a_client_that_stops_reading_is_cut_off_and_nobody_else_notices(tmp_path
 
 def sockjs_ws(relay, session: str):
     return websocket.create_connection(
-        f"ws://127.0.0.1:{relay.http_port}/imserver/ws/000/{session}/websocket?userId=alice", timeout=5)
+        f"ws://127.0.0.1:{relay.http_port}/imserver/ws/000/{session}/websocket?userId=alice", timeout=5
+    )
 
 
 def test_sockjs_websocket_framing(relay):
@@ -186,8 +207,8 @@ def test_sockjs_websocket_framing(relay):
     ws.send(json.dumps([CONNECT.format(token="tok-alice")]))
     frame = ws.recv()
     assert frame.startswith("a[") and json.loads(frame[1:])[0].startswith("CONNECTED\n")
-    ws.send(json.dumps("SUBSCRIBE\nid:s\ndestination:/topic/user/status\n\n\x00"))   # a bare string
-    ws.send(json.dumps(["SEND\ndestination:/app/user/status\n\n[\"张三\"]\x00"]))
+    ws.send(json.dumps("SUBSCRIBE\nid:s\ndestination:/topic/user/status\n\n\x00"))  # a bare string
+    ws.send(json.dumps(['SEND\ndestination:/app/user/status\n\n["张三"]\x00']))
     (message,) = json.loads(ws.recv()[1:])
     assert message.endswith('[{"userId":"张三","status":"OFFLINE"}]\x00')
     ws.send(json.dumps(["DISCONNECT\nreceipt:r\n\n\x00"]))
