@@ -9,20 +9,31 @@ builds the parts itself can run them the same way.
 from __future__ import annotations
 
 import asyncio
+import logging
+
+from ratelog import RateLimitedLog
 
 from .broker import Broker
 from .calls.service import CallService
+
+log = logging.getLogger("signaling.calls")
 
 TIMER_MAX_WAIT_S = 1.0  # a timer the registry adds while we sleep is seen within this
 
 
 async def run_call_timers(calls: CallService) -> None:
-    """Serve the calls' timers until cancelled, on the call service's clock."""
+    """Serve the calls' timers until cancelled, on the call service's clock.  A bug that one
+    call's timer hits is logged (at a bounded rate) and the loop goes on: if it ended, no
+    call on this node would ever time out again."""
+    failures = RateLimitedLog(log)
     while True:
         when = calls.next_timer()
         wait = TIMER_MAX_WAIT_S if when is None else min(max(when - calls.clock(), 0.0), TIMER_MAX_WAIT_S)
         await asyncio.sleep(wait)
-        calls.handle_timer()
+        try:
+            calls.handle_timer()
+        except Exception:
+            failures.exception(calls.clock(), "a call timer failed")
 
 
 class SignalingLifecycle:

@@ -4,6 +4,7 @@ the feature services (calls, TURN credentials, the core) load no web framework."
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
@@ -12,8 +13,10 @@ from pathlib import Path
 from signaling.app import SignalingApp, create_app
 from signaling.auth import StaticVerifier
 from signaling.broker import MemoryBroker
-from signaling.calls.service import CallService
+from signaling.calls.registry import CallRegistry
+from signaling.calls.service import CallOp, CallService
 from signaling.guard import ClientGuard
+from signaling.lifecycle import run_call_timers
 from signaling.session import Session
 from signaling.stomp import Limits, StompServerConnection
 from signaling.turn_credentials import TurnCredentialService
@@ -117,3 +120,38 @@ def test_the_services_load_no_web_framework():
         cwd=Path(__file__).resolve().parents[1],
     )
     assert loaded.stdout.strip() == "[]"
+
+
+class TimerFailingOnce(CallService):
+    """A call service whose first timer hits a bug (what a fault in one call's timer does)."""
+
+    failed = False
+
+    def handle_timer(self) -> None:
+        if not self.failed:
+            self.failed = True
+            raise RuntimeError("a bug in one call's timer")
+        super().handle_timer()
+
+
+async def test_a_failing_call_timer_is_logged_and_the_timers_go_on(caplog):
+    broker = MemoryBroker()
+    bob = StompServerConnection()
+    bob.receive_data(b"CONNECT\naccept-version:1.2\n\n\x00", 0)
+    bob.accept(0)
+    broker.register(Session("b1", "bob", bob))  # the callee is online
+    calls = TimerFailingOnce(broker, CallRegistry(ring_timeout_s=0.1, grace_s=1.0), 65536)
+    calls.run_local(
+        CallOp.REQUEST,
+        "alice",
+        None,
+        {"callId": "c1", "callee": "bob", "type": "AUDIO", "callerUserName": "A", "calleeUserName": "B"},
+        calls.clock(),
+    )
+    assert calls.registry.calls
+    timers = asyncio.get_running_loop().create_task(run_call_timers(calls))
+    try:
+        await eventually(lambda: not calls.registry.calls, timeout=5.0)  # the ring timeout fired
+    finally:
+        timers.cancel()
+    assert calls.failed and "a call timer failed" in caplog.text
