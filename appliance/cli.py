@@ -143,18 +143,18 @@ def cmd_serve(args) -> int:
         f"secret ring: {store.where} ({'created' if created else 'loaded'}, current {ring.current().id})",
         file=sys.stderr,
     )
-    cert, key = _tls_files(config, "turn", config.turn.tls is not None)
-    http_cert, http_key = _tls_files(config, "http", config.http.listen is not None and config.http.tls)
+    t, h = config.turn, config.http
+    cert, key = _tls_files(config, "turn", t.tls_cert, t.tls_key, t.tls is not None)
+    http_cert, http_key = _tls_files(config, "http", h.tls_cert, h.tls_key, h.listen is not None and h.tls)
     from .process.supervisor import run
 
     return run(config, TlsFiles(cert, key, http_cert, http_key))
 
 
-def _tls_files(config: AppConfig, section: str, needed: bool):
+def _tls_files(config: AppConfig, section: str, cert: Path | None, key: Path | None, needed: bool):
     """The section's certificate and key, or the development certificate if it names none."""
     if not needed:
         return None, None
-    cert, key = getattr(config, section).tls_cert, getattr(config, section).tls_key
     if cert is None:
         from .tls.devcert import ensure_dev_certificate
 
