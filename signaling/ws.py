@@ -43,6 +43,30 @@ REFUSED_ORIGIN = "refused_origin"  # counter of refused web pages
 EndpointFactory = Callable[[Callable[[], None], Callable[[], None]], StompEndpoint]
 
 
+def endpoint_factory(
+    service: SignalingService,
+    limits: Limits,
+    max_outbox: int,
+    guard: ClientGuard,
+    user: str | None,
+    now: float,
+) -> EndpointFactory:
+    """How every transport builds its client's StompEndpoint: the URL's userId, the guard's
+    CONNECT deadline and outbox budget."""
+    policy = guard.policy
+    return lambda wake, overflow: StompEndpoint(
+        service,
+        limits,
+        max_outbox,
+        user,
+        now,
+        wake,
+        connect_timeout_s=policy.connect_timeout_s,
+        max_outbox_bytes=policy.max_outbox_bytes,
+        overflow=overflow,
+    )
+
+
 def choose_subprotocol(offered: list[str]) -> str | None:
     return next((p for p in SUBPROTOCOLS if p in offered), None)
 
@@ -56,6 +80,9 @@ class Framing:
     # elements joined: fed one by one, 200,000 one-byte elements held the loop for seconds);
     # None: hang up.
     decode: Callable[[str | bytes], str | bytes | None]
+    # Whether the handshake negotiates a STOMP subprotocol (v12.stomp...): stomp.js asks for
+    # one on a native WebSocket; sockjs-client asks for none.
+    subprotocols: bool = True
     opening: str | None = None  # the first message (SockJS "o")
     closing: str | None = None  # the last one (SockJS c[...])
     idle: tuple[float, str] | None = None  # (seconds, message) when quiet (SockJS h)
@@ -100,34 +127,20 @@ async def serve_websocket(
     max_outbox: int,
     guard: ClientGuard | None = None,
     origins: OriginPolicy | None = None,
+    framing: Framing = NATIVE,
 ) -> None:
-    """Run one client's WebSocket until it closes (called inside a Quart websocket route)."""
+    """Run one client's WebSocket until it closes (called inside a Quart websocket route):
+    the native STOMP endpoint, or with `framing` SockJS's websocket transport."""
     guard = guard if guard is not None else ClientGuard()
     loop = asyncio.get_running_loop()
     admit_origin(origins if origins is not None else OriginPolicy(), guard, websocket.headers)
-    client = websocket.scope.get("client")
-    ticket = admit_session(guard, client, loop.time())
+    ticket = admit_session(guard, websocket.scope.get("client"), loop.time())
     try:
-        await websocket.accept(subprotocol=choose_subprotocol(list(websocket.requested_subprotocols)))
-        policy = guard.policy
+        offered = list(websocket.requested_subprotocols)
+        await websocket.accept(subprotocol=choose_subprotocol(offered) if framing.subprotocols else None)
         user = websocket.args.get("userId")
-        carrier = WebSocketCarrier(
-            websocket,
-            guard,
-            NATIVE,
-            lambda wake, overflow: StompEndpoint(
-                service,
-                limits,
-                max_outbox,
-                user,
-                loop.time(),
-                wake,
-                connect_timeout_s=policy.connect_timeout_s,
-                max_outbox_bytes=policy.max_outbox_bytes,
-                overflow=overflow,
-            ),
-        )
-        await carrier.run()
+        factory = endpoint_factory(service, limits, max_outbox, guard, user, loop.time())
+        await WebSocketCarrier(websocket, guard, framing, factory).run()
     finally:
         ticket.release()
 
@@ -137,7 +150,7 @@ class WebSocketCarrier:
     closed connection."""
 
     def __init__(
-        self, websocket, guard: ClientGuard, framing: Framing, endpoint_factory: EndpointFactory
+        self, websocket, guard: ClientGuard, framing: Framing, make_endpoint: EndpointFactory
     ) -> None:
         self.websocket = websocket
         self.guard = guard
@@ -146,7 +159,7 @@ class WebSocketCarrier:
         self.wake = asyncio.Event()
         self.sending = False  # the writer is inside a send
         self.writer: asyncio.Task | None = None
-        self.endpoint = endpoint_factory(self.wake.set, self._overflow)
+        self.endpoint = make_endpoint(self.wake.set, self._overflow)
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()

@@ -47,7 +47,14 @@ from ..guard import ClientGuard, SessionTicket
 from ..origins import OriginPolicy
 from ..service import SignalingService
 from ..stomp import Limits
-from ..ws import REFUSED_ORIGIN, EndpointFactory, Framing, WebSocketCarrier, admit_origin, admit_session
+from ..ws import (
+    REFUSED_ORIGIN,
+    EndpointFactory,
+    Framing,
+    admit_session,
+    endpoint_factory,
+    serve_websocket,
+)
 from .protocol import (
     ANOTHER_CONNECTION,
     GO_AWAY,
@@ -91,6 +98,7 @@ SOCKJS_WEBSOCKET = Framing(
     encode=lambda frames: [message_frame([f.decode("utf-8") for f in frames])],
     decode=_sockjs_decode,
     opening=OPEN_FRAME,
+    subprotocols=False,
     closing=close_frame(*GO_AWAY),
     idle=(HEARTBEAT_S, HEARTBEAT_FRAME),
 )
@@ -102,7 +110,7 @@ class Carrier:
     def __init__(
         self,
         session: SockJSSession,
-        endpoint_factory: EndpointFactory,
+        make_endpoint: EndpointFactory,
         guard: ClientGuard | None = None,
         ticket: SessionTicket | None = None,
         owner: str | None = None,
@@ -113,7 +121,7 @@ class Carrier:
         self.owner = owner  # the opener's address: the only one served
         self.ready = asyncio.Event()  # a frame is waiting for a receiver
         self.receiver: tuple[str, int] | None = None  # the attached receiving request's client address
-        self.endpoint: StompEndpoint = endpoint_factory(self.ready.set, self._overflow)
+        self.endpoint: StompEndpoint = make_endpoint(self.ready.set, self._overflow)
         self.task: asyncio.Task | None = None
 
     def _overflow(self) -> None:
@@ -194,20 +202,9 @@ class SockJSServer:
         now = asyncio.get_running_loop().time()
         ticket = admit_session(self.guard, client, now)
         user = request.args.get("userId")
-        policy = self.guard.policy
         carrier = Carrier(
             SockJSSession(session_id, now),
-            lambda wake, overflow: StompEndpoint(
-                self.service,
-                self.limits,
-                self.max_outbox,
-                user,
-                now,
-                wake,
-                connect_timeout_s=policy.connect_timeout_s,
-                max_outbox_bytes=policy.max_outbox_bytes,
-                overflow=overflow,
-            ),
+            endpoint_factory(self.service, self.limits, self.max_outbox, self.guard, user, now),
             self.guard,
             ticket,
             exact_address_key(client[0] if client else None),
@@ -307,7 +304,7 @@ class SockJSServer:
         @app.websocket(session_url + "/websocket")
         async def sockjs_websocket(server_id: str, session_id: str):
             self._check_ids(server_id, session_id)
-            await self._websocket(session_id)
+            await self._websocket()
 
     def _xhr_route(self, serve):
         """An XHR transport's view: the Origin check, CORS preflight, session URL check,
@@ -462,34 +459,11 @@ class SockJSServer:
         response.timeout = None
         return self._cors(self._no_cache(response))
 
-    async def _websocket(self, session_id: str) -> None:
+    async def _websocket(self) -> None:
         # A SockJS websocket is its own session: no other transport may join it.
-        loop = asyncio.get_running_loop()
-        admit_origin(self.origins, self.guard, websocket.headers)
-        ticket = admit_session(self.guard, websocket.scope.get("client"), loop.time())
-        try:
-            await websocket.accept()
-            user = websocket.args.get("userId")
-            policy = self.guard.policy
-            carrier = WebSocketCarrier(
-                websocket,
-                self.guard,
-                SOCKJS_WEBSOCKET,
-                lambda wake, overflow: StompEndpoint(
-                    self.service,
-                    self.limits,
-                    self.max_outbox,
-                    user,
-                    loop.time(),
-                    wake,
-                    connect_timeout_s=policy.connect_timeout_s,
-                    max_outbox_bytes=policy.max_outbox_bytes,
-                    overflow=overflow,
-                ),
-            )
-            await carrier.run()
-        finally:
-            ticket.release()
+        await serve_websocket(
+            websocket, self.service, self.limits, self.max_outbox, self.guard, self.origins, SOCKJS_WEBSOCKET
+        )
 
     # ------------------------------------------------------------ HTTP details
 
