@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import json
 
-from .json_body import DEFAULT_MAX_DEPTH, JsonBodyError, decode_json
-
 ERRORS_DESTINATION = "/user/queue/errors"
 
 STANDARD_MESSAGES = {
@@ -60,12 +58,3 @@ def bad_request(message: str) -> SignalingError:
 def unavailable() -> SignalingError:
     """503: the Redis that nodes share is unreachable; the client may retry."""
     return SignalingError(503, "signaling backend unavailable, try again")
-
-
-def parse_json(body: bytes, max_bytes: int = 65536, max_depth: int = DEFAULT_MAX_DEPTH):
-    """A SEND's or a request's JSON body (None if empty); 400 naming what is wrong with it --
-    too large, not UTF-8, not JSON, nested too deep -- and never anything else."""
-    try:
-        return decode_json(body, max_bytes, max_depth)
-    except JsonBodyError as exc:
-        raise bad_request(str(exc)) from None

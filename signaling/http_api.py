@@ -20,7 +20,8 @@ from werkzeug.exceptions import HTTPException
 
 from .auth import TokenVerifier
 from .client_text import loggable
-from .errors import STANDARD_MESSAGES, SignalingError, parse_json, standard_message
+from .errors import STANDARD_MESSAGES, SignalingError, standard_message
+from .json_body import parse_json
 
 log = logging.getLogger("signaling.http")
 

@@ -11,6 +11,10 @@ bracket is deleted, and the brackets must match a pattern of balanced groups
 nested `max_depth` deep whose quantifiers are possessive, so nothing is ever
 backtracked into.  Bodies with fewer brackets than the bound, nearly all of
 them, skip the check.
+
+`decode_json` raises JsonBodyError (any caller's bodies); `parse_json` is how a
+SEND or an HTTP request's body is read: the same checks, failing as a 400
+SignalingError whose message names the fault.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ from __future__ import annotations
 import functools
 import json
 import re
+
+from .errors import bad_request
 
 DEFAULT_MAX_DEPTH = 32
 
@@ -101,3 +107,12 @@ def has_unpaired_surrogate(text: str, value) -> bool:
     except UnicodeEncodeError:
         return True
     return False
+
+
+def parse_json(body: bytes, max_bytes: int = 65536, max_depth: int = DEFAULT_MAX_DEPTH):
+    """A SEND's or a request's JSON body (None if empty); 400 naming what is wrong with it --
+    too large, not UTF-8, not JSON, nested too deep -- and never anything else."""
+    try:
+        return decode_json(body, max_bytes, max_depth)
+    except JsonBodyError as exc:
+        raise bad_request(str(exc)) from None

@@ -25,7 +25,8 @@ from ratelog import RateLimitedLog
 from .auth import TokenVerifier
 from .broker import Broker
 from .client_text import loggable, user_id_problem
-from .errors import ERRORS_DESTINATION, SignalingError, parse_json, unavailable
+from .errors import ERRORS_DESTINATION, SignalingError, unavailable
+from .json_body import parse_json
 from .presence import Presence
 from .session import Session
 from .stomp import ConnectionFailed, ConnectRequested, Limits, MessageSent, SendRefused

@@ -21,8 +21,7 @@ from signaling.json_body import JsonBodyError, decode_json, within_depth
 from signaling.service import SignalingService
 from signaling.session import Session
 from signaling.stomp import ConnectRequested, Limits, MessageSent, SendRefused
-from signaling.stomp.budget import TokenBucket, WindowCount
-from signaling.stomp.connection import StompServerConnection
+from signaling.stomp.connection import StompServerConnection, TokenBucket, WindowCount
 from signaling.stomp.frames import Frame, FrameError, encode
 from signaling.stomp_routes import install_stomp_routes
 

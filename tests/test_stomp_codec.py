@@ -9,8 +9,16 @@ import stomp.utils as stomp_utils
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from signaling.stomp.frames import Frame, FrameError, encode, escape, unescape
-from signaling.stomp.parser import HEARTBEAT, FrameParser, ParserLimits
+from signaling.stomp.frames import (
+    HEARTBEAT,
+    Frame,
+    FrameError,
+    FrameParser,
+    ParserLimits,
+    encode,
+    escape,
+    unescape,
+)
 
 CONNECT = b"CONNECT\naccept-version:1.1,1.2\nhost:h\nide:token\nheart-beat:10000,10000\n\n\x00"
 SEND = 'SEND\ndestination:/app/user/status\ncontent-type:application/json\n\n["u1","用户"]\x00'.encode()

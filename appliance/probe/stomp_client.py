@@ -18,8 +18,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # websockets is the optional `probe` extra, imported when used
     from websockets.asyncio.client import ClientConnection
 
-from signaling.stomp.frames import SERVER_COMMANDS, Frame, encode
-from signaling.stomp.parser import FrameParser
+from signaling.stomp.frames import SERVER_COMMANDS, Frame, FrameParser, encode
 
 VERSION = "1.2"
 

@@ -3,8 +3,9 @@ and the Notices it returns delivered through the broker.
 
 Every call message is one of a few operations (`CallOp`).  Whatever carries
 it -- a STOMP SEND (stomp_routes.py), an HTTP request (http_routes.py), a
-session that dropped -- calls one plain method here: `submit` for a STOMP
-session's message (errors raise, to be answered on its /user/queue/errors),
+session that dropped -- calls one plain method here: `sent_by` for a STOMP
+session's message (routed here directly; errors raise, to be answered on its
+/user/queue/errors), which `submit`s it,
 `perform` for an HTTP request (returns when done, errors raise),
 `session_closed` for a dropped session.  The timers (ring timeouts, grace
 periods) are served by whoever runs the app's lifecycle (lifecycle.py) through
@@ -23,7 +24,8 @@ import time
 from collections.abc import Callable
 
 from ..broker import Broker
-from ..errors import SignalingError
+from ..errors import SignalingError, bad_request
+from ..session import Session
 from .registry import CallRegistry, Notice
 
 
@@ -80,6 +82,15 @@ class CallService:
         self.deliver(self.run_local(op, user, session, body, self.clock(), last))
 
     # ------------------------------------------------------------ what the transports call
+
+    def sent_by(self, op: CallOp, session: Session, body: object) -> None:
+        """A call message a STOMP session SENT: the route of each call destination
+        (stomp_routes.py); errors raise, to be answered on its /user/queue/errors."""
+        if op is CallOp.HANGUP and body is None:
+            # An empty hangup means "every call of mine" over HTTP only: a STOMP client
+            # names its call.
+            raise bad_request("body must be a JSON object")
+        self.submit(op, session.user_id, session.id, body)
 
     def submit(self, op: CallOp, user: str, session: str | None, body: object, last: bool = False) -> None:
         """A call message from a STOMP session (or a dropped session); errors raise."""
