@@ -137,6 +137,11 @@ class TurnConfig:
     tls: HostPort | None = opt(HostPort("127.0.0.1", 5349), "TLS listener; null disables")
     tls_cert: Path | None = opt(None, "PEM certificate chain; null: a development certificate")
     tls_key: Path | None = opt(None, "PEM private key for tls_cert")
+    tcp_tls: bool = opt(
+        True,
+        "the TCP listener also accepts TLS clients (told apart by their first byte), "
+        "with tls_cert: TURN over TCP and over TLS on one port",
+    )
     relay_ip: str | None = opt("127.0.0.1", "IPv4 address relay sockets bind", ip_of(4))
     relay_ip6: str | None = opt("::1", "IPv6 address relay sockets bind", ip_of(6))
     relay_ports: tuple[int, int] = opt((61000, 65535), "relay port range", parse=port_range)
@@ -256,6 +261,16 @@ class HttpConfig:
         if self.listen is None:
             raise ValueError("http.listen is null: the signaling is off")
         return f"{'https' if self.tls else 'http'}://{self.listen.local()}{self.prefix}"
+
+
+@dataclass(frozen=True)
+class EdgeConfig:
+    """One TLS port for everything: TURN over TLS and the signaling's HTTPS and WSS,
+    told apart after the handshake by ALPN or by the first bytes."""
+
+    listen: HostPort | None = opt(None, "edge listener (e.g. 0.0.0.0:443); null disables")
+    tls_cert: Path | None = opt(None, "PEM certificate chain; null: http's certificate")
+    tls_key: Path | None = opt(None, "PEM private key for tls_cert")
 
 
 @dataclass(frozen=True)
@@ -389,9 +404,16 @@ class AppConfig:
     external_ip: str | None = opt(None, "public IPv4 advertised for relays", ip_of(4, False))
     external_ip6: str | None = opt(None, "public IPv6 advertised for relays", ip_of(6, False))
     log_level: str = opt("info", "log level", one_of("debug", "info", "warning", "error"))
+    trusted_proxies: tuple[str, ...] = opt(
+        (),
+        "load balancers (IP or CIDR) whose PROXY protocol v1/v2 header names the client on the "
+        "TCP, TLS, edge and HTTP listeners; a PROXY header from any other source closes the connection",
+        item_check=network,
+    )
     turn: TurnConfig = field(default_factory=TurnConfig)
     credentials: CredentialsConfig = field(default_factory=CredentialsConfig)
     http: HttpConfig = field(default_factory=HttpConfig)
+    edge: EdgeConfig = field(default_factory=EdgeConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
     stomp: StompConfig = field(default_factory=StompConfig)
     calls: CallsConfig = field(default_factory=CallsConfig)
