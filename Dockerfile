@@ -30,6 +30,7 @@ COPY appliance ./appliance
 COPY turn ./turn
 COPY signaling ./signaling
 COPY ratelog ./ratelog
+COPY demux ./demux
 COPY config ./config
 COPY --from=demo-libraries /opt/appliance/appliance/demo/node_modules ./appliance/demo/node_modules
 RUN pip install --no-cache-dir '.[probe]'

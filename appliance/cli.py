@@ -12,6 +12,7 @@ import argparse
 import json
 import os
 import socket
+import ssl
 import sys
 import time
 from pathlib import Path
@@ -144,7 +145,9 @@ def cmd_serve(args) -> int:
         file=sys.stderr,
     )
     t, h = config.turn, config.http
-    cert, key = _tls_files(config, "turn", t.tls_cert, t.tls_key, t.tls is not None)
+    from .wiring.relay import needs_turn_certificate
+
+    cert, key = _tls_files(config, "turn", t.tls_cert, t.tls_key, needs_turn_certificate(config))
     http_cert, http_key = _tls_files(config, "http", h.tls_cert, h.tls_key, h.listen is not None and h.tls)
     from .process.supervisor import run
 
@@ -389,23 +392,27 @@ def cmd_probe(args) -> int:
 
 
 def cmd_healthcheck(args) -> int:
-    """STUN Binding to the relay's own listener: the container health check."""
-    t = _load(args.config).turn
-    target = t.udp or t.tcp
+    """STUN Binding to the relay's own listener: the container health check.  The first of
+    turn.udp, turn.tcp, turn.tls and edge.listen that is on (over TLS for the last two: an
+    appliance whose only TURN port is the edge is healthy when the edge answers TURN)."""
+    config = _load(args.config)
+    t = config.turn
+    targets = (("udp", t.udp), ("tcp", t.tcp), ("tls", t.tls), ("edge", config.edge.listen))
+    kind, target = next(((k, a) for k, a in targets if a is not None), ("", None))
     if target is None:
-        print("healthcheck: no UDP or TCP listener configured", file=sys.stderr)
+        print("healthcheck: no UDP, TCP, TLS or edge listener configured", file=sys.stderr)
         return 1
     host = target.local_host()  # a wildcard listener: loopback, e.g. inside the container
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     tid = os.urandom(12)
     request = stun.Builder(stun.BINDING, stun.REQUEST, tid).encode(fingerprint=True)
-    kind = socket.SOCK_DGRAM if t.udp else socket.SOCK_STREAM
     try:
-        with socket.socket(family, kind) as sock:
-            sock.settimeout(args.timeout)
-            sock.connect((host, target.port))
-            sock.sendall(request)
-            reply = stun.parse(sock.recv(2048))
+        with socket.socket(family, socket.SOCK_DGRAM if kind == "udp" else socket.SOCK_STREAM) as raw:
+            raw.settimeout(args.timeout)
+            raw.connect((host, target.port))
+            with _over_tls(raw) if kind in ("tls", "edge") else raw as sock:
+                sock.sendall(request)
+                reply = stun.parse(sock.recv(2048))
     except (OSError, stun.StunParseError) as exc:
         print(f"healthcheck: no STUN answer from {target}: {exc}", file=sys.stderr)
         return 1
@@ -413,6 +420,86 @@ def cmd_healthcheck(args) -> int:
         print(f"healthcheck: unexpected answer from {target}", file=sys.stderr)
         return 1
     print(f"ok: {target} answers STUN")
+    return 0
+
+
+def _over_tls(raw: socket.socket) -> ssl.SSLSocket:
+    """`raw` wrapped in TLS naming TURN by ALPN (RFC 7443), as the edge routes it.  The
+    certificate is not checked: this is the appliance asking itself whether it answers."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    ctx.set_alpn_protocols(["stun.turn"])
+    return ctx.wrap_socket(raw)
+
+
+def _sessions_from_admin(config: AppConfig, user: str | None, timeout_s: float) -> dict:
+    """GET /admin/sessions from this machine's admin listener (admin.listen, with
+    admin.token): the answer's JSON.  A refusal is an OSError naming the admin's error."""
+    import urllib.error  # here: no other command needs them (see the note on imports)
+    import urllib.parse
+    import urllib.request
+
+    listen = config.admin.listen
+    if listen is None:
+        raise ConfigError("admin.listen", "the admin listener is off: `appliance sessions` asks it")
+    query = f"?{urllib.parse.urlencode({'user': user})}" if user is not None else ""
+    request = urllib.request.Request(f"http://{listen.local()}/admin/sessions{query}")
+    if config.admin.token:
+        request.add_header("Authorization", f"Bearer {config.admin.token}")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:
+            return json.load(response)
+    except urllib.error.HTTPError as exc:
+        try:
+            reason = json.load(exc).get("error", exc.reason)
+        except ValueError:
+            reason = exc.reason
+        raise OSError(f"the admin listener {listen} answered {exc.code}: {reason}") from None
+    except urllib.error.URLError as exc:
+        raise OSError(f"the admin listener {listen} does not answer: {exc.reason}") from None
+
+
+def _cell(text: object, width: int = 40) -> str:
+    """Client text (a user id, an address) as one table cell: escaped when it holds anything
+    a terminal would act on, cut to `width`."""
+    text = str(text)
+    shown = text if text.isprintable() else repr(text)[1:-1]
+    return shown if len(shown) <= width else shown[: width - 1] + "~"
+
+
+def cmd_sessions(args) -> int:
+    """The signaling sessions of every node, as a table (or the admin's JSON)."""
+    config = _load(args.config)
+    answer = _sessions_from_admin(config, args.user, args.timeout)
+    if args.json:
+        print(json.dumps(answer))
+        return 0
+    now = time.time()
+    rows = [("NODE", "USER", "TRANSPORT", "ADDRESS", "CONNECTED", "IN", "OUT", "CALL")]
+    for r in answer.get("sessions", []):
+        rows.append(
+            (
+                _cell(r.get("node"), 16),
+                _cell(r.get("user")),
+                _cell(r.get("transport"), 24),
+                _cell(r.get("address")),
+                _duration(now - float(r.get("connectedSince") or now)) + " ago",
+                str(r.get("messagesIn", 0)),
+                str(r.get("messagesOut", 0)),
+                _cell(r.get("callId"), 24) if r.get("inCall") else "-",
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    nodes = answer.get("nodes", [])
+    summary = f"{answer.get('count', len(rows) - 1)} session(s) on {len(nodes)} node(s)"
+    if answer.get("truncated"):
+        summary += "; more exist (the listing is cut)"
+    if answer.get("unanswered"):
+        summary += f"; no answer from {', '.join(_cell(n, 16) for n in answer['unanswered'])}"
+    print(summary)
     return 0
 
 
@@ -515,6 +602,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ca", metavar="FILE", type=Path, help="CA certificate to trust for TLS")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=cmd_probe)
+
+    p = sub.add_parser("sessions", help="signaling sessions of every node, from the admin listener")
+    p.add_argument("--user", type=_user_id, metavar="ID", help="only this user's sessions")
+    p.add_argument("--json", action="store_true", help="print the admin API's JSON answer")
+    p.add_argument("--timeout", type=float, default=5.0, metavar="S")
+    p.add_argument("--config", metavar="FILE", help=config_help)
+    p.set_defaults(func=cmd_sessions)
 
     p = sub.add_parser("healthcheck", help="STUN Binding to the configured listener (health check)")
     p.add_argument("--config", metavar="FILE", help=config_help)

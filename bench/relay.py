@@ -1,6 +1,7 @@
 """Relay throughput and allocation rate: our appliance against coturn, same load, one run.
 
-    python bench/relay.py [--quick] [--seconds S] [--payload BYTES]
+    python bench/relay.py [--quick] [--seconds S] [--payload BYTES] [--clients K]
+    python bench/relay.py --tls [--no-pin] [same options]
 
 For each server (coturn 4.x started here with use-auth-secret, once with its
 default relay threads and once with --relay-threads 2; ours with turn.workers
@@ -13,18 +14,21 @@ the highest offered rate with zero loss, relayed packets/s there, the server's C
 relayed packets, and Allocate+ChannelBind+delete handshakes per second; then
 the ratios ours/coturn.  Loopback only; every process it starts it stops.
 
+--tls measures relayed throughput over TURN-over-TLS instead: coturn's TLS listener, our
+turn.tls listener and our edge port (edge.listen), the same load through each, and the
+ratios against coturn; see relay_tls.py.  The servers (and their threads and workers)
+run on the first CPU and the load on the others, unless --no-pin.
+
 Not a test: it asserts nothing and is not run by CI.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing
 import os
 import selectors
 import shutil
-import signal
 import socket
 import struct
 import subprocess
@@ -37,142 +41,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from proc_stats import cpu_seconds, process_tree  # noqa: E402
+from turn_servers import REALM, Server, free_port, start_coturn, start_ours
 
-from turn import stun  # noqa: E402
-from turn.client import ClientCredentials  # noqa: E402
-
-REALM = "bench.local"
-
-
-# ------------------------------------------------------------------ servers
-
-
-@dataclass
-class Server:
-    name: str
-    proc: subprocess.Popen
-    port: int
-
-    def cpu_seconds(self) -> float:
-        return cpu_seconds(process_tree(self.proc.pid))
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for_stun(port: int, proc: subprocess.Popen, timeout: float = 15) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}")
-        tid = os.urandom(12)
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            s.settimeout(0.3)
-            try:
-                s.sendto(stun.Builder(stun.BINDING, stun.REQUEST, tid).encode(), ("127.0.0.1", port))
-                if stun.parse(s.recv(2048)).transaction_id == tid:
-                    return
-            except (OSError, stun.StunParseError):
-                pass
-        time.sleep(0.1)
-    raise RuntimeError("server did not answer STUN")
-
-
-def start_coturn(workdir: Path, secret: str, relay_threads: int | None = None) -> Server:
-    """coturn as deployed; relay_threads pins its UDP relay threads (default: one per core)."""
-    port = free_port()
-    cmd = [
-        shutil.which("turnserver"),
-        "-n",
-        "--listening-ip",
-        "127.0.0.1",
-        "--listening-port",
-        str(port),
-        "--relay-ip",
-        "127.0.0.1",
-        "--min-port",
-        "45000",
-        "--max-port",
-        "47999",
-        "--use-auth-secret",
-        "--static-auth-secret",
-        secret,
-        "--realm",
-        REALM,
-        "--allow-loopback-peers",
-        "--no-cli",
-        "--no-tls",
-        "--no-dtls",
-        "--no-tcp",
-        "--total-quota",
-        "0",
-        "--user-quota",
-        "0",
-        "--log-file",
-        str(workdir / "coturn.log"),
-        "--simple-log",
-    ]
-    name = "coturn"
-    if relay_threads is not None:
-        cmd += ["--relay-threads", str(relay_threads)]
-        name = f"coturn t{relay_threads}"
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_for_stun(port, proc)
-    return Server(name, proc, port)
-
-
-def start_ours(workdir: Path, secret: str, workers: int) -> Server:
-    port = free_port()
-    ring = {
-        "version": 1,
-        "secrets": [{"id": "k-bench", "value": secret, "created": int(time.time()), "retired": None}],
-    }
-    secrets = workdir / f"secrets-{workers}.json"
-    secrets.write_text(json.dumps(ring))
-    os.chmod(secrets, 0o600)
-    config = {
-        "realm": REALM,
-        "data_dir": str(workdir / "data"),
-        "log_level": "warning",
-        "turn": {
-            "udp": f"127.0.0.1:{port}",
-            "tcp": None,
-            "tls": None,
-            "relay_ip": "127.0.0.1",
-            "relay_ip6": None,
-            "relay_ports": "48000-49999",
-            "allow_peers": ["127.0.0.1"],
-            "user_quota": 0,
-            "total_quota": 0,
-            "workers": workers,
-        },
-        "credentials": {"secrets_file": str(secrets)},
-    }
-    path = workdir / f"appliance-{workers}.yaml"
-    path.write_text(json.dumps(config))
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "appliance", "serve", "--config", str(path)],
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=open(workdir / f"appliance-{workers}.log", "wb"),
-    )
-    wait_for_stun(port, proc)
-    time.sleep(0.5 * workers)  # let the extra worker processes bind
-    return Server(f"ours x{workers}", proc, port)
-
+from turn import stun
+from turn.client import ClientCredentials
 
 # ------------------------------------------------------------------ client side
 
@@ -370,7 +242,22 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=None)
     parser.add_argument("--payload", type=int, default=160, help="bytes per packet (audio-sized)")
     parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument(
+        "--tls",
+        action="store_true",
+        help="relayed throughput over TLS: coturn's TLS listener, our turn.tls and our edge port",
+    )
+    parser.add_argument(
+        "--pin",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="--tls: servers on the first CPU, the load on the others (default: on)",
+    )
     args = parser.parse_args()
+    if args.tls:
+        from relay_tls import run_tls
+
+        return run_tls(args)
     for program in ("turnserver", "turnutils_peer"):
         if shutil.which(program) is None:
             print(f"{program} not found: apt-get install coturn", file=sys.stderr)

@@ -1,12 +1,13 @@
 """Per-address caps on STOMP sessions: how many one address holds at once, and how fast it
 may open new ones (a token bucket).  Sans-I/O: every call takes `now`.
 
-The address is the socket peer's.  The appliance has no notion of a trusted proxy, so a
-Forwarded or X-Forwarded-For header (which any client can write) is never believed; behind
-a reverse proxy every client shares the proxy's address.  That is why addresses in
-`exempt` (by default loopback: a proxy on this machine) are not capped per address at all;
-the total cap on connections (connections.py) still holds for them.  An IPv6 peer counts
-under its /64 (one host usually owns a whole /64), an IPv4-mapped one as its IPv4 address.
+The address is the client's: the socket peer's, or, for a request from a trusted proxy
+(the `trusted_proxies` of the configuration), the one its X-Forwarded-For or Forwarded
+header names (forwarded.py); from anybody else those headers are never believed.  Addresses
+in `exempt` (by default loopback; the appliance adds its trusted proxies) are not capped per
+address at all; the total cap on connections (connections.py) still holds for them.  An
+IPv6 address counts under its /64 (one host usually owns a whole /64), an IPv4-mapped one
+as its IPv4 address.
 """
 
 from __future__ import annotations

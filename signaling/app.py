@@ -8,6 +8,7 @@ modules' (ws.py, sockjs/server.py, stomp_routes.py, http_routes.py); the service
 
 from __future__ import annotations
 
+import socket
 from dataclasses import dataclass
 
 from quart import Quart, websocket
@@ -22,6 +23,7 @@ from .http_api import install_envelope_errors
 from .http_routes import install_http_routes
 from .lifecycle import SignalingLifecycle
 from .origins import OriginPolicy
+from .oversight import Oversight
 from .service import SignalingService
 from .sockjs.server import SockJSServer
 from .stomp import Limits
@@ -38,6 +40,7 @@ class SignalingApp:
     credentials: TurnCredentialService | None  # None: no relay, no credentials to hand out
     broker: Broker
     guard: ClientGuard
+    oversight: Oversight  # sessions and calls for operators, of every node
 
 
 def create_app(
@@ -51,6 +54,7 @@ def create_app(
     broker: Broker | None = None,
     guard: ClientGuard | None = None,
     origins: OriginPolicy | None = None,
+    node_name: str | None = None,
 ) -> SignalingApp:
     """The signaling app; `issue_credentials(userId)` answers TURN credential requests
     (no such routes without it: a relay-less test app has nothing to hand out).  The
@@ -59,7 +63,8 @@ def create_app(
     `guard` holds the connection and session caps and timeouts (none but the defaults
     without it); it counts in the service's counters.
     `origins` says which web pages may connect from a browser (without it: the appliance's
-    own pages only)."""
+    own pages only).  Operators see this node's sessions and calls marked with the broker's
+    node id when it spans nodes, else with `node_name` (by default the host name)."""
     broker = broker if broker is not None else MemoryBroker()
     verifier = UserIdChecked(verifier, limits.max_user_id_chars)  # every way in: STOMP and HTTP
     service = SignalingService(broker, verifier, limits)
@@ -76,6 +81,8 @@ def create_app(
     )
     credentials = TurnCredentialService(issue_credentials) if issue_credentials is not None else None
     install_stomp_routes(service, calls, credentials)
+    node = bus.node if bus is not None else (node_name or socket.gethostname())
+    oversight = Oversight(node, service, calls, bus)
 
     web = Quart("signaling")
     # Quart takes in whatever body a client sends to any route, up to this, before a handler
@@ -93,4 +100,4 @@ def create_app(
         await serve_websocket(websocket._get_current_object(), service, limits, max_outbox, guard, origins)
 
     SockJSServer(service, limits, max_outbox, guard, origins).install(web, f"{prefix}/ws")
-    return SignalingApp(web, service, calls, credentials, broker, guard)
+    return SignalingApp(web, service, calls, credentials, broker, guard, oversight)

@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 from .errors import SignalingError
 from .service import SignalingService
-from .session import DEFAULT_MAX_OUTBOX_BYTES, Session
+from .session import DEFAULT_MAX_OUTBOX_BYTES, UNKNOWN_ARRIVAL, Arrival, Session
 from .stomp import ConnectRequested, Limits, StompServerConnection
 
 _session_numbers = itertools.count(1)
@@ -43,8 +43,10 @@ class StompEndpoint:
         connect_timeout_s: float | None = None,
         max_outbox_bytes: int = DEFAULT_MAX_OUTBOX_BYTES,
         overflow: Callable[[], None] = _nothing,
+        arrival: Arrival = UNKNOWN_ARRIVAL,
     ) -> None:
         self.service = service
+        self.arrival = arrival
         self.claimed_user = claimed_user
         self.max_outbox = max_outbox
         self.max_outbox_bytes = max_outbox_bytes
@@ -126,6 +128,7 @@ class StompEndpoint:
                 self.max_outbox,
                 self.max_outbox_bytes,
                 self.overflow,
+                self.arrival,
             )
             self.conn.accept(now, session=self.session.id, user_name=user)
             self.session.flush()

@@ -32,6 +32,7 @@ from wsproto.frame_protocol import CloseReason
 from ratelog import RateLimitedLog
 
 from .client_text import loggable
+from .forwarded import transport_peer
 from .guard import ClientGuard, Refused
 from .sockjs.request_body import DRAIN_MAX_BYTES
 
@@ -70,6 +71,16 @@ class GuardedTCPServer(TCPServer):
         self.cut_off = False
 
     async def run(self) -> None:
+        try:
+            await self._run_guarded()
+        except asyncio.CancelledError:
+            # A forced stop: Hypercorn cancels the connections still open when its graceful
+            # timeout is over.  The connection ends here and the task ends normally, because
+            # Python 3.11's StreamReaderProtocol logs an "Exception in callback" traceback for
+            # every connection task that ends cancelled (task.exception() raises; 3.12 checks).
+            self.writer.transport.abort()
+
+    async def _run_guarded(self) -> None:
         if self.guard is None:
             await super().run()
             return
@@ -272,7 +283,7 @@ class ReceiveDrain:
                 await send(message)
 
         if scope["type"] == "http" and scope.get("http_version") in ("1.0", "1.1"):
-            send = self._answer_before_the_body_ends(send, body, scope.get("client"))
+            send = self._answer_before_the_body_ends(send, body, transport_peer(scope))
         app = asyncio.ensure_future(self.app(scope, watched_receive, send_while_connected))
         try:
             await asyncio.shield(app)
@@ -294,7 +305,7 @@ class ReceiveDrain:
             if not gone and (websocket or not disconnected):
                 # Hypercorn hands over the disconnect only after this returns: a task.
                 task = asyncio.get_running_loop().create_task(
-                    self._drain(receive, scope.get("client"), websocket, disconnected)
+                    self._drain(receive, transport_peer(scope), websocket, disconnected)
                 )
                 self.drains.add(task)
                 task.add_done_callback(self.drains.discard)

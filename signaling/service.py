@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
+from bisect import bisect_left
 from collections import Counter
 from collections.abc import Callable
 
@@ -36,9 +37,21 @@ log = logging.getLogger("signaling")
 Handler = Callable[[Session, object], None]  # (sender, its parsed JSON body)
 CloseListener = Callable[[Session, bool], None]  # (session, it was its user's last)
 
+# How long sessions lasted, CONNECT accepted to close, for the operator's histogram
+# (appliance/ops/metrics.py): `counters` holds how many ended within each bound
+# ("session_seconds_bucket_<i>", not cumulative, the last index for the longer ones) and
+# their sum in milliseconds.
+SESSION_SECONDS_BUCKETS = (10.0, 60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0, 14400.0, 28800.0, 86400.0)
+
 
 class SignalingService:
-    def __init__(self, broker: Broker, verifier: TokenVerifier, limits: Limits | None = None) -> None:
+    def __init__(
+        self,
+        broker: Broker,
+        verifier: TokenVerifier,
+        limits: Limits | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.broker = broker
         self.verifier = verifier
         self.limits = limits = limits if limits is not None else Limits()
@@ -47,6 +60,9 @@ class SignalingService:
         self.local_routes: set[str] = set()  # routes that work without the broker's Redis
         self.counters: Counter[str] = Counter()
         self._close_listeners: list[CloseListener] = []
+        self.clock = clock
+        # When each connected session was accepted (as many as are connected: `closed` forgets).
+        self._connected_at: dict[Session, float] = {}
         self._failures = RateLimitedLog(log)
         # Users coming and going on other nodes (this node's own: connected and closed).
         broker.watch_presence(self.presence.changed)
@@ -98,6 +114,7 @@ class SignalingService:
         return user
 
     def connected(self, session: Session) -> None:
+        self._connected_at[session] = self.clock()
         first = self.broker.register(session)
         log.info("session %s of user %s connected", session.id, loggable(session.user_id))
         if first:
@@ -105,6 +122,7 @@ class SignalingService:
 
     def handle(self, session: Session, event) -> None:
         if isinstance(event, MessageSent):
+            session.received()
             self._on_send(session, event)
         elif isinstance(event, SendRefused):
             self.error(session, SignalingError(429, event.message))
@@ -125,6 +143,11 @@ class SignalingService:
     def closed(self, session: Session) -> None:
         last = self.broker.unregister(session)
         self.presence.forget(session)
+        since = self._connected_at.pop(session, None)
+        if since is not None:
+            seconds = max(0.0, self.clock() - since)
+            self.counters[f"session_seconds_bucket_{bisect_left(SESSION_SECONDS_BUCKETS, seconds)}"] += 1
+            self.counters["session_seconds_sum_ms"] += round(seconds * 1000)
         if session.slow:
             self.counters["slow_consumers"] += 1
             log.warning(
@@ -148,6 +171,20 @@ class SignalingService:
             session.flush()
         if sessions:
             log.info("shutdown: closing %d session(s)", len(sessions))
+        return len(sessions)
+
+    def disconnect_user(self, user_id: str, reason: str) -> int:
+        """End every session of `user_id` on this node with an ERROR frame (an operator's
+        disconnect); each close then runs as for a dropped connection, calls included.
+        Returns how many sessions were told."""
+        sessions = [s for s in self.broker.sessions_of(user_id) if not s.closed]
+        for session in sessions:
+            session.disconnect(reason)
+        if sessions:
+            self.counters["operator_disconnects"] += len(sessions)
+            log.warning(
+                "operator disconnect: %d session(s) of user %s closed", len(sessions), loggable(user_id)
+            )
         return len(sessions)
 
     def error(self, session: Session, err: SignalingError) -> None:

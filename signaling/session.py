@@ -9,12 +9,17 @@ in the STOMP connection for a writer that can still send it, and `overflow`
 tells the transport, which cuts the connection off if its writer is stuck.
 `wake` is the transport's callback for "there is something to write" -- a
 plain callable, so the broker never touches asyncio.
+
+What operators see of a session (appliance's GET /admin/sessions) is its
+`Arrival` (which transport, from which address, since when: given by the
+transport, which knows them) and the messages it counts each way.
 """
 
 from __future__ import annotations
 
 import collections
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from .stomp import StompServerConnection
 
@@ -24,6 +29,20 @@ DEFAULT_MAX_OUTBOX_BYTES = 1024 * 1024
 
 def _nothing() -> None:
     return None
+
+
+@dataclass(frozen=True)
+class Arrival:
+    """How a session came: its transport ("websocket", or a SockJS kind such as
+    "sockjs-xhr_streaming"), the client's address as text (client text: escape it before
+    logging), and when the transport opened, in epoch seconds."""
+
+    transport: str = "unknown"
+    address: str = ""
+    since: float = 0.0
+
+
+UNKNOWN_ARRIVAL = Arrival()
 
 
 class Session:
@@ -36,6 +55,7 @@ class Session:
         max_outbox: int = DEFAULT_MAX_OUTBOX,
         max_outbox_bytes: int = DEFAULT_MAX_OUTBOX_BYTES,
         overflow: Callable[[], None] = _nothing,
+        arrival: Arrival = UNKNOWN_ARRIVAL,
     ) -> None:
         self.id = session_id
         self.user_id = user_id
@@ -47,6 +67,9 @@ class Session:
         self.outbox: collections.deque[bytes] = collections.deque()
         self.outbox_bytes = 0
         self.slow = False
+        self.arrival = arrival
+        self.messages_in = 0  # SENDs the client made
+        self.messages_out = 0  # MESSAGE frames queued for it
 
     def __repr__(self) -> str:
         return f"Session({self.id!r}, user={self.user_id!r})"
@@ -98,6 +121,18 @@ class Session:
         self.conn.close_with_error("slow consumer: too much unread output")
         self.overflow()
 
+    def received(self) -> None:
+        """Count one SEND the client made (whatever became of it)."""
+        self.messages_in += 1
+
+    def disconnect(self, reason: str) -> None:
+        """End the session as shutdown does: an ERROR frame with `reason`, then the
+        transport closes (it sees `closed`); the close is reported as for any other."""
+        if self.closed:
+            return
+        self.conn.close_with_error(reason)
+        self.flush()
+
     def subscription_ids(self, destination: str) -> list[str]:
         return [sid for sid, dest in self.conn.subscriptions.items() if dest == destination]
 
@@ -106,6 +141,7 @@ class Session:
         ids = self.subscription_ids(destination)
         for sid in ids:
             self.conn.send_message(destination, sid, body)
+        self.messages_out += len(ids)
         if ids:
             self.flush()
         return bool(ids)

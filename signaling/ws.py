@@ -24,15 +24,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from .client_text import loggable
 from .endpoint import StompEndpoint
 from .errors import SignalingError
+from .forwarded import transport_peer
 from .guard import ClientGuard, Refused, SessionTicket
 from .origins import OriginPolicy
 from .service import SignalingService
+from .session import Arrival
 from .stomp import Limits
 
 log = logging.getLogger("signaling.ws")
@@ -50,9 +53,10 @@ def endpoint_factory(
     guard: ClientGuard,
     user: str | None,
     now: float,
+    arrival: Arrival,
 ) -> EndpointFactory:
     """How every transport builds its client's StompEndpoint: the URL's userId, the guard's
-    CONNECT deadline and outbox budget."""
+    CONNECT deadline and outbox budget, and how it arrived (for operators)."""
     policy = guard.policy
     return lambda wake, overflow: StompEndpoint(
         service,
@@ -64,7 +68,22 @@ def endpoint_factory(
         connect_timeout_s=policy.connect_timeout_s,
         max_outbox_bytes=policy.max_outbox_bytes,
         overflow=overflow,
+        arrival=arrival,
     )
+
+
+def address_text(client) -> str:
+    """An ASGI scope's `client` (host, port) -- the client a trusted proxy named, if any --
+    as "host:port" ("[v6]:port"); "" when the server does not know it."""
+    if not client:
+        return ""
+    host, port = client[0], client[1]
+    return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+
+
+def arrival_of(scope, transport: str) -> Arrival:
+    """How a client that opened `transport` now arrived (the scope's client, the wall clock)."""
+    return Arrival(transport, address_text(scope.get("client")), time.time())
 
 
 def choose_subprotocol(offered: list[str]) -> str | None:
@@ -86,6 +105,7 @@ class Framing:
     opening: str | None = None  # the first message (SockJS "o")
     closing: str | None = None  # the last one (SockJS c[...])
     idle: tuple[float, str] | None = None  # (seconds, message) when quiet (SockJS h)
+    transport: str = "websocket"  # what operators see (GET /admin/sessions)
 
 
 def max_message_bytes(max_frame_bytes: int) -> int:
@@ -139,7 +159,8 @@ async def serve_websocket(
         offered = list(websocket.requested_subprotocols)
         await websocket.accept(subprotocol=choose_subprotocol(offered) if framing.subprotocols else None)
         user = websocket.args.get("userId")
-        factory = endpoint_factory(service, limits, max_outbox, guard, user, loop.time())
+        arrival = arrival_of(websocket.scope, framing.transport)
+        factory = endpoint_factory(service, limits, max_outbox, guard, user, loop.time(), arrival)
         await WebSocketCarrier(websocket, guard, framing, factory).run()
     finally:
         ticket.release()
@@ -155,7 +176,9 @@ class WebSocketCarrier:
         self.websocket = websocket
         self.guard = guard
         self.framing = framing
-        self.client = websocket.scope.get("client")
+        # The connection to cut off on overflow: the TCP peer, whichever client a trusted
+        # proxy named.
+        self.client = transport_peer(websocket.scope)
         self.wake = asyncio.Event()
         self.sending = False  # the writer is inside a send
         self.writer: asyncio.Task | None = None

@@ -333,9 +333,10 @@ def test_healthcheck_fails_cleanly_when_nothing_listens(tmp_path, capsys):
 
 
 def test_healthcheck_without_a_listener(tmp_path, capsys):
-    config = write_config(tmp_path, "turn: {udp: null, tcp: null}\n")
+    # No relay listener at all: the signaling must be off too (it would hand out no ICE server).
+    config = write_config(tmp_path, "turn: {udp: null, tcp: null, tls: null}\nhttp: {listen: null}\n")
     assert main(["healthcheck", "--config", config]) == 1
-    assert "no UDP or TCP listener" in capsys.readouterr().err
+    assert "no UDP, TCP, TLS or edge listener" in capsys.readouterr().err
 
 
 def test_a_just_rotated_secret_signs_only_after_activation(tmp_path, capsys):

@@ -53,6 +53,49 @@ def test_only_udp_off_gives_stun_on_tcp(tmp_path):
     assert embedded_urls(config) == ["stun:127.0.0.1:3478", "turn:127.0.0.1:3478?transport=tcp"]
 
 
+def test_the_edge_port_is_handed_out_after_udp_and_before_the_rest(tmp_path):
+    config = config_of(tmp_path, "edge: {listen: 127.0.0.1:443}\n")
+    assert embedded_urls(config) == [
+        "stun:127.0.0.1:3478",
+        "turn:127.0.0.1:3478?transport=udp",
+        "turns:127.0.0.1:443?transport=tcp",
+        "turn:127.0.0.1:3478?transport=tcp",
+        "turns:127.0.0.1:5349?transport=tcp",
+    ]
+
+
+def test_with_the_standard_turn_ports_closed_the_edge_is_the_only_url(tmp_path):
+    config = config_of(tmp_path, "edge: {listen: 127.0.0.1:8444}\nturn: {udp: null, tcp: null, tls: null}\n")
+    assert embedded_urls(config) == ["turns:127.0.0.1:8444?transport=tcp"]
+    answer = CredentialIssuer.from_config(config, lambda: SecretRing((Secret("k", "s" * 43, 1),))).issue("a")
+    (entry,) = answer["iceServers"]
+    assert entry["urls"] == "turns:127.0.0.1:8444?transport=tcp" and entry["username"].endswith(":a")
+
+
+def test_the_edge_url_names_the_certificate_host_or_the_advertised_address(tmp_path):
+    named = config_of(tmp_path, "credentials: {host: turn.example.com}\nedge: {listen: 0.0.0.0:443}\n")
+    assert "turns:turn.example.com:443?transport=tcp" in embedded_urls(named)
+    wildcard = config_of(
+        tmp_path,
+        "external_ip: 203.0.113.7\nedge: {listen: 0.0.0.0:443}\n"
+        "turn: {udp: 0.0.0.0:3478, tcp: null, tls: null, relay_ip: 0.0.0.0}\n",
+    )
+    assert embedded_urls(wildcard) == [
+        "stun:203.0.113.7:3478",
+        "turn:203.0.113.7:3478?transport=udp",
+        "turns:203.0.113.7:443?transport=tcp",
+    ]
+    v6 = config_of(tmp_path, "edge: {listen: '[::1]:443'}\nturn: {udp: null, tcp: null, tls: null}\n")
+    assert embedded_urls(v6) == ["turns:[::1]:443?transport=tcp"]
+
+
+def test_ice_servers_replace_the_edge_url_too(tmp_path):
+    config = config_of(
+        tmp_path, "edge: {listen: 127.0.0.1:443}\ncredentials: {ice_servers: ['turns:t.example.com:443']}\n"
+    )
+    assert handed_out_urls(config) == ["turns:t.example.com:443"]
+
+
 def test_ice_servers_replace_the_defaults_and_external_ones_follow(tmp_path):
     config = config_of(
         tmp_path,

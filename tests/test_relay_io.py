@@ -18,6 +18,7 @@ from turn.core import RelaySettings
 from turn.node import Endpoint, NodeSettings, RelayNode
 
 from .netports import free_port_pair
+from .turn_fakes import AllowAll
 
 SECRET = b"relay-io-secret"
 REALM = "io.test"
@@ -30,14 +31,6 @@ class Clock:
 
     def __call__(self) -> float:
         return self.now
-
-
-class AllowAll:
-    def permits_ip(self, ip):
-        return True
-
-    def permits(self, ip, port):
-        return True
 
 
 async def start_node(relay: RelaySettings) -> RelayNode:
@@ -273,6 +266,9 @@ async def test_stream_loses_framing_closes_only_that_connection(node):
     bad = await open_client(node, "tcp")
     good = await open_client(node, "tcp")
     await good.allocate()
+    # STUN first, so the listener hands the stream on (its first bytes decide that), then
+    # bytes that are neither STUN nor ChannelData.
+    assert (await bad.request(stun.BINDING, [])).cls == stun.SUCCESS
     await bad.send(b"\xff" * 8)
     loop = asyncio.get_running_loop()
     assert await asyncio.wait_for(loop.sock_recv(bad.sock, 10), 2) == b""  # closed
@@ -380,6 +376,9 @@ async def test_stream_without_allocation_is_closed_when_idle(node):
     from turn.tcp import UNALLOCATED_IDLE_S, close_idle_unallocated
 
     idle = await open_client(node, "tcp")
+    # A Binding, not an Allocate: a stream that sends nothing at all is closed by the
+    # listener's sniff deadline before it is ever a connection of the node.
+    assert (await idle.request(stun.BINDING, [])).cls == stun.SUCCESS
     busy = await open_client(node, "tcp")
     await busy.allocate()
     for _ in range(100):

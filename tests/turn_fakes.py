@@ -16,6 +16,16 @@ SECRET = b"core-secret-0123456789"
 T0 = 1_900_000_000.0
 
 
+class AllowAll:
+    """A peer policy that permits every peer (loopback tests relay to loopback)."""
+
+    def permits_ip(self, ip):
+        return True
+
+    def permits(self, ip, port):
+        return True
+
+
 class FakeRelayPort:
     def __init__(self, opener: FakeOpener, ip: str, port: int) -> None:
         self.opener = opener

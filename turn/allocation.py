@@ -111,6 +111,7 @@ class Allocation:
         "relay",
         "relayed_address",
         "expires",
+        "created",
         "permissions",
         "channels",
         "channel_of_peer",
@@ -134,6 +135,8 @@ class Allocation:
         relayed_address: Address,
         expires: float,
         fingerprint: bool,
+        *,
+        created: float = 0.0,
     ) -> None:
         self.client = client
         self.client_key = client.key
@@ -143,6 +146,8 @@ class Allocation:
         self.relay = relay
         self.relayed_address = relayed_address
         self.expires = expires
+        # When the Allocate succeeded (the caller's clock): its age, and its duration at the end.
+        self.created = created
         # peer IP -> expiry; channel number -> (peer address, expiry); peer address -> number.
         self.permissions: dict[str, float] = {}
         self.channels: dict[int, tuple[Address, float]] = {}

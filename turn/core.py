@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import secrets
 import struct
+from bisect import bisect_left
 from collections import Counter
 from collections.abc import Callable, Hashable, Iterator
 from contextlib import contextmanager
@@ -47,6 +48,19 @@ log = logging.getLogger("turn")
 UDP_TRANSPORT = 17
 RESERVATION_LIFETIME_S = 30.0
 SWEEP_INTERVAL_S = 30.0
+
+# For the operator (appliance/ops/metrics.py), `counters` also holds how long allocations
+# lasted, from the Allocate's success to their end for any reason: how many ended within
+# each bound of ALLOCATION_SECONDS_BUCKETS ("allocation_seconds_bucket_<i>", not cumulative,
+# the last index for the longer ones) and their sum in milliseconds (an int like every
+# counter).  Kept there, they travel with the other figures (RelayNode.stats, a worker's
+# pipe) and the histograms of several relay processes add bucket by bucket.
+ALLOCATION_SECONDS_BUCKETS = (10.0, 30.0, 60.0, 300.0, 600.0, 1800.0, 3600.0, 7200.0, 14400.0, 86400.0)
+# "allocations_open_<transport>" in `counters` is a level, not a count of events: the live
+# allocations per client transport (ClientLink.transport_name), up at Allocate and down at
+# the end, so that it too adds up across processes (and ops.metrics leaves it out of an
+# exited worker's totals).
+OPEN_BY_TRANSPORT = "allocations_open_"
 
 
 @dataclass(frozen=True)
@@ -150,6 +164,10 @@ class TurnCore:
         # token -> (held port, expiry, user id it counts against)
         self._reservations: dict[bytes, tuple[RelayPort, float, str]] = {}
         self._next_sweep = 0.0
+        # The latest `now` a request or the timer brought: when an allocation ends where no
+        # clock is at hand (its TCP/TLS connection closed, close_all), the node's timer ran
+        # at most a second before (turn/node.py), which is precision enough for a duration.
+        self._last_now = 0.0
         self._failures = RateLimitedLog(log)
         # Refused credentials are logged for the operator, but a client that sends them by
         # the thousand must not write a line each.
@@ -252,6 +270,7 @@ class TurnCore:
         return min(times) if times else None
 
     def handle_timer(self, now: float) -> None:
+        self._last_now = now
         for alloc in self.table.pop_expired(now):
             self._close(alloc, "expired")
         for token, (port, exp, user_id) in list(self._reservations.items()):
@@ -275,6 +294,7 @@ class TurnCore:
     # ------------------------------------------------------------ requests
 
     def _request(self, msg: Message, client: ClientLink, now: float) -> bytes:
+        self._last_now = now  # requests only: nothing is added on a relayed packet's path
         if msg.method == stun.BINDING:
             unknown = msg.unknown_required()
             if unknown:
@@ -442,6 +462,7 @@ class TurnCore:
             (advertised_ip, relay.address[1]),
             now + lifetime,
             msg.has_fingerprint,
+            created=now,
         )
         relay.allocation = alloc
         self.bandwidth.attach(alloc, now)
@@ -459,6 +480,7 @@ class TurnCore:
         alloc.txid = tid
         alloc.response = self._finish(b, creds.key, msg.has_fingerprint)
         self.counters["allocations_created"] += 1
+        self.counters[OPEN_BY_TRANSPORT + client.transport_name] += 1
         log.info(
             "allocation %s for user %r from %s/%s, lifetime %ds",
             relay.address,
@@ -610,4 +632,13 @@ class TurnCore:
         self.ledger.release(alloc.user_id)
         alloc.relay.close()
         self.counters["allocations_deleted"] += 1
+        self._count_ended(alloc)
         log.info("allocation %s for user %r ended: %s", alloc.relay.address, alloc.user_id, reason)
+
+    def _count_ended(self, alloc: Allocation) -> None:
+        """Count an allocation that ended: its duration in the histogram, and one fewer
+        open on its client's transport (see ALLOCATION_SECONDS_BUCKETS)."""
+        seconds = max(0.0, self._last_now - alloc.created)  # a wall clock may step back
+        self.counters[f"allocation_seconds_bucket_{bisect_left(ALLOCATION_SECONDS_BUCKETS, seconds)}"] += 1
+        self.counters["allocation_seconds_sum_ms"] += round(seconds * 1000)
+        self.counters[OPEN_BY_TRANSPORT + alloc.client.transport_name] -= 1

@@ -3,6 +3,11 @@
 Every worker process runs one `RelayNode`.  Listeners are bound with
 SO_REUSEPORT so N workers share the ports and the kernel keeps each client
 5-tuple on one worker, which therefore owns that client's allocation.
+
+The stream listeners sniff each connection's first bytes (demux.accept): turn.tcp
+serves plain STUN and, with `tcp_tls`, TLS on the same port; turn.tls serves TLS.
+Both accept a PROXY header from `trusted_proxies`.  `adopt_stream` takes a stream
+another listener (the edge) accepted.
 """
 
 from __future__ import annotations
@@ -12,14 +17,23 @@ import logging
 import ssl
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
+
+from demux.accept import SniffingListener
+from demux.proxy import TrustedProxies
 
 from .auth import NonceBook, RestVerifier
 from .core import RelaySettings, TurnCore
 from .ledger import Ledger
 from .policy import PeerPolicy
-from .tcp import StreamConnection, abort_stalled, close_idle_unallocated
+from .tcp import (
+    StreamAcceptor,
+    StreamConnection,
+    abort_stalled,
+    close_idle_unallocated,
+    open_stream_listener,
+)
 from .udp import UdpListener, UdpRelayOpener, open_udp_listener
 
 log = logging.getLogger("turn")
@@ -56,6 +70,10 @@ class NodeSettings:
     relay_ports: tuple[int, int]
     nonce_lifetime_s: float
     reuse_port: bool
+    # turn.tcp takes TLS clients too (with the node's TLS context).
+    tcp_tls: bool = False
+    # Peers whose PROXY header names the client on turn.tcp and turn.tls.
+    trusted_proxies: TrustedProxies = field(default_factory=lambda: TrustedProxies(()))
 
 
 class RelayNode:
@@ -78,7 +96,7 @@ class RelayNode:
         self.policy = policy
         self.core: TurnCore | None = None
         self.udp: UdpListener | None = None
-        self.servers: list[asyncio.AbstractServer] = []
+        self.listeners: list[SniffingListener] = []
         self.connections: set[StreamConnection] = set()
         self._timer_task: asyncio.Task[None] | None = None
 
@@ -98,9 +116,9 @@ class RelayNode:
                 self.udp = UdpListener(loop, self.core, udp_sock, self.clock)
                 self.udp.start()
             if s.tcp:
-                self.servers.append(await self._serve_stream(s.tcp, "tcp", None))
+                self._listen(s.tcp, "tcp", plain=True, tls=s.tcp_tls)
             if s.tls:
-                self.servers.append(await self._serve_stream(s.tls, "tls", self.tls_context))
+                self._listen(s.tls, "tls", plain=False, tls=True)
         except BaseException:
             await self.stop()
             raise
@@ -111,23 +129,56 @@ class RelayNode:
         assert core is not None, "used only once start() has built the core"
         return core
 
-    async def _serve_stream(
-        self, ep: Endpoint, name: str, ctx: ssl.SSLContext | None
-    ) -> asyncio.AbstractServer:
-        loop = asyncio.get_running_loop()
-        core = self._started_core()
+    def _listen(self, ep: Endpoint, name: str, *, plain: bool, tls: bool) -> None:
+        """Bind `ep` and sniff each connection: plain STUN if `plain`, TLS if `tls` and
+        the node has a TLS context; anything else is closed and counted."""
+        if name == "tls" and self.tls_context is None:
+            raise ValueError("a turn.tls listener needs a TLS context")
         try:
-            return await loop.create_server(
-                lambda: StreamConnection(core, name, self.connections, self.clock),
-                ep.host,
-                ep.port,
-                ssl=ctx,
-                reuse_port=self.settings.reuse_port,
-                reuse_address=True,
-                ssl_handshake_timeout=10 if ctx else None,
-            )
+            sock = open_stream_listener(ep.host, ep.port, self.settings.reuse_port)
         except OSError as exc:
             raise ListenerBindError(name, ep, exc) from exc
+        acceptor = StreamAcceptor(
+            self._started_core(),
+            self.connections,
+            self._count_refused,
+            plain=plain,
+            tls_context=self.tls_context if tls else None,
+            clock=self.clock,
+        )
+        listener = SniffingListener(sock, acceptor, self.settings.trusted_proxies, self._count_refused)
+        self.listeners.append(listener)
+        listener.start()
+
+    def _count_refused(self, reason: str) -> None:
+        """A stream connection closed before it became a StreamConnection: the
+        SniffingListener's reasons and StreamAcceptor's (ops.metrics lists them)."""
+        self._started_core().counters[f"stream_refused_{reason}"] += 1
+
+    def adopt_stream(
+        self,
+        transport: asyncio.Transport,
+        initial: bytes,
+        client: tuple[str, int],
+        transport_name: str = "tls",
+    ) -> StreamConnection:
+        """Make a stream another listener accepted (the edge's TLS, handshake done) one of
+        this node's connections, with the quotas, metrics, sweeps and drain of its own.
+
+        `initial`: bytes already read from it (decrypted), parsed first; `client`: the
+        client's address (the peer, or what a trusted PROXY header named).  The transport
+        must be reading.  Raises RuntimeError (and aborts the transport) before start().
+        """
+        core = self.core
+        if core is None:
+            transport.abort()
+            raise RuntimeError("adopt_stream before the relay node started")
+        conn = StreamConnection(core, transport_name, self.connections, self.clock, client=client)
+        transport.set_protocol(conn)
+        conn.connection_made(transport)
+        if initial:
+            conn.data_received(initial)
+        return conn
 
     async def _run_timer(self) -> None:
         core = self._started_core()
@@ -149,11 +200,12 @@ class RelayNode:
                 next_idle_check = now + IDLE_CHECK_S
 
     def begin_drain(self) -> None:
-        """Stop taking new allocations and TCP/TLS connections; live ones keep relaying."""
+        """Stop taking new allocations and TCP/TLS connections (those not yet past their
+        sniff or handshake are closed); live ones keep relaying."""
         if self.core is not None:
             self.core.draining = True
-        for server in self.servers:
-            server.close()
+        for listener in self.listeners:
+            listener.close()
 
     async def drained(self, timeout_s: float, poll_s: float = 0.2) -> bool:
         """Wait until no allocation is left or `timeout_s` passed; True if none is left."""
@@ -194,8 +246,8 @@ class RelayNode:
         if self._timer_task is not None:
             self._timer_task.cancel()
             self._timer_task = None
-        for server in self.servers:
-            server.close()
+        for listener in self.listeners:
+            listener.close()
         for conn in list(self.connections):
             conn.close()
         if self.core is not None:
@@ -203,9 +255,9 @@ class RelayNode:
         if self.udp is not None:
             self.udp.close()
             self.udp = None
-        for server in self.servers:
+        for listener in self.listeners:
             try:
-                await asyncio.wait_for(server.wait_closed(), 2)
+                await asyncio.wait_for(listener.wait_closed(), 2)
             except (TimeoutError, Exception):
                 pass
-        self.servers.clear()
+        self.listeners.clear()

@@ -1,18 +1,28 @@
-"""TCP and TLS client connections (RFC 8656 §3.1, §12.5).
+"""TCP and TLS client connections (RFC 8656 §3.1, §12.5), and the listening side.
 
 A stream carries STUN messages and ChannelData back to back; ChannelData is
 padded to a multiple of four bytes on streams in both directions.  Each
 connection is its own client 5-tuple and its allocation's ClientLink
 (allocation.py): it is keyed by a name of its own ("tcp#12"), relayed data
 goes out through it, and closing it ends its allocation.
+
+A listener (node.py) runs a demux.accept.SniffingListener on a socket from
+`open_stream_listener`; `StreamAcceptor` turns each sniffed connection it hands
+on into a StreamConnection: plain STUN, or TLS (the handshake done here), or
+neither and closed.  Its client address is the one a trusted PROXY header named.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import socket
+import ssl
 import time
 from collections.abc import Callable
+
+from demux.accept import Sniffed
+from demux.sniff import StreamKind
 
 from .core import TurnCore
 from .stun import plain_address
@@ -35,6 +45,11 @@ PAUSE_AT_BYTES = 64 * 1024
 OUTPUT_BUDGET_BYTES = 256 * 1024
 STALLED_WRITE_S = 30.0
 
+# Pending TCP connections the kernel queues for a listener (asyncio's create_server default).
+LISTEN_BACKLOG = 100
+# A TLS client that has not finished its handshake by then is dropped.
+TLS_HANDSHAKE_S = 10.0
+
 # Numbers connections for their keys: never reused in a process, so a late close of an
 # old connection cannot end a new one's allocation.
 _connection_numbers = itertools.count(1)
@@ -50,7 +65,10 @@ class StreamConnection(asyncio.Protocol):
         transport_name: str,
         connections: set[StreamConnection],
         clock: Callable[[], float] = time.time,
+        client: tuple[str, int] | None = None,
     ) -> None:
+        """`client`: the client's address when it is not the transport's peer (a PROXY
+        header named it, or the edge accepted the connection); None: the peer."""
         self.core = core
         self.transport_name = transport_name
         self.key = f"{transport_name}#{next(_connection_numbers)}"
@@ -61,6 +79,7 @@ class StreamConnection(asyncio.Protocol):
         self.opened_at = clock()
         self.write_paused_since: float | None = None
         self.closed_at: float | None = None
+        self._client = client
         self._buf = bytearray()
 
     # --------------------------------------------------------- asyncio
@@ -68,7 +87,9 @@ class StreamConnection(asyncio.Protocol):
     # A stream server's protocol is given an asyncio.Transport; the stub declares the base.
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         self.transport = transport
-        self.address = plain_address(transport.get_extra_info("peername"))
+        # The address nonces, XOR-MAPPED-ADDRESS, rate limits and logs use: a proxy's
+        # own address would make every client behind it one source.
+        self.address = plain_address(self._client or transport.get_extra_info("peername"))
         # Explicit, so TCP and TLS pause alike (asyncio's TLS default is 512 KiB).
         transport.set_write_buffer_limits(high=PAUSE_AT_BYTES)
         self.connections.add(self)
@@ -242,3 +263,79 @@ def abort_stalled(connections: set[StreamConnection], now: float) -> int:
     for conn in stalled:
         conn.abort()
     return len(stalled)
+
+
+def open_stream_listener(
+    host: str, port: int, reuse_port: bool, backlog: int = LISTEN_BACKLOG
+) -> socket.socket:
+    """A listening, non-blocking TCP socket as asyncio's create_server made one
+    (SO_REUSEADDR; SO_REUSEPORT when relay processes share the port), except that "::"
+    takes IPv4 clients too, as the UDP listener does (udp.open_udp_listener)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if host == "::" else 1)
+        sock.bind((host, port))
+        sock.listen(backlog)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+class StreamAcceptor:
+    """A relay listener's SniffingListener.on_stream: a STUN stream (when `plain`) or a
+    TLS one (when there is a `tls_context`) becomes a StreamConnection; any other kind
+    is closed and counted as `count("unexpected_<kind>")`, a failed or timed-out TLS
+    handshake as `count("tls_handshake_failed")`."""
+
+    def __init__(
+        self,
+        core: TurnCore,
+        connections: set[StreamConnection],
+        count: Callable[[str], None],
+        *,
+        plain: bool,
+        tls_context: ssl.SSLContext | None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.core = core
+        self.connections = connections
+        self.count = count
+        self.plain = plain
+        self.tls_context = tls_context
+        self.clock = clock
+
+    async def __call__(self, sniffed: Sniffed) -> None:
+        tls = sniffed.kind is StreamKind.TLS and self.tls_context is not None
+        if not (tls or (sniffed.kind is StreamKind.STUN and self.plain)):
+            self.count(f"unexpected_{sniffed.kind.value}")
+            sniffed.sock.close()
+            return
+        if sniffed.proxied:
+            self.core.counters["stream_proxied"] += 1
+        name = "tls" if tls else "tcp"
+
+        def connection() -> StreamConnection:
+            return StreamConnection(self.core, name, self.connections, self.clock, client=sniffed.client)
+
+        loop = asyncio.get_running_loop()
+        if not tls:
+            await loop.connect_accepted_socket(connection, sniffed.sock)
+            return
+        try:
+            await loop.connect_accepted_socket(
+                connection, sniffed.sock, ssl=self.tls_context, ssl_handshake_timeout=TLS_HANDSHAKE_S
+            )
+        except OSError:
+            # A scanner, a client that distrusts the certificate, a stalled handshake: the
+            # loop closed the transport; counted, not logged (every client could cause it).
+            # Closing the socket again is safe on both loops (asyncio set its descriptor to
+            # -1; uvloop holds an I/O reference, so this close only marks it).
+            self.count("tls_handshake_failed")
+            sniffed.sock.close()

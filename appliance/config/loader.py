@@ -244,7 +244,7 @@ def _cross_checks(config: AppConfig) -> None:
     """Rules that involve more than one key."""
     t = config.turn
     _check_tls_files("turn", t.tls_cert, t.tls_key)
-    if any((t.udp, t.tcp, t.tls)) and not (t.relay_ip or t.relay_ip6):
+    if any((t.udp, t.tcp, t.tls, config.edge.listen)) and not (t.relay_ip or t.relay_ip6):
         raise ConfigError(
             "turn.relay_ip", "a TURN listener is enabled but neither relay_ip nor relay_ip6 is set"
         )
@@ -264,6 +264,7 @@ def _cross_checks(config: AppConfig) -> None:
     if t.tcp and t.tls and (t.tcp.host, t.tcp.port) == (t.tls.host, t.tls.port):
         raise ConfigError("turn.tls", f"same address as turn.tcp ({t.tcp})")
     _check_tls_files("http", config.http.tls_cert, config.http.tls_key)
+    _edge_checks(config)
     a = config.auth
     _check_readable("auth.jwt_public_key", a.jwt_public_key)
     if a.mode == "http" and not a.introspect_url:
@@ -278,6 +279,25 @@ def _cross_checks(config: AppConfig) -> None:
         )
     _credential_checks(config)
     _admin_checks(config.admin)
+
+
+def _edge_checks(config: AppConfig) -> None:
+    """The edge shares one TLS port between TURN and the signaling: it needs the signaling
+    (its HTTPS side is the signaling app), and an address of its own."""
+    e = config.edge
+    _check_tls_files("edge", e.tls_cert, e.tls_key)
+    if e.listen is None:
+        return
+    if config.http.listen is None:
+        raise ConfigError(
+            "edge.listen",
+            "the edge serves the signaling's HTTPS and WSS, but http.listen is null "
+            "(signaling off); for TURN over TLS alone set turn.tls to this address instead",
+        )
+    t = config.turn
+    for key, other in (("http.listen", config.http.listen), ("turn.tcp", t.tcp), ("turn.tls", t.tls)):
+        if other is not None and (other.host, other.port) == (e.listen.host, e.listen.port):
+            raise ConfigError("edge.listen", f"same address as {key} ({other})")
 
 
 def _credential_checks(config: AppConfig) -> None:
@@ -295,7 +315,7 @@ def _credential_checks(config: AppConfig) -> None:
             "credentials.ice_servers",
             "is an empty list; give URLs, or null for the embedded relay's defaults",
         )
-    relay_on = any((t.udp, t.tcp, t.tls))
+    relay_on = any((t.udp, t.tcp, t.tls, config.edge.listen))
     if config.http.listen is not None and not (relay_on or c.external or c.ice_servers):
         raise ConfigError(
             "credentials.external",

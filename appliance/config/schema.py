@@ -406,8 +406,9 @@ class AppConfig:
     log_level: str = opt("info", "log level", one_of("debug", "info", "warning", "error"))
     trusted_proxies: tuple[str, ...] = opt(
         (),
-        "load balancers (IP or CIDR) whose PROXY protocol v1/v2 header names the client on the "
-        "TCP, TLS, edge and HTTP listeners; a PROXY header from any other source closes the connection",
+        "load balancers and reverse proxies (IP or CIDR) trusted to name the client: by a PROXY "
+        "protocol v1/v2 header on the TCP, TLS and edge listeners, by X-Forwarded-For or Forwarded "
+        "on the signaling; a PROXY header from any other source closes the connection",
         item_check=network,
     )
     turn: TurnConfig = field(default_factory=TurnConfig)

@@ -1,10 +1,11 @@
 """What `/app/turn/get-turn-credentials` answers (docs/api.md §6): the iceServers list.
 
 The URLs come from the configuration -- by default one STUN URL and a TURN
-URL per enabled relay listener, on `credentials.host` or the advertised
-address -- plus any external coturn servers.  Every TURN entry carries the
-same REST credential, signed with the ring's signing secret, so it works on
-the embedded relay and on every coturn sharing the ring.
+URL per enabled relay listener (the edge listener's TLS port among them), on
+`credentials.host` or the advertised address -- plus any external coturn
+servers.  Every TURN entry carries the same REST credential, signed with the
+ring's signing secret, so it works on the embedded relay and on every coturn
+sharing the ring.
 """
 
 from __future__ import annotations
@@ -33,7 +34,11 @@ def _url_host(config: AppConfig, listener: HostPort) -> str:
 
 
 def embedded_urls(config: AppConfig) -> list[str]:
-    """One stun: URL and a turn:/turns: URL for each enabled relay listener."""
+    """One stun: URL and a turn:/turns: URL for each enabled relay listener.
+
+    The order is the order of preference a client should see: UDP first (the cheapest
+    path), then TURN over TLS on the edge port (edge.listen, usually 443: it crosses the
+    networks that let nothing else out), then TCP and the TLS listener."""
     t = config.turn
     urls = []
     stun_listener = t.udp or t.tcp
@@ -41,6 +46,9 @@ def embedded_urls(config: AppConfig) -> list[str]:
         urls.append(f"stun:{_url_host(config, stun_listener)}:{stun_listener.port}")
     if t.udp is not None:
         urls.append(f"turn:{_url_host(config, t.udp)}:{t.udp.port}?transport=udp")
+    edge = config.edge.listen
+    if edge is not None:
+        urls.append(f"turns:{_url_host(config, edge)}:{edge.port}?transport=tcp")
     if t.tcp is not None:
         urls.append(f"turn:{_url_host(config, t.tcp)}:{t.tcp.port}?transport=tcp")
     if t.tls is not None:

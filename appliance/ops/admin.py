@@ -7,11 +7,17 @@
     GET  /admin/secrets         ids, ages and states of the ring (never the values)
     POST /admin/secrets/rotate  a new current secret; the old one stays in grace
     POST /admin/secrets/prune   drop secrets past their grace
+    GET  /admin/sessions[?user=ID]  signaling sessions of every node (with the Redis broker)
+    DELETE /admin/sessions?user=ID  disconnect the user's sessions on every node (ERROR frame)
+    GET  /admin/calls           live calls of every node, each by the node that owns it
 
 `/metrics` and `/admin/*` need `Authorization: Bearer <admin.token>` when a
 token is set.  Without one (allowed on loopback only) metrics are open and
-the secret endpoints answer 403: changing secrets over HTTP always needs a
-token, while `appliance secret rotate` on the machine itself does not.
+the secret endpoints and DELETE /admin/sessions answer 403: changing secrets or
+disconnecting users over HTTP always needs a token, while `appliance secret rotate`
+on the machine itself does not.  Listings hold at most oversight.MAX_ROWS rows
+(`truncated` says more existed); user ids and addresses are client text, escaped
+by the JSON encoder and by `loggable` in log lines.
 """
 
 from __future__ import annotations
@@ -26,6 +32,9 @@ from dataclasses import dataclass, field
 
 from quart import Quart, Response, jsonify, request
 from werkzeug.exceptions import HTTPException
+
+from signaling.client_text import loggable
+from signaling.oversight import MAX_ROWS, Listing, Oversight, OversightBusy
 
 from ..credentials.ring import SecretRing, SecretRingError, prune, rotate
 from ..credentials.watcher import RingWatcher
@@ -50,6 +59,7 @@ class AdminContext:
     secrets_changed: Callable[[], Awaitable[None]]  # re-read the ring here and in every worker
     clock: Callable[[], float] = time.time
     refusals: Counter = field(default_factory=Counter)
+    signaling: Oversight | None = None  # None: no signaling on this node
 
 
 class AdminRefusal(Exception):
@@ -80,6 +90,21 @@ def describe_ring(ring: SecretRing, now: float, grace_s: int, activation_s: int)
     return {"current": current.id, "signing": signing.id, "secrets": rows}
 
 
+MAX_USER_CHARS = 1024  # longer than any user id the signaling accepts
+
+
+def listing_json(listing: Listing, key: str, node: str) -> dict:
+    """A Listing as the admin API answers it: the rows under `key`, who answered."""
+    return {
+        "node": node,
+        key: listing.rows,
+        "count": len(listing.rows),
+        "truncated": listing.truncated,
+        "nodes": listing.nodes,
+        "unanswered": listing.unanswered,
+    }
+
+
 def create_admin_app(ctx: AdminContext) -> Quart:
     app = Quart("admin")
 
@@ -102,6 +127,41 @@ def create_admin_app(ctx: AdminContext) -> Quart:
                 403, "set admin.token to manage secrets over HTTP (or use `appliance secret` on this machine)"
             )
         require_token()
+
+    def require_action_access() -> None:
+        if ctx.token is None:
+            raise AdminRefusal(403, "set admin.token to disconnect users over HTTP")
+        require_token()
+
+    def oversight() -> Oversight:
+        if ctx.signaling is None:
+            raise AdminRefusal(404, "no signaling on this node (http.listen is off)")
+        return ctx.signaling
+
+    def user_arg(required: bool) -> str | None:
+        user = request.args.get("user")
+        if user is None or user == "":
+            if required:
+                raise AdminRefusal(400, "name the user: ?user=ID")
+            return None
+        if len(user) > MAX_USER_CHARS:
+            raise AdminRefusal(400, f"user must be at most {MAX_USER_CHARS} characters")
+        return user
+
+    def limit_arg() -> int:
+        text = request.args.get("limit")
+        if text is None:
+            return MAX_ROWS
+        if not text.isdigit() or not 1 <= int(text) <= MAX_ROWS:
+            raise AdminRefusal(400, f"limit must be a whole number from 1 to {MAX_ROWS}")
+        return int(text)
+
+    @app.errorhandler(OversightBusy)
+    async def busy(err: OversightBusy):
+        response = jsonify({"error": "too many questions to the other nodes at once; try again"})
+        response.status_code = 503
+        response.headers["Retry-After"] = "1"
+        return response
 
     @app.errorhandler(AdminRefusal)
     async def refused(err: AdminRefusal):
@@ -169,5 +229,42 @@ def create_admin_app(ctx: AdminContext) -> Quart:
             log.info("secrets pruned over the admin API: %s", ", ".join(s.id for s in dropped))
             await ctx.secrets_changed()
         return jsonify({"pruned": [s.id for s in dropped]})
+
+    @app.get("/admin/sessions")
+    async def list_sessions():
+        require_token()
+        over = oversight()
+        listing = await over.sessions(user_arg(required=False), limit_arg())
+        return jsonify(listing_json(listing, "sessions", over.node))
+
+    @app.delete("/admin/sessions")
+    async def disconnect_sessions():
+        require_action_access()
+        over = oversight()
+        user = user_arg(required=True)
+        assert user is not None  # required
+        result = await over.disconnect(user)
+        log.warning(
+            "admin: disconnect of user %s: %d session(s) on %d node(s)%s",
+            loggable(user),
+            result.total,
+            len(result.per_node),
+            f", no answer from {len(result.unanswered)}" if result.unanswered else "",
+        )
+        return jsonify(
+            {
+                "user": user,
+                "disconnected": result.total,
+                "perNode": result.per_node,
+                "unanswered": result.unanswered,
+            }
+        )
+
+    @app.get("/admin/calls")
+    async def list_calls():
+        require_token()
+        over = oversight()
+        listing = await over.live_calls(limit_arg())
+        return jsonify(listing_json(listing, "calls", over.node))
 
     return app

@@ -6,20 +6,31 @@ turns a snapshot of them into metric families when /metrics is scraped.
 Labels are bounded sets (reason, code, outcome, direction, transport); no
 user id, username or address is ever a label, because ephemeral usernames
 would grow the series without bound.
+
+Durations are histograms the cores count bucket by bucket in their counters
+(turn.core.ALLOCATION_SECONDS_BUCKETS, signaling.service.SESSION_SECONDS_BUCKETS),
+so the relay processes' add up like any counter; current rates (bits and packets
+per second) are computed here from the relayed totals (ops/rates.py).
 """
 
 from __future__ import annotations
 
+import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.utils import floatToGoString
 
 from signaling.calls.machine import Outcome
+from signaling.forwarded import COUNT_FORWARDED, COUNT_MALFORMED, COUNT_UNTRUSTED
+from signaling.service import SESSION_SECONDS_BUCKETS
+from turn.core import ALLOCATION_SECONDS_BUCKETS, OPEN_BY_TRANSPORT
 
 from ..credentials.watcher import RingWatcher
+from .rates import RateWindow
 
 if TYPE_CHECKING:  # the relay workers import this module too: no web app for them
     from signaling.app import SignalingApp
@@ -47,8 +58,35 @@ SIGNALING_REFUSALS = (
     "sockjs_other_address",
     "sockjs_body_too_large",
 )
+# What signaling.forwarded.TrustedForwarded did with a request's forwarding headers.
+SIGNALING_FORWARDED = {
+    "applied": COUNT_FORWARDED,
+    "malformed": COUNT_MALFORMED,
+    "untrusted": COUNT_UNTRUSTED,
+}
 SIGNALING_ABORTS = ("send_timeout", "overflow", "close_timeout", "drain", "server_error")
-
+# Why the relay closed a TCP/TLS connection before it carried TURN (turn.node): no first
+# bytes in time, too many pending, EOF, a PROXY header refused, a bug (demux.accept.COUNTED;
+# accept_error is an accept() that failed), then a kind the listener does not serve (HTTP
+# on turn.tcp, plain STUN on turn.tls...) or a failed TLS handshake (turn.tcp.StreamAcceptor).
+RELAY_STREAM_REFUSALS = (
+    "sniff_timeout",
+    "sniff_overflow",
+    "sniff_eof",
+    "proxy_untrusted",
+    "proxy_malformed",
+    "sniff_error",
+    "stream_error",
+    "accept_error",
+    "unexpected_tls",
+    "unexpected_stun",
+    "unexpected_http",
+    "unexpected_unknown",
+    "tls_handshake_failed",
+)
+# The client transports an allocation can come over (turn.allocation.ClientLink.transport_name):
+# each is a series of relay_allocations_by_transport, 0 when none is open.
+RELAY_TRANSPORTS = ("udp", "tcp", "tls")
 
 # Relay snapshot fields that only grow: kept from a worker that exited, so totals never fall.
 MONOTONIC_FIELDS = (
@@ -83,7 +121,10 @@ def retired_part(snapshot: dict) -> dict:
     if not snapshot:
         return {}
     kept = {key: snapshot.get(key, 0) for key in MONOTONIC_FIELDS}
-    kept["counters"] = dict(snapshot.get("counters", {}))
+    # Every counter but the levels (open allocations): those ended with the worker.
+    kept["counters"] = {
+        name: n for name, n in snapshot.get("counters", {}).items() if not name.startswith(OPEN_BY_TRANSPORT)
+    }
     return kept
 
 
@@ -102,6 +143,21 @@ def _labelled(name: str, doc: str, label: str, values: dict, kind=CounterMetricF
     return family
 
 
+def _histogram(
+    name: str, doc: str, bounds: Sequence[float], counters: Mapping[str, float], prefix: str
+) -> HistogramMetricFamily:
+    """A histogram from a core's per-bucket counts (`<prefix>_bucket_<i>`, not cumulative,
+    index len(bounds) for what is over the last bound) and `<prefix>_sum_ms`."""
+    buckets = []
+    cumulative = 0.0
+    for index, bound in enumerate((*bounds, math.inf)):
+        cumulative += counters.get(f"{prefix}_bucket_{index}", 0)
+        buckets.append((floatToGoString(bound), cumulative))
+    return HistogramMetricFamily(
+        P + name, doc, buckets=buckets, sum_value=counters.get(f"{prefix}_sum_ms", 0) / 1000
+    )
+
+
 class ApplianceCollector:
     """Yields the appliance's metric families; each source may be absent (None)."""
 
@@ -112,12 +168,17 @@ class ApplianceCollector:
         watcher: RingWatcher | None = None,
         draining: Callable[[], bool] = lambda: False,
         clock: Callable[[], float] = time.time,
+        edge_stats: Callable[[], dict] | None = None,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.relay_stats = relay_stats
         self.signaling = signaling
         self.watcher = watcher
         self.draining = draining
         self.clock = clock
+        self.edge_stats = edge_stats
+        self.monotonic = monotonic  # for rates: a wall clock may step
+        self.relay_rates = RateWindow()
 
     def collect(self):
         yield _gauge("draining", "1 while the appliance is shutting down", int(self.draining()))
@@ -127,6 +188,8 @@ class ApplianceCollector:
             yield from self._relay(self.relay_stats())
         if self.signaling is not None:
             yield from self._signaling()
+        if self.edge_stats is not None:
+            yield from self._edge(self.edge_stats())
 
     def _ring(self):
         w = self.watcher
@@ -156,6 +219,20 @@ class ApplianceCollector:
             "relay_processes", "relay processes whose figures are summed here", s.get("processes", 1)
         )
         yield _gauge("relay_allocations", "live TURN allocations", s.get("allocations", 0))
+        yield _labelled(
+            "relay_allocations_by_transport",
+            "live TURN allocations by the client's transport to the relay",
+            "transport",
+            {t: counters.get(OPEN_BY_TRANSPORT + t, 0) for t in RELAY_TRANSPORTS},
+            kind=GaugeMetricFamily,
+        )
+        yield _histogram(
+            "relay_allocation_duration_seconds",
+            "how long allocations lasted, from the Allocate's success to their end for any reason",
+            ALLOCATION_SECONDS_BUCKETS,
+            counters,
+            "allocation_seconds",
+        )
         yield _gauge("relay_permissions", "live permissions over all allocations", s.get("permissions", 0))
         yield _gauge("relay_channels", "live channel bindings over all allocations", s.get("channels", 0))
         yield _gauge("relay_stream_connections", "open TCP/TLS client connections", s.get("connections", 0))
@@ -171,6 +248,7 @@ class ApplianceCollector:
             "direction",
             {"to_peer": s["to_peer_bytes"], "to_client": s["to_client_bytes"]},
         )
+        yield from self._relay_rates(s)
         yield _counter(
             "relay_dropped_packets",
             "packets without a permission, channel or allocation, or that could not be sent",
@@ -242,6 +320,18 @@ class ApplianceCollector:
                 "idle": counters.get("idle_connections_closed", 0),
             },
         )
+        yield _labelled(
+            "relay_stream_refused",
+            "TCP/TLS connections to turn.tcp and turn.tls closed before they carried TURN "
+            "(accept_error: an accept that failed)",
+            "reason",
+            {reason: counters.get(f"stream_refused_{reason}", 0) for reason in RELAY_STREAM_REFUSALS},
+        )
+        yield _counter(
+            "relay_stream_proxied",
+            "TCP/TLS connections whose client a PROXY header from trusted_proxies named",
+            counters.get("stream_proxied", 0),
+        )
         yield _counter(
             "relay_ports_exhausted",
             "Allocates refused (508) for want of a relay port",
@@ -253,12 +343,38 @@ class ApplianceCollector:
             counters.get("relay_fd_exhausted", 0),
         )
 
+    def _relay_rates(self, s: dict):
+        """Relayed bits and packets per second each way over the last few seconds
+        (ops/rates.py: or since the previous read of /metrics, if that is older)."""
+        rates = self.relay_rates.rates(self.monotonic(), {key: s[key] for key in MONOTONIC_FIELDS})
+        yield _labelled(
+            "relay_bits_per_second",
+            "payload bits relayed per second now (over the last few seconds, or since the previous scrape)",
+            "direction",
+            {d: 8 * rates[f"{d}_bytes"] for d in ("to_peer", "to_client")},
+            kind=GaugeMetricFamily,
+        )
+        yield _labelled(
+            "relay_packets_per_second",
+            "packets relayed per second now (the same window)",
+            "direction",
+            {d: rates[f"{d}_packets"] for d in ("to_peer", "to_client")},
+            kind=GaugeMetricFamily,
+        )
+
     def _signaling(self):
         app = self.signaling
         svc = app.service
         broker = app.broker
         counters = svc.counters
         yield _gauge("signaling_sessions", "STOMP sessions connected to this node", broker.session_count())
+        yield _histogram(
+            "signaling_session_duration_seconds",
+            "how long STOMP sessions on this node lasted, from CONNECT accepted to their close",
+            SESSION_SECONDS_BUCKETS,
+            counters,
+            "session_seconds",
+        )
         yield _gauge(
             "signaling_online_users", "users with at least one session (on any node)", broker.user_count()
         )
@@ -286,6 +402,16 @@ class ApplianceCollector:
         yield _counter(
             "signaling_slow_consumers", "sessions cut off for not reading", counters.get("slow_consumers", 0)
         )
+        yield _counter(
+            "signaling_operator_disconnects",
+            "sessions an operator disconnected (DELETE /admin/sessions)",
+            counters.get("operator_disconnects", 0),
+        )
+        yield _counter(
+            "signaling_oversight_unanswered",
+            "other nodes' questions for an admin listing this node left unanswered (too many at once)",
+            counters.get("oversight_unanswered", 0),
+        )
         yield _labelled(
             "signaling_refused",
             "connections, sessions and requests refused: 503 "
@@ -295,6 +421,14 @@ class ApplianceCollector:
             "xhr_send body over stomp.max_frame_bytes",
             "reason",
             {reason: counters.get(f"refused_{reason}", 0) for reason in SIGNALING_REFUSALS},
+        )
+        yield _labelled(
+            "signaling_forwarded",
+            "requests from a trusted proxy whose X-Forwarded-For or Forwarded named the client "
+            "(applied), could not be read (malformed: the proxy's address kept), and forwarding "
+            "headers from a peer not in trusted_proxies (untrusted: ignored)",
+            "result",
+            {result: counters.get(name, 0) for result, name in SIGNALING_FORWARDED.items()},
         )
         yield _counter(
             "signaling_connect_timeouts",
@@ -319,6 +453,31 @@ class ApplianceCollector:
             yield _labelled(
                 "turn_credentials_issued", "iceServers answers", "transport", dict(app.credentials.counters)
             )
+
+    # ------------------------------------------------------------ the edge listener
+
+    def _edge(self, s: dict):
+        """The edge listener (appliance.process.edge.EdgeListener.stats): where its
+        connections went (route: turn_alpn, turn_sniffed, http_alpn, http_sniffed) and why
+        the others were closed before a route (a bounded set of reasons)."""
+        yield _labelled(
+            "edge_connections",
+            "edge connections routed after TLS, by route: TURN or HTTP, by ALPN or by the first bytes",
+            "route",
+            s["routes"],
+        )
+        yield _labelled(
+            "edge_closed",
+            "edge connections closed before a route: not TLS, a failed handshake, "
+            "nothing sent in time, a PROXY header refused, the edge stopping...",
+            "reason",
+            s["closed"],
+        )
+        yield _gauge(
+            "edge_http_connections",
+            "HTTP connections the edge handed to the signaling, open now",
+            s["http_open"],
+        )
 
 
 def metrics_registry(collector: ApplianceCollector) -> CollectorRegistry:

@@ -16,7 +16,7 @@ from ..config.schema import AppConfig
 from ..credentials.watcher import RingWatcher
 from ..tls.files import TlsFiles
 from ..tls.reload import CertificateReloader
-from ..wiring.relay import node_settings, peer_policy, tls_context
+from ..wiring.relay import needs_turn_certificate, node_settings, peer_policy, tls_context
 from .listeners import ListenerError
 
 log = logging.getLogger("appliance")
@@ -45,9 +45,9 @@ class LocalRelay:
     ) -> None:
         self.config = config
         self.watcher = watcher
-        t, f = config.turn, files
+        f = files
         ctx = None
-        if t.tls and f.turn_cert and f.turn_key:
+        if needs_turn_certificate(config) and f.turn_cert and f.turn_key:
             ctx = certificates.track(
                 "turn tls", tls_context(f.turn_cert, f.turn_key), f.turn_cert, f.turn_key
             )

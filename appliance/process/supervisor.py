@@ -1,18 +1,22 @@
 """The main process of `appliance serve`: the supervisor.
 
-It runs one event loop with a relay node of its own (unless every relay listener is off),
-the signaling service (Hypercorn), the admin listener and a RingWatcher.  `turn.workers: N`
-starts N-1 relay workers (relay_worker.py, through worker_pool.py) that bind the same ports
-with SO_REUSEPORT, each with its own RingWatcher, so a rotation reaches every process
-through the store alone; the nonce key is handed to each worker at spawn so a nonce from
-one verifies in another.
+It runs one event loop with a relay node of its own (unless every relay listener is off
+and there is no edge), the signaling service (Hypercorn), the edge listener (edge.listen:
+TURN over TLS and HTTPS/WSS on one port, process/edge/), the admin listener and a
+RingWatcher.  `turn.workers: N` starts N-1 relay workers (relay_worker.py, through
+worker_pool.py) that bind the same ports with SO_REUSEPORT, each with its own
+RingWatcher, so a rotation reaches every process through the store alone; the nonce key
+is handed to each worker at spawn so a nonce from one verifies in another.  The edge's
+TURN connections join this process's relay node whatever `turn.workers` is (with no
+relay listener there are no workers: the edge's node is the only one).
 
 Signals (signals.py):
 - SIGHUP: re-read the secret ring and reload TLS certificates (established
   connections keep theirs), in every process.
 - SIGTERM/SIGINT: drain.  /readyz turns false, STOMP sessions get an ERROR
   frame and are closed (SockJS adds its close frame), Hypercorn stops
-  accepting, the relay refuses new allocations (508) and new TCP/TLS
+  accepting, the edge stops accepting (its HTTP connections close when idle or
+  after their request), the relay refuses new allocations (508) and new TCP/TLS
   connections while live allocations keep relaying for up to `turn.drain_s`
   or until none is left; then everything stops and the exit code is 0.  A
   second signal cuts the drain short.
@@ -26,9 +30,11 @@ import os
 import signal
 import time
 
+from hypercorn.app_wrappers import ASGIWrapper
 from hypercorn.asyncio import serve
 from hypercorn.config import Config
 
+from demux.proxy import TrustedProxies
 from signaling.app import SignalingApp
 from turn.ledger import LocalLedger, SharedLedger, user_slots
 
@@ -41,8 +47,9 @@ from ..ops.metrics import ApplianceCollector, combine_stats, metrics_registry
 from ..ops.next_steps import next_steps
 from ..tls.files import TlsFiles
 from ..tls.reload import CertificateReloader
-from ..wiring.signaling import hypercorn_config, signaling_app
+from ..wiring.signaling import edge_hypercorn_config, hypercorn_config, signaling_app
 from .bootstrap import configure_logging, install_uvloop
+from .edge import EdgeListener, HypercornConnections, bind_edge_socket, edge_certificate, edge_tls_context
 from .listeners import check_relay_unshared, hypercorn_bind
 from .local_relay import LocalRelay, ledger_key, relay_enabled
 from .open_files import raise_open_files_limit
@@ -87,11 +94,13 @@ class Supervisor:
         self.workers: RelayWorkers | None = None
         self.draining = False
         self.signaling: SignalingApp | None = None
+        self.edge: EdgeListener | None = None
         self._http_stop = asyncio.Event()
         self._admin_stop = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
         self._http_task: asyncio.Task | None = None
         self._admin_task: asyncio.Task | None = None
+        self._edge_stop: asyncio.Task | None = None
 
     # ------------------------------------------------------------ start
 
@@ -108,8 +117,8 @@ class Supervisor:
     def _open_ledger(self) -> LocalLedger | SharedLedger:
         """Quotas and relay ports in use, shared by every relay process of this node."""
         t = self.config.turn
-        if t.workers == 1:
-            return LocalLedger()
+        if t.workers == 1 or not relay_enabled(self.config):
+            return LocalLedger()  # one relay process: no workers without relay listeners
         return SharedLedger.create(t.workers, user_slots(t.total_quota), ledger_key(self.nonce_key))
 
     async def _start_signaling(self, listen: HostPort) -> None:
@@ -128,6 +137,27 @@ class Supervisor:
             "signaling ready: %s://%s%s/ws", "https" if c.http.tls else "http", c.http.listen, c.http.prefix
         )
 
+    def _start_edge(self, listen: HostPort) -> None:
+        """The edge listener: bound here (a failure names edge.listen), TURN connections to
+        this process's relay node, HTTP ones to the signaling app the http listener serves
+        (the loader refuses an edge without http.listen)."""
+        c = self.config
+        assert self.relay is not None and self.signaling is not None, "started before the edge"
+        sock = bind_edge_socket("edge.listen", listen)
+        cert, key = edge_certificate(c, self.files)
+        http = HypercornConnections(ASGIWrapper(self.signaling.web), edge_hypercorn_config(c))
+        self.edge = EdgeListener(
+            sock,
+            edge_tls_context(cert, key, self.certificates),
+            self.relay.node,
+            http,
+            TrustedProxies(c.trusted_proxies),
+            # As the http listener's handshake: no longer than a client has for CONNECT.
+            deadline_s=c.stomp.connect_timeout_s,
+        )
+        self.edge.start()
+        log.info("edge ready: %s (TURN over TLS and HTTPS/WSS, certificate %s)", listen, cert)
+
     async def _start_admin(self, listen: HostPort) -> None:
         c = self.config
         bind = hypercorn_bind("admin.listen", listen)
@@ -136,6 +166,7 @@ class Supervisor:
             signaling=self.signaling,
             watcher=self.watcher,
             draining=lambda: self.draining,
+            edge_stats=self.edge.stats if self.edge is not None else None,
         )
         app = create_admin_app(
             AdminContext(
@@ -147,6 +178,7 @@ class Supervisor:
                 registry=metrics_registry(collector),
                 readiness=self.readiness,
                 secrets_changed=self.reload_secrets,
+                signaling=self.signaling.oversight if self.signaling is not None else None,
             )
         )
         hc = Config()
@@ -169,7 +201,7 @@ class Supervisor:
         relay's ports through SO_REUSEPORT, which the kernel grants this user once the
         supervisor holds them."""
         if self.relay is None or not isinstance(self.ledger, SharedLedger):
-            return  # no relay here, or turn.workers is 1
+            return  # no relay here, turn.workers is 1, or only the edge's (no relay listener)
         self.workers = RelayWorkers(
             self.config.turn.workers - 1, self.config, self.files, self.nonce_key, self.ledger
         )
@@ -184,8 +216,10 @@ class Supervisor:
 
     def readiness(self) -> dict[str, bool]:
         checks = {"secret_ring": self.watcher.ring is not None, "accepting": not self.draining}
-        if relay_enabled(self.config):
+        if self._relay_wanted():
             checks["relay"] = self.relay is not None and self.relay.ready
+        if self.config.edge.listen is not None:
+            checks["edge"] = self.edge is not None
         if self.workers is not None:
             checks["relay_workers"] = self.workers.all_alive()
         if self._http_task is not None and self.signaling is not None:
@@ -194,6 +228,11 @@ class Supervisor:
             if broker.node_bus is not None:
                 checks["broker"] = broker.healthy  # Redis reachable
         return checks
+
+    def _relay_wanted(self) -> bool:
+        """A relay node here: for the relay listeners, or for the edge's TURN connections
+        (with turn.udp, tcp and tls all null, "the standard TURN ports closed")."""
+        return relay_enabled(self.config) or self.config.edge.listen is not None
 
     # ------------------------------------------------------------ signals
 
@@ -216,10 +255,12 @@ class Supervisor:
             raise OSError(f"cannot start: the secret ring ({self.watcher.store.where}) did not load")
         self.signals.install(on_hup=self._on_hup)
         try:
-            if relay_enabled(self.config):
+            if self._relay_wanted():
                 await self._start_relay()
             if self.config.http.listen is not None:
                 await self._start_signaling(self.config.http.listen)
+            if self.config.edge.listen is not None:
+                self._start_edge(self.config.edge.listen)
             if self.config.admin.listen is not None:
                 await self._start_admin(self.config.admin.listen)
             self._start_workers()
@@ -240,13 +281,26 @@ class Supervisor:
         if self.signaling is not None:
             self.signaling.service.shutdown()
             self._http_stop.set()
+        self._stop_edge()  # its HTTP connections' graceful time runs alongside the relay's drain
         if self.relay is not None:
             await self.relay.drain(drain_s, self.signals.hurry)
+
+    def _stop_edge(self) -> asyncio.Task | None:
+        """The edge's stop (EdgeListener.stop), begun once: at the drain, or at the stop."""
+        if self.edge is not None and self._edge_stop is None:
+            self._edge_stop = asyncio.get_running_loop().create_task(self.edge.stop())
+        return self._edge_stop
 
     async def _stop_everything(self) -> None:
         for task in self._tasks:
             task.cancel()
         self._http_stop.set()
+        edge_stopped = self._stop_edge()
+        if edge_stopped is not None:
+            try:
+                await asyncio.wait_for(edge_stopped, HTTP_STOP_TIMEOUT_S)
+            except (TimeoutError, Exception):
+                log.warning("edge did not stop cleanly")
         if self._http_task is not None:
             try:
                 await asyncio.wait_for(self._http_task, HTTP_STOP_TIMEOUT_S)

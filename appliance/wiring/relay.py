@@ -9,6 +9,7 @@ from __future__ import annotations
 import ssl
 from pathlib import Path
 
+from demux.proxy import TrustedProxies
 from turn import stun
 from turn.core import RelaySettings
 from turn.node import Endpoint, NodeSettings
@@ -61,16 +62,25 @@ def node_settings(config: AppConfig) -> NodeSettings:
         relay_ports=t.relay_ports,
         nonce_lifetime_s=t.nonce_lifetime_s,
         reuse_port=t.workers > 1,
+        tcp_tls=t.tcp is not None and t.tcp_tls,
+        trusted_proxies=TrustedProxies(config.trusted_proxies),
     )
 
 
+def needs_turn_certificate(config: AppConfig) -> bool:
+    """The relay serves TLS: on turn.tls, or on turn.tcp with turn.tcp_tls (one
+    certificate, turn.tls_cert, for both)."""
+    t = config.turn
+    return t.tls is not None or (t.tcp is not None and t.tcp_tls)
+
+
 def own_endpoints(config: AppConfig) -> list[tuple[str, int]]:
-    """Every address:port the appliance listens on (relay, signaling, admin): never a
+    """Every address:port the appliance listens on (relay, signaling, admin, edge): never a
     relay target, so a client cannot reach the admin API through the relay."""
     t = config.turn
     return [
         (hp.host, hp.port)
-        for hp in (t.udp, t.tcp, t.tls, config.http.listen, config.admin.listen)
+        for hp in (t.udp, t.tcp, t.tls, config.http.listen, config.admin.listen, config.edge.listen)
         if hp is not None
     ]
 

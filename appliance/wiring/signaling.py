@@ -8,9 +8,11 @@ from pathlib import Path
 
 from hypercorn.config import Config
 
+from demux.proxy import TrustedProxies
 from signaling.admission import SessionLimits
 from signaling.app import SignalingApp, create_app
 from signaling.broker.redis import RedisBroker
+from signaling.forwarded import TrustedForwarded
 from signaling.guard import CapSettings, ClientGuard, LifecyclePolicy
 from signaling.hypercorn_guard import ReceiveDrain, guard_listener
 from signaling.origins import OriginPolicy
@@ -58,7 +60,9 @@ def client_guard(config: AppConfig) -> ClientGuard:
             max_connections=s.max_connections,
             max_connections_per_ip=s.max_connections_per_ip,
             sessions=SessionLimits(s.max_sessions_per_ip, s.new_sessions_per_ip_per_s, s.new_session_burst),
-            exempt=s.per_ip_exempt,
+            # A trusted proxy carries many clients: its own connections are not capped per
+            # address (the clients it names are, by TrustedForwarded).
+            exempt=s.per_ip_exempt + config.trusted_proxies,
         )
         guard = _guards[config] = ClientGuard(policy, caps)
     return guard
@@ -86,8 +90,10 @@ def signaling_app(config: AppConfig, issue_credentials=None) -> SignalingApp:
         guard,
         OriginPolicy(config.http.allowed_origins),
     )
-    # Wrapping asgi_app is Quart's way to put ASGI middleware in front of the app.
-    app.web.asgi_app = ReceiveDrain(app.web.asgi_app, guard)  # type: ignore[method-assign]
+    # Wrapping asgi_app is Quart's way to put ASGI middleware in front of the app: the
+    # client a trusted proxy names replaces the proxy's address before the app sees it.
+    forwarded = TrustedForwarded(app.web.asgi_app, TrustedProxies(config.trusted_proxies), guard.count)
+    app.web.asgi_app = ReceiveDrain(forwarded, guard)  # type: ignore[method-assign]
     if config.http.demo:
         install_demo(app.web, config.http.prefix, dev_token_minter(config))
     return app
@@ -117,18 +123,30 @@ def hypercorn_config(
     gave (the appliance binds the socket itself, so a failure names http.listen).  Its
     connections go through the configuration's ClientGuard (signaling.hypercorn_guard):
     the connection caps, the send timeout, bounded closes."""
-    decline_websocket_compression()
     h = config.http
-    hc = reloadable_hypercorn_config(reloader or CertificateReloader(), "https")
-    guard_listener(hc, client_guard(config))
+    hc = _connection_settings(reloadable_hypercorn_config(reloader or CertificateReloader(), "https"), config)
     # A TLS handshake holds a descriptor before the guard sees the connection: give it
     # no longer than a client has for CONNECT (Hypercorn's default is 60 s).
     hc.ssl_handshake_timeout = config.stomp.connect_timeout_s
-    hc.websocket_max_message_size = max_message_bytes(config.stomp.max_frame_bytes)
     hc.bind = [bind]
+    if h.tls:
+        hc.certfile, hc.keyfile = str(cert), str(key)
+    return hc
+
+
+def edge_hypercorn_config(config: AppConfig) -> Config:
+    """Hypercorn's settings for the signaling connections the edge listener hands over
+    (appliance.process.edge): the http listener's, through the same ClientGuard, with no
+    bind and no certificate -- the edge accepts and does TLS itself."""
+    return _connection_settings(Config(), config)
+
+
+def _connection_settings(hc: Config, config: AppConfig) -> Config:
+    """What every signaling connection gets, on the http listener and on the edge."""
+    decline_websocket_compression()
+    guard_listener(hc, client_guard(config))
+    hc.websocket_max_message_size = max_message_bytes(config.stomp.max_frame_bytes)
     hc.accesslog = None
     hc.errorlog = None  # our logging, not hypercorn's
     hc.graceful_timeout = 5
-    if h.tls:
-        hc.certfile, hc.keyfile = str(cert), str(key)
     return hc

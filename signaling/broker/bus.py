@@ -9,6 +9,7 @@ nobody to talk to.  The bus
 - runs store (Redis) commands in order with everything else this node writes
   (`run`): a call's claim is written before the forward that follows it; or
   at once (`query`), for clean-up that must not wait behind this node's writes;
+- names the nodes alive now (`live_nodes`), for questions to all of them;
 - tells its `NodeWatcher`s when another node died (one surviving node is told,
   and cleans up after it) and when this node finds it was taken for dead.
 
@@ -33,6 +34,8 @@ class Kind(enum.Enum):
     DELIVER = "deliver"  # a user destination's message for this node's sessions
     CALL = "call"  # a call message for the node that owns the call
     CALL_RESULT = "call-result"  # the owner's answer to a forwarded call message
+    OVERSIGHT = "oversight"  # an operator's question (sessions, calls, disconnect) for a node
+    OVERSIGHT_ANSWER = "oversight-answer"  # a node's answer to it
 
 
 class StoreUnavailable(Exception):
@@ -118,3 +121,7 @@ class NodeBus(Protocol):
 
     def watch_nodes(self, watcher: NodeWatcher) -> None:
         """Have `watcher` hear of dead nodes and of this node coming back from the dead."""
+
+    async def live_nodes(self) -> list[str]:
+        """Every node whose heartbeat is live now, this one included; StoreUnavailable if
+        the store cannot say."""

@@ -268,6 +268,19 @@ class RedisBroker:
     def watch_nodes(self, watcher: NodeWatcher) -> None:
         self._watchers.append(watcher)
 
+    async def live_nodes(self) -> list[str]:
+        """The joined nodes whose heartbeat key exists, in one round trip after the set."""
+        client = self._started_client
+        try:
+            members = sorted(_text(n) for n in await client.smembers(self._nodes_key))
+            pipe = client.pipeline(transaction=False)
+            for node in members:
+                pipe.exists(self._alive_key(node))
+            alive = await pipe.execute()
+        except (RedisError, OSError) as exc:
+            raise _store_failure(exc) from exc
+        return [node for node, up in zip(members, alive, strict=True) if up]
+
     # ------------------------------------------------------------ local changes -> Redis
 
     def _count_changed(self, user: str) -> None:

@@ -36,7 +36,7 @@ import logging
 import secrets
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -377,6 +377,24 @@ class CallCluster(CallService):
         # A failure here is the bus's outage; recovery is its business, not ours.
         future.add_done_callback(lambda f: f.cancelled() or f.exception())
         return future
+
+    async def live_calls_of(self, users: Collection[str]) -> dict[str, str]:
+        """This node's calls from the registry, the others' from the parties' busy keys (one
+        round trip); without Redis, this node's only."""
+        found = await super().live_calls_of(users)
+        others = [user for user in users if user not in found]
+        if not others or not self.bus.healthy:
+            return found
+        try:
+            values = await asyncio.wait_for(
+                self.bus.query(*(Get(self._key("busy", user)) for user in others)), REDIS_TIMEOUT_S
+            )
+        except (TimeoutError, StoreUnavailable):
+            return found
+        for user, value in zip(others, values, strict=True):
+            if value is not None:
+                found[user] = value.decode() if isinstance(value, bytes) else str(value)
+        return found
 
     # ------------------------------------------------------------ what the registry and the bus tell
 

@@ -84,6 +84,7 @@ class Call:
     callee_session: str | None = None
     state: CallState = CallState.NEW
     grace: dict[Role, float] = field(default_factory=dict)
+    created: float = 0.0  # when it was requested, on the registry's clock
 
     def role_of(self, user: str) -> Role | None:
         return Role.CALLER if user == self.caller else Role.CALLEE if user == self.callee else None
@@ -185,6 +186,7 @@ class CallRegistry:
             request,
             now + self.ring_timeout_s,
             frozenset({session}) if session else None,
+            created=now,
         )
         self._step(call, CallEvent.REQUEST, Role.CALLER, now)
         self.calls[call_id] = call

@@ -21,7 +21,7 @@ from __future__ import annotations
 import enum
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 from ..broker import Broker
 from ..errors import SignalingError, bad_request
@@ -106,6 +106,12 @@ class CallService:
             self.submit(CallOp.LOST, user, session, None, last_of_user)
         except SignalingError:
             pass  # nobody to tell: the session is gone
+
+    async def live_calls_of(self, users: Collection[str]) -> dict[str, str]:
+        """The live call of each of `users` who is in one (user -> callId), for operators;
+        on one node the registry knows every call."""
+        live = self.registry.live_call_of
+        return {user: live[user] for user in users if user in live}
 
     # ------------------------------------------------------------ time
 

@@ -43,6 +43,7 @@ from werkzeug.exceptions import NotFound
 from ..admission import exact_address_key
 from ..client_text import loggable
 from ..endpoint import StompEndpoint
+from ..forwarded import transport_peer
 from ..guard import ClientGuard, SessionTicket
 from ..origins import OriginPolicy
 from ..service import SignalingService
@@ -52,6 +53,7 @@ from ..ws import (
     EndpointFactory,
     Framing,
     admit_session,
+    arrival_of,
     endpoint_factory,
     serve_websocket,
 )
@@ -101,6 +103,7 @@ SOCKJS_WEBSOCKET = Framing(
     subprotocols=False,
     closing=close_frame(*GO_AWAY),
     idle=(HEARTBEAT_S, HEARTBEAT_FRAME),
+    transport="sockjs-websocket",
 )
 
 
@@ -204,7 +207,16 @@ class SockJSServer:
         user = request.args.get("userId")
         carrier = Carrier(
             SockJSSession(session_id, now),
-            endpoint_factory(self.service, self.limits, self.max_outbox, self.guard, user, now),
+            endpoint_factory(
+                self.service,
+                self.limits,
+                self.max_outbox,
+                self.guard,
+                user,
+                now,
+                # The transport that opened it: the URL's last segment (xhr, eventsource...).
+                arrival_of(request.scope, "sockjs-" + request.path.rsplit("/", 1)[-1]),
+            ),
             self.guard,
             ticket,
             exact_address_key(client[0] if client else None),
@@ -343,7 +355,7 @@ class SockJSServer:
         loop = asyncio.get_running_loop()
         if not carrier.sockjs.attach(loop.time()):
             return self._js(close_frame(*ANOTHER_CONNECTION) + "\n")
-        carrier.receiver = request.scope.get("client")
+        carrier.receiver = transport_peer(request.scope)
         try:
             return self._js(await carrier.wait_frame(HEARTBEAT_S) + "\n")
         finally:
@@ -373,12 +385,13 @@ class SockJSServer:
         }  # the first one wins
         origin, host = headers.get("origin"), headers.get("host")
         client = scope.get("client")
+        peer = transport_peer(scope)  # the connection itself, behind a trusted proxy too
         # CORS headers only for an allowed page: a refused one cannot even read its 403.
         answer = {"Content-Type": TEXT, "Vary": "Origin", **self.origins.cors_headers(origin, host)}
 
         async def answer_early(status: int, text: str) -> None:
             if not await respond(send, status, answer, text, receive, BODY_TIMEOUT_S):
-                self.guard.abort(client, "drain")  # it sends on and on: cut it off
+                self.guard.abort(peer, "drain")  # it sends on and on: cut it off
 
         if not server_id or not session_id or "." in server_id or "." in session_id:
             await answer_early(404, "")
@@ -425,7 +438,7 @@ class SockJSServer:
 
     def _stream(self, session_id: str, prelude: str, wrap, content_type: str) -> Response:
         carrier = self._carrier(session_id, create=True)
-        client = request.scope.get("client")
+        client = transport_peer(request.scope)  # the connection to cut off when stuck
 
         async def body():
             yield prelude.encode()

@@ -102,6 +102,7 @@ def start_appliance(
     http: dict | None = None,
     broker: dict | None = None,
     open_files: tuple[int, int] | None = None,
+    edge: dict | None = None,
 ) -> RunningRelay:
     """The appliance as an operator runs it; `open_files` (soft, hard) is its RLIMIT_NOFILE
     at exec, as a shell's ulimit would set it."""
@@ -137,6 +138,7 @@ def start_appliance(
         "stomp": stomp or {},
         "calls": calls or {"ring_timeout_s": 3, "grace_s": 1},
         "broker": broker or {},
+        "edge": edge or {},
     }
     if config["http"]["tls"] and "tls_cert" not in config["http"]:
         config["http"].update(tls_cert=str(cert), tls_key=str(key))  # one pair for both

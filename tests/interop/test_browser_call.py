@@ -16,10 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from ..external import unavailable
-from .conftest import require_program
 from .test_credentials_admin import admin, metric_samples
-from .test_js_clients import JS_DIR, node_with_clients
+from .test_js_clients import JS_DIR, node_with_browser
 
 ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = Path(os.environ.get("TEST_ARTIFACTS", ROOT / "test-artifacts"))
@@ -32,14 +30,7 @@ def allocations_created(relay) -> float:
 
 @pytest.mark.parametrize("transport", ["websocket", "sockjs-no-websocket"])
 def test_browser_call_relay_only(relay, transport):
-    node = node_with_clients()
-    require_program("chromium", "apt-get install chromium")
-    if not (JS_DIR / "node_modules" / "playwright-core").is_dir():
-        unavailable("playwright-core missing: npm ci --prefix tests/js")
-    from appliance.demo.site import libraries_installed
-
-    if not libraries_installed():
-        unavailable("demo libraries missing: npm ci --prefix appliance/demo")
+    node = node_with_browser()
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     before = allocations_created(relay)
     done = subprocess.run(

@@ -306,7 +306,7 @@ async def test_admin_endpoints_need_the_token_and_metrics_move(appliance):
     assert after[("appliance_secret_ring_size", ())] == 1
     assert ("appliance_calls_total", (("outcome", "accepted"),)) in after
     # No per-user label anywhere.
-    bounded_labels = {"reason", "code", "outcome", "direction", "transport", "path"}
+    bounded_labels = {"reason", "code", "outcome", "direction", "transport", "path", "result", "route", "le"}
     assert not any(dict(labels).keys() - bounded_labels for _, labels in after)
 
 
@@ -377,7 +377,8 @@ def stun_over(tls_sock) -> bool:
 
 
 def test_sighup_reloads_the_tls_certificates_and_keeps_connections(appliance, tmp_path):
-    app = appliance(http={"tls": True})
+    edge_port = free_port_pair()
+    app = appliance(http={"tls": True}, edge={"listen": f"127.0.0.1:{edge_port}"})
     ctx = ssl.create_default_context()
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE
@@ -397,12 +398,14 @@ def test_sighup_reloads_the_tls_certificates_and_keeps_connections(appliance, tm
         new_der = ssl.PEM_cert_to_DER_cert(new_cert.read_text())
         assert tls_peer_certificate(app.tls_port) == new_der
         assert tls_peer_certificate(app.http_port) == new_der  # HTTPS too
+        assert tls_peer_certificate(edge_port) == new_der  # and the edge (http's pair)
         assert stun_over(established)  # the old connection lives on
         # A broken pair is refused and the current certificate stays.
         key_path.write_text("not a key")
         app.proc.send_signal(signal.SIGHUP)
         time.sleep(0.5)
         assert tls_peer_certificate(app.tls_port) == new_der
+        assert tls_peer_certificate(edge_port) == new_der
         assert "certificate not reloaded" in app.log()
     finally:
         established.close()

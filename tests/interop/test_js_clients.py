@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from ..external import unavailable
+from .conftest import require_program
 
 JS_DIR = Path(__file__).resolve().parent.parent / "js"
 
@@ -37,6 +38,20 @@ def node_with_clients() -> str:
         problem = "JS clients not installed: npm ci --prefix tests/js"
     if problem:
         unavailable(problem)
+    return node
+
+
+def node_with_browser() -> str:
+    """node_with_clients, plus what the Chromium tests need: Debian's chromium, playwright-core
+    to drive it, and the demo page's libraries."""
+    node = node_with_clients()
+    require_program("chromium", "apt-get install chromium")
+    if not (JS_DIR / "node_modules" / "playwright-core").is_dir():
+        unavailable("playwright-core missing: npm ci --prefix tests/js")
+    from appliance.demo.site import libraries_installed
+
+    if not libraries_installed():
+        unavailable("demo libraries missing: npm ci --prefix appliance/demo")
     return node
 
 
