@@ -9,12 +9,14 @@ cannot bind, with the key's path or the file's name on stderr.  No command print
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import socket
 import ssl
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from turn import stun
@@ -24,7 +26,7 @@ from .config.loader import load_config
 from .config.schema import AppConfig, ConfigError, HostPort
 from .credentials.coturn import coturn_config_lines
 from .credentials.ice_servers import CredentialIssuer, handed_out_urls
-from .credentials.ring import Secret, SecretRing, SecretRingError, prune, rotate
+from .credentials.ring import Secret, SecretRing, SecretRingError, prune, revoke, rotate
 from .credentials.store import ring_store, safe_url
 from .process.listeners import ListenerError
 from .tls.files import TlsFiles
@@ -433,33 +435,6 @@ def _over_tls(raw: socket.socket) -> ssl.SSLSocket:
     return ctx.wrap_socket(raw)
 
 
-def _sessions_from_admin(config: AppConfig, user: str | None, timeout_s: float) -> dict:
-    """GET /admin/sessions from this machine's admin listener (admin.listen, with
-    admin.token): the answer's JSON.  A refusal is an OSError naming the admin's error."""
-    import urllib.error  # here: no other command needs them (see the note on imports)
-    import urllib.parse
-    import urllib.request
-
-    listen = config.admin.listen
-    if listen is None:
-        raise ConfigError("admin.listen", "the admin listener is off: `appliance sessions` asks it")
-    query = f"?{urllib.parse.urlencode({'user': user})}" if user is not None else ""
-    request = urllib.request.Request(f"http://{listen.local()}/admin/sessions{query}")
-    if config.admin.token:
-        request.add_header("Authorization", f"Bearer {config.admin.token}")
-    try:
-        with urllib.request.urlopen(request, timeout=timeout_s) as response:
-            return json.load(response)
-    except urllib.error.HTTPError as exc:
-        try:
-            reason = json.load(exc).get("error", exc.reason)
-        except ValueError:
-            reason = exc.reason
-        raise OSError(f"the admin listener {listen} answered {exc.code}: {reason}") from None
-    except urllib.error.URLError as exc:
-        raise OSError(f"the admin listener {listen} does not answer: {exc.reason}") from None
-
-
 def _cell(text: object, width: int = 40) -> str:
     """Client text (a user id, an address) as one table cell: escaped when it holds anything
     a terminal would act on, cut to `width`."""
@@ -468,12 +443,28 @@ def _cell(text: object, width: int = 40) -> str:
     return shown if len(shown) <= width else shown[: width - 1] + "~"
 
 
-def cmd_sessions(args) -> int:
-    """The signaling sessions of every node, as a table (or the admin's JSON)."""
-    config = _load(args.config)
-    answer = _sessions_from_admin(config, args.user, args.timeout)
+def _admin_listing(args, path: str) -> dict | None:
+    """The admin listener's answer to GET `path` (`--user` passed on); None once printed as
+    JSON (`--json`), else the answer for a table."""
+    params = {"user": args.user} if args.user is not None else {}
+    answer = _admin_json(_load(args.config), path, params, args.timeout)
     if args.json:
         print(json.dumps(answer))
+        return None
+    return answer
+
+
+def _print_table(rows: Sequence[Sequence[str]]) -> None:
+    """`rows` (a header first) in left-aligned columns."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+
+
+def cmd_sessions(args) -> int:
+    """The signaling sessions of every node, as a table (or the admin's JSON)."""
+    answer = _admin_listing(args, "/admin/sessions")
+    if answer is None:
         return 0
     now = time.time()
     rows = [("NODE", "USER", "TRANSPORT", "ADDRESS", "CONNECTED", "IN", "OUT", "CALL")]
@@ -490,15 +481,119 @@ def cmd_sessions(args) -> int:
                 _cell(r.get("callId"), 24) if r.get("inCall") else "-",
             )
         )
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    _print_table(rows)
     nodes = answer.get("nodes", [])
     summary = f"{answer.get('count', len(rows) - 1)} session(s) on {len(nodes)} node(s)"
     if answer.get("truncated"):
         summary += "; more exist (the listing is cut)"
     if answer.get("unanswered"):
         summary += f"; no answer from {', '.join(_cell(n, 16) for n in answer['unanswered'])}"
+    print(summary)
+    return 0
+
+
+# ------------------------------------------------------------------ revoke
+
+DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_until(text: str, now: float) -> float:
+    """`appliance revoke --until`: unix seconds ("1900000000"), ISO 8601 ("2030-01-02T03:04:05Z";
+    without a zone: UTC), or a duration from now ("90s", "30m", "1h", "2d")."""
+    text = text.strip()
+    if text.isascii() and text.isdigit() and len(text) <= 12:
+        return float(text)
+    unit = DURATION_UNITS.get(text[-1:].lower())
+    number = text[:-1]
+    if unit is not None and number.isascii() and number.isdigit() and len(number) <= 9:
+        return now + int(number) * unit
+    try:
+        when = datetime.datetime.fromisoformat(text.replace("Z", "+00:00") if text.endswith("Z") else text)
+    except ValueError:
+        raise ValueError(
+            f"expected unix seconds, ISO 8601 or a duration like 1h, got {text[:40]!r}"
+        ) from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=datetime.UTC)
+    return when.timestamp()
+
+
+def _until(text: str) -> float:
+    try:
+        return parse_until(text, time.time())
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def cmd_revoke(args) -> int:
+    config = _load(args.config)
+    _existing_ring(config)
+    record = revoke(ring_store(config).update, args.user, time.time(), args.until)
+    stamp = datetime.datetime.fromtimestamp(record.until, datetime.UTC).isoformat(timespec="seconds")
+    print(
+        f"revoked {args.user!r}: its allocations end on every relay process following {_ring_where(config)}"
+    )
+    if record.until > record.issued_at:
+        print(f"its credentials are refused until {stamp} ({_duration(record.until - record.issued_at)})")
+    else:
+        print("its credentials are not refused: new allocations are accepted")
+    return 0
+
+
+# ------------------------------------------------------------------ allocations
+
+
+def _admin_json(config: AppConfig, path: str, params: dict[str, str], timeout_s: float) -> dict:
+    """GET `path` from this machine's admin listener (admin.listen, with admin.token): the
+    answer's JSON.  A refusal is an OSError naming the admin's error."""
+    import urllib.error  # here: no other command needs them (see the note on imports)
+    import urllib.parse
+    import urllib.request
+
+    listen = config.admin.listen
+    if listen is None:
+        raise ConfigError("admin.listen", f"the admin listener is off: this command asks it for {path}")
+    query = f"?{urllib.parse.urlencode(params)}" if params else ""
+    request = urllib.request.Request(f"http://{listen.local()}{path}{query}")
+    if config.admin.token:
+        request.add_header("Authorization", f"Bearer {config.admin.token}")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:
+            return json.load(response)
+    except urllib.error.HTTPError as exc:
+        try:
+            reason = json.load(exc).get("error", exc.reason)
+        except ValueError:
+            reason = exc.reason
+        raise OSError(f"the admin listener {listen} answered {exc.code}: {reason}") from None
+    except urllib.error.URLError as exc:
+        raise OSError(f"the admin listener {listen} does not answer: {exc.reason}") from None
+
+
+def cmd_allocations(args) -> int:
+    """This node's live allocations (every relay process), as a table (or the admin's JSON)."""
+    answer = _admin_listing(args, "/admin/allocations")
+    if answer is None:
+        return 0
+    now = time.time()
+    rows = [("USER", "CLIENT", "TRANSPORT", "RELAYED", "AGE", "EXPIRES IN", "PERMS", "CHANNELS")]
+    for r in answer.get("allocations", []):
+        rows.append(
+            (
+                _cell(r.get("user")),
+                _cell(r.get("client")),
+                _cell(r.get("transport"), 8),
+                _cell(r.get("relayed")),
+                _duration(float(r.get("ageSeconds") or 0)),
+                _duration(float(r.get("expires") or now) - now),
+                str(r.get("permissions", 0)),
+                str(r.get("channels", 0)),
+            )
+        )
+    _print_table(rows)
+    summary = f"{answer.get('count', len(rows) - 1)} allocation(s)"
+    if answer.get("truncated"):
+        summary += "; more exist (the listing is cut)"
     print(summary)
     return 0
 
@@ -609,6 +704,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=5.0, metavar="S")
     p.add_argument("--config", metavar="FILE", help=config_help)
     p.set_defaults(func=cmd_sessions)
+
+    p = sub.add_parser(
+        "revoke", help="end a user's allocations and refuse its credentials (every node sharing the ring)"
+    )
+    p.add_argument("--user", required=True, type=_user_id, metavar="ID")
+    p.add_argument(
+        "--until",
+        type=_until,
+        metavar="TIME",
+        help="refuse its credentials until TIME: unix seconds, ISO 8601 (UTC if no zone) or a "
+        "duration like 1h (default: end live allocations only)",
+    )
+    p.add_argument("--config", metavar="FILE", help=config_help)
+    p.set_defaults(func=cmd_revoke)
+
+    p = sub.add_parser("allocations", help="live TURN allocations of this node, from the admin listener")
+    p.add_argument("--user", type=_user_id, metavar="ID", help="only this user's allocations")
+    p.add_argument("--json", action="store_true", help="print the admin API's JSON answer")
+    p.add_argument("--timeout", type=float, default=5.0, metavar="S")
+    p.add_argument("--config", metavar="FILE", help=config_help)
+    p.set_defaults(func=cmd_allocations)
 
     p = sub.add_parser("healthcheck", help="STUN Binding to the configured listener (health check)")
     p.add_argument("--config", metavar="FILE", help=config_help)

@@ -11,19 +11,10 @@ import time
 import pytest
 
 from appliance.credentials.ring import SecretRingError, prune, rotate
-from appliance.credentials.store import FileRingStore, RedisRingStore, safe_url
+from appliance.credentials.store import RedisRingStore, safe_url
 from appliance.credentials.watcher import RingWatcher
 
 NOW = 1_900_000_000.0
-
-
-@pytest.fixture(params=["file", "redis"])
-def store(request, tmp_path):
-    if request.param == "file":
-        return FileRingStore(tmp_path / "secrets.json")
-    url = request.getfixturevalue("redis_url")
-    prefix = request.getfixturevalue("redis_prefix")
-    return RedisRingStore(url, f"{prefix}secrets")
 
 
 def test_ensure_creates_once(store):

@@ -9,6 +9,10 @@ secret rotation needs no coordination with clients.
 Nonces carry their issue time and an HMAC binding them to the client's IP, so
 any worker process holding the same nonce key can check a nonce that another
 worker issued, and none of them keeps per-client state.
+
+A revocation names a user whose allocations made before `issued_at` end at once, and
+whose credentials (still valid by their signature and expiry) are refused while
+`until` is ahead: a leaked credential stops working without a secret rotation.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+from dataclasses import dataclass
 
 from .stun import Message, long_term_key
 
@@ -89,15 +94,49 @@ class NonceBook:
         return issued <= now + 5 and now - issued < self._lifetime_s
 
 
-class RestVerifier:
-    """Finds the long-term key that verifies a request, trying each secret."""
+@dataclass(frozen=True)
+class Revocation:
+    """`user`'s allocations made before `issued_at` end; its credentials are refused while
+    now < `until` (until == issued_at: end what is live, refuse nothing new).  Unix seconds."""
 
-    def __init__(self, realm: str, secrets: tuple[bytes, ...]) -> None:
+    user: str
+    issued_at: float
+    until: float
+
+    def refuses(self, now: float) -> bool:
+        return now < self.until
+
+    def ends(self, created: float) -> bool:
+        """Whether an allocation of this user created at `created` is ended by it."""
+        return created < self.issued_at
+
+
+class RestVerifier:
+    """Finds the long-term key that verifies a request, trying each secret, and knows
+    which users are revoked."""
+
+    def __init__(
+        self, realm: str, secrets: tuple[bytes, ...], revocations: tuple[Revocation, ...] = ()
+    ) -> None:
         self.realm = realm
         self.secrets = secrets
+        self.revocations: dict[str, Revocation] = {}
+        self.set_revocations(revocations)
 
     def set_secrets(self, secrets: tuple[bytes, ...]) -> None:
         self.secrets = secrets
+
+    def set_revocations(self, revocations: tuple[Revocation, ...]) -> None:
+        """The revocations in force (the ring's); for a user named twice the later wins."""
+        self.revocations = {r.user: r for r in revocations}
+
+    def revocation_for(self, user_id: str) -> Revocation | None:
+        return self.revocations.get(user_id)
+
+    def refuses(self, user_id: str, now: float) -> bool:
+        """True if `user_id`'s credentials are refused at `now`, whatever they verify with."""
+        r = self.revocations.get(user_id)
+        return r is not None and r.refuses(now)
 
     def key_for(self, msg: Message, username: str) -> bytes | None:
         """The key (current secret first) whose MESSAGE-INTEGRITY matches, else None."""

@@ -283,6 +283,19 @@ class TurnCore:
                 alloc.sweep(now)
             self._next_sweep = now + SWEEP_INTERVAL_S if self.table.by_client else 0.0
 
+    def end_revoked(self, now: float) -> int:
+        """End at once every allocation the verifier's revocations name (made before the
+        revocation was issued); returns how many ended.  Called when the set changes."""
+        ended = 0
+        for alloc in list(self.table.by_client.values()):
+            r = self.verifier.revocation_for(alloc.user_id)
+            if r is not None and r.ends(alloc.created):
+                self._last_now = max(self._last_now, now)
+                self._delete(alloc, "revoked")
+                ended += 1
+        self.counters["allocations_revoked"] += ended
+        return ended
+
     def close_all(self, reason: str) -> None:
         for alloc in list(self.table.by_client.values()):
             self._delete(alloc, reason)
@@ -309,6 +322,12 @@ class TurnCore:
         unknown = msg.unknown_required()
         if unknown:
             raise Reject(420, creds.key, unknown=unknown)
+        if self.verifier.refuses(creds.user_id, now):
+            self.counters["auth_revoked"] += 1
+            self._refusals.info(
+                now, "%s refused: user %r is revoked", METHOD_NAMES.get(msg.method, msg.method), creds.user_id
+            )
+            raise Reject(401, with_nonce=True)
         if creds.expiry < now and self.settings.strict_expiry and msg.method != stun.ALLOCATE:
             # (an expired Allocate is refused below in either mode)
             self.counters["auth_expired"] += 1

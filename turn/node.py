@@ -13,6 +13,7 @@ another listener (the edge) accepted.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import ssl
 import time
@@ -23,7 +24,7 @@ from typing import Any
 from demux.accept import SniffingListener
 from demux.proxy import TrustedProxies
 
-from .auth import NonceBook, RestVerifier
+from .auth import NonceBook, RestVerifier, Revocation, parse_rest_username
 from .core import RelaySettings, TurnCore
 from .ledger import Ledger
 from .policy import PeerPolicy
@@ -39,6 +40,8 @@ from .udp import UdpListener, UdpRelayOpener, open_udp_listener
 log = logging.getLogger("turn")
 
 TIMER_MAX_WAIT_S = 1.0
+# Rows one process lists (allocation_rows): what a pipe carries every second stays small.
+MAX_LISTED_ALLOCATIONS = 2000
 IDLE_CHECK_S = 10.0
 
 
@@ -74,6 +77,11 @@ class NodeSettings:
     tcp_tls: bool = False
     # Peers whose PROXY header names the client on turn.tcp and turn.tls.
     trusted_proxies: TrustedProxies = field(default_factory=lambda: TrustedProxies(()))
+
+
+def _host_port(address: tuple[str, int]) -> str:
+    host, port = address[:2]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 class RelayNode:
@@ -239,8 +247,42 @@ class RelayNode:
             "draining": core.draining,
         }
 
+    def allocation_rows(self, limit: int = MAX_LISTED_ALLOCATIONS) -> tuple[list[dict[str, Any]], bool]:
+        """The live allocations for an operator (at most `limit` rows), and whether more exist.
+
+        `user` is client text: whoever shows it escapes it (the admin API's JSON encoder,
+        the CLI's table cells)."""
+        core = self.core
+        if core is None:
+            return [], False
+        now = self.clock()
+        rows = []
+        for alloc in itertools.islice(core.table.by_client.values(), limit):
+            parsed = parse_rest_username(alloc.username)
+            rows.append(
+                {
+                    "user": alloc.user_id,
+                    "usernameExpiry": parsed[0] if parsed else None,
+                    "client": _host_port(alloc.client.address),
+                    "transport": alloc.client.transport_name,
+                    "relayed": _host_port(alloc.relayed_address),
+                    "created": alloc.created,
+                    "expires": alloc.expires,
+                    "permissions": alloc.live_permissions(now),
+                    "channels": alloc.live_channels(now),
+                }
+            )
+        return rows, len(core.table) > limit
+
     def set_secrets(self, secrets: tuple[bytes, ...]) -> None:
         self.verifier.set_secrets(secrets)
+
+    def set_revocations(self, revocations: tuple[Revocation, ...]) -> None:
+        """The revocations in force: refused from the next request on, and the allocations
+        they name ended now."""
+        self.verifier.set_revocations(revocations)
+        if self.core is not None:
+            self.core.end_revoked(self.clock())
 
     async def stop(self) -> None:
         if self._timer_task is not None:

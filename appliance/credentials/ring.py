@@ -8,7 +8,14 @@ fsync, rename) with mode 0600, so a reader in any process sees either the
 old ring or the new one, never half of one.
 
     {"version": 1, "secrets": [{"id": "k-1a2b3c4d", "value": "...",
-                                "created": 1732480000, "retired": null}]}
+                                "created": 1732480000, "retired": null}],
+     "revocations": [{"user": "alice", "issued_at": 1732481000.25, "until": 1732484600}]}
+
+Revocations (`appliance revoke`, the admin API) travel with the ring, so every relay
+process that follows the ring learns them: a user's allocations made before
+`issued_at` end, and its credentials are refused while `until` is ahead.  The list
+is bounded (MAX_REVOCATIONS), user ids are length-bounded text, and a record is
+pruned once it no longer matters (see Revocation.kept).
 
 Secret values never appear in reprs, errors or logs: only ids do.
 """
@@ -24,8 +31,15 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from turn.auth import Revocation
+
 FORMAT_VERSION = 1
 MIN_VALUE_CHARS = 16  # token_urlsafe(32) gives 43; anything this short was typed by hand
+MAX_REVOCATIONS = 1000  # the ring is read by every relay process at every change
+MAX_USER_CHARS = 256  # a TURN username is at most 513 bytes, with the expiry in front
+# A record that ends live allocations only (until == issued_at) stays this long, so that
+# every process polling the store (RING_POLL_S) has seen it before it is pruned.
+REVOCATION_SPREAD_S = 60.0
 
 
 class SecretRingError(Exception):
@@ -47,6 +61,7 @@ class SecretRing:
     """Every secret the relay may verify with, in file order."""
 
     secrets: tuple[Secret, ...]
+    revocations: tuple[Revocation, ...] = ()
 
     def current(self) -> Secret:
         """The newest non-retired secret: the one new credentials are signed with."""
@@ -106,12 +121,44 @@ class SecretRing:
         kept = tuple(
             s if s.retired is not None else Secret(s.id, s.value, s.created, int(now)) for s in self.secrets
         )
-        return SecretRing(kept + (new,))
+        return SecretRing(kept + (new,), self.revocations)
 
     def pruned(self, now: float, grace_s: float) -> tuple[SecretRing, tuple[Secret, ...]]:
         """The ring without the secrets past their grace, and those secrets."""
         dropped = tuple(s for s in self.secrets if not self.still_accepted(s, now, grace_s))
-        return SecretRing(tuple(s for s in self.secrets if s not in dropped)), dropped
+        return SecretRing(tuple(s for s in self.secrets if s not in dropped), self.revocations), dropped
+
+    def in_force(self, now: float) -> tuple[Revocation, ...]:
+        """The revocations still kept at `now` (the relay ends and refuses by these)."""
+        return tuple(r for r in self.revocations if revocation_kept(r, now))
+
+    def revoked(self, revocation: Revocation, now: float) -> SecretRing:
+        """The ring with `revocation` in place of any earlier one for the same user, and
+        without the records past their time.  SecretRingError if the list is full."""
+        check_user(revocation.user)
+        kept = tuple(r for r in self.in_force(now) if r.user != revocation.user)
+        if len(kept) >= MAX_REVOCATIONS:
+            raise SecretRingError(
+                f"{MAX_REVOCATIONS} revocations are in force already; rotate the secret instead"
+            )
+        return SecretRing(self.secrets, kept + (revocation,))
+
+
+def revocation_kept(r: Revocation, now: float) -> bool:
+    """A record stays while it refuses (until ahead), and at least REVOCATION_SPREAD_S after
+    it was issued, so every relay process sees it and ends what it names."""
+    return now < max(r.until, r.issued_at + REVOCATION_SPREAD_S)
+
+
+def check_user(user) -> str:
+    """`user` if it is a user id a revocation may name, else SecretRingError (which quotes it
+    with repr, bounded: the id may come from a hostile client)."""
+    if not isinstance(user, str) or not user or len(user) > MAX_USER_CHARS or not user.isprintable():
+        shown = repr(user)[:80] if isinstance(user, str) else type(user).__name__
+        raise SecretRingError(
+            f"a revoked user id is printable text of 1 to {MAX_USER_CHARS} characters, not {shown}"
+        )
+    return user
 
 
 def new_secret(now: float) -> Secret:
@@ -144,6 +191,33 @@ def _parse_secret(path: Path, i: int, item) -> Secret:
     return Secret(sid, value, created, retired)
 
 
+def _is_time(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < 2**40
+
+
+def _parse_revocations(path, items) -> tuple[Revocation, ...]:
+    if items is None:
+        return ()
+    if not isinstance(items, list) or len(items) > MAX_REVOCATIONS:
+        raise SecretRingError(f'{path}: "revocations" must be a list of at most {MAX_REVOCATIONS}')
+    parsed = []
+    for i, item in enumerate(items):
+        where = f"{path}: revocations[{i}]"
+        if not isinstance(item, dict) or item.keys() != {"user", "issued_at", "until"}:
+            raise SecretRingError(f"{where} needs user, issued_at and until (and nothing else)")
+        try:
+            user = check_user(item["user"])
+        except SecretRingError as exc:
+            raise SecretRingError(f"{where}: {exc}") from None
+        issued_at, until = item["issued_at"], item["until"]
+        if not _is_time(issued_at) or not _is_time(until) or until < issued_at:
+            raise SecretRingError(
+                f"{where}: issued_at and until are unix seconds, until not before issued_at"
+            )
+        parsed.append(Revocation(user, float(issued_at), float(until)))
+    return tuple(parsed)
+
+
 def parse_ring(path, raw: bytes | str) -> SecretRing:
     """Validate a ring document; `path` names where it came from in errors (a file, a Redis key).
     A str only as the Redis client's stubs allow: the client returns bytes."""
@@ -168,7 +242,7 @@ def parse_ring(path, raw: bytes | str) -> SecretRing:
         raise SecretRingError(f"{path}: secret id {duplicate!r} appears twice")
     if all(s.retired is not None for s in ring):
         raise SecretRingError(f"{path}: every secret is retired; the ring has no current secret")
-    return SecretRing(ring)
+    return SecretRing(ring, _parse_revocations(path, doc.get("revocations")))
 
 
 def load_ring(path: str | os.PathLike) -> SecretRing:
@@ -220,6 +294,10 @@ def ring_document(ring: SecretRing) -> str:
             {"id": s.id, "value": s.value, "created": s.created, "retired": s.retired} for s in ring.secrets
         ],
     }
+    if ring.revocations:  # absent otherwise: the document stays what older versions wrote
+        doc["revocations"] = [
+            {"user": r.user, "issued_at": r.issued_at, "until": r.until} for r in ring.revocations
+        ]
     return json.dumps(doc, indent=2) + "\n"
 
 
@@ -313,6 +391,27 @@ def prune(update, now: float, grace_s: float) -> tuple[Secret, ...]:
 
     update(change)
     return tuple(dropped)
+
+
+def revoke(update, user: str, now: float, until: float | None) -> Revocation:
+    """Through `update(change)`: end `user`'s allocations made before `now` on every relay
+    process, and refuse its credentials until `until`.  With `until` None (end what is
+    live only) a refusal already in force for the user is kept, not lifted.  Returns the
+    record written."""
+    check_user(user)
+    written: list[Revocation] = []
+
+    def change(ring: SecretRing) -> SecretRing:
+        refuse_until = now if until is None else max(now, until)
+        if until is None:
+            earlier = [r.until for r in ring.in_force(now) if r.user == user]
+            refuse_until = max([refuse_until, *earlier])
+        record = Revocation(user, round(now, 3), round(refuse_until, 3))
+        written[:] = [record]
+        return ring.revoked(record, now)
+
+    update(change)
+    return written[0]
 
 
 def rotate_ring(path: str | os.PathLike, now: float) -> tuple[SecretRing, Secret]:

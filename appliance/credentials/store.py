@@ -8,7 +8,8 @@ read-change-write: the file under an flock, Redis under WATCH/MULTI, so two
 rotations on two nodes never lose each other's secret.
 
 With `credentials.store: redis`, `appliance secret rotate` on any node reaches
-every node and relay worker at their next poll (2 s).
+every node and relay worker at their next poll (watcher.RING_POLL_S); so does
+`appliance revoke`, whose records the ring document carries.
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 
 Every relay process and the signaling each run one.  The ring is re-read when
 it changes (polled) and on SIGHUP; the accepted set is also re-evaluated on
-every poll, because a retired secret's grace ends without the ring changing.
+every poll, because a retired secret's grace ends without the ring changing; so are the
+revocations in force, handed to the relay when that set changes.
 A corrupt or unreadable ring (or an unreachable Redis) is refused and logged,
 and the last good ring stays in force, so a botched edit never locks every
 client out.  Polls read the store in a thread: a slow Redis never stalls the
@@ -16,13 +17,18 @@ import logging
 import time
 from collections.abc import Callable
 
+from turn.auth import Revocation
+
 from .ring import SecretRing, SecretRingError
 
 log = logging.getLogger("appliance")
 
-RING_POLL_S = 2.0
+# A poll is a stat() of the file or one small Redis GET; twice a second, a revocation
+# ends a user's allocations on every relay process within a second.
+RING_POLL_S = 0.5
 
 Apply = Callable[[tuple[bytes, ...]], None]
+ApplyRevocations = Callable[[tuple[Revocation, ...]], None]
 
 
 class RingWatcher:
@@ -37,6 +43,8 @@ class RingWatcher:
         self.failures = 0
         self._stamp = None
         self._accepted: tuple[bytes, ...] | None = None
+        self.apply_revocations: ApplyRevocations | None = None
+        self._revocations: tuple[Revocation, ...] | None = None
         self._last_error: str | None = None
 
     def current_ring(self) -> SecretRing:
@@ -96,15 +104,29 @@ class RingWatcher:
         self.apply = apply
         self.refresh()
 
+    def deliver_revocations_to(self, apply: ApplyRevocations) -> None:
+        """From now on hand `apply` (the relay node's set_revocations) the revocations in
+        force whenever that set changes, starting with the set in force now."""
+        self.apply_revocations = apply
+        self._revocations = None
+        self.refresh()
+
     def refresh(self) -> None:
-        """Hand the relay the secrets accepted now, when that set changed."""
+        """Hand the relay the secrets accepted now and the revocations in force, when
+        either set changed."""
         if self.ring is None:
             return
-        accepted = self.ring.accepted(self.clock(), self.grace_s)
+        now = self.clock()
+        accepted = self.ring.accepted(now, self.grace_s)
         if accepted != self._accepted:
             self._accepted = accepted
             if self.apply is not None:
                 self.apply(accepted)
+        revocations = self.ring.in_force(now)
+        if revocations != self._revocations:
+            self._revocations = revocations
+            if self.apply_revocations is not None:
+                self.apply_revocations(revocations)
 
     async def run(self) -> None:
         while True:

@@ -10,12 +10,21 @@
     GET  /admin/sessions[?user=ID]  signaling sessions of every node (with the Redis broker)
     DELETE /admin/sessions?user=ID  disconnect the user's sessions on every node (ERROR frame)
     GET  /admin/calls           live calls of every node, each by the node that owns it
+    GET  /admin/allocations[?user=ID]  live allocations of this node, every relay process
+                                (user, username expiry, client address and transport,
+                                relayed address, created, expires, permissions, channels)
+    GET  /admin/revocations     revoked users in force (user, issuedAt, until)
+    POST /admin/revocations     {"user": ID, "until": epoch|null}: end the user's allocations on
+                                every relay process sharing the ring store, and refuse its
+                                credentials until `until` (null: end live allocations only)
+    DELETE /admin/allocations?user=ID  end the user's live allocations (the same, until = now)
 
 `/metrics` and `/admin/*` need `Authorization: Bearer <admin.token>` when a
 token is set.  Without one (allowed on loopback only) metrics are open and
-the secret endpoints and DELETE /admin/sessions answer 403: changing secrets or
-disconnecting users over HTTP always needs a token, while `appliance secret rotate`
-on the machine itself does not.  Listings hold at most oversight.MAX_ROWS rows
+the secret endpoints, POST /admin/revocations and DELETE /admin/sessions and
+/admin/allocations answer 403: changing secrets or disconnecting and revoking users
+over HTTP always needs a token, while `appliance secret rotate` and `appliance revoke`
+on the machine itself do not.  Listings hold at most oversight.MAX_ROWS rows
 (`truncated` says more existed); user ids and addresses are client text, escaped
 by the JSON encoder and by `loggable` in log lines.
 """
@@ -36,7 +45,9 @@ from werkzeug.exceptions import HTTPException
 from signaling.client_text import loggable
 from signaling.oversight import MAX_ROWS, Listing, Oversight, OversightBusy
 
-from ..credentials.ring import SecretRing, SecretRingError, prune, rotate
+from ..credentials.ring import MAX_USER_CHARS as MAX_REVOKED_USER_CHARS
+from ..credentials.ring import SecretRing, SecretRingError, prune, revoke, rotate
+from ..credentials.store import FileRingStore, RedisRingStore
 from ..credentials.watcher import RingWatcher
 from .metrics import render
 
@@ -51,7 +62,7 @@ class AdminContext:
 
     token: str | None
     watcher: RingWatcher
-    store: object  # credentials.store.FileRingStore | RedisRingStore
+    store: FileRingStore | RedisRingStore
     grace_s: int
     activation_s: int
     registry: object  # prometheus CollectorRegistry
@@ -60,6 +71,8 @@ class AdminContext:
     clock: Callable[[], float] = time.time
     refusals: Counter = field(default_factory=Counter)
     signaling: Oversight | None = None  # None: no signaling on this node
+    # This node's live allocations and whether a process had more than it listed; None: no relay.
+    allocations: Callable[[], tuple[list[dict], bool]] | None = None
 
 
 class AdminRefusal(Exception):
@@ -91,6 +104,16 @@ def describe_ring(ring: SecretRing, now: float, grace_s: int, activation_s: int)
 
 
 MAX_USER_CHARS = 1024  # longer than any user id the signaling accepts
+MAX_BODY_BYTES = 4096  # a revocation is a user id and a time
+
+
+def describe_revocations(ring: SecretRing, now: float) -> dict:
+    """The revocations in force, newest first."""
+    rows = [
+        {"user": r.user, "issuedAt": r.issued_at, "until": r.until, "refusing": r.refuses(now)}
+        for r in sorted(ring.in_force(now), key=lambda r: r.issued_at, reverse=True)
+    ]
+    return {"revocations": rows, "count": len(rows)}
 
 
 def listing_json(listing: Listing, key: str, node: str) -> dict:
@@ -130,7 +153,7 @@ def create_admin_app(ctx: AdminContext) -> Quart:
 
     def require_action_access() -> None:
         if ctx.token is None:
-            raise AdminRefusal(403, "set admin.token to disconnect users over HTTP")
+            raise AdminRefusal(403, "set admin.token to disconnect or revoke users over HTTP")
         require_token()
 
     def oversight() -> Oversight:
@@ -259,6 +282,63 @@ def create_admin_app(ctx: AdminContext) -> Quart:
                 "unanswered": result.unanswered,
             }
         )
+
+    @app.get("/admin/allocations")
+    async def list_allocations():
+        require_token()
+        if ctx.allocations is None:
+            raise AdminRefusal(404, "no relay on this node")
+        user, limit = user_arg(required=False), limit_arg()
+        rows, truncated = ctx.allocations()
+        now = ctx.clock()
+        if user is not None:
+            rows = [row for row in rows if row["user"] == user]
+        rows = sorted(rows, key=lambda row: row["created"])
+        shown = [{**row, "ageSeconds": max(0, int(now - row["created"]))} for row in rows[:limit]]
+        return jsonify(
+            {"allocations": shown, "count": len(shown), "truncated": truncated or len(rows) > limit}
+        )
+
+    async def revoke_user(user: str, until: float | None) -> dict:
+        if len(user) > MAX_REVOKED_USER_CHARS or not user.isprintable():
+            raise AdminRefusal(
+                400, f"user must be printable text of at most {MAX_REVOKED_USER_CHARS} characters"
+            )
+        record = await asyncio.to_thread(revoke, ctx.store.update, user, ctx.clock(), until)
+        log.warning(
+            "admin: user %s revoked: allocations before %.3f end, credentials refused until %.0f",
+            loggable(user),
+            record.issued_at,
+            record.until,
+        )
+        await ctx.secrets_changed()  # every relay process reads the ring now, not at its next poll
+        return {"user": record.user, "issuedAt": record.issued_at, "until": record.until}
+
+    @app.get("/admin/revocations")
+    async def list_revocations():
+        require_token()
+        return jsonify(describe_revocations(ctx.watcher.current_ring(), ctx.clock()))
+
+    @app.post("/admin/revocations")
+    async def post_revocation():
+        require_action_access()
+        request.max_content_length = MAX_BODY_BYTES
+        body = await request.get_json(force=True, silent=True)
+        if not isinstance(body, dict) or not isinstance(body.get("user"), str) or not body["user"]:
+            raise AdminRefusal(400, 'send {"user": ID, "until": unix seconds or null}')
+        until = body.get("until")
+        if until is not None and (
+            not isinstance(until, (int, float)) or isinstance(until, bool) or not 0 <= until < 2**40
+        ):
+            raise AdminRefusal(400, "until must be unix seconds or null")
+        return jsonify(await revoke_user(body["user"], until))
+
+    @app.delete("/admin/allocations")
+    async def end_allocations():
+        require_action_access()
+        user = user_arg(required=True)
+        assert user is not None  # required
+        return jsonify(await revoke_user(user, None))
 
     @app.get("/admin/calls")
     async def list_calls():

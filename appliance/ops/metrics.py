@@ -38,7 +38,11 @@ if TYPE_CHECKING:  # the relay workers import this module too: no web app for th
 P = "appliance_"
 
 # TurnCore counter -> (metric, label value); the rest go to relay_events_total.
-RELAY_AUTH_FAILURES = {"auth_bad_credentials": "bad_credentials", "auth_expired": "expired"}
+RELAY_AUTH_FAILURES = {
+    "auth_bad_credentials": "bad_credentials",
+    "auth_expired": "expired",
+    "auth_revoked": "revoked",  # a user an operator revoked (appliance revoke)
+}
 SIGNALING_AUTH_FAILURES = {
     "auth_missing_token": "missing_token",
     "auth_bad_token": "bad_token",
@@ -291,6 +295,12 @@ class ApplianceCollector:
         )
         yield _counter(
             "relay_allocations_created", "allocations made", counters.get("allocations_created", 0)
+        )
+        yield _counter(
+            "relay_allocations_revoked",
+            "allocations ended because an operator revoked their user (appliance revoke, "
+            "DELETE /admin/allocations)",
+            counters.get("allocations_revoked", 0),
         )
         yield _counter(
             "relay_peer_denied",

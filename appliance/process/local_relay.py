@@ -64,6 +64,7 @@ class LocalRelay:
     async def start(self) -> None:
         """Bind the relay's listeners; ListenerError names the one that cannot bind."""
         self.watcher.deliver_to(self.node.set_secrets)
+        self.watcher.deliver_revocations_to(self.node.set_revocations)
         t = self.config.turn
         try:
             await self.node.start()
@@ -80,6 +81,10 @@ class LocalRelay:
 
     def stats(self) -> dict:
         return self.node.stats()
+
+    def allocation_rows(self) -> tuple[list[dict], bool]:
+        """This process's live allocations (RelayNode.allocation_rows) and whether more exist."""
+        return self.node.allocation_rows()
 
     async def drain(self, drain_s: float, hurry: asyncio.Event) -> None:
         """Refuse new allocations and connections; return once none is left, after

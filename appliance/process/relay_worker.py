@@ -6,7 +6,8 @@ It follows the secret ring with a RingWatcher of its own, so a rotation reaches 
 the store alone; it verifies nonces with the key the supervisor handed it at spawn, so a
 nonce from one process verifies in another; it counts quotas and relay ports in the
 ledger shared with every relay process of the node; and it sends its relay figures up
-`stats_pipe` every STATS_EVERY_S for the supervisor's /metrics.  SIGHUP re-reads the ring
+`stats_pipe` every STATS_EVERY_S (a WorkerReport: the figures for the supervisor's /metrics
+and its live allocations for /admin/allocations).  SIGHUP re-reads the ring
 and reloads the certificate; SIGTERM drains its allocations as the supervisor does.
 
 This module is what a spawned worker imports: it stays clear of the signaling, Quart and
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
 
@@ -34,6 +36,15 @@ from .signals import ProcessSignals
 log = logging.getLogger("appliance")
 
 STATS_EVERY_S = 1.0
+
+
+@dataclass(frozen=True)
+class WorkerReport:
+    """What a relay worker sends up its pipe every STATS_EVERY_S."""
+
+    stats: dict  # RelayNode.stats()
+    allocations: list[dict] = field(default_factory=list)  # RelayNode.allocation_rows(), bounded
+    truncated: bool = False  # the worker has more allocations than it listed
 
 
 class RelayWorker:
@@ -84,7 +95,8 @@ class RelayWorker:
         while True:
             await asyncio.sleep(STATS_EVERY_S)
             try:
-                self.stats_pipe.send(relay.stats())
+                rows, truncated = relay.allocation_rows()
+                self.stats_pipe.send(WorkerReport(relay.stats(), rows, truncated))
             except (OSError, ValueError):
                 return  # the supervisor is gone or stopping
 

@@ -178,6 +178,7 @@ class Supervisor:
                 registry=metrics_registry(collector),
                 readiness=self.readiness,
                 secrets_changed=self.reload_secrets,
+                allocations=self.allocation_rows if self.relay is not None else None,
                 signaling=self.signaling.oversight if self.signaling is not None else None,
             )
         )
@@ -213,6 +214,15 @@ class Supervisor:
         own = [self.relay.stats()] if self.relay is not None else []  # asked only when there is one
         workers = self.workers.snapshots() if self.workers is not None else []
         return combine_stats([*own, *workers])
+
+    def allocation_rows(self) -> tuple[list[dict], bool]:
+        """This node's live allocations: this process's now, each worker's as of its last
+        report (a second at most); and whether any process had more than it listed."""
+        own, truncated = self.relay.allocation_rows() if self.relay is not None else ([], False)
+        if self.workers is None:
+            return own, truncated
+        theirs, theirs_truncated = self.workers.allocation_rows()
+        return own + theirs, truncated or theirs_truncated
 
     def readiness(self) -> dict[str, bool]:
         checks = {"secret_ring": self.watcher.ring is not None, "accepting": not self.draining}

@@ -1,8 +1,9 @@
 """The supervisor's relay workers: started, watched (restarted if one dies), stopped.
 
-Each worker (relay_worker.py) sends a stats snapshot up its pipe every second, so
-the supervisor's /metrics covers every relay process; a worker that exits leaves its
-monotonic totals behind (ops.metrics.retired_part).
+Each worker (relay_worker.py) sends a WorkerReport up its pipe every second, so the
+supervisor's /metrics and /admin/allocations cover every relay process; a worker that
+exits leaves its monotonic totals behind (ops.metrics.retired_part), and its allocations,
+which ended with it, leave the listing.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from turn.ledger import SharedLedger
 from ..config.schema import AppConfig
 from ..ops.metrics import retired_part
 from ..tls.files import TlsFiles
-from .relay_worker import worker_main
+from .relay_worker import WorkerReport, worker_main
 
 log = logging.getLogger("appliance")
 
@@ -38,6 +39,7 @@ class RelayWorkers:
         self.procs: list[BaseProcess] = []
         self.pipes: list[Connection] = []
         self.latest: list[dict] = []
+        self.listed: list[WorkerReport] = []  # the latest report of each worker, for its rows
         self.retired: list[dict] = []
         self.stopping = False
         self._ctx = multiprocessing.get_context("spawn")
@@ -56,16 +58,27 @@ class RelayWorkers:
             self.procs.append(proc)
             self.pipes.append(receiver)
             self.latest.append({})
+            self.listed.append(WorkerReport({}))
         return proc
 
     def _on_stats(self, index: int, receiver: Connection) -> None:
         try:
-            self.latest[index] = receiver.recv()
+            report = receiver.recv()
         except (EOFError, OSError):
             asyncio.get_running_loop().remove_reader(receiver.fileno())
             receiver.close()
             self.retired.append(retired_part(self.latest[index]))
             self.latest[index] = {}
+            self.listed[index] = WorkerReport({})
+            return
+        self.latest[index] = report.stats
+        self.listed[index] = report
+
+    def allocation_rows(self) -> tuple[list[dict], bool]:
+        """Every worker's latest allocation rows (at most a second old), and whether any
+        worker had more than it listed."""
+        rows = [row for report in self.listed for row in report.allocations]
+        return rows, any(report.truncated for report in self.listed)
 
     def snapshots(self) -> list[dict]:
         return self.latest + self.retired

@@ -49,7 +49,7 @@ async def test_nodes_share_and_rotate_one_ring(two_nodes):
     new = store.load().current()
     assert new.id != first.id and new.id in done.stdout
 
-    deadline = time.monotonic() + 8  # a 2 s poll plus the 1 s activation, with room
+    deadline = time.monotonic() + 8  # a 0.5 s poll plus the 1 s activation, with room
     while True:
         entry = turn_entry(http_credentials(two), "turn:")
         if entry["credential"] == rest_password(new.value.encode(), entry["username"]):
