@@ -29,7 +29,6 @@ from .credentials.ice_servers import CredentialIssuer, handed_out_urls
 from .credentials.ring import Secret, SecretRing, SecretRingError, prune, revoke, rotate
 from .credentials.store import ring_store, safe_url
 from .process.listeners import ListenerError
-from .tls.files import TlsFiles
 
 # Imported where they are used, for measured reasons: process.supervisor (the signaling,
 # Quart and Hypercorn: about 0.3 s), wiring.auth and signaling.auth (PyJWT and httpx: about
@@ -146,32 +145,11 @@ def cmd_serve(args) -> int:
         f"secret ring: {store.where} ({'created' if created else 'loaded'}, current {ring.current().id})",
         file=sys.stderr,
     )
-    t, h = config.turn, config.http
-    from .wiring.relay import needs_turn_certificate
-
-    cert, key = _tls_files(config, "turn", t.tls_cert, t.tls_key, needs_turn_certificate(config))
-    http_cert, http_key = _tls_files(config, "http", h.tls_cert, h.tls_key, h.listen is not None and h.tls)
     from .process.supervisor import run
+    from .tls.files import tls_files
 
-    return run(config, TlsFiles(cert, key, http_cert, http_key))
-
-
-def _tls_files(config: AppConfig, section: str, cert: Path | None, key: Path | None, needed: bool):
-    """The section's certificate and key, or the development certificate if it names none."""
-    if not needed:
-        return None, None
-    if cert is None:
-        from .tls.devcert import ensure_dev_certificate
-
-        cert, key, made = ensure_dev_certificate(config.data_dir / "certs")
-        print(
-            f"{section} TLS: development certificate {cert} ({'created' if made else 'reused'}); "
-            f"set {section}.tls_cert/tls_key for production",
-            file=sys.stderr,
-        )
-    else:
-        print(f"{section} TLS: {cert}, {key}", file=sys.stderr)
-    return cert, key
+    files = tls_files(config, announce=lambda line: print(line, file=sys.stderr))
+    return run(config, files, path)  # `path`: read again on SIGHUP and POST /admin/reload
 
 
 def _answers(listener: HostPort) -> bool:
@@ -570,13 +548,42 @@ def _admin_json(config: AppConfig, path: str, params: dict[str, str], timeout_s:
         raise OSError(f"the admin listener {listen} does not answer: {exc.reason}") from None
 
 
+COUNT_UNITS = ("", "k", "M", "G")
+BYTE_UNITS = (" B", " kB", " MB", " GB", " TB")
+
+
+def _scaled(value: float, units: Sequence[str]) -> str:
+    """`value` in the largest of `units` (each 1000 times the one before) that keeps it at
+    1 or more: 980 -> "980", 12345 -> "12.3k" with ("", "k", "M", "G")."""
+    for unit in units[:-1]:
+        if abs(value) < 999.95:
+            return f"{value:.0f}{unit}" if unit == units[0] else f"{value:.1f}{unit}"
+        value /= 1000
+    return f"{value:.1f}{units[-1]}"
+
+
+def _traffic(packets: int | None, octets: int | None) -> str:
+    """One direction's relayed traffic as a table cell: "12.3k pkt 1.9 MB"."""
+    return f"{_scaled(int(packets or 0), COUNT_UNITS)} pkt {_scaled(int(octets or 0), BYTE_UNITS)}"
+
+
+def _kbit_per_s(bits_per_second: int | None) -> str:
+    return f"{int(bits_per_second or 0) / 1000:.1f}"
+
+
 def cmd_allocations(args) -> int:
-    """This node's live allocations (every relay process), as a table (or the admin's JSON)."""
+    """This node's live allocations (every relay process), as a table (or the admin's JSON):
+    the traffic each way since the Allocate and its current rate."""
     answer = _admin_listing(args, "/admin/allocations")
     if answer is None:
         return 0
     now = time.time()
-    rows = [("USER", "CLIENT", "TRANSPORT", "RELAYED", "AGE", "EXPIRES IN", "PERMS", "CHANNELS")]
+    rows = [
+        (
+            *("USER", "CLIENT", "TRANSPORT", "RELAYED", "AGE", "EXPIRES IN", "PERMS", "CHANNELS"),
+            *("TO PEER", "KBIT/S", "TO CLIENT", "KBIT/S"),  # relayed payload, current rate
+        )
+    ]
     for r in answer.get("allocations", []):
         rows.append(
             (
@@ -588,6 +595,10 @@ def cmd_allocations(args) -> int:
                 _duration(float(r.get("expires") or now) - now),
                 str(r.get("permissions", 0)),
                 str(r.get("channels", 0)),
+                _traffic(r.get("packetsToPeer"), r.get("bytesToPeer")),
+                _kbit_per_s(r.get("bitsPerSecondToPeer")),
+                _traffic(r.get("packetsToClient"), r.get("bytesToClient")),
+                _kbit_per_s(r.get("bitsPerSecondToClient")),
             )
         )
     _print_table(rows)

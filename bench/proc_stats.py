@@ -61,7 +61,7 @@ def _cpu_seconds_of(pid: int) -> float:
 
 def rss_kib(pids: list[int]) -> int:
     """Resident set size (VmRSS) in KiB, summed."""
-    return _summed(pids, _rss_kib_of)
+    return int(_summed(pids, _rss_kib_of))
 
 
 def cpu_seconds(pids: list[int]) -> float:
@@ -71,4 +71,4 @@ def cpu_seconds(pids: list[int]) -> float:
 
 def fd_count(pids: list[int]) -> int:
     """Open file descriptors, summed."""
-    return _summed(pids, lambda pid: len(os.listdir(f"/proc/{pid}/fd")))
+    return int(_summed(pids, lambda pid: len(os.listdir(f"/proc/{pid}/fd"))))

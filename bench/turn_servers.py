@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import shutil
 import signal
 import socket
@@ -63,15 +64,36 @@ class Server:
                 self.proc.wait(5)
 
 
+def in_relay_ranges(port: int) -> bool:
+    return any(low <= port <= high for low, high in (COTURN_RELAY_PORTS, OUR_RELAY_PORTS))
+
+
+def bound_socket(kind: int = socket.SOCK_DGRAM, host: str = "127.0.0.1") -> socket.socket:
+    """A socket bound to a free port of `host` outside both servers' relay ranges.  The
+    kernel's ephemeral ports overlap them: a client whose port a server then tries for a
+    relay sends coturn into a bind-retry loop (errno 98, tens of thousands of log lines a
+    second), so every load and listening socket of the benchmarks comes from here."""
+    rejected = []
+    try:
+        for _ in range(200):
+            sock = socket.socket(socket.AF_INET, kind)
+            sock.bind((host, 0))
+            if not in_relay_ranges(sock.getsockname()[1]):
+                return sock
+            rejected.append(sock)  # held until the end, so the kernel offers another
+        raise OSError("no free port outside the relay ranges")
+    finally:
+        for sock in rejected:
+            sock.close()
+
+
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
+    with bound_socket(socket.SOCK_DGRAM) as s:
         return s.getsockname()[1]
 
 
 def free_tcp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
+    with bound_socket(socket.SOCK_STREAM) as s:
         return s.getsockname()[1]
 
 
@@ -141,12 +163,14 @@ def start_coturn(
     relay_threads: int | None = None,
     tls: tuple[Path, Path, int] | None = None,
     cpus: Iterable[int] | None = None,
+    tcp: bool = False,
 ) -> Server:
     """coturn as deployed; relay_threads pins its UDP relay threads (default: one per core);
-    `tls` = (certificate, key, port) opens its TLS listener on that port."""
+    `tls` = (certificate, key, port) opens its TLS listener on that port; `tcp` its TCP
+    listener on the UDP listener's port number."""
     port = free_port()
     cmd = [
-        shutil.which("turnserver"),
+        shutil.which("turnserver") or "turnserver",
         "-n",
         "--listening-ip",
         "127.0.0.1",
@@ -166,7 +190,6 @@ def start_coturn(
         "--allow-loopback-peers",
         "--no-cli",
         "--no-dtls",
-        "--no-tcp",
         "--total-quota",
         "0",
         "--user-quota",
@@ -176,6 +199,8 @@ def start_coturn(
         "--simple-log",
     ]
     name = "coturn"
+    if not tcp:
+        cmd.append("--no-tcp")
     if tls is None:
         cmd.append("--no-tls")
     else:
@@ -264,4 +289,25 @@ def start_ours(
         server.stop()
         raise RuntimeError(f"{name}: {err}:\n{server.log_tail()}") from None
     time.sleep(0.5 * workers)  # let the extra worker processes bind
+    return server
+
+
+def start_forwarder(
+    name: str, command: list[str], port: int, log: Path, cpus: Iterable[int] | None = None
+) -> Server:
+    """A bare forwarder (bench/forwarder.c or bench/bare_forwarder.py) listening on `port`,
+    once it prints "ready"; it has no relay port range of its own."""
+    proc = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=open(log, "wb"),
+        preexec_fn=pinned_to(cpus),
+    )
+    server = Server(name, proc, port, (0, -1), log)
+    assert proc.stdout is not None
+    ready, _, _ = select.select([proc.stdout], [], [], 15)
+    line = proc.stdout.readline() if ready else b""
+    if line.strip() != b"ready":
+        server.stop()
+        raise RuntimeError(f"{name} did not start:\n{server.log_tail()}")
     return server

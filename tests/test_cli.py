@@ -131,7 +131,7 @@ def test_check_config_warns_when_the_development_key_is_reachable(tmp_path, caps
 def test_serve_warns_at_start_when_the_development_key_is_reachable(tmp_path, capsys, monkeypatch):
     import appliance.process.supervisor
 
-    monkeypatch.setattr(appliance.process.supervisor, "run", lambda config, tls_files: 0)  # no servers
+    monkeypatch.setattr(appliance.process.supervisor, "run", lambda config, tls_files, path: 0)  # no servers
     exposed = write_config(tmp_path, "turn: {tls: null}\nhttp: {listen: '0.0.0.0:8443', tls: false}\n")
     assert main(["serve", "--config", exposed]) == 0
     warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
@@ -189,7 +189,7 @@ def test_check_config_and_serve_warn_about_the_ephemeral_range(tmp_path, capsys,
     monkeypatch.setattr(
         appliance.cli, "warn_relay_ports_in_ephemeral_range", functools.partial(warn, range_file=wide)
     )
-    monkeypatch.setattr(appliance.process.supervisor, "run", lambda config, tls_files: 0)  # no servers
+    monkeypatch.setattr(appliance.process.supervisor, "run", lambda config, tls_files, path: 0)  # no servers
     config = write_config(tmp_path, "turn: {tls: null}\n")
     for argv in (["check-config", config], ["serve", "--config", config]):
         assert main(argv) == 0

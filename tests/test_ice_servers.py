@@ -8,7 +8,7 @@ import pytest
 from appliance.config.loader import load_config
 from appliance.credentials.ice_servers import CredentialIssuer, embedded_urls, handed_out_urls
 from appliance.credentials.ring import Secret, SecretRing
-from turn.auth import rest_password
+from turn.auth import Revocation, rest_password
 
 NOW = 1_900_000_000.0
 
@@ -139,3 +139,26 @@ def test_a_retiring_secret_never_signs_past_its_grace(retired_ago, expected_ttl)
     entry = answer["iceServers"][1]
     assert entry["credential"] == rest_password(old.value.encode(), entry["username"])
     assert answer["ttl"] == expected_ttl
+
+
+@pytest.mark.parametrize(
+    "revocation, refused",
+    [
+        (Revocation("alice", NOW - 10, NOW + 3600), True),  # in force
+        (Revocation("alice", NOW - 10, NOW - 10), False),  # ended live allocations, refuses nothing
+        (Revocation("alice", NOW - 7200, NOW - 1), False),  # lapsed
+        (Revocation("alicia", NOW - 10, NOW + 3600), False),  # someone else
+    ],
+)
+def test_a_revoked_user_gets_stun_only_while_refused(revocation, refused):
+    # An external coturn knows nothing of revocations: a fresh credential handed to a
+    # revoked user would work there, so none is handed out.
+    secret = Secret("k-1", "s" * 43, int(NOW) - 100)
+    answer = issuer(SecretRing((secret,), (revocation,))).issue("alice")
+    urls = [entry["urls"] for entry in answer["iceServers"]]
+    if refused:
+        assert urls == ["stun:s.example.com"]
+        assert all(entry["credential"] is None for entry in answer["iceServers"])
+    else:
+        assert urls == ["stun:s.example.com", "turn:t.example.com?transport=udp"]
+        assert answer["iceServers"][1]["credential"] is not None

@@ -474,6 +474,10 @@ async def test_bandwidth_cap_drops_and_counts_past_the_burst_each_way(transport,
             await asyncio.wait_for(client.recv(), 0.2)
         traffic = node.core.traffic
         assert (traffic.to_peer_packets, traffic.to_client_packets) == (3, 3)
+        # The allocation's own counters leave the throttled packets out too.
+        (alloc,) = node.core.table.by_client.values()
+        assert (alloc.to_peer_packets, alloc.to_peer_bytes) == (3, 3000)
+        assert (alloc.to_client_packets, alloc.to_client_bytes) == (3, 3000)
 
         node.clock_ref.now += 0.125  # 1000 bytes refilled each way
         await client.send(to_peer)

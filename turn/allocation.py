@@ -19,6 +19,11 @@ Two contracts with the I/O layer (turn/udp.py, turn/tcp.py) live here:
 bandwidth cap applies, else `meter.take(payload bytes, now)` says whether a
 packet going that way may pass (and charges it); the hot path checks them
 after the relay rule and drops what they refuse.
+
+`to_peer_packets`, `to_peer_bytes`, `to_client_packets` and `to_client_bytes` count
+what every relay path sent for the allocation (payload bytes, as core.Traffic counts
+them for the node); what the relay rule, a meter or the socket refused is not in them.
+`bits_per_second` turns them into a current rate for the operator's listing.
 """
 
 from __future__ import annotations
@@ -41,6 +46,11 @@ CHANNEL_MIN = 0x4000
 # accepts them.  Accepting the old range costs nothing: no other protocol is
 # multiplexed on the relay's client port.
 CHANNEL_MAX = 0x7FFF
+# The shortest window a current rate is measured over (Allocation.bits_per_second): a
+# listing right after another would otherwise divide a few packets by a few milliseconds.
+# Below a second because relay workers list every second (STATS_EVERY_S) and a timer may
+# fire a little early: each of their listings then measures the second before it.
+RATE_WINDOW_S = 0.9
 
 
 class DatagramSocket(Protocol):
@@ -123,6 +133,12 @@ class Allocation:
         "closed",
         "to_peer_meter",
         "to_client_meter",
+        "to_peer_packets",
+        "to_peer_bytes",
+        "to_client_packets",
+        "to_client_bytes",
+        "_rate_sample",
+        "_rate_bps",
     )
 
     def __init__(
@@ -162,6 +178,39 @@ class Allocation:
         # Set by BandwidthCaps.attach when a cap applies (client->peer, peer->client).
         self.to_peer_meter: Meter | None = None
         self.to_client_meter: Meter | None = None
+        # Relayed since the Allocate, added to by the packet paths (see the module docstring).
+        self.to_peer_packets = self.to_peer_bytes = 0
+        self.to_client_packets = self.to_client_bytes = 0
+        # bits_per_second's state: (when, to_peer_bytes, to_client_bytes) at the start of
+        # the window it measures, and what the last full window measured (None: none yet).
+        self._rate_sample = (created, 0, 0)
+        self._rate_bps: tuple[int, int] | None = None
+
+    # ------------------------------------------------------------ traffic
+
+    def bits_per_second(self, now: float) -> tuple[int, int]:
+        """The current rate of relayed payload (to the peer, to the client), in bit/s.
+
+        Measured over the window since the previous call that started one, at least
+        RATE_WINDOW_S long: a call that finds a full window measures it and starts the
+        next; one sooner shows what the last full window measured, or, while the
+        allocation is younger than the first window, its rate since it was made.  So
+        listings every second show each second's rate, and one in between no noise."""
+        since, to_peer, to_client = self._rate_sample
+        elapsed = now - since
+        if 0.0 <= elapsed < RATE_WINDOW_S and self._rate_bps is not None:
+            return self._rate_bps
+        if elapsed > 0.0:
+            rate = (
+                round((self.to_peer_bytes - to_peer) * 8 / elapsed),
+                round((self.to_client_bytes - to_client) * 8 / elapsed),
+            )
+        else:  # just made, or a wall clock that stepped back: no time to divide by
+            rate = self._rate_bps or (0, 0)
+        if not 0.0 <= elapsed < RATE_WINDOW_S:
+            self._rate_sample = (now, self.to_peer_bytes, self.to_client_bytes)
+            self._rate_bps = rate
+        return rate
 
     # ------------------------------------------------------------ the relay rule
     #

@@ -175,6 +175,34 @@ class TurnCore:
         # Error replies to sources without an allocation, per source: a UDP source can be
         # forged, and a 401 is five times the Allocate that earns it.
         self.unauth_replies = SourceBudget(settings.unauth_replies_per_s, settings.unauth_reply_burst)
+        # Allocations whose meters came from caps an apply() replaced, by client key: their
+        # user counts live there, so they detach there (bounded by the allocation table).
+        self._earlier_caps: dict[Hashable, BandwidthCaps] = {}
+
+    # ------------------------------------------------------------ new settings
+
+    def apply(self, settings: RelaySettings, policy: PeerPolicy) -> None:
+        """Take new settings and a new peer policy (a configuration reload) without touching
+        a live allocation: its permissions, channels, lifetime and bandwidth meters stay as
+        they are.  From the next request on, quotas, lifetimes, permission and channel
+        limits, SOFTWARE, strict expiry and the policy are the new ones; new bandwidth caps
+        meter the allocations made from now on; a new unauthenticated-reply budget starts
+        full.  The realm and address families are the node's (a restart changes them)."""
+        if (settings.realm, settings.families) != (self.settings.realm, self.settings.families):
+            raise ValueError("the realm and address families change only with a restart")
+        old = self.settings
+        caps = (settings.max_bps, settings.user_max_bps, settings.total_max_bps)
+        if caps != (old.max_bps, old.user_max_bps, old.total_max_bps):
+            for alloc in self.table.by_client.values():
+                self._earlier_caps.setdefault(alloc.client_key, self.bandwidth)
+            self.bandwidth = BandwidthCaps(*caps)
+        if (settings.unauth_replies_per_s, settings.unauth_reply_burst) != (
+            old.unauth_replies_per_s,
+            old.unauth_reply_burst,
+        ):
+            self.unauth_replies = SourceBudget(settings.unauth_replies_per_s, settings.unauth_reply_burst)
+        self.settings = settings
+        self.policy = policy
 
     # ------------------------------------------------------------ entry points
 
@@ -620,6 +648,8 @@ class TurnCore:
         alloc.relay.sendto(data, peer)
         self.traffic.to_peer_packets += 1
         self.traffic.to_peer_bytes += len(data)
+        alloc.to_peer_packets += 1
+        alloc.to_peer_bytes += len(data)
 
     # ------------------------------------------------------------ helpers
 
@@ -646,7 +676,7 @@ class TurnCore:
 
     def _close(self, alloc: Allocation, reason: str) -> None:
         alloc.relay.allocation = None
-        self.bandwidth.detach(alloc)
+        self._earlier_caps.pop(alloc.client_key, self.bandwidth).detach(alloc)
         self.ledger.mark_port(alloc.family, alloc.relay.address[1], False)
         self.ledger.release(alloc.user_id)
         alloc.relay.close()

@@ -18,7 +18,7 @@ import logging
 import ssl
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from demux.accept import SniffingListener
@@ -43,6 +43,8 @@ TIMER_MAX_WAIT_S = 1.0
 # Rows one process lists (allocation_rows): what a pipe carries every second stays small.
 MAX_LISTED_ALLOCATIONS = 2000
 IDLE_CHECK_S = 10.0
+# How often the node closes its allocations' rate windows (sample_rates).
+RATE_SAMPLE_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -191,6 +193,7 @@ class RelayNode:
     async def _run_timer(self) -> None:
         core = self._started_core()
         next_idle_check = self.clock() + IDLE_CHECK_S
+        next_rate_sample = self.clock() + RATE_SAMPLE_S
         while True:
             now = self.clock()
             when = core.get_timer()
@@ -206,6 +209,19 @@ class RelayNode:
                     self.connections, core, now
                 )
                 next_idle_check = now + IDLE_CHECK_S
+            if now >= next_rate_sample:
+                self.sample_rates(now)
+                next_rate_sample = now + RATE_SAMPLE_S
+
+    def sample_rates(self, now: float, limit: int = MAX_LISTED_ALLOCATIONS) -> None:
+        """Close each listed allocation's rate window (Allocation.bits_per_second), so that
+        the rate a listing shows is about the last second's whoever lists and however
+        rarely: a relay worker lists every second anyway, the supervisor's own node only
+        when an operator asks.  The allocations a listing would show, no more."""
+        core = self.core
+        if core is not None:
+            for alloc in itertools.islice(core.table.by_client.values(), limit):
+                alloc.bits_per_second(now)
 
     def begin_drain(self) -> None:
         """Stop taking new allocations and TCP/TLS connections (those not yet past their
@@ -251,7 +267,9 @@ class RelayNode:
         """The live allocations for an operator (at most `limit` rows), and whether more exist.
 
         `user` is client text: whoever shows it escapes it (the admin API's JSON encoder,
-        the CLI's table cells)."""
+        the CLI's table cells).  Traffic is the relayed payload since the Allocate, each
+        way; the bit rates are current (Allocation.bits_per_second: over the second or so
+        since the previous listing)."""
         core = self.core
         if core is None:
             return [], False
@@ -259,6 +277,7 @@ class RelayNode:
         rows = []
         for alloc in itertools.islice(core.table.by_client.values(), limit):
             parsed = parse_rest_username(alloc.username)
+            to_peer_bps, to_client_bps = alloc.bits_per_second(now)
             rows.append(
                 {
                     "user": alloc.user_id,
@@ -270,9 +289,25 @@ class RelayNode:
                     "expires": alloc.expires,
                     "permissions": alloc.live_permissions(now),
                     "channels": alloc.live_channels(now),
+                    "packetsToPeer": alloc.to_peer_packets,
+                    "bytesToPeer": alloc.to_peer_bytes,
+                    "packetsToClient": alloc.to_client_packets,
+                    "bytesToClient": alloc.to_client_bytes,
+                    "bitsPerSecondToPeer": to_peer_bps,
+                    "bitsPerSecondToClient": to_client_bps,
                 }
             )
         return rows, len(core.table) > limit
+
+    def apply(self, relay: RelaySettings, policy: PeerPolicy) -> None:
+        """New relay settings and a new peer policy, whole (a configuration reload): the
+        core takes them from its next request on (TurnCore.apply), live allocations keep
+        relaying as they are.  Listeners, relay addresses and ports are not among them:
+        those change only with a restart."""
+        self.settings = replace(self.settings, relay=relay)
+        self.policy = policy
+        if self.core is not None:
+            self.core.apply(relay, policy)
 
     def set_secrets(self, secrets: tuple[bytes, ...]) -> None:
         self.verifier.set_secrets(secrets)

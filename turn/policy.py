@@ -11,7 +11,8 @@ the IPv4 address they reach, so they cannot smuggle a denied destination past
 the list.
 
 Called on CreatePermission, ChannelBind and Send indications, never per
-ChannelData packet; verdicts are cached per address.
+ChannelData packet; verdicts are cached per address.  A configuration reload replaces
+the policy whole (TurnCore.apply), so no cached verdict outlives the lists it came from.
 """
 
 from __future__ import annotations

@@ -186,6 +186,8 @@ class StreamConnection(asyncio.Protocol):
         traffic = self.core.traffic
         traffic.to_peer_packets += 1
         traffic.to_peer_bytes += length
+        alloc.to_peer_packets += 1
+        alloc.to_peer_bytes += length
 
     # --------------------------------------------------------- ClientLink
 

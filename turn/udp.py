@@ -10,6 +10,10 @@ send through the allocation's `ClientLink`, and is received at offset 4 of the
 buffer so its ChannelData header is written in front of it without a copy.
 Bandwidth caps cost one `is not None` test per packet when off (the
 allocation's meters are None) and one token-bucket charge each when on.
+What an allocation relayed is counted on it (allocation.py): a relay port adds
+its whole batch to its one allocation at the end of a drain, as the node-wide
+counters are added; the listener, whose consecutive datagrams come from any
+client, adds two integers to the packet's allocation per packet.
 Everything that is not ChannelData goes to the sans-I/O core.
 
 Reads are drained in bounded batches so one busy socket cannot starve the
@@ -182,6 +186,8 @@ class UdpListener:
                     continue
                 packets += 1
                 octets += length
+                alloc.to_peer_packets += 1
+                alloc.to_peer_bytes += length
             elif first < 0x40 and n >= stun.HEADER_LENGTH:
                 reply = self.core.handle_stun(bytes(view[:n]), UdpClientLink(sock, addr), now)
                 if reply is not None:
@@ -238,6 +244,9 @@ class UdpRelayPort:
         into = owner.into
         now = owner.clock()
         packets = octets = throttled = 0
+        # Read once: nothing a drain calls ends or claims an allocation (the core does that
+        # on requests and timers), so the whole batch is this one's.
+        alloc = self.allocation
         for _ in range(READ_BATCH):
             try:
                 n, addr = sock.recvfrom_into(into)
@@ -245,7 +254,6 @@ class UdpRelayPort:
                 break
             except OSError:
                 continue
-            alloc = self.allocation
             if alloc is None:
                 continue  # a reserved port (EVEN-PORT R bit) not yet claimed
             peer = addr if len(addr) == 2 else addr[:2]
@@ -276,10 +284,12 @@ class UdpRelayPort:
                 continue
             packets += 1
             octets += n
-        if packets:
+        if packets and alloc is not None:
             traffic = owner.core.traffic
             traffic.to_client_packets += packets
             traffic.to_client_bytes += octets
+            alloc.to_client_packets += packets
+            alloc.to_client_bytes += octets
         if throttled:
             owner.core.counters["bandwidth_dropped_to_client"] += throttled
 

@@ -334,6 +334,12 @@ def _admin_checks(admin) -> None:
         )
 
 
+def check_whole(config: AppConfig) -> None:
+    """The rules that involve more than one key, for a configuration put together from two
+    (a reload keeps the running values of the keys that need a restart); ConfigError."""
+    _cross_checks(config)
+
+
 def load_config(path: str | os.PathLike | None = None, environ: Mapping[str, str] | None = None) -> AppConfig:
     """Load `path` (or the defaults) with APPLIANCE__* overrides from `environ` (os.environ).
 

@@ -6,6 +6,10 @@ URL per enabled relay listener (the edge listener's TLS port among them), on
 servers.  Every TURN entry carries the same REST credential, signed with the
 ring's signing secret, so it works on the embedded relay and on every coturn
 sharing the ring.
+
+A user the ring's revocations refuse (`appliance revoke --user ID --until T`) gets the
+STUN entries only until T: a fresh credential would be refused by the embedded relay
+anyway, and an external coturn, which knows nothing of revocations, would accept it.
 """
 
 from __future__ import annotations
@@ -94,9 +98,15 @@ class CredentialIssuer:
         return cls(handed_out_urls(config), c.ttl_s, c.grace_s(), c.activation_s, ring, clock)
 
     def issue(self, user_id: str) -> dict:
-        """{"iceServers": [...], "ttl": seconds} for `user_id`."""
+        """{"iceServers": [...], "ttl": seconds} for `user_id` (STUN entries only while the
+        ring's revocations refuse the user)."""
         now = self.clock()
-        secret = self.ring().signing(now, self.grace_s, self.activation_s)
+        ring = self.ring()
+        if any(r.user == user_id and r.refuses(now) for r in ring.in_force(now)):
+            stun_only = [url for url in self.urls if not url.startswith(("turn:", "turns:"))]
+            servers = [{"urls": url, "url": url, "username": None, "credential": None} for url in stun_only]
+            return {"iceServers": servers, "ttl": self.ttl_s}
+        secret = ring.signing(now, self.grace_s, self.activation_s)
         ttl = self.ttl_s
         if secret.retired is not None:
             # Signing with a secret on its way out (a new one is still activating):

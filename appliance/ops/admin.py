@@ -1,5 +1,9 @@
 """The operators' HTTP API on its own listener (`admin.listen`, loopback by default).
 
+    GET  /admin/                the operator page (ops/console: live charts of /metrics, the
+                                tables below with their buttons); `/` redirects there.  Its
+                                files are open (they hold no data), what it shows is asked
+                                with the token
     GET  /healthz               the process is up (always open: it reveals nothing)
     GET  /readyz                listeners bound, secret ring loaded, broker reachable,
                                 not draining (else 503)
@@ -12,12 +16,18 @@
     GET  /admin/calls           live calls of every node, each by the node that owns it
     GET  /admin/allocations[?user=ID]  live allocations of this node, every relay process
                                 (user, username expiry, client address and transport,
-                                relayed address, created, expires, permissions, channels)
+                                relayed address, created, expires, permissions, channels,
+                                relayed payload since the Allocate: packetsToPeer, bytesToPeer,
+                                packetsToClient, bytesToClient; the rate each way over the
+                                last second: bitsPerSecondToPeer, bitsPerSecondToClient)
     GET  /admin/revocations     revoked users in force (user, issuedAt, until)
     POST /admin/revocations     {"user": ID, "until": epoch|null}: end the user's allocations on
                                 every relay process sharing the ring store, and refuse its
                                 credentials until `until` (null: end live allocations only)
     DELETE /admin/allocations?user=ID  end the user's live allocations (the same, until = now)
+    POST /admin/reload          read the configuration file again, as SIGHUP does:
+                                {"result": applied|unchanged|refused, "applied": [keys],
+                                "needsRestart": [keys], "error"}; 422 when refused
 
 `/metrics` and `/admin/*` need `Authorization: Bearer <admin.token>` when a
 token is set.  Without one (allowed on loopback only) metrics are open and
@@ -49,6 +59,7 @@ from ..credentials.ring import MAX_USER_CHARS as MAX_REVOKED_USER_CHARS
 from ..credentials.ring import SecretRing, SecretRingError, prune, revoke, rotate
 from ..credentials.store import FileRingStore, RedisRingStore
 from ..credentials.watcher import RingWatcher
+from .console.site import install_console
 from .metrics import render
 
 log = logging.getLogger("appliance.admin")
@@ -73,6 +84,9 @@ class AdminContext:
     signaling: Oversight | None = None  # None: no signaling on this node
     # This node's live allocations and whether a process had more than it listed; None: no relay.
     allocations: Callable[[], tuple[list[dict], bool]] | None = None
+    # Read the configuration file again (process.config_reload): the outcome as JSON
+    # ({"result": ..., ...}); None: nothing to reload here.
+    reload_config: Callable[[], dict] | None = None
 
 
 class AdminRefusal(Exception):
@@ -130,6 +144,7 @@ def listing_json(listing: Listing, key: str, node: str) -> dict:
 
 def create_admin_app(ctx: AdminContext) -> Quart:
     app = Quart("admin")
+    install_console(app)
 
     def require_token() -> None:
         if ctx.token is None:
@@ -339,6 +354,18 @@ def create_admin_app(ctx: AdminContext) -> Quart:
         user = user_arg(required=True)
         assert user is not None  # required
         return jsonify(await revoke_user(user, None))
+
+    @app.post("/admin/reload")
+    async def reload_config():
+        if ctx.token is None:
+            raise AdminRefusal(403, "set admin.token to reload over HTTP (or send SIGHUP on this machine)")
+        require_token()
+        if ctx.reload_config is None:
+            raise AdminRefusal(404, "no configuration reload in this process")
+        outcome = ctx.reload_config()
+        response = jsonify(outcome)
+        response.status_code = 422 if outcome["result"] == "refused" else 200
+        return response
 
     @app.get("/admin/calls")
     async def list_calls():

@@ -35,6 +35,8 @@ from .rates import RateWindow
 if TYPE_CHECKING:  # the relay workers import this module too: no web app for them
     from signaling.app import SignalingApp
 
+    from ..process.config_reload import ConfigReloader
+
 P = "appliance_"
 
 # TurnCore counter -> (metric, label value); the rest go to relay_events_total.
@@ -174,6 +176,7 @@ class ApplianceCollector:
         clock: Callable[[], float] = time.time,
         edge_stats: Callable[[], dict] | None = None,
         monotonic: Callable[[], float] = time.monotonic,
+        config_reloads: ConfigReloader | None = None,
     ) -> None:
         self.relay_stats = relay_stats
         self.signaling = signaling
@@ -183,11 +186,14 @@ class ApplianceCollector:
         self.edge_stats = edge_stats
         self.monotonic = monotonic  # for rates: a wall clock may step
         self.relay_rates = RateWindow()
+        self.config_reloads = config_reloads
 
     def collect(self):
         yield _gauge("draining", "1 while the appliance is shutting down", int(self.draining()))
         if self.watcher is not None:
             yield from self._ring()
+        if self.config_reloads is not None:
+            yield from self._config_reloads(self.config_reloads)
         if self.relay_stats is not None:
             yield from self._relay(self.relay_stats())
         if self.signaling is not None:
@@ -213,6 +219,25 @@ class ApplianceCollector:
             "secret_current_age_seconds",
             "age of the current secret",
             max(0.0, now - w.ring.current().created),
+        )
+
+    def _config_reloads(self, reloader: ConfigReloader):
+        yield _labelled(
+            "config_reloads",
+            "configuration reloads (SIGHUP, POST /admin/reload) by result: applied, unchanged "
+            "(no live key changed), refused (the file did not validate: nothing changed)",
+            "result",
+            reloader.counts,
+        )
+        yield _gauge(
+            "config_last_reload_success_timestamp_seconds",
+            "when the configuration file was last read and validated (at first the start)",
+            reloader.last_success,
+        )
+        yield _gauge(
+            "config_last_reload_successful",
+            "0 if the latest reload was refused (the previous configuration still runs), else 1",
+            int(not reloader.last_refused),
         )
 
     def _relay(self, s: dict):

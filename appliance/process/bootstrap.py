@@ -19,6 +19,11 @@ def configure_logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), format=LOG_FORMAT)
 
 
+def set_log_level(level: str) -> None:
+    """A new log level for this process (a configuration reload)."""
+    logging.getLogger().setLevel(level.upper())
+
+
 def install_uvloop() -> str:
     """Make asyncio.run use uvloop if it is installed; returns the event loop's name."""
     if uvloop is None:

@@ -1,6 +1,7 @@
 """The relay node of one process, the supervisor's or a relay worker's: built from the
 configuration, fed the accepted secrets by the process's RingWatcher, with its TLS context
-reloadable on SIGHUP, and drained on the way out."""
+reloadable on SIGHUP, its live settings replaced by a configuration reload (apply), and
+drained on the way out."""
 
 from __future__ import annotations
 
@@ -8,18 +9,21 @@ import asyncio
 import hashlib
 import logging
 import time
+from pathlib import Path
 
 from turn.ledger import LocalLedger, SharedLedger
 from turn.node import ListenerBindError, RelayNode
 
 from ..config.schema import AppConfig
 from ..credentials.watcher import RingWatcher
-from ..tls.files import TlsFiles
+from ..tls.files import TlsFiles, listener_files
 from ..tls.reload import CertificateReloader
 from ..wiring.relay import needs_turn_certificate, node_settings, peer_policy, tls_context
 from .listeners import ListenerError
 
 log = logging.getLogger("appliance")
+
+TURN_CERTIFICATE = "turn tls"  # its name in the process's CertificateReloader
 
 
 def relay_enabled(config: AppConfig) -> bool:
@@ -45,12 +49,17 @@ class LocalRelay:
     ) -> None:
         self.config = config
         self.watcher = watcher
+        self.ledger = ledger
+        self.certificates = certificates
         f = files
         ctx = None
+        # The pair the TLS listeners serve; a reload naming other files retargets them.
+        self.turn_pair: tuple[Path, Path] | None = None
         if needs_turn_certificate(config) and f.turn_cert and f.turn_key:
             ctx = certificates.track(
-                "turn tls", tls_context(f.turn_cert, f.turn_key), f.turn_cert, f.turn_key
+                TURN_CERTIFICATE, tls_context(f.turn_cert, f.turn_key), f.turn_cert, f.turn_key
             )
+            self.turn_pair = (f.turn_cert, f.turn_key)
         ring = watcher.current_ring()
         self.node = RelayNode(
             node_settings(config),
@@ -74,6 +83,21 @@ class LocalRelay:
             assert address is not None, "the node binds only configured listeners"
             raise ListenerError(f"turn.{exc.transport}", address, exc) from exc
         log.info("relay ready: udp=%s tcp=%s tls=%s", t.udp, t.tcp, t.tls)
+
+    def apply(self, config: AppConfig) -> None:
+        """Run with the live keys of `config` from now on (a configuration reload; the keys
+        that need a restart are the running ones, config.live_keys): new settings and a new
+        peer policy, whole, for the next request, and the TLS files it names for the next
+        handshake; live allocations and established connections stay as they are.  Raises
+        (ValueError, OSError) before anything changed if a part does not build or load."""
+        relay, policy = node_settings(config).relay, peer_policy(config, self.ledger)
+        if self.turn_pair is not None:
+            cert, key = listener_files(config, "turn")
+            if cert is not None and key is not None and (cert, key) != self.turn_pair:
+                self.certificates.retarget(TURN_CERTIFICATE, cert, key)
+                self.turn_pair = (cert, key)
+        self.node.apply(relay, policy)
+        self.config = config
 
     @property
     def ready(self) -> bool:

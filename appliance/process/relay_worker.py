@@ -8,7 +8,9 @@ nonce from one process verifies in another; it counts quotas and relay ports in 
 ledger shared with every relay process of the node; and it sends its relay figures up
 `stats_pipe` every STATS_EVERY_S (a WorkerReport: the figures for the supervisor's /metrics
 and its live allocations for /admin/allocations).  SIGHUP re-reads the ring
-and reloads the certificate; SIGTERM drains its allocations as the supervisor does.
+and reloads the certificate; a configuration the supervisor reloaded arrives down
+`config_pipe` and its live keys take effect here (LocalRelay.apply); SIGTERM drains its
+allocations as the supervisor does.
 
 This module is what a spawned worker imports: it stays clear of the signaling, Quart and
 Hypercorn, which the worker never runs.
@@ -29,7 +31,7 @@ from ..credentials.store import ring_store
 from ..credentials.watcher import RingWatcher
 from ..tls.files import TlsFiles
 from ..tls.reload import CertificateReloader
-from .bootstrap import configure_logging, install_uvloop
+from .bootstrap import configure_logging, install_uvloop, set_log_level
 from .local_relay import LocalRelay, ledger_key
 from .signals import ProcessSignals
 
@@ -56,8 +58,10 @@ class RelayWorker:
         ledger_path: Path,
         process_index: int,
         stats_pipe: Connection,
+        config_pipe: Connection | None = None,
     ) -> None:
         self.config = config
+        self.config_pipe = config_pipe
         self.files = files
         self.nonce_key = nonce_key
         self.ledger_path = ledger_path
@@ -81,6 +85,8 @@ class RelayWorker:
                 self.config, self.files, self.nonce_key, self.ledger, self.watcher, self.certificates
             )
             await self.relay.start()
+            if self.config_pipe is not None:
+                loop.add_reader(self.config_pipe.fileno(), self._on_config, self.config_pipe)
             self._tasks.append(loop.create_task(self._report_stats(self.relay)))
             self._tasks.append(loop.create_task(self.watcher.run()))
             await self.signals.stop.wait()
@@ -99,6 +105,25 @@ class RelayWorker:
                 self.stats_pipe.send(WorkerReport(relay.stats(), rows, truncated))
             except (OSError, ValueError):
                 return  # the supervisor is gone or stopping
+
+    def _on_config(self, pipe: Connection) -> None:
+        """A reloaded configuration from the supervisor, validated there: its live keys take
+        effect here (the others are the running ones, config.live_keys)."""
+        try:
+            config = pipe.recv()
+        except (EOFError, OSError):
+            asyncio.get_running_loop().remove_reader(pipe.fileno())
+            return  # the supervisor is gone or stopping
+        if not isinstance(config, AppConfig) or self.relay is None:
+            return
+        try:
+            self.relay.apply(config)
+        except (OSError, ValueError) as exc:
+            log.error("reloaded configuration not applied in this relay worker: %s", exc)
+            return
+        set_log_level(config.log_level)
+        self.config = config
+        log.info("relay worker: reloaded configuration applied")
 
     def _on_hup(self) -> None:
         log.info("SIGHUP: reloading the secret ring and certificates")
@@ -122,11 +147,13 @@ def worker_main(
     ledger_path: Path,
     process_index: int,
     stats_pipe: Connection,
+    config_pipe: Connection | None = None,
 ) -> None:
     """What a spawned relay worker runs (worker_pool.RelayWorkers starts it)."""
     configure_logging(config.log_level)
     install_uvloop()
     try:
-        asyncio.run(RelayWorker(config, files, nonce_key, ledger_path, process_index, stats_pipe).run())
+        worker = RelayWorker(config, files, nonce_key, ledger_path, process_index, stats_pipe, config_pipe)
+        asyncio.run(worker.run())
     except KeyboardInterrupt:
         pass

@@ -11,8 +11,11 @@ TURN connections join this process's relay node whatever `turn.workers` is (with
 relay listener there are no workers: the edge's node is the only one).
 
 Signals (signals.py):
-- SIGHUP: re-read the secret ring and reload TLS certificates (established
-  connections keep theirs), in every process.
+- SIGHUP: re-read the configuration file (config_reload.py: its live keys, TLS file
+  paths included, take effect in this process and, down a pipe, in every relay worker; a
+  file that does not validate changes nothing), then re-read the secret ring and reload
+  TLS certificates (established connections keep theirs), in every process.
+  POST /admin/reload reads the file the same way.
 - SIGTERM/SIGINT: drain.  /readyz turns false, STOMP sessions get an ERROR
   frame and are closed (SockJS adds its close frame), Hypercorn stops
   accepting, the edge stops accepting (its HTTP connections close when idle or
@@ -29,6 +32,7 @@ import logging
 import os
 import signal
 import time
+from pathlib import Path
 
 from hypercorn.app_wrappers import ASGIWrapper
 from hypercorn.asyncio import serve
@@ -45,10 +49,13 @@ from ..credentials.watcher import RingWatcher
 from ..ops.admin import AdminContext, create_admin_app
 from ..ops.metrics import ApplianceCollector, combine_stats, metrics_registry
 from ..ops.next_steps import next_steps
-from ..tls.files import TlsFiles
-from ..tls.reload import CertificateReloader
-from ..wiring.signaling import edge_hypercorn_config, hypercorn_config, signaling_app
-from .bootstrap import configure_logging, install_uvloop
+from ..tls.files import TlsFiles, tls_files
+from ..tls.reload import CertificateReloader, require_pair
+from ..wiring.auth import token_verifier
+from ..wiring.live import LiveIssuer, LiveVerifier
+from ..wiring.signaling import HTTPS_CERTIFICATE, edge_hypercorn_config, hypercorn_config, signaling_app
+from .bootstrap import configure_logging, install_uvloop, set_log_level
+from .config_reload import ConfigReloader, ReloadOutcome
 from .edge import EdgeListener, HypercornConnections, bind_edge_socket, edge_certificate, edge_tls_context
 from .listeners import check_relay_unshared, hypercorn_bind
 from .local_relay import LocalRelay, ledger_key, relay_enabled
@@ -61,6 +68,7 @@ log = logging.getLogger("appliance")
 CHILD_STOP_MARGIN_S = 5.0
 HTTP_STOP_TIMEOUT_S = 10.0
 LISTEN_WAIT_S = 10.0
+EDGE_CERTIFICATE = "edge"  # what edge_tls_context tracks the edge's context as
 
 
 async def wait_listening(listener: HostPort, task: asyncio.Task, name: str) -> None:
@@ -82,9 +90,15 @@ async def wait_listening(listener: HostPort, task: asyncio.Task, name: str) -> N
 
 
 class Supervisor:
-    def __init__(self, config: AppConfig, files: TlsFiles, nonce_key: bytes) -> None:
+    def __init__(
+        self, config: AppConfig, files: TlsFiles, nonce_key: bytes, config_path: Path | None = None
+    ) -> None:
         self.config = config
+        self.reloader = ConfigReloader(config_path, config, self._apply_config)
+        self.live_verifier: LiveVerifier | None = None  # with the signaling
+        self.live_issuer: LiveIssuer | None = None
         self.files = files
+        self.edge_pair: tuple[Path, Path] | None = None  # the edge's certificate, once it runs
         self.nonce_key = nonce_key
         self.certificates = CertificateReloader()
         self.watcher = RingWatcher(ring_store(config), config.credentials.grace_s())
@@ -124,8 +138,9 @@ class Supervisor:
     async def _start_signaling(self, listen: HostPort) -> None:
         c, f = self.config, self.files
         bind = hypercorn_bind("http.listen", listen)
-        issuer = CredentialIssuer.from_config(c, self.watcher.current_ring)
-        self.signaling = signaling_app(c, issuer.issue)
+        self.live_issuer = LiveIssuer(CredentialIssuer.from_config(c, self.watcher.current_ring).issue)
+        self.live_verifier = LiveVerifier(token_verifier(c))
+        self.signaling = signaling_app(c, self.live_issuer.issue, self.live_verifier)
         hc = hypercorn_config(
             c, bind, f.http_cert or f.turn_cert, f.http_key or f.turn_key, self.certificates
         )
@@ -145,6 +160,7 @@ class Supervisor:
         assert self.relay is not None and self.signaling is not None, "started before the edge"
         sock = bind_edge_socket("edge.listen", listen)
         cert, key = edge_certificate(c, self.files)
+        self.edge_pair = (cert, key)
         http = HypercornConnections(ASGIWrapper(self.signaling.web), edge_hypercorn_config(c))
         self.edge = EdgeListener(
             sock,
@@ -167,6 +183,7 @@ class Supervisor:
             watcher=self.watcher,
             draining=lambda: self.draining,
             edge_stats=self.edge.stats if self.edge is not None else None,
+            config_reloads=self.reloader,
         )
         app = create_admin_app(
             AdminContext(
@@ -180,6 +197,7 @@ class Supervisor:
                 secrets_changed=self.reload_secrets,
                 allocations=self.allocation_rows if self.relay is not None else None,
                 signaling=self.signaling.oversight if self.signaling is not None else None,
+                reload_config=lambda: self.reload_config().as_json(),
             )
         )
         hc = Config()
@@ -244,6 +262,53 @@ class Supervisor:
         (with turn.udp, tcp and tls all null, "the standard TURN ports closed")."""
         return relay_enabled(self.config) or self.config.edge.listen is not None
 
+    # ------------------------------------------------------------ reload
+
+    def reload_config(self) -> ReloadOutcome:
+        """Read the configuration file again and apply its live keys everywhere
+        (config_reload.ConfigReloader); never raises."""
+        return self.reloader.reload()
+
+    def _apply_config(self, config: AppConfig) -> None:
+        """Run with `config`'s live keys from now on, here and in every relay worker.  What
+        can fail (a token key file, a peer range, a certificate that does not load) is built
+        or loaded before anything changes; the relay's own (LocalRelay.apply) goes first."""
+        verifier = token_verifier(config) if config.auth != self.config.auth else None
+        issue = CredentialIssuer.from_config(config, self.watcher.current_ring).issue
+        files = tls_files(config)
+        retargets = self._certificate_changes(config, files)
+        if self.relay is not None:
+            self.relay.apply(config)
+        for name, cert, key in retargets:
+            self.certificates.retarget(name, cert, key)
+            if name == EDGE_CERTIFICATE:
+                self.edge_pair = (cert, key)
+        if self.workers is not None:
+            self.workers.apply(config, files)
+        if self.live_verifier is not None and verifier is not None:
+            self.live_verifier.replace(verifier)
+        if self.live_issuer is not None:
+            self.live_issuer.replace(issue)
+        set_log_level(config.log_level)
+        self.files = files
+        self.config = config
+
+    def _certificate_changes(self, config: AppConfig, files: TlsFiles) -> list[tuple[str, Path, Path]]:
+        """The signaling's and the edge's listeners that `config` points at other files (the
+        relay's are LocalRelay.apply's), each new pair loaded once: OSError if one does not
+        (require_pair), and the reload is refused before anything changed."""
+        wanted: list[tuple[str, Path, Path, tuple[Path | None, Path | None] | None]] = []
+        if self.signaling is not None and files.http_cert is not None and files.http_key is not None:
+            running = (self.files.http_cert, self.files.http_key)
+            wanted.append((HTTPS_CERTIFICATE, files.http_cert, files.http_key, running))
+        if self.edge is not None:
+            cert, key = edge_certificate(config, files)
+            wanted.append((EDGE_CERTIFICATE, cert, key, self.edge_pair))
+        changes = [(name, cert, key) for name, cert, key, running in wanted if (cert, key) != running]
+        for name, cert, key in changes:
+            require_pair(name, cert, key)
+        return changes
+
     # ------------------------------------------------------------ signals
 
     async def reload_secrets(self) -> None:
@@ -253,7 +318,8 @@ class Supervisor:
             self.workers.signal_all(signal.SIGHUP)
 
     def _on_hup(self) -> None:
-        log.info("SIGHUP: reloading the secret ring and certificates")
+        log.info("SIGHUP: reloading the configuration, the secret ring and certificates")
+        self.reload_config()
         self._tasks.append(asyncio.get_running_loop().create_task(self.reload_secrets()))
         self.certificates.reload()
 
@@ -332,10 +398,13 @@ class Supervisor:
         log.info("stopped")
 
 
-def run(config: AppConfig, files: TlsFiles) -> int:
-    """`appliance serve`: the supervisor's event loop until it has stopped (exit code)."""
+def run(config: AppConfig, files: TlsFiles, config_path: str | os.PathLike | None) -> int:
+    """`appliance serve`: the supervisor's event loop until it has stopped (exit code).
+    `config_path` is the file `config` was loaded from, read again on SIGHUP and
+    POST /admin/reload (None: the built-in defaults, nothing to reload)."""
     configure_logging(config.log_level)
     loop_kind = install_uvloop()
     log.info("event loop: %s", loop_kind)
     raise_open_files_limit()
-    return asyncio.run(Supervisor(config, files, os.urandom(32)).run())
+    path = Path(config_path) if config_path is not None else None
+    return asyncio.run(Supervisor(config, files, os.urandom(32), path).run())

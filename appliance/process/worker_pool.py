@@ -1,7 +1,8 @@
 """The supervisor's relay workers: started, watched (restarted if one dies), stopped.
 
 Each worker (relay_worker.py) sends a WorkerReport up its pipe every second, so the
-supervisor's /metrics and /admin/allocations cover every relay process; a worker that
+supervisor's /metrics and /admin/allocations cover every relay process, and takes a
+reloaded configuration down a pipe of its own (apply); a worker that
 exits leaves its monotonic totals behind (ops.metrics.retired_part), and its allocations,
 which ended with it, leave the listing.
 """
@@ -38,6 +39,7 @@ class RelayWorkers:
         self.ledger = ledger
         self.procs: list[BaseProcess] = []
         self.pipes: list[Connection] = []
+        self.config_pipes: list[Connection] = []  # each worker's: a reloaded configuration down
         self.latest: list[dict] = []
         self.listed: list[WorkerReport] = []  # the latest report of each worker, for its rows
         self.retired: list[dict] = []
@@ -46,17 +48,24 @@ class RelayWorkers:
 
     def _spawn(self, index: int) -> BaseProcess:
         receiver, sender = self._ctx.Pipe(duplex=False)
+        config_receiver, config_sender = self._ctx.Pipe(duplex=False)
         # Process index 0 is the supervisor; worker i is index i + 1 in the ledger.
-        proc = self._ctx.Process(target=worker_main, args=(*self.args, index + 1, sender), daemon=True)
+        proc = self._ctx.Process(
+            target=worker_main, args=(*self.args, index + 1, sender, config_receiver), daemon=True
+        )
         proc.start()
         sender.close()
+        config_receiver.close()
         loop = asyncio.get_running_loop()
         loop.add_reader(receiver.fileno(), self._on_stats, index, receiver)
         if index < len(self.procs):
+            self.config_pipes[index].close()
             self.procs[index], self.pipes[index] = proc, receiver
+            self.config_pipes[index] = config_sender
         else:
             self.procs.append(proc)
             self.pipes.append(receiver)
+            self.config_pipes.append(config_sender)
             self.latest.append({})
             self.listed.append(WorkerReport({}))
         return proc
@@ -98,6 +107,19 @@ class RelayWorkers:
                     log.error("relay worker %s exited with %s; restarting", proc.pid, proc.exitcode)
                     self.ledger.forget_process(i + 1)  # what it held died with it
                     self._spawn(i)
+
+    def apply(self, config: AppConfig, files: TlsFiles) -> None:
+        """Send a reloaded configuration to every worker (each applies its live keys,
+        relay_worker.RelayWorker), and start any worker restarted from now on with it and
+        the TLS files it names (`files`, as the supervisor resolved them)."""
+        self.args = (config, files, *self.args[2:])
+        for proc, pipe in zip(self.procs, self.config_pipes, strict=True):
+            if not proc.is_alive():
+                continue  # restarted by watch() with the new configuration
+            try:
+                pipe.send(config)  # a few kB: within the pipe's buffer, never blocks long
+            except OSError as exc:
+                log.warning("relay worker %s did not take the reloaded configuration: %s", proc.pid, exc)
 
     def signal_all(self, signum: int) -> None:
         for proc in self.procs:

@@ -11,6 +11,7 @@ from hypercorn.config import Config
 from demux.proxy import TrustedProxies
 from signaling.admission import SessionLimits
 from signaling.app import SignalingApp, create_app
+from signaling.auth import TokenVerifier
 from signaling.broker.redis import RedisBroker
 from signaling.forwarded import TrustedForwarded
 from signaling.guard import CapSettings, ClientGuard, LifecyclePolicy
@@ -24,6 +25,8 @@ from ..demo.site import install_demo
 from ..tls.reload import CertificateReloader
 from .auth import dev_token_minter, token_verifier
 from .hypercorn_patches import decline_websocket_compression
+
+HTTPS_CERTIFICATE = "https"  # the http listener's TLS context, in the CertificateReloader
 
 
 def stomp_limits(config: AppConfig) -> Limits:
@@ -76,11 +79,15 @@ def broker(config: AppConfig):
     return RedisBroker(b.url, b.prefix, node_ttl_s=b.node_ttl_s)
 
 
-def signaling_app(config: AppConfig, issue_credentials=None) -> SignalingApp:
+def signaling_app(
+    config: AppConfig, issue_credentials=None, verifier: TokenVerifier | None = None
+) -> SignalingApp:
+    """The signaling app; `verifier` checks tokens (default: the one `auth` describes; the
+    supervisor passes a LiveVerifier, which a configuration reload can point elsewhere)."""
     guard = client_guard(config)
     app = create_app(
         config.http.prefix,
-        token_verifier(config),
+        verifier if verifier is not None else token_verifier(config),
         stomp_limits(config),
         config.stomp.max_outbox,
         config.calls.ring_timeout_s,
@@ -124,7 +131,9 @@ def hypercorn_config(
     connections go through the configuration's ClientGuard (signaling.hypercorn_guard):
     the connection caps, the send timeout, bounded closes."""
     h = config.http
-    hc = _connection_settings(reloadable_hypercorn_config(reloader or CertificateReloader(), "https"), config)
+    hc = _connection_settings(
+        reloadable_hypercorn_config(reloader or CertificateReloader(), HTTPS_CERTIFICATE), config
+    )
     # A TLS handshake holds a descriptor before the guard sees the connection: give it
     # no longer than a client has for CONNECT (Hypercorn's default is 60 s).
     hc.ssl_handshake_timeout = config.stomp.connect_timeout_s

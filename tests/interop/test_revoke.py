@@ -5,7 +5,8 @@ within a second, a fresh Allocate with alice's still-valid credential gets 401, 
 allocation keeps relaying through it all without losing a packet.  The admin API's
 DELETE /admin/allocations ends live allocations without refusing new ones.  Before the revoke,
 GET /admin/allocations?user=alice (and `appliance allocations --user alice`) lists exactly
-alice's allocations, from both processes."""
+alice's allocations, from both processes, and bob's row counts the payload his allocation
+relays each way, with a current rate (in the table too)."""
 
 from __future__ import annotations
 
@@ -74,6 +75,24 @@ async def listed_clients(app, user: str, expected: int) -> set[str]:
         await asyncio.sleep(0.2)
 
 
+async def relaying_row(app, user: str) -> dict:
+    """GET /admin/allocations?user=: the user's one row, once it shows traffic and a rate
+    each way (a worker's rows are at most a second old, its rates over the second before),
+    or as it is after 5 s."""
+    deadline = time.monotonic() + 5
+    while True:
+        answer = httpx.get(
+            f"http://127.0.0.1:{app.admin_port}/admin/allocations",
+            params={"user": user},
+            headers=AUTH,
+            timeout=5,
+        ).json()
+        (row,) = answer["allocations"]
+        if (row["bitsPerSecondToPeer"] and row["bitsPerSecondToClient"]) or time.monotonic() > deadline:
+            return row
+        await asyncio.sleep(0.2)
+
+
 async def relays(turn, collector: Collector, peer_addr, wait_s: float = 0.5) -> bool:
     """Whether one datagram through this allocation comes back from the echo peer in `wait_s`."""
     before = len(collector.received)
@@ -135,6 +154,26 @@ async def test_revoke_ends_alice_everywhere_refuses_her_credential_and_spares_bo
         assert table.returncode == 0, table.stderr
         assert table.stdout.count("alice") == ALICE_ALLOCATIONS and "bob" not in table.stdout
         assert f"{ALICE_ALLOCATIONS} allocation(s)" in table.stdout
+        # bob's allocation relays "bob%06d" (9 bytes of payload) and its "echo:" (14): his
+        # row counts that payload each way, and his current rate.
+        row = await relaying_row(app, "bob")
+        assert row["packetsToPeer"] > 0 and row["bytesToPeer"] == 9 * row["packetsToPeer"], row
+        assert row["packetsToClient"] > 0 and row["bytesToClient"] == 14 * row["packetsToClient"], row
+        assert row["bitsPerSecondToPeer"] > 0 and row["bitsPerSecondToClient"] > 0, row
+        table = await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "-m", "appliance", "allocations", "--user", "bob"]
+            + ["--config", str(app.config_path)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert table.returncode == 0, table.stderr
+        header, bob_line = table.stdout.splitlines()[:2]
+        assert header.split()[-6:] == ["TO", "PEER", "KBIT/S", "TO", "CLIENT", "KBIT/S"], table.stdout
+        # "<packets> pkt <bytes> <unit>  <kbit/s>" each way, after the allocation's own cells.
+        cells = re.findall(r"(\S+) pkt (\S+) (?:B|kB|MB)\s+(\d+\.\d)", bob_line)
+        assert len(cells) == 2 and all(float(rate) > 0 for *_, rate in cells), table.stdout
         out = await asyncio.to_thread(
             subprocess.run,
             [sys.executable, "-m", "appliance", "revoke", "--user", "alice", "--until", "1h"]
